@@ -1,0 +1,292 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+use crate::{HealthCheck, HealthCheckProtocol, Listener, Scheme, SessionAffinity, Target};
+
+fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
+    LoadBalancerSpec {
+        identity: ServiceIdentity {
+            cluster: "demo".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+        },
+        listeners: vec![Listener { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) }],
+        targets: vec![Target {
+            name: "node-a".into(),
+            provider_id: None,
+            zone: None,
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        }],
+        health_check: HealthCheck {
+            protocol: HealthCheckProtocol::Http,
+            port: 10258,
+            path: Some("/healthz".into()),
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        },
+        scheme: Scheme::InternetFacing,
+        ip_families: vec![IpFamily::IPv4],
+        source_ranges: vec![],
+        session_affinity: SessionAffinity::None,
+        requested_addresses: vec![],
+        tags: BTreeMap::new(),
+        provider_annotations: BTreeMap::new(),
+    }
+}
+
+fn cloud() -> MockCloud {
+    MockCloud::new(MockConfig::new("demo")).unwrap()
+}
+
+fn mutating(cloud: &MockCloud) -> Vec<&'static str> {
+    cloud.calls().into_iter().filter(RecordedCall::is_mutating).map(|c| c.operation).collect()
+}
+
+fn ip(status: &LoadBalancerStatus) -> IpAddr {
+    status.ingress[0].ip.unwrap()
+}
+
+#[tokio::test]
+async fn allocates_distinct_addresses_from_the_pool_and_reports_vip_ingress() {
+    let cloud = cloud();
+    let a = cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    let b = cloud.ensure(&spec("b", "uid-b")).await.unwrap();
+    assert_eq!(ip(&a).to_string(), "203.0.113.1");
+    assert_eq!(ip(&b).to_string(), "203.0.113.2");
+    assert_eq!(a.ingress[0].ip_mode, Some(IpMode::Vip));
+    assert_eq!(a.ingress[0].ports, vec![PortStatus { port: 80, protocol: Protocol::Tcp }]);
+    let lb = cloud.load_balancers().into_iter().find(|lb| lb.id == a.id).unwrap();
+    assert_eq!(lb.tags["hawser.dev/service"], "default/a");
+    assert_eq!(lb.tags["hawser.dev/service-uid"], "uid-a");
+    assert_eq!(lb.tags["hawser.dev/cluster"], "demo");
+}
+
+#[tokio::test]
+async fn ensure_twice_makes_no_second_write() {
+    let cloud = cloud();
+    let first = cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    let second = cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(mutating(&cloud), vec!["CreateLoadBalancer"]);
+    assert_eq!(cloud.load_balancers().len(), 1);
+}
+
+#[tokio::test]
+async fn changes_are_applied_in_place_keeping_the_address() {
+    let cloud = cloud();
+    let first = cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    let mut changed = spec("a", "uid-a");
+    changed.listeners.push(Listener {
+        name: "dns".into(),
+        protocol: Protocol::TcpUdp,
+        port: 53,
+        node_port: Some(30053),
+    });
+    changed.targets.clear();
+    let second = cloud.ensure(&changed).await.unwrap();
+    assert_eq!(first.id, second.id);
+    assert_eq!(ip(&first), ip(&second));
+    assert_eq!(second.ingress[0].ports.len(), 3, "TCP_UDP is reported as TCP and UDP");
+    assert_eq!(mutating(&cloud), vec!["CreateLoadBalancer", "ModifyLoadBalancer"]);
+    let lb = &cloud.load_balancers()[0];
+    assert!(lb.targets.is_empty());
+    assert_eq!(lb.revision, 2);
+}
+
+#[tokio::test]
+async fn requested_address_is_honoured_when_free() {
+    let cloud = cloud();
+    let mut s = spec("a", "uid-a");
+    s.requested_addresses = vec!["203.0.113.77".parse().unwrap()];
+    assert_eq!(ip(&cloud.ensure(&s).await.unwrap()).to_string(), "203.0.113.77");
+}
+
+#[tokio::test]
+async fn requested_address_in_use_is_a_conflict_naming_the_holder() {
+    let cloud = cloud();
+    let taken = ip(&cloud.ensure(&spec("a", "uid-a")).await.unwrap());
+    let mut s = spec("b", "uid-b");
+    s.requested_addresses = vec![taken];
+    let err = cloud.ensure(&s).await.unwrap_err();
+    assert_eq!(err.class(), crate::ErrorClass::Conflict);
+    assert!(err.to_string().contains("default/a"), "{err}");
+    assert_eq!(cloud.load_balancers().len(), 1, "nothing half-created");
+}
+
+#[tokio::test]
+async fn requested_address_outside_the_pool_is_invalid_input_naming_the_pool() {
+    let cloud = cloud();
+    let mut s = spec("a", "uid-a");
+    s.requested_addresses = vec!["198.51.100.1".parse().unwrap()];
+    let err = cloud.ensure(&s).await.unwrap_err();
+    let ProviderError::InvalidInput(fields) = &err else { panic!("{err:?}") };
+    assert_eq!(fields[0].field, "hawser.dev/address");
+    assert!(fields[0].message.contains("203.0.113.0/24"), "{err}");
+    assert!(cloud.load_balancers().is_empty());
+}
+
+#[tokio::test]
+async fn ipv6_without_a_pool_is_invalid_and_dual_stack_with_pools_works() {
+    let cloud = cloud();
+    let mut s = spec("a", "uid-a");
+    s.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+    assert_eq!(cloud.ensure(&s).await.unwrap_err().class(), crate::ErrorClass::InvalidInput);
+
+    let mut config = MockConfig::new("demo");
+    config.address_pools.push("2001:db8::/120".parse().unwrap());
+    let cloud = MockCloud::new(config).unwrap();
+    let status = cloud.ensure(&s).await.unwrap();
+    let ips: Vec<String> = status.ingress.iter().map(|i| i.ip.unwrap().to_string()).collect();
+    assert_eq!(ips, vec!["203.0.113.1", "2001:db8::1"]);
+}
+
+#[tokio::test]
+async fn exhausted_pool_is_reported() {
+    let mut config = MockConfig::new("demo");
+    config.address_pools = vec!["203.0.113.0/30".parse().unwrap()];
+    let cloud = MockCloud::new(config).unwrap();
+    cloud.ensure(&spec("a", "1")).await.unwrap();
+    cloud.ensure(&spec("b", "2")).await.unwrap();
+    let err = cloud.ensure(&spec("c", "3")).await.unwrap_err();
+    assert!(err.to_string().contains("exhausted"), "{err}");
+}
+
+#[tokio::test]
+async fn delete_releases_the_address_and_is_idempotent() {
+    let cloud = cloud();
+    let s = spec("a", "uid-a");
+    let first = ip(&cloud.ensure(&s).await.unwrap());
+    cloud.delete(&s.identity).await.unwrap();
+    cloud.delete(&s.identity).await.unwrap();
+    assert!(cloud.load_balancers().is_empty());
+    assert_eq!(mutating(&cloud), vec!["CreateLoadBalancer", "DeleteLoadBalancer"]);
+    assert_eq!(ip(&cloud.ensure(&spec("b", "uid-b")).await.unwrap()), first, "address back in the pool");
+}
+
+#[tokio::test]
+async fn a_recreated_service_with_a_new_uid_gets_its_own_load_balancer() {
+    let cloud = cloud();
+    cloud.ensure(&spec("a", "uid-1")).await.unwrap();
+    cloud.ensure(&spec("a", "uid-2")).await.unwrap();
+    assert_eq!(cloud.load_balancers().len(), 2);
+}
+
+#[tokio::test]
+async fn foreign_same_named_load_balancer_is_a_conflict_and_untouched() {
+    let cloud = cloud();
+    let s = spec("a", "uid-a");
+    let name = MockCloud::name_for(&s.identity);
+    cloud.insert_foreign(&name, "203.0.113.200".parse().unwrap(), BTreeMap::from([("team".into(), "other".into())]));
+    let before = cloud.load_balancers();
+    let err = cloud.ensure(&s).await.unwrap_err();
+    assert_eq!(err.class(), crate::ErrorClass::Conflict);
+    assert!(err.to_string().contains("not owned"), "{err}");
+    cloud.delete(&s.identity).await.unwrap();
+    assert_eq!(cloud.load_balancers(), before, "foreign load balancer neither modified nor deleted");
+}
+
+#[tokio::test]
+async fn list_owned_returns_only_this_clusters_load_balancers() {
+    let cloud = cloud();
+    cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    let mut other = spec("b", "uid-b");
+    other.identity.cluster = "other".into();
+    cloud.ensure(&other).await.unwrap();
+    cloud.insert_foreign("x", "203.0.113.99".parse().unwrap(), BTreeMap::new());
+    let owned = cloud.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 1);
+    assert_eq!(owned[0].identity, spec("a", "uid-a").identity);
+}
+
+#[tokio::test]
+async fn state_file_survives_a_restart_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = MockConfig::new("demo");
+    config.state_file = Some(dir.path().join("cloud.json"));
+    let s = spec("a", "uid-a");
+    let first = MockCloud::new(config.clone()).unwrap().ensure(&s).await.unwrap();
+
+    let restarted = MockCloud::new(config.clone()).unwrap();
+    let again = restarted.ensure(&s).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(restarted.load_balancers().len(), 1);
+    assert!(mutating(&restarted).is_empty(), "restart adopts, creates nothing");
+    assert_eq!(ip(&restarted.ensure(&spec("b", "uid-b")).await.unwrap()).to_string(), "203.0.113.2");
+
+    restarted.delete(&s.identity).await.unwrap();
+    assert_eq!(MockCloud::new(config).unwrap().load_balancers().len(), 1, "deletion persisted too");
+}
+
+#[test]
+fn corrupt_state_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+    std::fs::write(&path, "{not json").unwrap();
+    let mut config = MockConfig::new("demo");
+    config.state_file = Some(path.clone());
+    let err = MockCloud::new(config).unwrap_err();
+    assert!(err.contains(&path.display().to_string()) && err.contains("not valid"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_answers_throttled_with_retry_after() {
+    let mut config = MockConfig::new("demo");
+    config.rate_limit = Some(1.0);
+    let cloud = MockCloud::new(config).unwrap();
+    cloud.ensure(&spec("a", "uid-a")).await.unwrap_err(); // describe uses the only token; create is throttled
+    let calls = cloud.calls();
+    assert_eq!(calls.last().unwrap().outcome, "throttled");
+    let err = cloud.ensure(&spec("a", "uid-a")).await.unwrap_err();
+    let ProviderError::Throttled { retry_after: Some(wait), .. } = err else { panic!("{err:?}") };
+    tokio::time::advance(wait * 2).await;
+    assert!(cloud.load_balancers().is_empty());
+}
+
+#[tokio::test]
+async fn latency_is_added_to_every_call() {
+    let mut config = MockConfig::new("demo");
+    config.latency = Duration::from_millis(30);
+    let cloud = MockCloud::new(config).unwrap();
+    let started = std::time::Instant::now();
+    cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(60), "two calls, 30 ms each");
+}
+
+#[tokio::test]
+async fn under_injected_faults_retrying_converges_without_duplicates_or_leaks() {
+    let mut config = MockConfig::new("demo");
+    config.error_rate = 0.4;
+    config.seed = 42;
+    let cloud = MockCloud::new(config).unwrap();
+    let specs: Vec<_> = (0..20).map(|i| spec(&format!("svc-{i}"), &format!("uid-{i}"))).collect();
+    for s in &specs {
+        let mut tries = 0;
+        while cloud.ensure(s).await.is_err() {
+            tries += 1;
+            assert!(tries < 50, "ensure never converged");
+        }
+    }
+    let calls = cloud.calls();
+    assert!(calls.iter().any(|c| c.outcome == "fault-after"), "faults after a write were exercised");
+    assert_eq!(cloud.load_balancers().len(), 20, "no duplicates despite lost responses");
+    for s in &specs {
+        while cloud.delete(&s.identity).await.is_err() {}
+    }
+    assert!(cloud.load_balancers().is_empty(), "nothing leaked");
+}
+
+#[test]
+fn bad_config_is_refused_clearly() {
+    let mut config = MockConfig::new("demo");
+    config.error_rate = 1.5;
+    assert!(MockCloud::new(config).unwrap_err().contains("between 0 and 1"));
+    let mut config = MockConfig::new("demo");
+    config.rate_limit = Some(0.0);
+    assert!(MockCloud::new(config).unwrap_err().contains("positive"));
+}

@@ -1,0 +1,60 @@
+//! The `Provider` trait every cloud implements.
+
+use async_trait::async_trait;
+
+use crate::{InvalidField, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity};
+
+/// Annotation prefixes that belong to one cloud each. A Service may carry several clouds'
+/// annotations (one manifest for EKS and GKE); each provider reads only its own.
+pub const PROVIDER_ANNOTATION_PREFIXES: &[&str] = &["hawser.dev/aws-", "hawser.dev/gcp-", "hawser.dev/mock-"];
+
+/// What a cloud's load balancers need from the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Targets are `node:nodePort` (AWS instance targets), so Services need node ports.
+    pub needs_node_ports: bool,
+    /// UDP listeners are supported.
+    pub supports_udp: bool,
+}
+
+/// A load balancer this cluster owns, as found in the cloud.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OwnedLoadBalancer {
+    /// The owner, from the ownership tags.
+    pub identity: ServiceIdentity,
+    /// The cloud's identifier.
+    pub id: String,
+}
+
+/// A cloud that builds load balancers.
+///
+/// Every method is idempotent: the operator may call it again after a crash at any point, and
+/// resources are found again by ownership tags, never by memory alone.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Short name for logs and metrics (`mock`, `aws`, `gcp`).
+    fn name(&self) -> &'static str;
+
+    /// What this cloud's load balancers need.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The `hawser.dev/<cloud>-*` annotations this provider understands.
+    fn annotations(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Checks the provider-specific parts of `spec` without any cloud call.
+    fn validate(&self, spec: &LoadBalancerSpec) -> Result<(), Vec<InvalidField>> {
+        let _ = spec;
+        Ok(())
+    }
+
+    /// Creates or updates the load balancer so that it matches `spec`.
+    async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError>;
+
+    /// Deletes every cloud resource owned by `identity`; absent is success.
+    async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError>;
+
+    /// Every load balancer this cluster owns.
+    async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError>;
+}

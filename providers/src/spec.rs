@@ -1,0 +1,207 @@
+//! What the operator asks a cloud to build. No Kubernetes types here: this is the contract.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Which Service a load balancer belongs to, and in which cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceIdentity {
+    /// The `--cluster-name` of the operator; scopes ownership in a shared cloud account.
+    pub cluster: String,
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The Service's UID: a recreated Service of the same name gets a new load balancer.
+    pub uid: String,
+}
+
+impl ServiceIdentity {
+    /// `namespace/name`.
+    pub fn service_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The transport protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// The same port served on TCP and UDP with the same node port.
+    #[serde(rename = "TCP_UDP")]
+    TcpUdp,
+}
+
+impl Protocol {
+    /// The protocol as clouds spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::TcpUdp => "TCP_UDP",
+        }
+    }
+}
+
+/// One port the load balancer listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Listener {
+    /// The Service port's name (may be empty for a single-port Service).
+    pub name: String,
+    /// TCP, UDP or both.
+    pub protocol: Protocol,
+    /// The port clients connect to.
+    pub port: u16,
+    /// The node port behind it, when the Service has one.
+    pub node_port: Option<u16>,
+}
+
+/// A node that may receive traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Target {
+    /// The Node's name.
+    pub name: String,
+    /// The Node's `spec.providerID` (e.g. `aws:///us-east-1a/i-0abc`, `gce://p/zone/name`).
+    pub provider_id: Option<String>,
+    /// The Node's zone (`topology.kubernetes.io/zone`).
+    pub zone: Option<String>,
+    /// The Node's internal addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// How the load balancer probes a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HealthCheckProtocol {
+    /// An HTTP GET that must answer 200.
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+/// The health check every target is probed with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// HTTP or TCP.
+    pub protocol: HealthCheckProtocol,
+    /// The port on the node.
+    pub port: u16,
+    /// The HTTP path, for HTTP checks.
+    pub path: Option<String>,
+    /// Time between probes.
+    #[serde(with = "secs")]
+    pub interval: Duration,
+    /// How long one probe may take.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// Consecutive successes before a target is healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures before a target is unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// Whether the load balancer faces the internet or only the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// Reachable from the internet.
+    #[default]
+    InternetFacing,
+    /// Reachable only inside the network.
+    Internal,
+}
+
+impl Scheme {
+    /// The scheme as the annotation spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InternetFacing => "internet-facing",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// An IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    /// IPv4.
+    IPv4,
+    /// IPv6.
+    IPv6,
+}
+
+impl IpFamily {
+    /// The family of an address.
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::IPv4,
+            IpAddr::V6(_) => Self::IPv6,
+        }
+    }
+}
+
+/// Whether a client sticks to one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "PascalCase")]
+pub enum SessionAffinity {
+    /// Every connection is balanced on its own.
+    #[default]
+    None,
+    /// A client IP keeps its backend for `timeout` after its last packet.
+    #[serde(rename = "ClientIP")]
+    ClientIp {
+        /// How long stickiness lasts.
+        #[serde(with = "secs")]
+        timeout: Duration,
+    },
+}
+
+/// Everything a cloud needs to build the load balancer of one Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadBalancerSpec {
+    /// Which Service, in which cluster.
+    pub identity: ServiceIdentity,
+    /// The ports, sorted by port then protocol.
+    pub listeners: Vec<Listener>,
+    /// The eligible nodes, sorted by name.
+    pub targets: Vec<Target>,
+    /// How nodes are probed.
+    pub health_check: HealthCheck,
+    /// Internet-facing or internal.
+    pub scheme: Scheme,
+    /// The IP families the load balancer serves, primary first.
+    pub ip_families: Vec<IpFamily>,
+    /// Client ranges allowed in; empty means everyone.
+    pub source_ranges: Vec<IpNet>,
+    /// Client stickiness.
+    pub session_affinity: SessionAffinity,
+    /// Addresses the user asked for, at most one per family.
+    pub requested_addresses: Vec<IpAddr>,
+    /// User tags to put on every cloud resource (ownership tags are added by the provider).
+    pub tags: BTreeMap<String, String>,
+    /// `hawser.dev/<cloud>-*` annotations, for the provider to parse and validate itself.
+    pub provider_annotations: BTreeMap<String, String>,
+}
+
+/// Durations as whole seconds on the wire, as users and clouds write them.
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
