@@ -1,0 +1,180 @@
+//! Element-wise difference between the applied and the desired ruleset, as one nft script
+//! (pure). The script is applied as a single transaction, so it either fully happens or not.
+//!
+//! Chains and sets that are no longer wanted are emptied (flushed, their map elements
+//! removed) in the sync that drops them and deleted in a later sync: nft refuses to delete a
+//! chain that is still referenced (EBUSY), and the anonymous `numgen … vmap` of a rewritten
+//! `svc-…` chain may still reference it until that transaction commits.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use crate::model::Family;
+use crate::render::{
+    Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules,
+};
+
+/// Object that exists in the kernel but is no longer wanted, awaiting deletion.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stale {
+    /// A chain.
+    Chain(Family, String),
+    /// A set or map.
+    Collection(Family, String),
+}
+
+/// A transaction to run and what it leaves behind.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The nft script (empty when nothing changes).
+    pub script: String,
+    /// Objects emptied by this plan, to delete in a later one.
+    pub stale_after: BTreeSet<Stale>,
+    /// Chains created or rewritten.
+    pub chains_written: usize,
+    /// Elements added or removed.
+    pub elements_changed: usize,
+}
+
+impl Plan {
+    /// Whether the plan does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.script.is_empty()
+    }
+}
+
+/// Full resync: replace both tables atomically, whatever the kernel holds now.
+///
+/// `add table` first makes `delete table` valid when the table does not exist. Dynamic
+/// ClientIP affinity entries are lost on a full resync (at start and after a failure).
+pub fn full_plan(desired: &Ruleset) -> Plan {
+    let mut script = String::new();
+    for family in desired.tables.keys() {
+        let fam = family_name(*family);
+        let _ = writeln!(script, "add table {fam} {TABLE}");
+        let _ = writeln!(script, "delete table {fam} {TABLE}");
+    }
+    script.push_str(&to_script(desired));
+    Plan {
+        script,
+        stale_after: BTreeSet::new(),
+        chains_written: desired.tables.values().map(|t| t.chains.len()).sum(),
+        elements_changed: desired.element_count(),
+    }
+}
+
+/// Script deleting our tables (`--cleanup`).
+pub fn cleanup_script() -> String {
+    let mut script = String::new();
+    for family in [Family::V4, Family::V6] {
+        let fam = family_name(family);
+        let _ = writeln!(script, "add table {fam} {TABLE}");
+        let _ = writeln!(script, "delete table {fam} {TABLE}");
+    }
+    script
+}
+
+/// Partial sync from `applied` to `desired`; `stale` are objects emptied by earlier plans.
+pub fn partial_plan(applied: &Ruleset, stale: &BTreeSet<Stale>, desired: &Ruleset) -> Plan {
+    let mut plan = Plan::default();
+    let empty = Table::default();
+    for (family, want) in &desired.tables {
+        let have = applied.tables.get(family).unwrap_or(&empty);
+        diff_table(&mut plan, *family, have, want, stale);
+    }
+    plan
+}
+
+fn diff_table(
+    plan: &mut Plan,
+    family: Family,
+    have: &Table,
+    want: &Table,
+    stale: &BTreeSet<Stale>,
+) {
+    let fam = family_name(family);
+    let out = &mut plan.script;
+
+    // 1. New sets/maps (a changed declaration gets a new name by construction: the affinity
+    //    timeout is part of the set name).
+    for (name, c) in &want.collections {
+        if !have.collections.contains_key(name) {
+            let kind = if c.is_map { "map" } else { "set" };
+            let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+        }
+    }
+    // 2. New chains are declared before any rule refers to them.
+    for (name, chain) in &want.chains {
+        if !have.chains.contains_key(name) {
+            write_chain_decl(out, fam, name, chain);
+        }
+    }
+    // 3. Rewrite chains whose rules changed; fill new ones.
+    for (name, chain) in &want.chains {
+        match have.chains.get(name) {
+            Some(old) if old == chain => {}
+            Some(_) => {
+                let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+                write_rules(out, fam, name, chain);
+                plan.chains_written += 1;
+            }
+            None => {
+                write_rules(out, fam, name, chain);
+                plan.chains_written += 1;
+            }
+        }
+    }
+    // 4. Map and set elements, element-wise. A changed value is delete + add.
+    for (name, c) in &want.collections {
+        let old = have.collections.get(name);
+        let removed: Vec<(&String, &String)> = old
+            .into_iter()
+            .flat_map(|o| o.elements.iter())
+            .filter(|(k, v)| c.elements.get(*k) != Some(*v))
+            .collect();
+        let added: Vec<(&String, &String)> = c
+            .elements
+            .iter()
+            .filter(|(k, v)| old.and_then(|o| o.elements.get(*k)) != Some(*v))
+            .collect();
+        plan.elements_changed += removed.len() + added.len();
+        write_elements(out, "delete", fam, name, removed.into_iter());
+        write_elements(out, "add", fam, name, added.into_iter());
+    }
+    // 5. Empty what is no longer wanted; it is deleted by the next plan.
+    for (name, c) in &have.collections {
+        if !want.collections.contains_key(name) {
+            if c.is_map && !c.elements.is_empty() {
+                let _ = writeln!(out, "flush map {fam} {TABLE} {name}");
+            }
+            plan.stale_after
+                .insert(Stale::Collection(family, name.clone()));
+        }
+    }
+    for name in have.chains.keys() {
+        if !want.chains.contains_key(name) {
+            let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+            plan.stale_after.insert(Stale::Chain(family, name.clone()));
+        }
+    }
+    // 6. Delete what earlier plans emptied, unless it is wanted again (then it was re-added,
+    //    empty, in steps 1-3, and `add` of an existing object is a no-op). Chains first: an
+    //    affinity set is referenced by its endpoint chain's rules until those are gone.
+    for s in stale {
+        if let Stale::Chain(f, name) = s
+            && *f == family
+            && !want.chains.contains_key(name)
+        {
+            let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
+        }
+    }
+    for s in stale {
+        if let Stale::Collection(f, name) = s
+            && *f == family
+            && !want.collections.contains_key(name)
+        {
+            let kind = "set";
+            let _ = writeln!(out, "delete {kind} {fam} {TABLE} {name}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The health port the load balancer probes: `/healthz` (should this node get traffic at
+//! all), `/livez` (is the process alive) and `/services/{namespace}/{name}` (does this node
+//! have ready endpoints of that Service, for `externalTrafficPolicy: Local`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::model::{ClusterModel, NodeModel, ServiceKey};
+
+/// Default health port. Chosen clear of kubelet (10248/10250/10255), kube-proxy
+/// (10249/10256), kube-controller-manager (10257), cloud-controller-manager (10258),
+/// kube-scheduler (10259) and ingress-nginx (10254).
+pub const DEFAULT_HEALTH_PORT: u16 = 10266;
+
+/// Per-Service local endpoint counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceHealth {
+    /// Ready endpoints on this node.
+    pub local_endpoints: usize,
+    /// Serving but terminating (not ready) endpoints on this node.
+    pub local_terminating_endpoints: usize,
+}
+
+/// What the health server answers from; updated by the agent after each sync.
+#[derive(Debug, Clone)]
+pub struct HealthSnapshot {
+    /// Last successful sync.
+    pub last_sync: Option<Instant>,
+    /// Resync period; `/healthz` fails when the last sync is older than twice this.
+    pub resync_period: Duration,
+    /// Own Node state.
+    pub node: NodeModel,
+    /// Services of our class.
+    pub services: BTreeMap<ServiceKey, ServiceHealth>,
+}
+
+/// Shared, cheaply clonable health state.
+#[derive(Debug, Clone)]
+pub struct HealthState(Arc<RwLock<HealthSnapshot>>);
+
+/// Body of `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeHealth {
+    /// Whether the node should receive traffic.
+    pub healthy: bool,
+    /// Why not (empty when healthy).
+    pub reasons: Vec<String>,
+    /// Seconds since the last successful sync.
+    pub last_sync_seconds_ago: Option<u64>,
+}
+
+impl HealthState {
+    /// Empty state: not synced yet, so `/healthz` fails until the first sync.
+    pub fn new(node_name: &str, resync_period: Duration) -> Self {
+        Self(Arc::new(RwLock::new(HealthSnapshot {
+            last_sync: None,
+            resync_period,
+            node: NodeModel {
+                name: node_name.to_owned(),
+                ..NodeModel::default()
+            },
+            services: BTreeMap::new(),
+        })))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HealthSnapshot> {
+        // A panic while holding the lock cannot leave the snapshot half-updated in a harmful
+        // way (each field is replaced whole), so a poisoned lock is still usable.
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the current snapshot.
+    pub fn snapshot(&self) -> HealthSnapshot {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a successful sync of `model` at `at`.
+    pub fn record_sync(&self, model: &ClusterModel, at: Instant) {
+        let services = model
+            .services
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    ServiceHealth {
+                        local_endpoints: s.local_ready_addresses(),
+                        local_terminating_endpoints: s.local_terminating_addresses(),
+                    },
+                )
+            })
+            .collect();
+        let mut snap = self.write();
+        snap.last_sync = Some(at);
+        snap.services = services;
+    }
+
+    /// Records the own Node's state.
+    pub fn record_node(&self, node: NodeModel) {
+        self.write().node = node;
+    }
+
+    /// Evaluates `/healthz` at `now`.
+    pub fn node_health(&self, now: Instant) -> NodeHealth {
+        evaluate(&self.snapshot(), now)
+    }
+}
+
+/// `/healthz` decision (pure).
+pub fn evaluate(snap: &HealthSnapshot, now: Instant) -> NodeHealth {
+    let mut reasons = Vec::new();
+    if snap.node.deleting {
+        reasons.push("node has a deletionTimestamp".to_string());
+    }
+    if snap.node.autoscaler_deleting {
+        reasons.push("node is tainted ToBeDeletedByClusterAutoscaler".to_string());
+    }
+    let age = snap.last_sync.map(|t| now.saturating_duration_since(t));
+    match age {
+        None => reasons.push("rules not synced yet".to_string()),
+        Some(age) if age > snap.resync_period * 2 => reasons.push(format!(
+            "last successful sync {}s ago, more than twice the resync period ({}s)",
+            age.as_secs(),
+            snap.resync_period.as_secs()
+        )),
+        Some(_) => {}
+    }
+    NodeHealth {
+        healthy: reasons.is_empty(),
+        reasons,
+        last_sync_seconds_ago: age.map(|a| a.as_secs()),
+    }
+}
+
+/// The router serving the health endpoints.
+pub fn router(state: HealthState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/services/{namespace}/{name}", get(service))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<HealthState>) -> Response {
+    let health = state.node_health(Instant::now());
+    let code = if health.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(health)).into_response()
+}
+
+async fn livez() -> Response {
+    (StatusCode::OK, axum::Json(serde_json::json!({"alive": true}))).into_response()
+}
+
+async fn service(
+    State(state): State<HealthState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let key = ServiceKey::new(namespace, name);
+    let snap = state.snapshot();
+    let health = snap.services.get(&key).copied();
+    let local = health.map(|h| h.local_endpoints).unwrap_or(0);
+    // A node on its way out fails every probe so the load balancer drains it.
+    let draining = snap.node.deleting || snap.node.autoscaler_deleting;
+    let code = if local > 0 && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "service": {"namespace": key.namespace, "name": key.name},
+        "localEndpoints": local,
+        "localTerminatingEndpoints": health.map(|h| h.local_terminating_endpoints).unwrap_or(0),
+        "known": health.is_some(),
+        "nodeDraining": draining,
+        "node": snap.node.name,
+    });
+    (code, axum::Json(body)).into_response()
+}

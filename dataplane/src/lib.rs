@@ -1,0 +1,9 @@
+//! hawser node agent: programs nftables so that load-balancer traffic for Services of our
+//! class reaches ready endpoints, and answers the load balancer's health checks.
+
+pub mod conntrack;
+pub mod diff;
+pub mod health;
+pub mod model;
+pub mod nft;
+pub mod render;

@@ -1,0 +1,218 @@
+//! Applies rulesets to the kernel: runs `nft -f -` with a generated script, one transaction
+//! per sync, and keeps what was applied to diff the next sync against.
+//!
+//! We run the `nft` binary ourselves rather than using the `nftables` crate because that crate
+//! drops nft's stderr, and nft's error text is what makes a failed sync debuggable.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::diff::{Plan, Stale, cleanup_script, full_plan, partial_plan};
+use crate::render::Ruleset;
+
+/// Failure to run an nft transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// nft could not be started or talked to.
+    #[error("running {program:?}: {source}")]
+    Spawn {
+        /// The command line that failed.
+        program: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// nft ran and rejected the transaction; nothing of it was applied.
+    #[error("nft rejected the transaction ({status}): {stderr}")]
+    Rejected {
+        /// Exit status.
+        status: String,
+        /// nft's error output.
+        stderr: String,
+    },
+}
+
+/// Something that runs an nft script as one transaction. Tests of the diff logic use a
+/// recording implementation; the agent and the netns tests use [`NftCommand`].
+pub trait NftRunner: Send + Sync {
+    /// Applies `script` atomically.
+    fn run(&self, script: &str) -> Result<(), NftError>;
+}
+
+/// Runs a real `nft` binary, optionally behind a prefix such as `ip netns exec NODE`.
+#[derive(Debug, Clone)]
+pub struct NftCommand {
+    argv: Vec<String>,
+}
+
+impl NftCommand {
+    /// `nft` from PATH.
+    pub fn new() -> Self {
+        Self {
+            argv: vec!["nft".into()],
+        }
+    }
+
+    /// A custom command line ending in the nft binary, e.g. `["ip","netns","exec","n1","nft"]`.
+    pub fn with_argv(argv: Vec<String>) -> Self {
+        Self { argv }
+    }
+
+    /// Runs nft with extra arguments and returns stdout (for listing the ruleset).
+    pub fn output(&self, args: &[&str]) -> Result<String, NftError> {
+        let (program, rest) = self.split();
+        let out = Command::new(program)
+            .args(rest)
+            .args(args)
+            .output()
+            .map_err(|source| self.spawn_error(source))?;
+        if !out.status.success() {
+            return Err(NftError::Rejected {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn split(&self) -> (&str, &[String]) {
+        match self.argv.split_first() {
+            Some((p, rest)) => (p.as_str(), rest),
+            None => ("nft", &[]),
+        }
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> NftError {
+        NftError::Spawn {
+            program: self.argv.join(" "),
+            source,
+        }
+    }
+}
+
+impl Default for NftCommand {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NftRunner for NftCommand {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        let (program, rest) = self.split();
+        let mut child = Command::new(program)
+            .args(rest)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| self.spawn_error(source))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|source| self.spawn_error(source))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| self.spawn_error(source))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(NftError::Rejected {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Whether it was a full resync.
+    pub full: bool,
+    /// Whether a transaction was run at all.
+    pub applied: bool,
+    /// Chains created or rewritten.
+    pub chains_written: usize,
+    /// Elements added or removed.
+    pub elements_changed: usize,
+    /// Time to compute the plan.
+    pub diff_time: Duration,
+    /// Time nft took.
+    pub apply_time: Duration,
+}
+
+/// Keeps the applied ruleset and turns desired rulesets into transactions.
+pub struct Applier<R> {
+    runner: R,
+    applied: Option<Ruleset>,
+    stale: BTreeSet<Stale>,
+}
+
+impl<R: NftRunner> Applier<R> {
+    /// An applier whose first sync is a full resync.
+    pub fn new(runner: R) -> Self {
+        Self {
+            runner,
+            applied: None,
+            stale: BTreeSet::new(),
+        }
+    }
+
+    /// The runner, e.g. to inspect a recording one.
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    /// The ruleset currently believed to be in the kernel.
+    pub fn applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    /// Makes the next sync a full resync.
+    pub fn force_full_resync(&mut self) {
+        self.applied = None;
+        self.stale.clear();
+    }
+
+    /// Brings the kernel to `desired` in one transaction. After a failure the kernel keeps
+    /// the previous rules (the transaction is atomic) and the next sync is a full resync.
+    pub fn sync(&mut self, desired: Ruleset) -> Result<SyncReport, NftError> {
+        let started = Instant::now();
+        let (plan, full): (Plan, bool) = match &self.applied {
+            None => (full_plan(&desired), true),
+            Some(applied) => (partial_plan(applied, &self.stale, &desired), false),
+        };
+        let diff_time = started.elapsed();
+        let mut report = SyncReport {
+            full,
+            applied: false,
+            chains_written: plan.chains_written,
+            elements_changed: plan.elements_changed,
+            diff_time,
+            apply_time: Duration::ZERO,
+        };
+        if plan.is_empty() {
+            return Ok(report);
+        }
+        let applying = Instant::now();
+        if let Err(e) = self.runner.run(&plan.script) {
+            self.force_full_resync();
+            return Err(e);
+        }
+        report.apply_time = applying.elapsed();
+        report.applied = true;
+        self.applied = Some(desired);
+        self.stale = plan.stale_after;
+        Ok(report)
+    }
+
+    /// Deletes both `hawser` tables.
+    pub fn cleanup(&mut self) -> Result<(), NftError> {
+        self.force_full_resync();
+        self.runner.run(&cleanup_script())
+    }
+}

@@ -1,0 +1,503 @@
+//! Turns the model into the nftables ruleset this node must have (pure).
+//!
+//! Shape, per family (`ip` and `ip6`, each a table named `hawser`):
+//! - base chains `filter-prerouting`/`filter-output` (filter, priority dstnat-15) jump to
+//!   `filter-dispatch`, which looks up `filter-addresses` (addr . proto . port) and, for this
+//!   node's own non-loopback addresses, `filter-nodeports` (proto . port); the per-port
+//!   `fw-…` chains enforce `loadBalancerSourceRanges` and reject (no endpoints) or drop
+//!   (Local with no local endpoint) new connections;
+//! - base chains `nat-prerouting`/`nat-output` (nat, priority dstnat-10, i.e. before
+//!   kube-proxy's dstnat) jump to `services`, which dispatches through the verdict maps
+//!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
+//! - `svc-…` picks an endpoint chain `ep-…` with `numgen random` (after ClientIP affinity
+//!   lookups), `ep-…` marks hairpin traffic and DNATs;
+//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{
+    ClusterModel, Endpoint, Family, PortModel, ServiceModel, TrafficPolicy,
+};
+
+/// Name of our tables in both families.
+pub const TABLE: &str = "hawser";
+/// Default packet-mark bit requesting masquerade; distinct from kube-proxy's 0x4000.
+pub const DEFAULT_MASQUERADE_MARK: u32 = 0x0040_0000;
+
+/// Rendering settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderConfig {
+    /// The mark bit that requests masquerading in postrouting.
+    pub masquerade_mark: u32,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        Self {
+            masquerade_mark: DEFAULT_MASQUERADE_MARK,
+        }
+    }
+}
+
+/// A chain: its base-chain declaration (hook, priority) if any, and its rules.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// `{ type … hook … priority …; }` for base chains.
+    pub base: Option<String>,
+    /// Rules in order.
+    pub rules: Vec<String>,
+}
+
+/// A named set or map: declaration and elements (key → value for maps, key → "" for sets).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Collection {
+    /// Body of the declaration, e.g. `type ipv4_addr; flags dynamic,timeout; timeout 10s;`.
+    pub decl: String,
+    /// Whether it is a map (`add map`) rather than a set.
+    pub is_map: bool,
+    /// Elements.
+    pub elements: BTreeMap<String, String>,
+}
+
+/// One family's `hawser` table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Table {
+    /// Chains by name.
+    pub chains: BTreeMap<String, Chain>,
+    /// Sets and maps by name.
+    pub collections: BTreeMap<String, Collection>,
+}
+
+/// The complete desired ruleset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    /// Tables by family.
+    pub tables: BTreeMap<Family, Table>,
+}
+
+impl Ruleset {
+    /// Number of map and set elements we program (dynamic affinity entries excluded).
+    pub fn element_count(&self) -> usize {
+        self.tables
+            .values()
+            .flat_map(|t| t.collections.values())
+            .map(|c| c.elements.len())
+            .sum()
+    }
+
+    /// Number of rules over all chains.
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .values()
+            .flat_map(|t| t.chains.values())
+            .map(|c| c.rules.len())
+            .sum()
+    }
+}
+
+/// The nft family keyword.
+pub fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn addr_kw(family: Family) -> &'static str {
+    family_name(family)
+}
+
+fn addr_type(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+fn loopback(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "127.0.0.0/8",
+        Family::V6 => "::1",
+    }
+}
+
+/// Chain-name part for a Service port: nft identifiers allow `/`, `.`, `-`, `_` but not `:`.
+fn port_id(svc: &ServiceModel, port: &PortModel) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        svc.key.namespace,
+        svc.key.name,
+        port.protocol.nft_name(),
+        port.port
+    )
+}
+
+fn endpoint_id(svc: &ServiceModel, port: &PortModel, ep: &Endpoint) -> String {
+    let ip = ep.ip.to_string().replace(':', ".");
+    format!("{}__{}/{}", port_id(svc, port), ip, ep.port)
+}
+
+fn dnat_target(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// Renders the ruleset for the model.
+pub fn render(model: &ClusterModel, config: &RenderConfig) -> Ruleset {
+    let mut ruleset = Ruleset::default();
+    for family in [Family::V4, Family::V6] {
+        let mut table = skeleton(family, config);
+        for svc in model.services.values() {
+            if svc.families.contains(&family) {
+                render_service(&mut table, svc, family, config);
+            }
+        }
+        ruleset.tables.insert(family, table);
+    }
+    ruleset
+}
+
+fn skeleton(family: Family, config: &RenderConfig) -> Table {
+    let fam = addr_kw(family);
+    let mark = config.masquerade_mark;
+    let mut t = Table::default();
+    let base = |kind: &str, hook: &str, prio: &str, jump: &str| Chain {
+        base: Some(format!("type {kind} hook {hook} priority {prio}; policy accept;")),
+        rules: vec![format!("jump {jump}")],
+    };
+    // Filtering runs before our DNAT (dstnat-10) so that source ranges and rejects see the
+    // original destination; both run before kube-proxy's dstnat so hawser decides first.
+    t.chains.insert(
+        "filter-prerouting".into(),
+        base("filter", "prerouting", "dstnat - 15", "filter-dispatch"),
+    );
+    t.chains.insert(
+        "filter-output".into(),
+        base("filter", "output", "dstnat - 15", "filter-dispatch"),
+    );
+    t.chains.insert(
+        "nat-prerouting".into(),
+        base("nat", "prerouting", "dstnat - 10", "services"),
+    );
+    t.chains.insert(
+        "nat-output".into(),
+        base("nat", "output", "dstnat - 10", "services"),
+    );
+    t.chains.insert(
+        "nat-postrouting".into(),
+        Chain {
+            base: Some("type nat hook postrouting priority srcnat - 10; policy accept;".into()),
+            // Clear our bit so the packet leaves unmarked; the conntrack entry keeps the NAT.
+            rules: vec![format!(
+                "meta mark & {mark:#010x} != 0 meta mark set meta mark ^ {mark:#010x} masquerade fully-random"
+            )],
+        },
+    );
+    // NodePorts: only this node's own addresses, never loopback (kube-proxy's rule: a
+    // NodePort on 127.0.0.1 would need route_localnet and expose the Service locally).
+    let nodeport_match = format!("fib daddr type local {fam} daddr != {}", loopback(family));
+    t.chains.insert(
+        "filter-dispatch".into(),
+        Chain {
+            base: None,
+            rules: vec![
+                format!("{fam} daddr . meta l4proto . th dport vmap @filter-addresses"),
+                format!("{nodeport_match} meta l4proto . th dport vmap @filter-nodeports"),
+            ],
+        },
+    );
+    t.chains.insert(
+        "services".into(),
+        Chain {
+            base: None,
+            rules: vec![
+                format!("{fam} daddr . meta l4proto . th dport vmap @service-addresses"),
+                format!("{nodeport_match} meta l4proto . th dport vmap @service-nodeports"),
+            ],
+        },
+    );
+    t.chains.insert(
+        "reject-chain".into(),
+        Chain {
+            base: None,
+            // A TCP reset makes connect() fail with ECONNREFUSED at once; other protocols get
+            // ICMP port unreachable.
+            rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
+        },
+    );
+    let addr_map = format!(
+        "type {} . inet_proto . inet_service : verdict;",
+        addr_type(family)
+    );
+    let port_map = "type inet_proto . inet_service : verdict;".to_string();
+    for (name, decl) in [
+        ("filter-addresses", &addr_map),
+        ("service-addresses", &addr_map),
+        ("filter-nodeports", &port_map),
+        ("service-nodeports", &port_map),
+    ] {
+        t.collections.insert(
+            name.into(),
+            Collection {
+                decl: decl.clone(),
+                is_map: true,
+                elements: BTreeMap::new(),
+            },
+        );
+    }
+    t
+}
+
+fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config: &RenderConfig) {
+    let fam = addr_kw(family);
+    let mark = config.masquerade_mark;
+    let addresses: Vec<IpAddr> = svc
+        .lb_addresses
+        .iter()
+        .copied()
+        .filter(|a| Family::of(a) == family)
+        .collect();
+    let allowed: Option<Vec<IpNet>> = svc.source_ranges.as_ref().map(|ranges| {
+        // nft rejects overlapping intervals in one anonymous set ("conflicting intervals"),
+        // so overlapping or adjacent ranges are merged first.
+        IpNet::aggregate(
+            &ranges
+                .iter()
+                .copied()
+                .filter(|n| match n {
+                    IpNet::V4(_) => family == Family::V4,
+                    IpNet::V6(_) => family == Family::V6,
+                })
+                .collect::<Vec<_>>(),
+        )
+    });
+
+    for port in &svc.ports {
+        let pid = port_id(svc, port);
+        let proto = port.protocol.nft_name();
+        let (endpoints, _) = svc.usable_endpoints(port, family);
+
+        // Filter: source ranges, then reject/drop when nothing can serve.
+        let mut fw_rules = Vec::new();
+        match &allowed {
+            None => {}
+            // Restricted, but to other families only: nothing of this family is allowed.
+            Some(nets) if nets.is_empty() => fw_rules.push("drop".to_string()),
+            Some(nets) => {
+                let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                fw_rules.push(format!("{fam} saddr != {{ {} }} drop", list.join(", ")));
+            }
+        }
+        if endpoints.is_empty() {
+            if svc.has_cluster_endpoints(port, family) {
+                // Local policy without a local endpoint: drop, as the load balancer's health
+                // check (per-Service path) already steers traffic away from this node.
+                fw_rules.push("ct state new drop".into());
+            } else {
+                fw_rules.push("ct state new goto reject-chain".into());
+            }
+        }
+        if !fw_rules.is_empty() {
+            let fw = format!("fw-{pid}");
+            table.chains.insert(
+                fw.clone(),
+                Chain {
+                    base: None,
+                    rules: fw_rules,
+                },
+            );
+            insert_dispatch(table, "filter", &addresses, port, &fw);
+        }
+
+        if endpoints.is_empty() {
+            continue;
+        }
+
+        // NAT: service chain → endpoint chains.
+        let svc_chain = format!("svc-{pid}");
+        let mut rules = Vec::new();
+        if svc.traffic_policy == TrafficPolicy::Cluster {
+            rules.push(format!("meta mark set meta mark | {mark:#010x}"));
+        }
+        let mut ep_chains = Vec::new();
+        for ep in &endpoints {
+            let eid = endpoint_id(svc, port, ep);
+            let ep_chain = format!("ep-{eid}");
+            let mut ep_rules = vec![format!(
+                // Hairpin: a pod reaching its own Service through us must be masqueraded or
+                // the reply would bypass the reverse NAT.
+                "{fam} saddr {} meta mark set meta mark | {mark:#010x}",
+                ep.ip
+            )];
+            if let Some(timeout) = svc.affinity_timeout {
+                let set = format!("aff{timeout}-{eid}");
+                table.collections.insert(
+                    set.clone(),
+                    Collection {
+                        decl: format!(
+                            "type {}; flags dynamic,timeout; timeout {timeout}s;",
+                            addr_type(family)
+                        ),
+                        is_map: false,
+                        elements: BTreeMap::new(),
+                    },
+                );
+                rules.push(format!("{fam} saddr @{set} goto {ep_chain}"));
+                ep_rules.push(format!("update @{set} {{ {fam} saddr }}"));
+            }
+            ep_rules.push(format!(
+                "meta l4proto {proto} dnat to {}",
+                dnat_target(ep.ip, ep.port)
+            ));
+            table.chains.insert(
+                ep_chain.clone(),
+                Chain {
+                    base: None,
+                    rules: ep_rules,
+                },
+            );
+            ep_chains.push(ep_chain);
+        }
+        if ep_chains.len() == 1 {
+            rules.push(format!("goto {}", ep_chains[0]));
+        } else {
+            let arms: Vec<String> = ep_chains
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{i} : goto {c}"))
+                .collect();
+            rules.push(format!(
+                "numgen random mod {} vmap {{ {} }}",
+                ep_chains.len(),
+                arms.join(", ")
+            ));
+        }
+        table.chains.insert(
+            svc_chain.clone(),
+            Chain {
+                base: None,
+                rules,
+            },
+        );
+        insert_dispatch(table, "service", &addresses, port, &svc_chain);
+    }
+}
+
+fn insert_dispatch(
+    table: &mut Table,
+    prefix: &str,
+    addresses: &[IpAddr],
+    port: &PortModel,
+    chain: &str,
+) {
+    let proto = port.protocol.nft_name();
+    let verdict = format!("goto {chain}");
+    if let Some(map) = table.collections.get_mut(&format!("{prefix}-addresses")) {
+        for addr in addresses {
+            map.elements
+                .insert(format!("{addr} . {proto} . {}", port.port), verdict.clone());
+        }
+    }
+    if let (Some(node_port), Some(map)) = (
+        port.node_port,
+        table.collections.get_mut(&format!("{prefix}-nodeports")),
+    ) {
+        map.elements
+            .insert(format!("{proto} . {node_port}"), verdict.clone());
+    }
+}
+
+/// The full script for `ruleset`, as a fresh transaction would program it (for golden files
+/// and debugging).
+pub fn to_script(ruleset: &Ruleset) -> String {
+    let mut out = String::new();
+    for (family, table) in &ruleset.tables {
+        let fam = family_name(*family);
+        let _ = writeln!(out, "add table {fam} {TABLE}");
+        for (name, c) in &table.collections {
+            let kind = if c.is_map { "map" } else { "set" };
+            let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+        }
+        for (name, chain) in &table.chains {
+            write_chain_decl(&mut out, fam, name, chain);
+        }
+        for (name, chain) in &table.chains {
+            write_rules(&mut out, fam, name, chain);
+        }
+        for (name, c) in &table.collections {
+            write_elements(&mut out, "add", fam, name, c.elements.iter());
+        }
+    }
+    out
+}
+
+pub(crate) fn write_chain_decl(out: &mut String, fam: &str, name: &str, chain: &Chain) {
+    match &chain.base {
+        Some(base) => {
+            let _ = writeln!(out, "add chain {fam} {TABLE} {name} {{ {base} }}");
+        }
+        None => {
+            let _ = writeln!(out, "add chain {fam} {TABLE} {name}");
+        }
+    }
+}
+
+pub(crate) fn write_rules(out: &mut String, fam: &str, name: &str, chain: &Chain) {
+    for rule in &chain.rules {
+        let _ = writeln!(out, "add rule {fam} {TABLE} {name} {rule}");
+    }
+}
+
+/// Writes elements in batches: one `add element` per element would make a 10k-Service script
+/// needlessly long for nft to parse.
+pub(crate) fn write_elements<'a>(
+    out: &mut String,
+    verb: &str,
+    fam: &str,
+    name: &str,
+    elements: impl Iterator<Item = (&'a String, &'a String)>,
+) {
+    let mut batch: Vec<String> = Vec::new();
+    let flush = |out: &mut String, batch: &mut Vec<String>| {
+        if !batch.is_empty() {
+            let _ = writeln!(
+                out,
+                "{verb} element {fam} {TABLE} {name} {{ {} }}",
+                batch.join(", ")
+            );
+            batch.clear();
+        }
+    };
+    for (k, v) in elements {
+        if v.is_empty() || verb == "delete" {
+            batch.push(k.clone());
+        } else {
+            batch.push(format!("{k} : {v}"));
+        }
+        if batch.len() >= 512 {
+            flush(out, &mut batch);
+        }
+    }
+    flush(out, &mut batch);
+}
+
+/// Names of chains that a `svc-…`/`fw-…` chain belongs to, for tests and tooling.
+pub fn service_chain_names(ruleset: &Ruleset, family: Family) -> BTreeSet<String> {
+    ruleset
+        .tables
+        .get(&family)
+        .map(|t| {
+            t.chains
+                .keys()
+                .filter(|k| k.starts_with("svc-") || k.starts_with("ep-") || k.starts_with("fw-"))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
