@@ -1,13 +1,13 @@
 //! Turns the model into the nftables ruleset this node must have (pure).
 //!
 //! Shape, per family (`ip` and `ip6`, each a table named `hawser`):
-//! - base chains `filter-prerouting`/`filter-output` (filter, priority dstnat-15) jump to
+//! - base chains `filter-prerouting`/`filter-output` (filter, priority -115) jump to
 //!   `filter-dispatch`, which looks up `filter-addresses` (addr . proto . port) and, for this
 //!   node's own non-loopback addresses, `filter-nodeports` (proto . port); the per-port
 //!   `fw-…` chains enforce `loadBalancerSourceRanges` and reject (no endpoints) or drop
 //!   (Local with no local endpoint) new connections;
-//! - base chains `nat-prerouting`/`nat-output` (nat, priority dstnat-10, i.e. before
-//!   kube-proxy's dstnat) jump to `services`, which dispatches through the verdict maps
+//! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
+//!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
 //!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
 //! - `svc-…` picks an endpoint chain `ep-…` with `numgen random` (after ClientIP affinity
 //!   lookups), `ep-…` marks hairpin traffic and DNATs;
@@ -171,28 +171,29 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         base: Some(format!("type {kind} hook {hook} priority {prio}; policy accept;")),
         rules: vec![format!("jump {jump}")],
     };
-    // Filtering runs before our DNAT (dstnat-10) so that source ranges and rejects see the
+    // Priorities are numeric: nft 1.0.x refuses the `dstnat` keyword on the output hook.
+    // Filtering runs before our DNAT (-110) so that source ranges and rejects see the
     // original destination; both run before kube-proxy's dstnat so hawser decides first.
     t.chains.insert(
         "filter-prerouting".into(),
-        base("filter", "prerouting", "dstnat - 15", "filter-dispatch"),
+        base("filter", "prerouting", "-115", "filter-dispatch"),
     );
     t.chains.insert(
         "filter-output".into(),
-        base("filter", "output", "dstnat - 15", "filter-dispatch"),
+        base("filter", "output", "-115", "filter-dispatch"),
     );
     t.chains.insert(
         "nat-prerouting".into(),
-        base("nat", "prerouting", "dstnat - 10", "services"),
+        base("nat", "prerouting", "-110", "services"),
     );
     t.chains.insert(
         "nat-output".into(),
-        base("nat", "output", "dstnat - 10", "services"),
+        base("nat", "output", "-110", "services"),
     );
     t.chains.insert(
         "nat-postrouting".into(),
         Chain {
-            base: Some("type nat hook postrouting priority srcnat - 10; policy accept;".into()),
+            base: Some("type nat hook postrouting priority 90; policy accept;".into()),
             // Clear our bit so the packet leaves unmarked; the conntrack entry keeps the NAT.
             rules: vec![format!(
                 "meta mark & {mark:#010x} != 0 meta mark set meta mark ^ {mark:#010x} masquerade fully-random"

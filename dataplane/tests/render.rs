@@ -1,0 +1,481 @@
+//! Model, renderer and diff tests: pure, no kernel needed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use common::fixtures::{Ep, Svc, node, slice};
+use hawser_dataplane::diff::{full_plan, partial_plan};
+use hawser_dataplane::model::{
+    ClusterModel, EndpointChoice, Family, ModelConfig, NodeModel, ServiceKey, TrafficPolicy,
+    build_model,
+};
+use hawser_dataplane::nft::{Applier, NftError, NftRunner};
+use hawser_dataplane::render::{RenderConfig, Ruleset, render, to_script};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        load_balancer_class: "hawser.dev/lb".into(),
+        node_name: "node-a".into(),
+    }
+}
+
+fn model(svcs: &[Service], slices: &[EndpointSlice]) -> ClusterModel {
+    build_model(svcs, slices, &cfg())
+}
+
+fn rules(model: &ClusterModel) -> Ruleset {
+    render(model, &RenderConfig::default())
+}
+
+const HTTP: &[(&str, &str, u16)] = &[("http", "TCP", 8080)];
+
+fn ips(eps: &[&hawser_dataplane::model::Endpoint]) -> Vec<String> {
+    eps.iter().map(|e| e.ip.to_string()).collect()
+}
+
+#[test]
+fn only_our_class_of_load_balancer_services_is_modelled() {
+    let mut other = Svc::new("ns", "other");
+    other.class = "example.com/lb";
+    let mut cluster_ip = Svc::new("ns", "cip").build();
+    cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+    let m = model(&[Svc::new("ns", "web").build(), other.build(), cluster_ip], &[]);
+    let keys: Vec<_> = m.services.keys().map(ToString::to_string).collect();
+    assert_eq!(keys, vec!["ns/web"]);
+}
+
+#[test]
+fn condition_defaults_and_ready_endpoints() {
+    let unset = Ep {
+        ip: "10.0.0.1",
+        node: "node-b",
+        ready: None,
+        serving: None,
+        terminating: None,
+    };
+    let not_ready = Ep {
+        ready: Some(false),
+        serving: Some(false),
+        ..Ep::ready("10.0.0.2", "node-b")
+    };
+    let m = model(
+        &[Svc::new("ns", "web").build()],
+        &[slice("ns", "web", "s1", HTTP, &[unset, not_ready])],
+    );
+    let svc = &m.services[&ServiceKey::new("ns", "web")];
+    let ep = &svc.ports[0].endpoints[0];
+    assert!(ep.ready && ep.serving && !ep.terminating, "nil conditions: {ep:?}");
+    assert_eq!(ep.port, 8080, "target port comes from the slice");
+    let (used, choice) = svc.usable_endpoints(&svc.ports[0], Family::V4);
+    assert_eq!(ips(&used), vec!["10.0.0.1"]);
+    assert_eq!(choice, EndpointChoice::Ready);
+}
+
+#[test]
+fn terminating_endpoints_are_used_only_without_ready_ones() {
+    let svc_obj = Svc::new("ns", "web").build();
+    let both = model(
+        std::slice::from_ref(&svc_obj),
+        &[slice(
+            "ns",
+            "web",
+            "s1",
+            HTTP,
+            &[Ep::ready("10.0.0.1", "n"), Ep::terminating("10.0.0.2", "n")],
+        )],
+    );
+    let svc = &both.services[&ServiceKey::new("ns", "web")];
+    assert_eq!(ips(&svc.usable_endpoints(&svc.ports[0], Family::V4).0), vec!["10.0.0.1"]);
+
+    let only_term = model(
+        &[svc_obj],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::terminating("10.0.0.2", "n")])],
+    );
+    let svc = &only_term.services[&ServiceKey::new("ns", "web")];
+    let (used, choice) = svc.usable_endpoints(&svc.ports[0], Family::V4);
+    assert_eq!(ips(&used), vec!["10.0.0.2"]);
+    assert_eq!(choice, EndpointChoice::TerminatingFallback);
+}
+
+#[test]
+fn duplicate_endpoints_across_slices_prefer_the_non_terminating_copy() {
+    let m = model(
+        &[Svc::new("ns", "web").build()],
+        &[
+            slice("ns", "web", "a", HTTP, &[Ep::terminating("10.0.0.1", "n")]),
+            slice("ns", "web", "b", HTTP, &[Ep::ready("10.0.0.1", "n")]),
+        ],
+    );
+    let eps = &m.services[&ServiceKey::new("ns", "web")].ports[0].endpoints;
+    assert_eq!(eps.len(), 1);
+    assert!(eps[0].ready && !eps[0].terminating);
+}
+
+#[test]
+fn slice_ports_are_matched_by_name() {
+    let mut s = Svc::new("ns", "web");
+    s.ports = vec![("http", "TCP", 80, Some(30080)), ("dns", "UDP", 53, Some(30053))];
+    let m = model(
+        &[s.build()],
+        &[slice(
+            "ns",
+            "web",
+            "s1",
+            &[("dns", "UDP", 5353), ("http", "TCP", 8080)],
+            &[Ep::ready("10.0.0.1", "n")],
+        )],
+    );
+    let svc = &m.services[&ServiceKey::new("ns", "web")];
+    assert_eq!(svc.ports[0].endpoints[0].port, 8080);
+    assert_eq!(svc.ports[1].endpoints[0].port, 5353);
+}
+
+#[test]
+fn local_policy_uses_local_endpoints_only() {
+    let mut s = Svc::new("ns", "web");
+    s.local = true;
+    let m = model(
+        &[s.build()],
+        &[slice(
+            "ns",
+            "web",
+            "s1",
+            HTTP,
+            &[Ep::ready("10.0.0.1", "node-a"), Ep::ready("10.0.0.2", "node-b")],
+        )],
+    );
+    let svc = &m.services[&ServiceKey::new("ns", "web")];
+    assert_eq!(svc.traffic_policy, TrafficPolicy::Local);
+    assert_eq!(ips(&svc.usable_endpoints(&svc.ports[0], Family::V4).0), vec!["10.0.0.1"]);
+    assert_eq!(svc.local_ready_addresses(), 1);
+}
+
+#[test]
+fn affinity_source_ranges_and_families_are_read() {
+    let mut s = Svc::new("ns", "web");
+    s.affinity_timeout = Some(60);
+    s.source_ranges = vec!["192.0.2.0/24", " 10.1.2.3/8", "not-a-cidr"];
+    s.lb_ips = vec!["203.0.113.10", "2001:db8::10"];
+    let m = model(&[s.build()], &[]);
+    let svc = &m.services[&ServiceKey::new("ns", "web")];
+    assert_eq!(svc.affinity_timeout, Some(60));
+    let ranges: Vec<String> = svc
+        .source_ranges
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ranges, vec!["192.0.2.0/24", "10.0.0.0/8"]);
+    assert_eq!(svc.families, vec![Family::V4, Family::V6]);
+    assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+}
+
+#[test]
+fn node_state_reads_deletion_and_autoscaler_taint() {
+    let n = NodeModel::from_node("node-a", Some(&node("node-a", false, true)));
+    assert!(n.seen && n.autoscaler_deleting && !n.deleting);
+    let n = NodeModel::from_node("node-a", Some(&node("node-a", true, false)));
+    assert!(n.deleting);
+    assert!(!NodeModel::from_node("node-a", None).seen);
+}
+
+fn v4(r: &Ruleset) -> &hawser_dataplane::render::Table {
+    &r.tables[&Family::V4]
+}
+
+#[test]
+fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
+    let m = model(
+        &[Svc::new("ns", "web").build()],
+        &[slice(
+            "ns",
+            "web",
+            "s1",
+            HTTP,
+            &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")],
+        )],
+    );
+    let r = rules(&m);
+    let t = v4(&r);
+    assert_eq!(
+        t.collections["service-addresses"].elements["203.0.113.10 . tcp . 80"],
+        "goto svc-ns/web/tcp/80"
+    );
+    assert_eq!(
+        t.collections["service-nodeports"].elements["tcp . 30080"],
+        "goto svc-ns/web/tcp/80"
+    );
+    let svc = &t.chains["svc-ns/web/tcp/80"].rules;
+    assert!(svc[0].contains("meta mark set meta mark | 0x00400000"), "{svc:?}");
+    assert!(svc[1].starts_with("numgen random mod 2 vmap"), "{svc:?}");
+    let ep = &t.chains["ep-ns/web/tcp/80__10.0.0.1/8080"].rules;
+    assert!(ep.iter().any(|r| r == "meta l4proto tcp dnat to 10.0.0.1:8080"));
+    assert!(ep[0].starts_with("ip saddr 10.0.0.1 meta mark set"), "hairpin: {ep:?}");
+    assert!(t.collections["filter-addresses"].elements.is_empty());
+    // The nodeport dispatch never matches loopback.
+    assert!(t.chains["services"].rules[1].contains("fib daddr type local ip daddr != 127.0.0.0/8"));
+    assert!(v4(&r).chains["nat-prerouting"].base.as_ref().unwrap().contains("priority -110;"));
+}
+
+#[test]
+fn local_service_keeps_client_ip_and_drops_without_local_endpoints() {
+    let mut s = Svc::new("ns", "web");
+    s.local = true;
+    let with_local = model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "node-a")])],
+    );
+    let r = rules(&with_local);
+    let svc = &v4(&r).chains["svc-ns/web/tcp/80"].rules;
+    assert!(!svc.iter().any(|r| r.starts_with("meta mark set")), "no masquerade: {svc:?}");
+
+    let remote_only = model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.2", "node-b")])],
+    );
+    let r = rules(&remote_only);
+    let t = v4(&r);
+    assert!(!t.chains.contains_key("svc-ns/web/tcp/80"));
+    assert!(t.collections["service-addresses"].elements.is_empty());
+    assert_eq!(t.chains["fw-ns/web/tcp/80"].rules, vec!["ct state new drop"]);
+    assert_eq!(
+        t.collections["filter-nodeports"].elements["tcp . 30080"],
+        "goto fw-ns/web/tcp/80"
+    );
+}
+
+#[test]
+fn service_without_endpoints_rejects() {
+    let r = rules(&model(&[Svc::new("ns", "web").build()], &[]));
+    let t = v4(&r);
+    assert_eq!(t.chains["fw-ns/web/tcp/80"].rules, vec!["ct state new goto reject-chain"]);
+    assert_eq!(
+        t.collections["filter-addresses"].elements["203.0.113.10 . tcp . 80"],
+        "goto fw-ns/web/tcp/80"
+    );
+    assert!(t.collections["service-nodeports"].elements.is_empty());
+}
+
+#[test]
+fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
+    let mut s = Svc::new("ns", "web");
+    s.source_ranges = vec!["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24"];
+    let r = rules(&model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n")])],
+    ));
+    let t = v4(&r);
+    assert_eq!(
+        t.chains["fw-ns/web/tcp/80"].rules,
+        vec!["ip saddr != { 10.0.0.0/8, 192.0.2.0/24 } drop"]
+    );
+    assert!(t.collections["filter-addresses"].elements.contains_key("203.0.113.10 . tcp . 80"));
+    assert!(t.collections["filter-nodeports"].elements.contains_key("tcp . 30080"));
+    // Restricted to IPv4 sources only: an IPv6 service port admits nothing.
+    let mut s6 = s.clone();
+    s6.families = vec!["IPv4", "IPv6"];
+    s6.lb_ips = vec!["203.0.113.10", "2001:db8::10"];
+    let r = rules(&model(&[s6.build()], &[]));
+    assert_eq!(
+        r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0],
+        "drop"
+    );
+}
+
+#[test]
+fn client_ip_affinity_uses_per_endpoint_timeout_sets() {
+    let mut s = Svc::new("ns", "web");
+    s.affinity_timeout = Some(30);
+    let r = rules(&model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")])],
+    ));
+    let t = v4(&r);
+    let set = "aff30-ns/web/tcp/80__10.0.0.1/8080";
+    assert!(t.collections[set].decl.contains("flags dynamic,timeout; timeout 30s;"));
+    let svc = &t.chains["svc-ns/web/tcp/80"].rules;
+    assert!(svc.contains(&format!("ip saddr @{set} goto ep-ns/web/tcp/80__10.0.0.1/8080")));
+    let ep = &t.chains["ep-ns/web/tcp/80__10.0.0.1/8080"].rules;
+    assert!(ep.contains(&format!("update @{set} {{ ip saddr }}")));
+}
+
+#[test]
+fn ipv6_endpoints_render_into_the_ip6_table() {
+    let mut s = Svc::new("ns", "web");
+    s.families = vec!["IPv6"];
+    s.lb_ips = vec!["2001:db8::10"];
+    let r = rules(&model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n")])],
+    ));
+    let t = &r.tables[&Family::V6];
+    assert!(t.chains["ep-ns/web/tcp/80__fd00..1/8080"]
+        .rules
+        .contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string()));
+    assert!(t.collections["service-addresses"].elements.contains_key("2001:db8::10 . tcp . 80"));
+    assert!(v4(&r).collections["service-nodeports"].elements.is_empty());
+}
+
+/// Compares a rendered script to `tests/golden/NAME.nft`; `UPDATE_GOLDEN=1` rewrites it.
+fn golden(name: &str, script: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.nft"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, script).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(script, want, "golden {name} differs; run with UPDATE_GOLDEN=1 if intended");
+}
+
+#[test]
+fn golden_rulesets() {
+    let mut mixed = Svc::new("shop", "front");
+    mixed.ports = vec![("http", "TCP", 80, Some(30080)), ("dns", "UDP", 53, Some(30053))];
+    mixed.affinity_timeout = Some(600);
+    mixed.source_ranges = vec!["192.0.2.0/24"];
+    let mut local = Svc::new("shop", "local");
+    local.local = true;
+    local.lb_ips = vec!["203.0.113.11", "2001:db8::11"];
+    local.families = vec!["IPv4", "IPv6"];
+    local.ports = vec![("http", "TCP", 443, Some(30443))];
+    let empty = Svc::new("shop", "empty");
+    let m = model(
+        &[mixed.build(), local.build(), {
+            let mut e = empty.clone();
+            e.lb_ips = vec!["203.0.113.12"];
+            e.ports = vec![("", "TCP", 8443, Some(31443))];
+            e.build()
+        }],
+        &[
+            slice(
+                "shop",
+                "front",
+                "front-1",
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+                &[Ep::ready("10.0.0.1", "node-a"), Ep::ready("10.0.0.2", "node-b")],
+            ),
+            slice("shop", "local", "local-1", &[("http", "TCP", 8443)], &[
+                Ep::ready("10.0.0.3", "node-a"),
+                Ep::ready("10.0.0.4", "node-b"),
+            ]),
+            slice("shop", "local", "local-2", &[("http", "TCP", 8443)], &[Ep::terminating(
+                "fd00::3", "node-a",
+            )]),
+        ],
+    );
+    golden("mixed", &to_script(&rules(&m)));
+    golden("empty", &to_script(&rules(&ClusterModel::default())));
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>, Mutex<bool>);
+
+impl NftRunner for Recorder {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        self.0.lock().unwrap().push(script.to_string());
+        if *self.1.lock().unwrap() {
+            return Err(NftError::Rejected {
+                status: "exit status: 1".into(),
+                stderr: "Error: injected".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
+    let mut b = Svc::new("ns", "b");
+    b.lb_ips = vec!["203.0.113.20"];
+    b.ports = vec![("http", "TCP", 80, Some(30081))];
+    model(
+        &[Svc::new("ns", "a").build(), b.build()],
+        &[
+            slice("ns", "a", "a1", HTTP, &[Ep::ready("10.0.0.1", "n")]),
+            slice("ns", "b", "b1", HTTP, eps_b),
+        ],
+    )
+}
+
+#[test]
+fn partial_sync_touches_only_the_changed_service() {
+    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n"), Ep::ready("10.0.1.2", "n")]));
+    let after = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let plan = partial_plan(&before, &BTreeSet::new(), &after);
+    assert!(!plan.script.contains("ns/a/"), "service a untouched:\n{}", plan.script);
+    assert!(plan.script.contains("flush chain ip hawser svc-ns/b/tcp/80"));
+    assert!(plan.script.contains("flush chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080"));
+    assert!(!plan.script.contains("delete chain"), "deleted later:\n{}", plan.script);
+    assert_eq!(plan.stale_after.len(), 1);
+    // The next sync deletes the emptied chain.
+    let next = partial_plan(&after, &plan.stale_after, &after);
+    assert_eq!(
+        next.script.trim(),
+        "delete chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080"
+    );
+    // No change, no transaction.
+    assert!(partial_plan(&after, &BTreeSet::new(), &after).is_empty());
+}
+
+#[test]
+fn changed_map_values_are_replaced_element_wise() {
+    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let after = rules(&two_services(&[]));
+    let plan = partial_plan(&before, &BTreeSet::new(), &after);
+    assert!(plan.script.contains(
+        "delete element ip hawser service-addresses { 203.0.113.20 . tcp . 80 }"
+    ));
+    assert!(plan.script.contains(
+        "add element ip hawser filter-addresses { 203.0.113.20 . tcp . 80 : goto fw-ns/b/tcp/80 }"
+    ));
+    assert!(!plan.script.contains("203.0.113.10"));
+}
+
+#[test]
+fn full_sync_replaces_tables_and_failure_forces_full_resync() {
+    let a = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let b = rules(&two_services(&[]));
+    let full = full_plan(&a);
+    assert!(full.script.starts_with("add table ip hawser\ndelete table ip hawser\n"));
+
+    let mut applier = Applier::new(Recorder::default());
+    assert!(applier.sync(a.clone()).unwrap().full);
+    assert!(!applier.sync(a.clone()).unwrap().applied, "nothing changed");
+    *applier.runner().1.lock().unwrap() = true;
+    let err = applier.sync(b.clone()).unwrap_err();
+    assert!(err.to_string().contains("Error: injected"), "{err}");
+    *applier.runner().1.lock().unwrap() = false;
+    let report = applier.sync(b).unwrap();
+    assert!(report.full, "after a failure the next sync is a full resync");
+    assert_eq!(applier.runner().0.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn big_model_renders_and_diffs_deterministically() {
+    let svcs: Vec<Service> = (0..200)
+        .map(|i| {
+            let mut s = Svc::new("ns", "x");
+            let name = format!("svc-{i}");
+            let ip = format!("198.51.{}.{}", i / 200, i % 200 + 1);
+            s.name = Box::leak(name.into_boxed_str());
+            s.lb_ips = vec![Box::leak(ip.into_boxed_str())];
+            s.ports = vec![("http", "TCP", 80, Some(30000 + i as u16))];
+            s.build()
+        })
+        .collect();
+    let m = model(&svcs, &[]);
+    let a = to_script(&rules(&m));
+    let b = to_script(&rules(&m));
+    assert_eq!(a, b);
+    let addr: IpAddr = "198.51.0.1".parse().unwrap();
+    assert!(a.contains(&format!("{addr} . tcp . 80 : goto fw-ns/svc-0/tcp/80")));
+}
