@@ -41,6 +41,12 @@ pub trait NftRunner: Send + Sync {
     fn run(&self, script: &str) -> Result<(), NftError>;
 }
 
+impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        (**self).run(script)
+    }
+}
+
 /// Runs a real `nft` binary, optionally behind a prefix such as `ip netns exec NODE`.
 #[derive(Debug, Clone)]
 pub struct NftCommand {

@@ -1,0 +1,354 @@
+//! Real traffic through the kernel's nftables, in network namespaces made by each test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::fixtures::{Ep, Svc, slice};
+use common::lab::{
+    CLIENT_IP, CLIENT_IP6, CLIENT2_IP, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, pod_ip,
+    pod_ip6, sh, tcp, udp,
+};
+use hawser_dataplane::nft::{NftCommand, NftError, NftRunner};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+const LB: &str = "203.0.113.10";
+const NP: u16 = 30080;
+const PORTS: &[(&str, &str, u16)] = &[("http", "TCP", 8080), ("dns", "UDP", 5353)];
+
+fn web() -> Svc<'static> {
+    let mut s = Svc::new("ns", "web");
+    s.ports = vec![("http", "TCP", 80, Some(NP)), ("dns", "UDP", 53, Some(30053))];
+    s
+}
+
+fn eps(list: &[Ep<'_>]) -> Vec<EndpointSlice> {
+    vec![slice("ns", "web", "web-1", PORTS, list)]
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+macro_rules! lab {
+    ($pods:expr) => {
+        match Lab::new($pods) {
+            Some(lab) => lab,
+            None => return,
+        }
+    };
+}
+
+#[test]
+fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
+    let mut lab = lab!(3);
+    let not_ready = Ep {
+        ready: Some(false),
+        serving: Some(false),
+        ..Ep::ready("10.0.3.2", NODE)
+    };
+    lab.sync(
+        &[web().build()],
+        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b"), not_ready]),
+    )
+    .unwrap();
+    assert_eq!(lab.servers(LB, 80, 24), set(&["pod1", "pod2"]), "LB address");
+    assert_eq!(lab.servers(NODE_IP, NP, 24), set(&["pod1", "pod2"]), "NodePort");
+    // Cluster policy: the pod sees the node's address on its link, not the client.
+    for _ in 0..6 {
+        let out = tcp(&lab.client, LB, 80);
+        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
+        assert_eq!(out.peer().to_string(), want);
+    }
+    // UDP too.
+    let u = udp(&lab.client, LB, 53, 0);
+    assert!(["pod1", "pod2"].contains(&u.server().as_str()), "{u:?}");
+    // Host-originated traffic takes the output path.
+    let node = lab.node.clone();
+    let from_host: BTreeSet<String> = (0..12).map(|_| tcp(&node, LB, 80).server()).collect();
+    assert!(from_host.is_subset(&set(&["pod1", "pod2"])) && !from_host.is_empty());
+    // The NodePort is not served on loopback.
+    assert_ne!(
+        tcp(&node, "127.0.0.1", NP).server_or_none(),
+        Some("pod1".to_string())
+    );
+}
+
+trait ServerOrNone {
+    fn server_or_none(&self) -> Option<String>;
+}
+impl ServerOrNone for Outcome {
+    fn server_or_none(&self) -> Option<String> {
+        match self {
+            Outcome::Reply { server, .. } => Some(server.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn local_policy_preserves_client_ip_uses_local_endpoints_and_drops_without_one() {
+    let mut lab = lab!(2);
+    let mut svc = web();
+    svc.local = true;
+    lab.sync(
+        &[svc.build()],
+        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b")]),
+    )
+    .unwrap();
+    for (dst, port) in [(LB, 80), (NODE_IP, NP)] {
+        for _ in 0..8 {
+            let out = tcp(&lab.client, dst, port);
+            assert_eq!(out.server(), "pod1", "only the local endpoint");
+            assert_eq!(out.peer().to_string(), CLIENT_IP, "client address preserved");
+        }
+    }
+    // No local endpoint left (pod1 moved to another node): dropped, not refused.
+    lab.sync(
+        &[svc.build()],
+        &eps(&[Ep::ready("10.0.1.2", "node-c"), Ep::ready("10.0.2.2", "node-b")]),
+    )
+    .unwrap();
+    assert_eq!(tcp(&lab.client, LB, 80), Outcome::Timeout);
+    assert_eq!(tcp(&lab.client, NODE_IP, NP), Outcome::Timeout);
+}
+
+#[test]
+fn no_endpoints_is_connection_refused() {
+    let mut lab = lab!(1);
+    lab.sync(&[web().build()], &eps(&[])).unwrap();
+    assert_eq!(tcp(&lab.client, LB, 80), Outcome::Refused);
+    assert_eq!(tcp(&lab.client, NODE_IP, NP), Outcome::Refused);
+    // Endpoints appear: served.
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    assert_eq!(tcp(&lab.client, LB, 80).server(), "pod1");
+}
+
+#[test]
+fn source_ranges_allow_and_deny_on_address_and_nodeport() {
+    let mut lab = lab!(1);
+    let mut svc = web();
+    svc.source_ranges = vec!["192.168.100.0/24"];
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    assert_eq!(tcp(&lab.client, LB, 80).server(), "pod1");
+    assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), "pod1");
+    // Second client (192.168.101.2) is outside the range: dropped on both paths, though its
+    // NodePort packets reach a node address kube-proxy would have forwarded.
+    assert_eq!(tcp(&lab.client2, LB, 80), Outcome::Timeout);
+    assert_eq!(tcp(&lab.client2, "192.168.101.1", NP), Outcome::Timeout);
+    // Widening the range lets it in.
+    svc.source_ranges = vec!["192.168.100.0/24", &"192.168.101.0/24"];
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    let out = tcp(&lab.client2, LB, 80);
+    assert_eq!(out.server(), "pod1");
+    assert_eq!(out.peer().to_string(), "10.0.1.1");
+    let _ = CLIENT2_IP;
+}
+
+#[test]
+fn client_ip_affinity_sticks_to_one_endpoint() {
+    let mut lab = lab!(2);
+    let mut svc = web();
+    svc.affinity_timeout = Some(60);
+    lab.sync(
+        &[svc.build()],
+        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]),
+    )
+    .unwrap();
+    let first = tcp(&lab.client, LB, 80).server();
+    for _ in 0..16 {
+        assert_eq!(tcp(&lab.client, LB, 80).server(), first);
+    }
+    // The NodePort shares the affinity of the same Service port.
+    assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), first);
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    let mut lab = lab!(2);
+    lab.sync(&[web().build()], &eps(&[Ep::terminating("10.0.1.2", NODE)])).unwrap();
+    assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
+    lab.sync(
+        &[web().build()],
+        &eps(&[Ep::terminating("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]),
+    )
+    .unwrap();
+    assert_eq!(lab.servers(LB, 80, 12), set(&["pod2"]));
+}
+
+#[test]
+fn endpoint_removal_takes_effect_for_tcp_and_udp() {
+    let mut lab = lab!(2);
+    let both = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
+    lab.sync(&[web().build()], &both).unwrap();
+    // A UDP "flow" from a fixed source port sticks to one endpoint through conntrack.
+    let first = udp(&lab.client, LB, 53, 40_000).server();
+    assert_eq!(udp(&lab.client, LB, 53, 40_000).server(), first);
+    let (gone_ip, other) = if first == "pod1" {
+        ("10.0.2.2", "pod2")
+    } else {
+        ("10.0.1.2", "pod1")
+    };
+    // Remove the endpoint that flow uses; its pod keeps running, so only conntrack cleanup
+    // can move the flow.
+    lab.sync(&[web().build()], &eps(&[Ep::ready(gone_ip, NODE)])).unwrap();
+    assert_eq!(udp(&lab.client, LB, 53, 40_000).server(), other);
+    assert_eq!(lab.servers(LB, 80, 12), set(&[other]));
+    assert_eq!(lab.servers(NODE_IP, NP, 6), set(&[other]));
+}
+
+#[test]
+fn partial_sync_leaves_other_services_chains_untouched() {
+    let mut lab = lab!(2);
+    let mut other = Svc::new("ns", "other");
+    other.lb_ips = vec!["203.0.113.20"];
+    other.ports = vec![("http", "TCP", 80, Some(30081))];
+    let other_eps = slice("ns", "other", "other-1", PORTS, &[Ep::ready("10.0.2.2", NODE)]);
+    let with = |web_eps: Vec<EndpointSlice>| {
+        let mut all = web_eps;
+        all.push(other_eps.clone());
+        all
+    };
+    lab.sync(
+        &[web().build(), other.build()],
+        &with(eps(&[Ep::ready("10.0.1.2", NODE)])),
+    )
+    .unwrap();
+    let other_chain = "svc-ns/other/tcp/80";
+    let other_before = lab.list_chain("ip", other_chain);
+    let ep_before = lab.list_chain("ip", "ep-ns/other/tcp/80__10.0.2.2/8080");
+    let web_before = lab.list_chain("ip", "svc-ns/web/tcp/80");
+    let report = lab
+        .sync(
+            &[web().build(), other.build()],
+            &with(eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])),
+        )
+        .unwrap();
+    assert!(!report.full);
+    // Rule handles are unchanged: the other Service's chains were not rewritten.
+    assert_eq!(lab.list_chain("ip", other_chain), other_before);
+    assert_eq!(lab.list_chain("ip", "ep-ns/other/tcp/80__10.0.2.2/8080"), ep_before);
+    assert_ne!(lab.list_chain("ip", "svc-ns/web/tcp/80"), web_before);
+    assert_eq!(lab.servers("203.0.113.20", 80, 4), set(&["pod2"]));
+    assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
+    // Removing web's second endpoint empties its chain now and deletes it a sync later.
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)])))
+        .unwrap();
+    let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
+    assert!(chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "kept until the next sync");
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)])))
+        .unwrap();
+    let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
+    assert!(!chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "{chains}");
+    assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
+}
+
+/// Runs nft in the node netns; when armed, appends a command the kernel rejects.
+struct Sabotage {
+    inner: NftCommand,
+    armed: Arc<AtomicBool>,
+}
+
+impl NftRunner for Sabotage {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        if self.armed.load(Ordering::SeqCst) {
+            let bad = format!("{script}add rule ip hawser no-such-chain accept\n");
+            return self.inner.run(&bad);
+        }
+        self.inner.run(script)
+    }
+}
+
+#[test]
+fn failing_transaction_leaves_previous_rules_working() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let a = armed.clone();
+    let mut lab = match Lab::with_runner(2, move |node| {
+        Box::new(Sabotage {
+            inner: NftCommand::with_argv(exec_in(node, "nft")),
+            armed: a,
+        })
+    }) {
+        Some(l) => l,
+        None => return,
+    };
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let err = lab
+        .sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)]))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("no-such-chain"), "nft's error text is kept: {msg}");
+    // Nothing of the failed transaction happened: still pod1 only.
+    assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
+    armed.store(false, Ordering::SeqCst);
+    let report = lab
+        .sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)]))
+        .unwrap();
+    assert!(report.full, "a failure is followed by a full resync");
+    assert_eq!(lab.servers(LB, 80, 6), set(&["pod2"]));
+}
+
+#[test]
+fn hairpin_traffic_is_masqueraded() {
+    let mut lab = lab!(1);
+    let mut svc = web();
+    // Local policy does not masquerade by itself, so only the hairpin rule can make this work.
+    svc.local = true;
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    let out = tcp(&lab.pods[0], LB, 80);
+    assert_eq!(out.server(), "pod1");
+    assert_eq!(out.peer().to_string(), "10.0.1.1", "masqueraded to the node's address");
+    // An external client is still seen as itself.
+    assert_eq!(tcp(&lab.client, LB, 80).peer().to_string(), CLIENT_IP);
+}
+
+#[test]
+fn ipv6_address_and_nodeport() {
+    let mut lab = lab!(2);
+    if !lab.ipv6 {
+        eprintln!("skipping: IPv6 disabled in this kernel");
+        return;
+    }
+    let mut svc = web();
+    svc.families = vec!["IPv6"];
+    svc.lb_ips = vec!["2001:db8::10"];
+    svc.local = true;
+    let slices = vec![slice(
+        "ns",
+        "web",
+        "web-v6",
+        PORTS,
+        &[Ep::ready("fd00:1::2", NODE), Ep::ready("fd00:2::2", "node-b")],
+    )];
+    lab.sync(&[svc.build()], &slices).unwrap();
+    let _ = (pod_ip(1), pod_ip6(1));
+    // The client's default IPv6 route goes through the node, like the LB address would.
+    let out = tcp(&lab.client, "2001:db8::10", 80);
+    assert_eq!(out.server(), "pod1");
+    assert_eq!(out.peer().to_string(), CLIENT_IP6);
+    assert_eq!(tcp(&lab.client, NODE_IP6, NP).server(), "pod1");
+    assert_eq!(udp(&lab.client, "2001:db8::10", 53, 0).server(), "pod1");
+}
+
+#[test]
+fn cleanup_deletes_both_tables_and_golden_ruleset_loads() {
+    let mut lab = lab!(1);
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(tables.contains("table ip hawser") && tables.contains("table ip6 hawser"));
+    lab.applier.cleanup().unwrap();
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(!tables.contains("hawser"), "{tables}");
+    // Traffic no longer has a path: the LB address is not routed anywhere from the node.
+    assert_ne!(tcp(&lab.client, LB, 80).server_or_none(), Some("pod1".into()));
+    // The golden rulesets are valid for this kernel's nft.
+    for golden in ["mixed", "empty"] {
+        let path = format!("{}/tests/golden/{golden}.nft", env!("CARGO_MANIFEST_DIR"));
+        sh(&["ip", "netns", "exec", &lab.node, "nft", "-f", &path]);
+        lab.applier.cleanup().unwrap();
+    }
+}
