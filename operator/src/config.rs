@@ -1,0 +1,195 @@
+//! Command line and environment: every flag can also be set by an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::desired::HealthCheckMode;
+use crate::names::DEFAULT_LOAD_BALANCER_CLASS;
+
+/// Which cloud to build load balancers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// The in-process mock cloud (tests, the local sandbox, kind).
+    Mock,
+    /// AWS Network Load Balancers.
+    Aws,
+    /// GCP passthrough Network Load Balancers.
+    Gcp,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (in-cluster).
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// hawser-operator: gives LoadBalancer Services of one class a real cloud load balancer.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hawser-operator", version, about)]
+pub struct Cli {
+    /// The cloud to build load balancers in.
+    #[arg(long, env = "HAWSER_PROVIDER", value_enum)]
+    pub provider: ProviderKind,
+    /// Name of this cluster; goes into every cloud resource's ownership tags.
+    #[arg(long, env = "HAWSER_CLUSTER_NAME", value_parser = parse_cluster_name)]
+    pub cluster_name: String,
+    /// The spec.loadBalancerClass this operator serves.
+    #[arg(long, env = "HAWSER_LOAD_BALANCER_CLASS", default_value = DEFAULT_LOAD_BALANCER_CLASS)]
+    pub load_balancer_class: String,
+    /// Services reconciled at once.
+    #[arg(long, env = "HAWSER_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+    /// Address of the /metrics endpoint.
+    #[arg(long, env = "HAWSER_METRICS_BIND_ADDRESS", default_value = ":8080", value_parser = parse_bind)]
+    pub metrics_bind_address: SocketAddr,
+    /// Address of the /healthz and /readyz endpoints.
+    #[arg(long, env = "HAWSER_HEALTH_PROBE_BIND_ADDRESS", default_value = ":8081", value_parser = parse_bind)]
+    pub health_probe_bind_address: SocketAddr,
+    /// Reconcile only while holding a Lease, so that replicas never both act.
+    #[arg(long, env = "HAWSER_LEADER_ELECT", default_value_t = false)]
+    pub leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "HAWSER_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "HAWSER_LEADER_ELECTION_ID", default_value = "hawser-operator")]
+    pub leader_election_id: String,
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, env = "HAWSER_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_election_lease_duration: Duration,
+    /// The hawser dataplane's health port, which load balancers probe.
+    #[arg(long, env = "HAWSER_NODE_HEALTH_PORT", default_value_t = 10258)]
+    pub node_health_port: u16,
+    /// Probe the hawser dataplane, or kube-proxy (clusters without the dataplane).
+    #[arg(long, env = "HAWSER_HEALTH_CHECK_MODE", value_enum, default_value = "hawser")]
+    pub health_check_mode: HealthCheckMode,
+    /// Let control-plane Nodes receive load-balancer traffic.
+    #[arg(long, env = "HAWSER_INCLUDE_CONTROL_PLANE_NODES", default_value_t = false)]
+    pub include_control_plane_nodes: bool,
+    /// How often every Service is re-checked against the cloud, to repair drift.
+    #[arg(long, env = "HAWSER_RESYNC_PERIOD", default_value = "10m", value_parser = parse_duration)]
+    pub resync_period: Duration,
+    /// How long Node changes are collected before Services are re-reconciled.
+    #[arg(long, env = "HAWSER_NODE_DEBOUNCE", default_value = "2s", value_parser = parse_duration)]
+    pub node_debounce: Duration,
+    /// Log format.
+    #[arg(long, env = "HAWSER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Mock cloud: the CIDRs load-balancer addresses come from (at most one per IP family).
+    #[arg(long, env = "HAWSER_MOCK_ADDRESS_POOL", default_value = "203.0.113.0/24", value_delimiter = ',')]
+    pub mock_address_pool: Vec<IpNet>,
+    /// Mock cloud: latency added to every API call.
+    #[arg(long, env = "HAWSER_MOCK_LATENCY", default_value = "0s", value_parser = parse_duration)]
+    pub mock_latency: Duration,
+    /// Mock cloud: API calls per second before it answers "throttled" (unlimited if unset).
+    #[arg(long, env = "HAWSER_MOCK_RATE_LIMIT")]
+    pub mock_rate_limit: Option<f64>,
+    /// Mock cloud: fraction of API calls that fail with an injected fault (0 to 1).
+    #[arg(long, env = "HAWSER_MOCK_ERROR_RATE", default_value_t = 0.0)]
+    pub mock_error_rate: f64,
+    /// Mock cloud: seed of the fault injection.
+    #[arg(long, env = "HAWSER_MOCK_SEED", default_value_t = 0)]
+    pub mock_seed: u64,
+    /// Mock cloud: file its state is kept in, so a restart sees the same cloud.
+    #[arg(long, env = "HAWSER_MOCK_STATE_FILE")]
+    pub mock_state_file: Option<PathBuf>,
+}
+
+/// `:8080` means every address; `127.0.0.1:8080` one.
+fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
+    full.parse().map_err(|_| format!("{s:?} is not an address; give host:port or :port"))
+}
+
+/// `500ms`, `15s`, `10m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration; give a number with ms, s, m or h, like 15s");
+    let (digits, scale_ms) = if let Some(d) = s.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = s.strip_suffix('s') {
+        (d, 1_000)
+    } else if let Some(d) = s.strip_suffix('m') {
+        (d, 60_000)
+    } else if let Some(d) = s.strip_suffix('h') {
+        (d, 3_600_000)
+    } else {
+        return Err(err());
+    };
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    Ok(Duration::from_millis(n.saturating_mul(scale_ms)))
+}
+
+/// Cluster names go into tags and resource names: keep them short and plain.
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a cluster name; use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let cli = Cli::try_parse_from(["hawser-operator", "--provider", "mock", "--cluster-name", "demo"]).unwrap();
+        assert_eq!(cli.load_balancer_class, "hawser.dev/lb");
+        assert_eq!(cli.concurrency, 8);
+        assert_eq!(cli.metrics_bind_address.to_string(), "0.0.0.0:8080");
+        assert_eq!(cli.health_probe_bind_address.to_string(), "0.0.0.0:8081");
+        assert_eq!(cli.mock_address_pool, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(cli.health_check_mode, HealthCheckMode::Hawser);
+        assert!(!cli.leader_elect);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_what_is_accepted() {
+        let err = Cli::try_parse_from(["hawser-operator", "--provider", "azure", "--cluster-name", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mock") && err.contains("aws") && err.contains("gcp"), "{err}");
+        let err = Cli::try_parse_from(["hawser-operator", "--provider", "mock"]).unwrap_err().to_string();
+        assert!(err.contains("--cluster-name"), "{err}");
+        let err = Cli::try_parse_from(["hawser-operator", "--provider", "mock", "--cluster-name", "bad name"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a cluster name"), "{err}");
+        let err = Cli::try_parse_from([
+            "hawser-operator",
+            "--provider",
+            "mock",
+            "--cluster-name",
+            "x",
+            "--resync-period",
+            "10",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("like 15s"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("1d").is_err());
+    }
+}

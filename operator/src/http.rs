@@ -1,0 +1,73 @@
+//! The operator's HTTP endpoints: probes, metrics and (mock cloud) state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+/// What the endpoints read.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Metrics to expose.
+    pub metrics: Arc<Metrics>,
+    /// True once the caches are synced (or while standing by as a non-leader).
+    pub ready: Arc<AtomicBool>,
+    /// The mock cloud's state as JSON, when the mock provider runs.
+    pub mock_state: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+}
+
+/// `/healthz` and `/readyz`.
+pub fn probes(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// `/metrics`, and `/mock/state` with the mock provider.
+pub fn metrics(state: HttpState) -> Router {
+    Router::new().route("/metrics", get(metrics_text)).route("/mock/state", get(mock_state)).with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet").into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<HttpState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+        .into_response()
+}
+
+async fn mock_state(State(state): State<HttpState>) -> Response {
+    match &state.mock_state {
+        Some(snapshot) => axum::Json(snapshot()).into_response(),
+        None => (StatusCode::NOT_FOUND, "the mock provider is not running").into_response(),
+    }
+}
+
+/// Binds `addr` (failing at once if it cannot) and serves `router` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving HTTP");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, %addr, "HTTP server failed");
+        }
+    }))
+}

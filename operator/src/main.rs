@@ -1,0 +1,19 @@
+//! The `hawser-operator` binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hawser_operator::config::Cli;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    hawser_operator::telemetry::init(cli.log_format);
+    match hawser_operator::run::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "hawser-operator failed");
+            ExitCode::FAILURE
+        }
+    }
+}

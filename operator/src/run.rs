@@ -1,0 +1,304 @@
+//! Wiring: clients, caches, the controller, leader election, HTTP and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use hawser_providers::Provider;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Config as WatcherConfig;
+use kube::runtime::{Controller, WatchStreamExt, controller};
+use kube::{Api, Client};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{Cli, ProviderKind};
+use crate::desired::DesiredConfig;
+use crate::http::{self, HttpState};
+use crate::leader::LeaderElector;
+use crate::metered::{MeteredProvider, ThrottleGate};
+use crate::metrics::Metrics;
+use crate::names::CONTROLLER_NAME;
+use crate::nodes::{NodePolicy, eligible_targets};
+use crate::reconcile::{self, Context, Settings};
+use crate::retry::RetryPolicy;
+
+type MockState = Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>;
+
+fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
+    match cli.provider {
+        #[cfg(feature = "mock")]
+        ProviderKind::Mock => {
+            let config = hawser_providers::mock::MockConfig {
+                cluster: cli.cluster_name.clone(),
+                address_pools: cli.mock_address_pool.clone(),
+                latency: cli.mock_latency,
+                rate_limit: cli.mock_rate_limit,
+                error_rate: cli.mock_error_rate,
+                seed: cli.mock_seed,
+                state_file: cli.mock_state_file.clone(),
+            };
+            let cloud =
+                hawser_providers::mock::MockCloud::new(config).map_err(anyhow::Error::msg).context("mock cloud")?;
+            let view = cloud.clone();
+            let state: MockState = Some(Arc::new(move || serde_json::to_value(view.snapshot()).unwrap_or_default()));
+            Ok((Arc::new(cloud), state))
+        }
+        #[cfg(not(feature = "mock"))]
+        ProviderKind::Mock => bail!("this hawser-operator was built without the mock provider (cargo feature `mock`)"),
+        ProviderKind::Aws => bail!("the AWS provider is not built yet in this version of hawser; use --provider mock"),
+        ProviderKind::Gcp => bail!("the GCP provider is not built yet in this version of hawser; use --provider mock"),
+    }
+}
+
+/// Runs the operator until SIGTERM/Ctrl-C, or until leadership is lost.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (inner, mock_state) = build_provider(&cli)?;
+    let provider: Arc<dyn Provider> =
+        Arc::new(MeteredProvider::new(inner, metrics.clone(), Arc::new(ThrottleGate::default())));
+    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown signal received");
+        let _ = stop_tx.send(true);
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), mock_state };
+    let probes = http::serve(cli.health_probe_bind_address, http::probes(state.clone()), stopped())
+        .await
+        .with_context(|| format!("cannot listen on --health-probe-bind-address {}", cli.health_probe_bind_address))?;
+    let metrics_server = http::serve(cli.metrics_bind_address, http::metrics(state), stopped())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-bind-address {}", cli.metrics_bind_address))?;
+
+    let mut elector = None;
+    if cli.leader_elect {
+        let namespace = cli
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".to_owned());
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("hawser-operator-{}", std::process::id()));
+        let mut e = LeaderElector::new(
+            client.clone(),
+            &namespace,
+            &cli.leader_election_id,
+            &identity,
+            cli.leader_election_lease_duration,
+        );
+        // A standby is ready: it serves its purpose by standing by.
+        ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = e.acquire() => {}
+            () = stopped() => {
+                info!("stopped before becoming leader");
+                return Ok(());
+            }
+        }
+        ready.store(false, Ordering::Relaxed);
+        elector = Some(e);
+    }
+    metrics.leader.set(1);
+
+    let (lost_tx, lost_rx) = watch::channel(false);
+    let hold = elector.map(|mut e| {
+        tokio::spawn(async move {
+            e.hold().await;
+            let _ = lost_tx.send(true);
+            e
+        })
+    });
+    let lost = {
+        let mut rx = lost_rx.clone();
+        async move {
+            let _ = rx.wait_for(|l| *l).await;
+        }
+    };
+
+    let result = run_controller(&cli, client, provider, metrics.clone(), ready.clone(), async move {
+        tokio::select! {
+            () = stopped() => {}
+            () = lost => warn!("leadership lost; stopping reconciles"),
+        }
+    })
+    .await;
+
+    if *lost_rx.borrow() {
+        bail!("leadership lost; exiting so that only one replica reconciles");
+    }
+    if let Some(hold) = hold {
+        hold.abort();
+        if let Ok(mut e) = hold.await {
+            e.release().await;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = probes.await;
+        let _ = metrics_server.await;
+    })
+    .await;
+    result
+}
+
+async fn run_controller(
+    cli: &Cli,
+    client: Client,
+    provider: Arc<dyn Provider>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let node_policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (trigger_tx, trigger_rx) = mpsc::channel::<()>(1);
+    let node_watch = watch_eligible_nodes(
+        Api::all(client.clone()),
+        node_writer,
+        nodes.clone(),
+        node_policy,
+        cli.node_debounce,
+        trigger_tx,
+    );
+    let node_task = tokio::spawn(node_watch);
+
+    let settings = Settings {
+        class: cli.load_balancer_class.clone(),
+        desired: DesiredConfig {
+            cluster: cli.cluster_name.clone(),
+            health_check_mode: cli.health_check_mode,
+            node_health_port: cli.node_health_port,
+            provider_name: provider.name(),
+            provider_annotations: provider.annotations(),
+            capabilities: provider.capabilities(),
+        },
+        node_policy,
+        resync_period: cli.resync_period,
+    };
+    let reporter = Reporter { controller: CONTROLLER_NAME.to_owned(), instance: std::env::var("POD_NAME").ok() };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), cli.resync_period, None);
+    let ctx = Arc::new(Context::new(client.clone(), provider, nodes.clone(), settings, recorder, metrics, retry));
+
+    let services: Api<Service> = Api::all(client);
+    let controller = Controller::new(services, WatcherConfig::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(cli.concurrency).debounce(Duration::from_millis(100)));
+    let service_store = controller.store();
+    tokio::spawn(mark_ready(service_store, nodes, ready));
+    let trigger = futures::stream::unfold(trigger_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
+
+    info!(class = %cli.load_balancer_class, provider = ?cli.provider, cluster = %cli.cluster_name, "starting controller");
+    controller
+        .reconcile_all_on(trigger)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    controller::Error::ReconcilerFailed(..) => {} // logged by the error policy
+                    other => warn!(error = %other, "controller"),
+                }
+            }
+        })
+        .await;
+    node_task.abort();
+    info!("controller stopped");
+    Ok(())
+}
+
+async fn mark_ready(services: Store<Service>, nodes: Store<Node>, ready: Arc<AtomicBool>) {
+    if services.wait_until_ready().await.is_ok() && nodes.wait_until_ready().await.is_ok() {
+        info!("caches synced");
+        ready.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Keeps the Node cache and wakes every Service when the set of eligible Nodes changes. Node
+/// status heartbeats change nothing that matters, so they wake nothing; bursts (a node pool
+/// scaling) are collected for `debounce` so each Service is reconciled once, not once per Node.
+async fn watch_eligible_nodes(
+    api: Api<Node>,
+    writer: reflector::store::Writer<Node>,
+    store: Store<Node>,
+    policy: NodePolicy,
+    debounce: Duration,
+    trigger: mpsc::Sender<()>,
+) {
+    let mut last = None;
+    let mut pending_since: Option<tokio::time::Instant> = None;
+    let events = watcher(api, WatcherConfig::default()).default_backoff().reflect(writer).touched_objects();
+    futures::pin_mut!(events);
+    loop {
+        let timeout = pending_since.map_or(Duration::from_secs(3600), |since| debounce.saturating_sub(since.elapsed()));
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(_)) => {
+                    let targets = eligible_targets(store.state().iter().map(AsRef::as_ref), policy);
+                    if last.as_ref() != Some(&targets) {
+                        // The first sync is not a change: Services are reconciled on start anyway.
+                        if last.is_some() && pending_since.is_none() {
+                            pending_since = Some(tokio::time::Instant::now());
+                        }
+                        last = Some(targets);
+                    }
+                }
+                Some(Err(e)) => warn!(error = %e, "node watch"),
+                None => return,
+            },
+            () = tokio::time::sleep(timeout), if pending_since.is_some() => {
+                pending_since = None;
+                info!(eligible = last.as_ref().map_or(0, Vec::len), "eligible nodes changed; re-reconciling Services");
+                if trigger.send(()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+use kube::runtime::watcher::watcher;
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
