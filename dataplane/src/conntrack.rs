@@ -55,18 +55,10 @@ fn udp_flows(model: &ClusterModel) -> BTreeSet<StaleFlow> {
                 let (endpoints, _) = svc.usable_endpoints(port, family);
                 for ep in endpoints {
                     for addr in svc.lb_addresses.iter().filter(|a| Family::of(a) == family) {
-                        flows.insert(StaleFlow {
-                            orig_dst: Some(*addr),
-                            orig_port: port.port,
-                            reply_src: ep.ip,
-                        });
+                        flows.insert(StaleFlow { orig_dst: Some(*addr), orig_port: port.port, reply_src: ep.ip });
                     }
                     if let Some(node_port) = port.node_port {
-                        flows.insert(StaleFlow {
-                            orig_dst: None,
-                            orig_port: node_port,
-                            reply_src: ep.ip,
-                        });
+                        flows.insert(StaleFlow { orig_dst: None, orig_port: node_port, reply_src: ep.ip });
                     }
                 }
             }
@@ -78,10 +70,7 @@ fn udp_flows(model: &ClusterModel) -> BTreeSet<StaleFlow> {
 /// Flows served before and not any more (pure).
 pub fn stale_udp_flows(before: &ClusterModel, after: &ClusterModel) -> Vec<StaleFlow> {
     let now = udp_flows(after);
-    udp_flows(before)
-        .into_iter()
-        .filter(|f| !now.contains(f))
-        .collect()
+    udp_flows(before).into_iter().filter(|f| !now.contains(f)).collect()
 }
 
 /// Runs the `conntrack` binary, optionally behind a prefix such as `ip netns exec NODE`.
@@ -93,9 +82,7 @@ pub struct ConntrackCommand {
 impl ConntrackCommand {
     /// `conntrack` from PATH.
     pub fn new() -> Self {
-        Self {
-            argv: vec!["conntrack".into()],
-        }
+        Self { argv: vec!["conntrack".into()] }
     }
 
     /// A custom command line ending in the conntrack binary.
@@ -111,30 +98,20 @@ impl ConntrackCommand {
         };
         let mut cmd = Command::new(program);
         cmd.args(rest);
-        let family = if flow.reply_src.is_ipv4() {
-            "ipv4"
-        } else {
-            "ipv6"
-        };
+        let family = if flow.reply_src.is_ipv4() { "ipv4" } else { "ipv6" };
         cmd.args(["-D", "-f", family, "-p", "udp"]);
         if let Some(dst) = flow.orig_dst {
             cmd.args(["--orig-dst", &dst.to_string()]);
         }
         cmd.args(["--orig-port-dst", &flow.orig_port.to_string()]);
         cmd.args(["--reply-src", &flow.reply_src.to_string()]);
-        let out = cmd.output().map_err(|source| ConntrackError::Spawn {
-            program: self.argv.join(" "),
-            source,
-        })?;
+        let out = cmd.output().map_err(|source| ConntrackError::Spawn { program: self.argv.join(" "), source })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         // conntrack exits 1 when no entry matched; that is the common, fine case.
         if out.status.success() || stderr.contains("0 flow entries") {
             Ok(())
         } else {
-            Err(ConntrackError::Failed {
-                status: out.status.to_string(),
-                stderr: stderr.trim().to_string(),
-            })
+            Err(ConntrackError::Failed { status: out.status.to_string(), stderr: stderr.trim().to_string() })
         }
     }
 }

@@ -10,9 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::model::Family;
-use crate::render::{
-    Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules,
-};
+use crate::render::{Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules};
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,13 +83,7 @@ pub fn partial_plan(applied: &Ruleset, stale: &BTreeSet<Stale>, desired: &Rulese
     plan
 }
 
-fn diff_table(
-    plan: &mut Plan,
-    family: Family,
-    have: &Table,
-    want: &Table,
-    stale: &BTreeSet<Stale>,
-) {
+fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale: &BTreeSet<Stale>) {
     let fam = family_name(family);
     let out = &mut plan.script;
 
@@ -127,16 +119,10 @@ fn diff_table(
     // 4. Map and set elements, element-wise. A changed value is delete + add.
     for (name, c) in &want.collections {
         let old = have.collections.get(name);
-        let removed: Vec<(&String, &String)> = old
-            .into_iter()
-            .flat_map(|o| o.elements.iter())
-            .filter(|(k, v)| c.elements.get(*k) != Some(*v))
-            .collect();
-        let added: Vec<(&String, &String)> = c
-            .elements
-            .iter()
-            .filter(|(k, v)| old.and_then(|o| o.elements.get(*k)) != Some(*v))
-            .collect();
+        let removed: Vec<(&String, &String)> =
+            old.into_iter().flat_map(|o| o.elements.iter()).filter(|(k, v)| c.elements.get(*k) != Some(*v)).collect();
+        let added: Vec<(&String, &String)> =
+            c.elements.iter().filter(|(k, v)| old.and_then(|o| o.elements.get(*k)) != Some(*v)).collect();
         plan.elements_changed += removed.len() + added.len();
         write_elements(out, "delete", fam, name, removed.into_iter());
         write_elements(out, "add", fam, name, added.into_iter());
@@ -147,8 +133,7 @@ fn diff_table(
             if c.is_map && !c.elements.is_empty() {
                 let _ = writeln!(out, "flush map {fam} {TABLE} {name}");
             }
-            plan.stale_after
-                .insert(Stale::Collection(family, name.clone()));
+            plan.stale_after.insert(Stale::Collection(family, name.clone()));
         }
     }
     for name in have.chains.keys() {

@@ -65,10 +65,7 @@ impl HealthState {
         Self(Arc::new(RwLock::new(HealthSnapshot {
             last_sync: None,
             resync_period,
-            node: NodeModel {
-                name: node_name.to_owned(),
-                ..NodeModel::default()
-            },
+            node: NodeModel { name: node_name.to_owned(), ..NodeModel::default() },
             services: BTreeMap::new(),
         })))
     }
@@ -134,11 +131,7 @@ pub fn evaluate(snap: &HealthSnapshot, now: Instant) -> NodeHealth {
         )),
         Some(_) => {}
     }
-    NodeHealth {
-        healthy: reasons.is_empty(),
-        reasons,
-        last_sync_seconds_ago: age.map(|a| a.as_secs()),
-    }
+    NodeHealth { healthy: reasons.is_empty(), reasons, last_sync_seconds_ago: age.map(|a| a.as_secs()) }
 }
 
 /// The router serving the health endpoints.
@@ -152,11 +145,7 @@ pub fn router(state: HealthState) -> Router {
 
 async fn healthz(State(state): State<HealthState>) -> Response {
     let health = state.node_health(Instant::now());
-    let code = if health.healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if health.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(health)).into_response()
 }
 
@@ -164,21 +153,14 @@ async fn livez() -> Response {
     (StatusCode::OK, axum::Json(serde_json::json!({"alive": true}))).into_response()
 }
 
-async fn service(
-    State(state): State<HealthState>,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Response {
+async fn service(State(state): State<HealthState>, Path((namespace, name)): Path<(String, String)>) -> Response {
     let key = ServiceKey::new(namespace, name);
     let snap = state.snapshot();
     let health = snap.services.get(&key).copied();
     let local = health.map(|h| h.local_endpoints).unwrap_or(0);
     // A node on its way out fails every probe so the load balancer drains it.
     let draining = snap.node.deleting || snap.node.autoscaler_deleting;
-    let code = if local > 0 && !draining {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if local > 0 && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
         "service": {"namespace": key.namespace, "name": key.name},
         "localEndpoints": local,

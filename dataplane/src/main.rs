@@ -1,1 +1,148 @@
-fn main() {}
+//! `hawser-dataplane`: the hawser node agent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use hawser_dataplane::agent::{self, AgentConfig};
+use hawser_dataplane::health::{self, DEFAULT_HEALTH_PORT, HealthState};
+use hawser_dataplane::metrics::{self, Metrics};
+use hawser_dataplane::model::{DEFAULT_LOAD_BALANCER_CLASS, ModelConfig};
+use hawser_dataplane::nft::{Applier, NftCommand};
+use hawser_dataplane::render::RenderConfig;
+use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// hawser node agent: forwards load-balancer traffic to ready endpoints with nftables and
+/// answers the load balancer's health checks.
+#[derive(Debug, Parser)]
+#[command(name = "hawser-dataplane", version)]
+struct Args {
+    /// Serve Services whose spec.loadBalancerClass is this.
+    #[arg(long, env = "HAWSER_LOAD_BALANCER_CLASS", default_value = DEFAULT_LOAD_BALANCER_CLASS)]
+    load_balancer_class: String,
+    /// Name of this node (endpoints with this nodeName are local).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Port of the health server (/healthz, /livez, /services/{namespace}/{name}).
+    #[arg(long, env = "HAWSER_HEALTH_PORT", default_value_t = DEFAULT_HEALTH_PORT)]
+    health_port: u16,
+    /// Address the health server binds; the node's addresses under hostNetwork.
+    #[arg(long, env = "HAWSER_HEALTH_BIND_ADDRESS", default_value = "0.0.0.0")]
+    health_bind_address: IpAddr,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, env = "HAWSER_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10267")]
+    metrics_bind_address: SocketAddr,
+    /// Sync at least this often (seconds); /healthz fails after twice this without a sync.
+    #[arg(long, env = "HAWSER_RESYNC_PERIOD_SECONDS", default_value_t = 30)]
+    resync_period_seconds: u64,
+    /// Minimum time between syncs (milliseconds); changes in between are batched.
+    #[arg(long, env = "HAWSER_MIN_SYNC_INTERVAL_MS", default_value_t = 1000)]
+    min_sync_interval_ms: u64,
+    /// Packet-mark bit (0-31) requesting masquerade; must differ from kube-proxy's (14).
+    #[arg(long, env = "HAWSER_MASQUERADE_BIT", default_value_t = 22, value_parser = clap::value_parser!(u8).range(0..32))]
+    masquerade_bit: u8,
+    /// Command running nft, split on whitespace (e.g. "ip netns exec node1 nft").
+    #[arg(long, env = "HAWSER_NFT_COMMAND", default_value = "nft")]
+    nft_command: String,
+    /// Command running conntrack, split on whitespace.
+    #[arg(long, env = "HAWSER_CONNTRACK_COMMAND", default_value = "conntrack")]
+    conntrack_command: String,
+    /// Log format.
+    #[arg(long, env = "HAWSER_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Delete hawser's nftables tables and exit.
+    #[arg(long, env = "HAWSER_CLEANUP")]
+    cleanup: bool,
+}
+
+fn argv(command: &str) -> Vec<String> {
+    command.split_whitespace().map(str::to_owned).collect()
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(addr: SocketAddr, router: axum::Router, what: &'static str) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} server on {addr}"))?;
+    info!(%addr, "{what} server listening");
+    axum::serve(listener, router).await.with_context(|| format!("{what} server"))
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logs(args.log_format);
+
+    if args.cleanup {
+        let mut applier = Applier::new(NftCommand::with_argv(argv(&args.nft_command)));
+        applier.cleanup().context("deleting hawser tables")?;
+        info!("hawser nftables tables deleted");
+        return Ok(());
+    }
+    let node_name = args.node_name.clone().context("--node-name is required")?;
+
+    let resync_period = Duration::from_secs(args.resync_period_seconds.max(1));
+    let health = HealthState::new(&node_name, resync_period);
+    let metrics = Arc::new(Metrics::new());
+    let client = kube::Client::try_default().await.context("building Kubernetes client (KUBECONFIG or in-cluster)")?;
+
+    let config = AgentConfig {
+        model: ModelConfig { load_balancer_class: args.load_balancer_class.clone(), node_name },
+        render: RenderConfig { masquerade_mark: 1u32 << args.masquerade_bit },
+        resync_period,
+        min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+        nft_argv: argv(&args.nft_command),
+        conntrack_argv: argv(&args.conntrack_command),
+    };
+
+    let health_addr = SocketAddr::new(args.health_bind_address, args.health_port);
+    let servers = async {
+        tokio::try_join!(
+            serve(health_addr, health::router(health.clone()), "health"),
+            serve(args.metrics_bind_address, metrics::router(metrics.clone()), "metrics"),
+        )
+    };
+    tokio::select! {
+        r = agent::run(client, config, health.clone(), metrics.clone(), shutdown_signal()) => {
+            r.context("agent")?;
+        }
+        r = servers => {
+            r?;
+        }
+    }
+    Ok(())
+}

@@ -34,10 +34,7 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// Builds a key from namespace and name.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -171,15 +168,11 @@ pub enum EndpointChoice {
 impl ServiceModel {
     /// The endpoints that receive new external connections for `port` in `family`, with how
     /// they were chosen. Honours the traffic policy and the terminating fallback.
-    pub fn usable_endpoints<'a>(
-        &self,
-        port: &'a PortModel,
-        family: Family,
-    ) -> (Vec<&'a Endpoint>, EndpointChoice) {
-        let candidates = port.endpoints.iter().filter(|e| {
-            Family::of(&e.ip) == family
-                && (self.traffic_policy == TrafficPolicy::Cluster || e.is_local)
-        });
+    pub fn usable_endpoints<'a>(&self, port: &'a PortModel, family: Family) -> (Vec<&'a Endpoint>, EndpointChoice) {
+        let candidates = port
+            .endpoints
+            .iter()
+            .filter(|e| Family::of(&e.ip) == family && (self.traffic_policy == TrafficPolicy::Cluster || e.is_local));
         let ready: Vec<_> = candidates.clone().filter(|e| e.ready).collect();
         if !ready.is_empty() {
             return (ready, EndpointChoice::Ready);
@@ -195,9 +188,7 @@ impl ServiceModel {
     /// Whether the Service has any endpoint at all (any node) for `port` in `family` that
     /// could serve: distinguishes "reject: no endpoints" from "drop: none on this node".
     pub fn has_cluster_endpoints(&self, port: &PortModel, family: Family) -> bool {
-        port.endpoints
-            .iter()
-            .any(|e| Family::of(&e.ip) == family && (e.ready || (e.serving && e.terminating)))
+        port.endpoints.iter().any(|e| Family::of(&e.ip) == family && (e.ready || (e.serving && e.terminating)))
     }
 
     /// Distinct ready endpoint addresses on this node, over all ports.
@@ -246,10 +237,7 @@ impl NodeModel {
     /// Builds the node state from the Node object (None: not seen yet).
     pub fn from_node(name: &str, node: Option<&Node>) -> Self {
         let Some(node) = node else {
-            return Self {
-                name: name.to_owned(),
-                ..Self::default()
-            };
+            return Self { name: name.to_owned(), ..Self::default() };
         };
         let tainted = node
             .spec
@@ -294,9 +282,9 @@ pub struct ClusterModel {
 
 /// Whether a Service is ours: type LoadBalancer with our class.
 pub fn is_our_service(svc: &Service, class: &str) -> bool {
-    svc.spec.as_ref().is_some_and(|s| {
-        s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.as_deref() == Some(class)
-    })
+    svc.spec
+        .as_ref()
+        .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.as_deref() == Some(class))
 }
 
 /// Builds the model from the cluster objects.
@@ -309,18 +297,11 @@ pub fn build_model<'a>(
     for slice in slices {
         let (Some(ns), Some(svc)) = (
             slice.metadata.namespace.as_deref(),
-            slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL)),
+            slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)),
         ) else {
             continue;
         };
-        slices_by_service
-            .entry(ServiceKey::new(ns, svc.as_str()))
-            .or_default()
-            .push(slice);
+        slices_by_service.entry(ServiceKey::new(ns, svc.as_str())).or_default().push(slice);
     }
 
     let mut model = ClusterModel::default();
@@ -328,17 +309,11 @@ pub fn build_model<'a>(
         if !is_our_service(svc, &config.load_balancer_class) {
             continue;
         }
-        let (Some(ns), Some(name)) = (
-            svc.metadata.namespace.as_deref(),
-            svc.metadata.name.as_deref(),
-        ) else {
+        let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
             continue;
         };
         let key = ServiceKey::new(ns, name);
-        let slices = slices_by_service
-            .get(&key)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let slices = slices_by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         let built = build_service(key.clone(), svc, slices, config, &mut model.warnings);
         model.services.insert(key, built);
     }
@@ -353,12 +328,7 @@ fn build_service(
     warnings: &mut Vec<ModelWarning>,
 ) -> ServiceModel {
     let spec = svc.spec.clone().unwrap_or_default();
-    let mut warn = |message: String| {
-        warnings.push(ModelWarning {
-            service: key.clone(),
-            message,
-        })
-    };
+    let mut warn = |message: String| warnings.push(ModelWarning { service: key.clone(), message });
 
     let lb_addresses: Vec<IpAddr> = svc
         .status
@@ -392,25 +362,21 @@ fn build_service(
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
     });
 
-    let source_ranges = spec
-        .load_balancer_source_ranges
-        .as_ref()
-        .filter(|r| !r.is_empty())
-        .map(|ranges| {
-            ranges
-                .iter()
-                .filter_map(|r| match r.trim().parse::<IpNet>() {
-                    Ok(net) => Some(net.trunc()),
-                    Err(_) => {
-                        // An unparsable range is dropped; if none is left, the list stays
-                        // empty and therefore denies everything: failing closed is the only
-                        // safe reading of a restriction we cannot understand.
-                        warn(format!("ignoring invalid loadBalancerSourceRange {r:?}"));
-                        None
-                    }
-                })
-                .collect::<Vec<_>>()
-        });
+    let source_ranges = spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty()).map(|ranges| {
+        ranges
+            .iter()
+            .filter_map(|r| match r.trim().parse::<IpNet>() {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    // An unparsable range is dropped; if none is left, the list stays
+                    // empty and therefore denies everything: failing closed is the only
+                    // safe reading of a restriction we cannot understand.
+                    warn(format!("ignoring invalid loadBalancerSourceRange {r:?}"));
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    });
 
     let mut families: Vec<Family> = spec
         .ip_families
@@ -444,24 +410,10 @@ fn build_service(
         let name = sp.name.clone().unwrap_or_default();
         let node_port = sp.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
         let endpoints = endpoints_for_port(&name, protocol, slices, &config.node_name);
-        ports.push(PortModel {
-            name,
-            protocol,
-            port,
-            node_port,
-            endpoints,
-        });
+        ports.push(PortModel { name, protocol, port, node_port, endpoints });
     }
 
-    ServiceModel {
-        key,
-        ports,
-        lb_addresses,
-        traffic_policy,
-        affinity_timeout,
-        source_ranges,
-        families,
-    }
+    ServiceModel { key, ports, lb_addresses, traffic_policy, affinity_timeout, source_ranges, families }
 }
 
 /// Collects the endpoints of one Service port: slice ports are matched by name and protocol,
@@ -480,10 +432,7 @@ fn endpoints_for_port(
         let Some(target) = slice.ports.iter().flatten().find_map(|p| {
             let same_name = p.name.as_deref().unwrap_or("") == port_name;
             let same_proto = Protocol::parse(p.protocol.as_deref()) == Some(protocol);
-            (same_name && same_proto)
-                .then_some(p.port)
-                .flatten()
-                .and_then(|p| u16::try_from(p).ok())
+            (same_name && same_proto).then_some(p.port).flatten().and_then(|p| u16::try_from(p).ok())
         }) else {
             continue;
         };
@@ -497,15 +446,8 @@ fn endpoints_for_port(
             let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
-            let candidate = Endpoint {
-                ip,
-                port: target,
-                node_name: ep.node_name.clone(),
-                is_local,
-                ready,
-                serving,
-                terminating,
-            };
+            let candidate =
+                Endpoint { ip, port: target, node_name: ep.node_name.clone(), is_local, ready, serving, terminating };
             match by_addr.get(&(ip, target)) {
                 Some(existing) if !existing.terminating || candidate.terminating => {}
                 _ => {

@@ -56,9 +56,7 @@ pub struct NftCommand {
 impl NftCommand {
     /// `nft` from PATH.
     pub fn new() -> Self {
-        Self {
-            argv: vec!["nft".into()],
-        }
+        Self { argv: vec!["nft".into()] }
     }
 
     /// A custom command line ending in the nft binary, e.g. `["ip","netns","exec","n1","nft"]`.
@@ -69,11 +67,7 @@ impl NftCommand {
     /// Runs nft with extra arguments and returns stdout (for listing the ruleset).
     pub fn output(&self, args: &[&str]) -> Result<String, NftError> {
         let (program, rest) = self.split();
-        let out = Command::new(program)
-            .args(rest)
-            .args(args)
-            .output()
-            .map_err(|source| self.spawn_error(source))?;
+        let out = Command::new(program).args(rest).args(args).output().map_err(|source| self.spawn_error(source))?;
         if !out.status.success() {
             return Err(NftError::Rejected {
                 status: out.status.to_string(),
@@ -91,10 +85,7 @@ impl NftCommand {
     }
 
     fn spawn_error(&self, source: std::io::Error) -> NftError {
-        NftError::Spawn {
-            program: self.argv.join(" "),
-            source,
-        }
+        NftError::Spawn { program: self.argv.join(" "), source }
     }
 }
 
@@ -116,13 +107,9 @@ impl NftRunner for NftCommand {
             .spawn()
             .map_err(|source| self.spawn_error(source))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|source| self.spawn_error(source))?;
+            stdin.write_all(script.as_bytes()).map_err(|source| self.spawn_error(source))?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| self.spawn_error(source))?;
+        let out = child.wait_with_output().map_err(|source| self.spawn_error(source))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -161,11 +148,7 @@ pub struct Applier<R> {
 impl<R: NftRunner> Applier<R> {
     /// An applier whose first sync is a full resync.
     pub fn new(runner: R) -> Self {
-        Self {
-            runner,
-            applied: None,
-            stale: BTreeSet::new(),
-        }
+        Self { runner, applied: None, stale: BTreeSet::new() }
     }
 
     /// The runner, e.g. to inspect a recording one.

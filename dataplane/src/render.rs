@@ -19,9 +19,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{
-    ClusterModel, Endpoint, Family, PortModel, ServiceModel, TrafficPolicy,
-};
+use crate::model::{ClusterModel, Endpoint, Family, PortModel, ServiceModel, TrafficPolicy};
 
 /// Name of our tables in both families.
 pub const TABLE: &str = "hawser";
@@ -37,9 +35,7 @@ pub struct RenderConfig {
 
 impl Default for RenderConfig {
     fn default() -> Self {
-        Self {
-            masquerade_mark: DEFAULT_MASQUERADE_MARK,
-        }
+        Self { masquerade_mark: DEFAULT_MASQUERADE_MARK }
     }
 }
 
@@ -82,20 +78,12 @@ pub struct Ruleset {
 impl Ruleset {
     /// Number of map and set elements we program (dynamic affinity entries excluded).
     pub fn element_count(&self) -> usize {
-        self.tables
-            .values()
-            .flat_map(|t| t.collections.values())
-            .map(|c| c.elements.len())
-            .sum()
+        self.tables.values().flat_map(|t| t.collections.values()).map(|c| c.elements.len()).sum()
     }
 
     /// Number of rules over all chains.
     pub fn rule_count(&self) -> usize {
-        self.tables
-            .values()
-            .flat_map(|t| t.chains.values())
-            .map(|c| c.rules.len())
-            .sum()
+        self.tables.values().flat_map(|t| t.chains.values()).map(|c| c.rules.len()).sum()
     }
 }
 
@@ -127,13 +115,7 @@ fn loopback(family: Family) -> &'static str {
 
 /// Chain-name part for a Service port: nft identifiers allow `/`, `.`, `-`, `_` but not `:`.
 fn port_id(svc: &ServiceModel, port: &PortModel) -> String {
-    format!(
-        "{}/{}/{}/{}",
-        svc.key.namespace,
-        svc.key.name,
-        port.protocol.nft_name(),
-        port.port
-    )
+    format!("{}/{}/{}/{}", svc.key.namespace, svc.key.name, port.protocol.nft_name(), port.port)
 }
 
 fn endpoint_id(svc: &ServiceModel, port: &PortModel, ep: &Endpoint) -> String {
@@ -174,22 +156,10 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
     // Priorities are numeric: nft 1.0.x refuses the `dstnat` keyword on the output hook.
     // Filtering runs before our DNAT (-110) so that source ranges and rejects see the
     // original destination; both run before kube-proxy's dstnat so hawser decides first.
-    t.chains.insert(
-        "filter-prerouting".into(),
-        base("filter", "prerouting", "-115", "filter-dispatch"),
-    );
-    t.chains.insert(
-        "filter-output".into(),
-        base("filter", "output", "-115", "filter-dispatch"),
-    );
-    t.chains.insert(
-        "nat-prerouting".into(),
-        base("nat", "prerouting", "-110", "services"),
-    );
-    t.chains.insert(
-        "nat-output".into(),
-        base("nat", "output", "-110", "services"),
-    );
+    t.chains.insert("filter-prerouting".into(), base("filter", "prerouting", "-115", "filter-dispatch"));
+    t.chains.insert("filter-output".into(), base("filter", "output", "-115", "filter-dispatch"));
+    t.chains.insert("nat-prerouting".into(), base("nat", "prerouting", "-110", "services"));
+    t.chains.insert("nat-output".into(), base("nat", "output", "-110", "services"));
     t.chains.insert(
         "nat-postrouting".into(),
         Chain {
@@ -232,10 +202,7 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
         },
     );
-    let addr_map = format!(
-        "type {} . inet_proto . inet_service : verdict;",
-        addr_type(family)
-    );
+    let addr_map = format!("type {} . inet_proto . inet_service : verdict;", addr_type(family));
     let port_map = "type inet_proto . inet_service : verdict;".to_string();
     for (name, decl) in [
         ("filter-addresses", &addr_map),
@@ -243,14 +210,7 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         ("filter-nodeports", &port_map),
         ("service-nodeports", &port_map),
     ] {
-        t.collections.insert(
-            name.into(),
-            Collection {
-                decl: decl.clone(),
-                is_map: true,
-                elements: BTreeMap::new(),
-            },
-        );
+        t.collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
     }
     t
 }
@@ -258,12 +218,7 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
 fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config: &RenderConfig) {
     let fam = addr_kw(family);
     let mark = config.masquerade_mark;
-    let addresses: Vec<IpAddr> = svc
-        .lb_addresses
-        .iter()
-        .copied()
-        .filter(|a| Family::of(a) == family)
-        .collect();
+    let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();
     let allowed: Option<Vec<IpNet>> = svc.source_ranges.as_ref().map(|ranges| {
         // nft rejects overlapping intervals in one anonymous set ("conflicting intervals"),
         // so overlapping or adjacent ranges are merged first.
@@ -306,13 +261,7 @@ fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config:
         }
         if !fw_rules.is_empty() {
             let fw = format!("fw-{pid}");
-            table.chains.insert(
-                fw.clone(),
-                Chain {
-                    base: None,
-                    rules: fw_rules,
-                },
-            );
+            table.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
             insert_dispatch(table, "filter", &addresses, port, &fw);
         }
 
@@ -341,10 +290,7 @@ fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config:
                 table.collections.insert(
                     set.clone(),
                     Collection {
-                        decl: format!(
-                            "type {}; flags dynamic,timeout; timeout {timeout}s;",
-                            addr_type(family)
-                        ),
+                        decl: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", addr_type(family)),
                         is_map: false,
                         elements: BTreeMap::new(),
                     },
@@ -352,65 +298,31 @@ fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config:
                 rules.push(format!("{fam} saddr @{set} goto {ep_chain}"));
                 ep_rules.push(format!("update @{set} {{ {fam} saddr }}"));
             }
-            ep_rules.push(format!(
-                "meta l4proto {proto} dnat to {}",
-                dnat_target(ep.ip, ep.port)
-            ));
-            table.chains.insert(
-                ep_chain.clone(),
-                Chain {
-                    base: None,
-                    rules: ep_rules,
-                },
-            );
+            ep_rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(ep.ip, ep.port)));
+            table.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
             ep_chains.push(ep_chain);
         }
         if ep_chains.len() == 1 {
             rules.push(format!("goto {}", ep_chains[0]));
         } else {
-            let arms: Vec<String> = ep_chains
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("{i} : goto {c}"))
-                .collect();
-            rules.push(format!(
-                "numgen random mod {} vmap {{ {} }}",
-                ep_chains.len(),
-                arms.join(", ")
-            ));
+            let arms: Vec<String> = ep_chains.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
+            rules.push(format!("numgen random mod {} vmap {{ {} }}", ep_chains.len(), arms.join(", ")));
         }
-        table.chains.insert(
-            svc_chain.clone(),
-            Chain {
-                base: None,
-                rules,
-            },
-        );
+        table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
         insert_dispatch(table, "service", &addresses, port, &svc_chain);
     }
 }
 
-fn insert_dispatch(
-    table: &mut Table,
-    prefix: &str,
-    addresses: &[IpAddr],
-    port: &PortModel,
-    chain: &str,
-) {
+fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, chain: &str) {
     let proto = port.protocol.nft_name();
     let verdict = format!("goto {chain}");
     if let Some(map) = table.collections.get_mut(&format!("{prefix}-addresses")) {
         for addr in addresses {
-            map.elements
-                .insert(format!("{addr} . {proto} . {}", port.port), verdict.clone());
+            map.elements.insert(format!("{addr} . {proto} . {}", port.port), verdict.clone());
         }
     }
-    if let (Some(node_port), Some(map)) = (
-        port.node_port,
-        table.collections.get_mut(&format!("{prefix}-nodeports")),
-    ) {
-        map.elements
-            .insert(format!("{proto} . {node_port}"), verdict.clone());
+    if let (Some(node_port), Some(map)) = (port.node_port, table.collections.get_mut(&format!("{prefix}-nodeports"))) {
+        map.elements.insert(format!("{proto} . {node_port}"), verdict.clone());
     }
 }
 
@@ -467,11 +379,7 @@ pub(crate) fn write_elements<'a>(
     let mut batch: Vec<String> = Vec::new();
     let flush = |out: &mut String, batch: &mut Vec<String>| {
         if !batch.is_empty() {
-            let _ = writeln!(
-                out,
-                "{verb} element {fam} {TABLE} {name} {{ {} }}",
-                batch.join(", ")
-            );
+            let _ = writeln!(out, "{verb} element {fam} {TABLE} {name} {{ {} }}", batch.join(", "));
             batch.clear();
         }
     };

@@ -4,13 +4,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::fixtures::{Ep, Svc, slice};
 use common::lab::{
-    CLIENT_IP, CLIENT_IP6, CLIENT2_IP, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, pod_ip,
-    pod_ip6, sh, tcp, udp,
+    CLIENT_IP, CLIENT_IP6, CLIENT2_IP, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, pod_ip, pod_ip6, sh, tcp, udp,
 };
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -45,16 +44,9 @@ macro_rules! lab {
 #[test]
 fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
     let mut lab = lab!(3);
-    let not_ready = Ep {
-        ready: Some(false),
-        serving: Some(false),
-        ..Ep::ready("10.0.3.2", NODE)
-    };
-    lab.sync(
-        &[web().build()],
-        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b"), not_ready]),
-    )
-    .unwrap();
+    let not_ready = Ep { ready: Some(false), serving: Some(false), ..Ep::ready("10.0.3.2", NODE) };
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b"), not_ready]))
+        .unwrap();
     assert_eq!(lab.servers(LB, 80, 24), set(&["pod1", "pod2"]), "LB address");
     assert_eq!(lab.servers(NODE_IP, NP, 24), set(&["pod1", "pod2"]), "NodePort");
     // Cluster policy: the pod sees the node's address on its link, not the client.
@@ -71,10 +63,7 @@ fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
     let from_host: BTreeSet<String> = (0..12).map(|_| tcp(&node, LB, 80).server()).collect();
     assert!(from_host.is_subset(&set(&["pod1", "pod2"])) && !from_host.is_empty());
     // The NodePort is not served on loopback.
-    assert_ne!(
-        tcp(&node, "127.0.0.1", NP).server_or_none(),
-        Some("pod1".to_string())
-    );
+    assert_ne!(tcp(&node, "127.0.0.1", NP).server_or_none(), Some("pod1".to_string()));
 }
 
 trait ServerOrNone {
@@ -94,11 +83,7 @@ fn local_policy_preserves_client_ip_uses_local_endpoints_and_drops_without_one()
     let mut lab = lab!(2);
     let mut svc = web();
     svc.local = true;
-    lab.sync(
-        &[svc.build()],
-        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b")]),
-    )
-    .unwrap();
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", "node-b")])).unwrap();
     for (dst, port) in [(LB, 80), (NODE_IP, NP)] {
         for _ in 0..8 {
             let out = tcp(&lab.client, dst, port);
@@ -107,11 +92,7 @@ fn local_policy_preserves_client_ip_uses_local_endpoints_and_drops_without_one()
         }
     }
     // No local endpoint left (pod1 moved to another node): dropped, not refused.
-    lab.sync(
-        &[svc.build()],
-        &eps(&[Ep::ready("10.0.1.2", "node-c"), Ep::ready("10.0.2.2", "node-b")]),
-    )
-    .unwrap();
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", "node-c"), Ep::ready("10.0.2.2", "node-b")])).unwrap();
     assert_eq!(tcp(&lab.client, LB, 80), Outcome::Timeout);
     assert_eq!(tcp(&lab.client, NODE_IP, NP), Outcome::Timeout);
 }
@@ -153,11 +134,7 @@ fn client_ip_affinity_sticks_to_one_endpoint() {
     let mut lab = lab!(2);
     let mut svc = web();
     svc.affinity_timeout = Some(60);
-    lab.sync(
-        &[svc.build()],
-        &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]),
-    )
-    .unwrap();
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
     let first = tcp(&lab.client, LB, 80).server();
     for _ in 0..16 {
         assert_eq!(tcp(&lab.client, LB, 80).server(), first);
@@ -171,11 +148,7 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     let mut lab = lab!(2);
     lab.sync(&[web().build()], &eps(&[Ep::terminating("10.0.1.2", NODE)])).unwrap();
     assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
-    lab.sync(
-        &[web().build()],
-        &eps(&[Ep::terminating("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]),
-    )
-    .unwrap();
+    lab.sync(&[web().build()], &eps(&[Ep::terminating("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
     assert_eq!(lab.servers(LB, 80, 12), set(&["pod2"]));
 }
 
@@ -187,11 +160,7 @@ fn endpoint_removal_takes_effect_for_tcp_and_udp() {
     // A UDP "flow" from a fixed source port sticks to one endpoint through conntrack.
     let first = udp(&lab.client, LB, 53, 40_000).server();
     assert_eq!(udp(&lab.client, LB, 53, 40_000).server(), first);
-    let (gone_ip, other) = if first == "pod1" {
-        ("10.0.2.2", "pod2")
-    } else {
-        ("10.0.1.2", "pod1")
-    };
+    let (gone_ip, other) = if first == "pod1" { ("10.0.2.2", "pod2") } else { ("10.0.1.2", "pod1") };
     // Remove the endpoint that flow uses; its pod keeps running, so only conntrack cleanup
     // can move the flow.
     lab.sync(&[web().build()], &eps(&[Ep::ready(gone_ip, NODE)])).unwrap();
@@ -212,20 +181,13 @@ fn partial_sync_leaves_other_services_chains_untouched() {
         all.push(other_eps.clone());
         all
     };
-    lab.sync(
-        &[web().build(), other.build()],
-        &with(eps(&[Ep::ready("10.0.1.2", NODE)])),
-    )
-    .unwrap();
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
     let other_chain = "svc-ns/other/tcp/80";
     let other_before = lab.list_chain("ip", other_chain);
     let ep_before = lab.list_chain("ip", "ep-ns/other/tcp/80__10.0.2.2/8080");
     let web_before = lab.list_chain("ip", "svc-ns/web/tcp/80");
     let report = lab
-        .sync(
-            &[web().build(), other.build()],
-            &with(eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])),
-        )
+        .sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])))
         .unwrap();
     assert!(!report.full);
     // Rule handles are unchanged: the other Service's chains were not rewritten.
@@ -235,12 +197,10 @@ fn partial_sync_leaves_other_services_chains_untouched() {
     assert_eq!(lab.servers("203.0.113.20", 80, 4), set(&["pod2"]));
     assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
     // Removing web's second endpoint empties its chain now and deletes it a sync later.
-    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)])))
-        .unwrap();
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
     let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
     assert!(chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "kept until the next sync");
-    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)])))
-        .unwrap();
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
     let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
     assert!(!chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "{chains}");
     assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
@@ -267,27 +227,20 @@ fn failing_transaction_leaves_previous_rules_working() {
     let armed = Arc::new(AtomicBool::new(false));
     let a = armed.clone();
     let mut lab = match Lab::with_runner(2, move |node| {
-        Box::new(Sabotage {
-            inner: NftCommand::with_argv(exec_in(node, "nft")),
-            armed: a,
-        })
+        Box::new(Sabotage { inner: NftCommand::with_argv(exec_in(node, "nft")), armed: a })
     }) {
         Some(l) => l,
         None => return,
     };
     lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
     armed.store(true, Ordering::SeqCst);
-    let err = lab
-        .sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)]))
-        .unwrap_err();
+    let err = lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("no-such-chain"), "nft's error text is kept: {msg}");
     // Nothing of the failed transaction happened: still pod1 only.
     assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
     armed.store(false, Ordering::SeqCst);
-    let report = lab
-        .sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)]))
-        .unwrap();
+    let report = lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap();
     assert!(report.full, "a failure is followed by a full resync");
     assert_eq!(lab.servers(LB, 80, 6), set(&["pod2"]));
 }
@@ -317,13 +270,8 @@ fn ipv6_address_and_nodeport() {
     svc.families = vec!["IPv6"];
     svc.lb_ips = vec!["2001:db8::10"];
     svc.local = true;
-    let slices = vec![slice(
-        "ns",
-        "web",
-        "web-v6",
-        PORTS,
-        &[Ep::ready("fd00:1::2", NODE), Ep::ready("fd00:2::2", "node-b")],
-    )];
+    let slices =
+        vec![slice("ns", "web", "web-v6", PORTS, &[Ep::ready("fd00:1::2", NODE), Ep::ready("fd00:2::2", "node-b")])];
     lab.sync(&[svc.build()], &slices).unwrap();
     let _ = (pod_ip(1), pod_ip6(1));
     // The client's default IPv6 route goes through the node, like the LB address would.

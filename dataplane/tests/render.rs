@@ -10,8 +10,7 @@ use std::sync::Mutex;
 use common::fixtures::{Ep, Svc, node, slice};
 use hawser_dataplane::diff::{full_plan, partial_plan};
 use hawser_dataplane::model::{
-    ClusterModel, EndpointChoice, Family, ModelConfig, NodeModel, ServiceKey, TrafficPolicy,
-    build_model,
+    ClusterModel, EndpointChoice, Family, ModelConfig, NodeModel, ServiceKey, TrafficPolicy, build_model,
 };
 use hawser_dataplane::nft::{Applier, NftError, NftRunner};
 use hawser_dataplane::render::{RenderConfig, Ruleset, render, to_script};
@@ -19,10 +18,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 fn cfg() -> ModelConfig {
-    ModelConfig {
-        load_balancer_class: "hawser.dev/lb".into(),
-        node_name: "node-a".into(),
-    }
+    ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: "node-a".into() }
 }
 
 fn model(svcs: &[Service], slices: &[EndpointSlice]) -> ClusterModel {
@@ -52,22 +48,9 @@ fn only_our_class_of_load_balancer_services_is_modelled() {
 
 #[test]
 fn condition_defaults_and_ready_endpoints() {
-    let unset = Ep {
-        ip: "10.0.0.1",
-        node: "node-b",
-        ready: None,
-        serving: None,
-        terminating: None,
-    };
-    let not_ready = Ep {
-        ready: Some(false),
-        serving: Some(false),
-        ..Ep::ready("10.0.0.2", "node-b")
-    };
-    let m = model(
-        &[Svc::new("ns", "web").build()],
-        &[slice("ns", "web", "s1", HTTP, &[unset, not_ready])],
-    );
+    let unset = Ep { ip: "10.0.0.1", node: "node-b", ready: None, serving: None, terminating: None };
+    let not_ready = Ep { ready: Some(false), serving: Some(false), ..Ep::ready("10.0.0.2", "node-b") };
+    let m = model(&[Svc::new("ns", "web").build()], &[slice("ns", "web", "s1", HTTP, &[unset, not_ready])]);
     let svc = &m.services[&ServiceKey::new("ns", "web")];
     let ep = &svc.ports[0].endpoints[0];
     assert!(ep.ready && ep.serving && !ep.terminating, "nil conditions: {ep:?}");
@@ -82,21 +65,12 @@ fn terminating_endpoints_are_used_only_without_ready_ones() {
     let svc_obj = Svc::new("ns", "web").build();
     let both = model(
         std::slice::from_ref(&svc_obj),
-        &[slice(
-            "ns",
-            "web",
-            "s1",
-            HTTP,
-            &[Ep::ready("10.0.0.1", "n"), Ep::terminating("10.0.0.2", "n")],
-        )],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n"), Ep::terminating("10.0.0.2", "n")])],
     );
     let svc = &both.services[&ServiceKey::new("ns", "web")];
     assert_eq!(ips(&svc.usable_endpoints(&svc.ports[0], Family::V4).0), vec!["10.0.0.1"]);
 
-    let only_term = model(
-        &[svc_obj],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::terminating("10.0.0.2", "n")])],
-    );
+    let only_term = model(&[svc_obj], &[slice("ns", "web", "s1", HTTP, &[Ep::terminating("10.0.0.2", "n")])]);
     let svc = &only_term.services[&ServiceKey::new("ns", "web")];
     let (used, choice) = svc.usable_endpoints(&svc.ports[0], Family::V4);
     assert_eq!(ips(&used), vec!["10.0.0.2"]);
@@ -123,13 +97,7 @@ fn slice_ports_are_matched_by_name() {
     s.ports = vec![("http", "TCP", 80, Some(30080)), ("dns", "UDP", 53, Some(30053))];
     let m = model(
         &[s.build()],
-        &[slice(
-            "ns",
-            "web",
-            "s1",
-            &[("dns", "UDP", 5353), ("http", "TCP", 8080)],
-            &[Ep::ready("10.0.0.1", "n")],
-        )],
+        &[slice("ns", "web", "s1", &[("dns", "UDP", 5353), ("http", "TCP", 8080)], &[Ep::ready("10.0.0.1", "n")])],
     );
     let svc = &m.services[&ServiceKey::new("ns", "web")];
     assert_eq!(svc.ports[0].endpoints[0].port, 8080);
@@ -142,13 +110,7 @@ fn local_policy_uses_local_endpoints_only() {
     s.local = true;
     let m = model(
         &[s.build()],
-        &[slice(
-            "ns",
-            "web",
-            "s1",
-            HTTP,
-            &[Ep::ready("10.0.0.1", "node-a"), Ep::ready("10.0.0.2", "node-b")],
-        )],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "node-a"), Ep::ready("10.0.0.2", "node-b")])],
     );
     let svc = &m.services[&ServiceKey::new("ns", "web")];
     assert_eq!(svc.traffic_policy, TrafficPolicy::Local);
@@ -165,13 +127,7 @@ fn affinity_source_ranges_and_families_are_read() {
     let m = model(&[s.build()], &[]);
     let svc = &m.services[&ServiceKey::new("ns", "web")];
     assert_eq!(svc.affinity_timeout, Some(60));
-    let ranges: Vec<String> = svc
-        .source_ranges
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let ranges: Vec<String> = svc.source_ranges.as_ref().unwrap().iter().map(ToString::to_string).collect();
     assert_eq!(ranges, vec!["192.0.2.0/24", "10.0.0.0/8"]);
     assert_eq!(svc.families, vec![Family::V4, Family::V6]);
     assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
@@ -194,24 +150,12 @@ fn v4(r: &Ruleset) -> &hawser_dataplane::render::Table {
 fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     let m = model(
         &[Svc::new("ns", "web").build()],
-        &[slice(
-            "ns",
-            "web",
-            "s1",
-            HTTP,
-            &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")],
-        )],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")])],
     );
     let r = rules(&m);
     let t = v4(&r);
-    assert_eq!(
-        t.collections["service-addresses"].elements["203.0.113.10 . tcp . 80"],
-        "goto svc-ns/web/tcp/80"
-    );
-    assert_eq!(
-        t.collections["service-nodeports"].elements["tcp . 30080"],
-        "goto svc-ns/web/tcp/80"
-    );
+    assert_eq!(t.collections["service-addresses"].elements["203.0.113.10 . tcp . 80"], "goto svc-ns/web/tcp/80");
+    assert_eq!(t.collections["service-nodeports"].elements["tcp . 30080"], "goto svc-ns/web/tcp/80");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
     assert!(svc[0].contains("meta mark set meta mark | 0x00400000"), "{svc:?}");
     assert!(svc[1].starts_with("numgen random mod 2 vmap"), "{svc:?}");
@@ -228,27 +172,18 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
 fn local_service_keeps_client_ip_and_drops_without_local_endpoints() {
     let mut s = Svc::new("ns", "web");
     s.local = true;
-    let with_local = model(
-        &[s.build()],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "node-a")])],
-    );
+    let with_local = model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "node-a")])]);
     let r = rules(&with_local);
     let svc = &v4(&r).chains["svc-ns/web/tcp/80"].rules;
     assert!(!svc.iter().any(|r| r.starts_with("meta mark set")), "no masquerade: {svc:?}");
 
-    let remote_only = model(
-        &[s.build()],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.2", "node-b")])],
-    );
+    let remote_only = model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.2", "node-b")])]);
     let r = rules(&remote_only);
     let t = v4(&r);
     assert!(!t.chains.contains_key("svc-ns/web/tcp/80"));
     assert!(t.collections["service-addresses"].elements.is_empty());
     assert_eq!(t.chains["fw-ns/web/tcp/80"].rules, vec!["ct state new drop"]);
-    assert_eq!(
-        t.collections["filter-nodeports"].elements["tcp . 30080"],
-        "goto fw-ns/web/tcp/80"
-    );
+    assert_eq!(t.collections["filter-nodeports"].elements["tcp . 30080"], "goto fw-ns/web/tcp/80");
 }
 
 #[test]
@@ -256,10 +191,7 @@ fn service_without_endpoints_rejects() {
     let r = rules(&model(&[Svc::new("ns", "web").build()], &[]));
     let t = v4(&r);
     assert_eq!(t.chains["fw-ns/web/tcp/80"].rules, vec!["ct state new goto reject-chain"]);
-    assert_eq!(
-        t.collections["filter-addresses"].elements["203.0.113.10 . tcp . 80"],
-        "goto fw-ns/web/tcp/80"
-    );
+    assert_eq!(t.collections["filter-addresses"].elements["203.0.113.10 . tcp . 80"], "goto fw-ns/web/tcp/80");
     assert!(t.collections["service-nodeports"].elements.is_empty());
 }
 
@@ -267,15 +199,9 @@ fn service_without_endpoints_rejects() {
 fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
     let mut s = Svc::new("ns", "web");
     s.source_ranges = vec!["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24"];
-    let r = rules(&model(
-        &[s.build()],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n")])],
-    ));
+    let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n")])]));
     let t = v4(&r);
-    assert_eq!(
-        t.chains["fw-ns/web/tcp/80"].rules,
-        vec!["ip saddr != { 10.0.0.0/8, 192.0.2.0/24 } drop"]
-    );
+    assert_eq!(t.chains["fw-ns/web/tcp/80"].rules, vec!["ip saddr != { 10.0.0.0/8, 192.0.2.0/24 } drop"]);
     assert!(t.collections["filter-addresses"].elements.contains_key("203.0.113.10 . tcp . 80"));
     assert!(t.collections["filter-nodeports"].elements.contains_key("tcp . 30080"));
     // Restricted to IPv4 sources only: an IPv6 service port admits nothing.
@@ -283,10 +209,7 @@ fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
     s6.families = vec!["IPv4", "IPv6"];
     s6.lb_ips = vec!["203.0.113.10", "2001:db8::10"];
     let r = rules(&model(&[s6.build()], &[]));
-    assert_eq!(
-        r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0],
-        "drop"
-    );
+    assert_eq!(r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0], "drop");
 }
 
 #[test]
@@ -311,29 +234,26 @@ fn ipv6_endpoints_render_into_the_ip6_table() {
     let mut s = Svc::new("ns", "web");
     s.families = vec!["IPv6"];
     s.lb_ips = vec!["2001:db8::10"];
-    let r = rules(&model(
-        &[s.build()],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n")])],
-    ));
+    let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n")])]));
     let t = &r.tables[&Family::V6];
-    assert!(t.chains["ep-ns/web/tcp/80__fd00..1/8080"]
-        .rules
-        .contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string()));
+    assert!(
+        t.chains["ep-ns/web/tcp/80__fd00..1/8080"]
+            .rules
+            .contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string())
+    );
     assert!(t.collections["service-addresses"].elements.contains_key("2001:db8::10 . tcp . 80"));
     assert!(v4(&r).collections["service-nodeports"].elements.is_empty());
 }
 
 /// Compares a rendered script to `tests/golden/NAME.nft`; `UPDATE_GOLDEN=1` rewrites it.
 fn golden(name: &str, script: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(format!("{name}.nft"));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.nft"));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, script).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1", path.display()));
+    let want =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1", path.display()));
     assert_eq!(script, want, "golden {name} differs; run with UPDATE_GOLDEN=1 if intended");
 }
 
@@ -364,13 +284,14 @@ fn golden_rulesets() {
                 &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
                 &[Ep::ready("10.0.0.1", "node-a"), Ep::ready("10.0.0.2", "node-b")],
             ),
-            slice("shop", "local", "local-1", &[("http", "TCP", 8443)], &[
-                Ep::ready("10.0.0.3", "node-a"),
-                Ep::ready("10.0.0.4", "node-b"),
-            ]),
-            slice("shop", "local", "local-2", &[("http", "TCP", 8443)], &[Ep::terminating(
-                "fd00::3", "node-a",
-            )]),
+            slice(
+                "shop",
+                "local",
+                "local-1",
+                &[("http", "TCP", 8443)],
+                &[Ep::ready("10.0.0.3", "node-a"), Ep::ready("10.0.0.4", "node-b")],
+            ),
+            slice("shop", "local", "local-2", &[("http", "TCP", 8443)], &[Ep::terminating("fd00::3", "node-a")]),
         ],
     );
     golden("mixed", &to_script(&rules(&m)));
@@ -384,10 +305,7 @@ impl NftRunner for Recorder {
     fn run(&self, script: &str) -> Result<(), NftError> {
         self.0.lock().unwrap().push(script.to_string());
         if *self.1.lock().unwrap() {
-            return Err(NftError::Rejected {
-                status: "exit status: 1".into(),
-                stderr: "Error: injected".into(),
-            });
+            return Err(NftError::Rejected { status: "exit status: 1".into(), stderr: "Error: injected".into() });
         }
         Ok(())
     }
@@ -399,10 +317,7 @@ fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
     b.ports = vec![("http", "TCP", 80, Some(30081))];
     model(
         &[Svc::new("ns", "a").build(), b.build()],
-        &[
-            slice("ns", "a", "a1", HTTP, &[Ep::ready("10.0.0.1", "n")]),
-            slice("ns", "b", "b1", HTTP, eps_b),
-        ],
+        &[slice("ns", "a", "a1", HTTP, &[Ep::ready("10.0.0.1", "n")]), slice("ns", "b", "b1", HTTP, eps_b)],
     )
 }
 
@@ -418,10 +333,7 @@ fn partial_sync_touches_only_the_changed_service() {
     assert_eq!(plan.stale_after.len(), 1);
     // The next sync deletes the emptied chain.
     let next = partial_plan(&after, &plan.stale_after, &after);
-    assert_eq!(
-        next.script.trim(),
-        "delete chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080"
-    );
+    assert_eq!(next.script.trim(), "delete chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080");
     // No change, no transaction.
     assert!(partial_plan(&after, &BTreeSet::new(), &after).is_empty());
 }
@@ -431,12 +343,11 @@ fn changed_map_values_are_replaced_element_wise() {
     let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
     let after = rules(&two_services(&[]));
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
-    assert!(plan.script.contains(
-        "delete element ip hawser service-addresses { 203.0.113.20 . tcp . 80 }"
-    ));
-    assert!(plan.script.contains(
-        "add element ip hawser filter-addresses { 203.0.113.20 . tcp . 80 : goto fw-ns/b/tcp/80 }"
-    ));
+    assert!(plan.script.contains("delete element ip hawser service-addresses { 203.0.113.20 . tcp . 80 }"));
+    assert!(
+        plan.script
+            .contains("add element ip hawser filter-addresses { 203.0.113.20 . tcp . 80 : goto fw-ns/b/tcp/80 }")
+    );
     assert!(!plan.script.contains("203.0.113.10"));
 }
 

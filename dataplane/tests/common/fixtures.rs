@@ -86,34 +86,16 @@ pub struct Ep<'a> {
 
 impl<'a> Ep<'a> {
     pub fn ready(ip: &'a str, node: &'a str) -> Self {
-        Self {
-            ip,
-            node,
-            ready: Some(true),
-            serving: Some(true),
-            terminating: Some(false),
-        }
+        Self { ip, node, ready: Some(true), serving: Some(true), terminating: Some(false) }
     }
 
     pub fn terminating(ip: &'a str, node: &'a str) -> Self {
-        Self {
-            ip,
-            node,
-            ready: Some(false),
-            serving: Some(true),
-            terminating: Some(true),
-        }
+        Self { ip, node, ready: Some(false), serving: Some(true), terminating: Some(true) }
     }
 }
 
 /// An EndpointSlice for `svc` with `ports` (name, protocol, target port).
-pub fn slice(
-    ns: &str,
-    svc: &str,
-    slice_name: &str,
-    ports: &[(&str, &str, u16)],
-    eps: &[Ep<'_>],
-) -> EndpointSlice {
+pub fn slice(ns: &str, svc: &str, slice_name: &str, ports: &[(&str, &str, u16)], eps: &[Ep<'_>]) -> EndpointSlice {
     let v6 = eps.iter().any(|e| e.ip.contains(':'));
     let endpoints: Vec<Value> = eps
         .iter()
@@ -131,10 +113,7 @@ pub fn slice(
             json!({"addresses": [e.ip], "nodeName": e.node, "conditions": cond})
         })
         .collect();
-    let ports: Vec<Value> = ports
-        .iter()
-        .map(|(n, p, port)| json!({"name": n, "protocol": p, "port": port}))
-        .collect();
+    let ports: Vec<Value> = ports.iter().map(|(n, p, port)| json!({"name": n, "protocol": p, "port": port})).collect();
     serde_json::from_value(json!({
         "metadata": {
             "namespace": ns,
@@ -155,8 +134,7 @@ pub fn node(name: &str, deleting: bool, autoscaler: bool) -> Node {
         v["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
     }
     if autoscaler {
-        v["spec"]["taints"] =
-            json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+        v["spec"]["taints"] = json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
     }
     serde_json::from_value(v).unwrap()
 }

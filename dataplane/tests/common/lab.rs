@@ -104,11 +104,7 @@ pub fn prerequisites() -> bool {
 /// Runs a command, panicking with its stderr on failure.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -132,12 +128,8 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 pub fn spawn_echo(ns: &str, name: &str) {
     let (tcp, udp) = in_netns(ns, || {
         // [::] is dual-stack; fall back to IPv4 where IPv6 is off.
-        let tcp = TcpListener::bind(("::", TCP_PORT))
-            .or_else(|_| TcpListener::bind(("0.0.0.0", TCP_PORT)))
-            .unwrap();
-        let udp = UdpSocket::bind(("::", UDP_PORT))
-            .or_else(|_| UdpSocket::bind(("0.0.0.0", UDP_PORT)))
-            .unwrap();
+        let tcp = TcpListener::bind(("::", TCP_PORT)).or_else(|_| TcpListener::bind(("0.0.0.0", TCP_PORT))).unwrap();
+        let udp = UdpSocket::bind(("::", UDP_PORT)).or_else(|_| UdpSocket::bind(("0.0.0.0", UDP_PORT))).unwrap();
         (tcp, udp)
     });
     let n = name.to_string();
@@ -161,10 +153,7 @@ pub fn spawn_echo(ns: &str, name: &str) {
 fn parse_reply(text: &str) -> Outcome {
     let mut it = text.split_whitespace();
     match (it.next(), it.next().and_then(|p| p.parse().ok())) {
-        (Some(server), Some(peer)) => Outcome::Reply {
-            server: server.to_string(),
-            peer,
-        },
+        (Some(server), Some(peer)) => Outcome::Reply { server: server.to_string(), peer },
         _ => Outcome::Other(format!("bad reply {text:?}")),
     }
 }
@@ -189,9 +178,7 @@ pub fn tcp(ns: &str, dst: &str, port: u16) -> Outcome {
 
 fn classify(e: std::io::Error) -> Outcome {
     match e.kind() {
-        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => {
-            Outcome::Refused
-        }
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => Outcome::Refused,
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::Timeout,
         _ => Outcome::Other(e.to_string()),
     }
@@ -271,18 +258,11 @@ impl Lab {
     }
 
     /// Same, with a custom nft runner built for the node netns name.
-    pub fn with_runner(
-        pods: usize,
-        runner: impl FnOnce(&str) -> Box<dyn NftRunner>,
-    ) -> Option<Lab> {
+    pub fn with_runner(pods: usize, runner: impl FnOnce(&str) -> Box<dyn NftRunner>) -> Option<Lab> {
         if !prerequisites() {
             return None;
         }
-        let id = format!(
-            "hwt{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = format!("hwt{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
         let node = format!("{id}-node");
         let client = format!("{id}-cli");
         let client2 = format!("{id}-cli2");
@@ -348,18 +328,11 @@ impl Lab {
     }
 
     /// Models, renders and applies, then cleans UDP conntrack entries of removed endpoints.
-    pub fn sync(
-        &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
-    ) -> Result<SyncReport, NftError> {
+    pub fn sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Result<SyncReport, NftError> {
         let model = build_model(
             services,
             slices,
-            &ModelConfig {
-                load_balancer_class: "hawser.dev/lb".into(),
-                node_name: NODE.into(),
-            },
+            &ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() },
         );
         let report = self.applier.sync(render(&model, &RenderConfig::default()))?;
         for flow in stale_udp_flows(&self.last_model, &model) {
@@ -378,4 +351,18 @@ impl Lab {
     pub fn servers(&self, dst: &str, port: u16, n: usize) -> std::collections::BTreeSet<String> {
         (0..n).map(|_| tcp(&self.client, dst, port).server()).collect()
     }
+}
+
+/// Starts a TCP sink on `port` in `ns` that reads and discards everything (throughput).
+pub fn spawn_sink(ns: &str, port: u16) {
+    let listener = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
 }

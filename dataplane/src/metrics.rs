@@ -1,0 +1,85 @@
+//! Prometheus metrics of the agent (`hawser_dataplane_…`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The agent's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Duration of a sync (model, render, diff, apply), seconds.
+    pub sync_duration: Histogram,
+    /// Syncs that failed.
+    pub sync_failures: Counter,
+    /// Full resyncs done.
+    pub full_syncs: Counter,
+    /// Services programmed.
+    pub services: Gauge,
+    /// Endpoints (Service port × endpoint) programmed.
+    pub endpoints: Gauge,
+    /// nftables map/set elements programmed.
+    pub nft_elements: Gauge,
+    /// nftables rules programmed.
+    pub nft_rules: Gauge,
+}
+
+impl Metrics {
+    /// Registers all metrics under the `hawser_dataplane` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hawser_dataplane");
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let sync_failures = Counter::default();
+        let full_syncs = Counter::default();
+        let services = Gauge::default();
+        let endpoints = Gauge::default();
+        let nft_elements = Gauge::default();
+        let nft_rules = Gauge::default();
+        registry.register(
+            "sync_duration_seconds",
+            "Time to model, render, diff and apply one sync",
+            sync_duration.clone(),
+        );
+        registry.register("sync_failures", "Syncs that failed", sync_failures.clone());
+        registry.register("full_syncs", "Full resyncs", full_syncs.clone());
+        registry.register("services", "Services programmed", services.clone());
+        registry.register("endpoints", "Endpoints programmed (per Service port)", endpoints.clone());
+        registry.register("nft_elements", "nftables map elements programmed", nft_elements.clone());
+        registry.register("nft_rules", "nftables rules programmed", nft_rules.clone());
+        Self { registry, sync_duration, sync_failures, full_syncs, services, endpoints, nft_elements, nft_rules }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Router serving `/metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route("/metrics", get(serve)).with_state(metrics)
+}
+
+async fn serve(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
