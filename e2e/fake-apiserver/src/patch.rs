@@ -49,16 +49,27 @@ pub fn apply(kind: PatchKind, object_kind: &str, name: &str, original: &Value, b
             let patch: json_patch::Patch =
                 serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             let mut doc = original.clone();
-            // The apiserver answers 422 Invalid for a patch that does not apply, including a
-            // failed `test` operation.
-            json_patch::patch(&mut doc, &patch).map_err(|e| {
-                ApiError::invalid(
-                    "",
-                    object_kind,
-                    name,
-                    vec![FieldError::invalid("patch", "(json patch)", &e.to_string())],
-                )
-            })?;
+            for (i, op) in patch.0.iter().enumerate() {
+                // As in the apiserver's JSON patch library, `test` for null passes on a missing
+                // path; kube-runtime's finalizer helper relies on it to add the first finalizer.
+                if let json_patch::PatchOperation::Test(t) = op
+                    && t.value.is_null()
+                    && doc.pointer(t.path.as_str()).is_none_or(Value::is_null)
+                {
+                    continue;
+                }
+                // The apiserver answers 422 Invalid for a patch that does not apply, including a
+                // failed `test` operation.
+                json_patch::patch(&mut doc, std::slice::from_ref(op)).map_err(|e| {
+                    let detail = format!("operation {i}: {e}");
+                    ApiError::invalid(
+                        "",
+                        object_kind,
+                        name,
+                        vec![FieldError::invalid("patch", "(json patch)", &detail)],
+                    )
+                })?;
+            }
             Ok(doc)
         }
         PatchKind::Strategic => {

@@ -117,13 +117,10 @@ fn set_defaults(spec: &mut ServiceSpec, has_ipv6: bool) -> Result<(), Vec<FieldE
     Ok(())
 }
 
-/// When the type changes, fields that only the old type uses are cleared if the client left them
-/// as they were (the apiserver's `dropTypeDependentFields`), so a merge patch of `type` alone works.
+/// When the type (or traffic policy) changes, fields that only the old setting uses are cleared if
+/// the client left them as they were (the apiserver's `dropTypeDependentFields`), so a merge patch of `type` alone works.
 fn drop_type_dependent_fields(old: &ServiceSpec, new: &mut ServiceSpec) {
-    if type_of(old) == type_of(new) {
-        return;
-    }
-    if !allocates_node_ports(new) && type_of(new) != "LoadBalancer" {
+    if type_of(old) != type_of(new) && !allocates_node_ports(new) && type_of(new) != "LoadBalancer" {
         let old_ports: HashMap<(i32, String), Option<i32>> = old
             .ports
             .iter()
