@@ -110,17 +110,17 @@ pub fn parse(
             errors.push(InvalidField::new(key.clone(), message));
         }
     }
-    if let (Some(interval), Some(timeout)) = (out.health_check_interval, out.health_check_timeout) {
-        if timeout > interval {
-            errors.push(InvalidField::new(
-                HEALTH_CHECK_TIMEOUT,
-                format!(
-                    "timeout {}s is longer than the interval {}s ({HEALTH_CHECK_INTERVAL}); use a timeout no longer than the interval",
-                    timeout.as_secs(),
-                    interval.as_secs()
-                ),
-            ));
-        }
+    if let (Some(interval), Some(timeout)) = (out.health_check_interval, out.health_check_timeout)
+        && timeout > interval
+    {
+        errors.push(InvalidField::new(
+            HEALTH_CHECK_TIMEOUT,
+            format!(
+                "timeout {}s is longer than the interval {}s ({HEALTH_CHECK_INTERVAL}); use a timeout no longer than the interval",
+                timeout.as_secs(),
+                interval.as_secs()
+            ),
+        ));
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
@@ -260,7 +260,8 @@ mod tests {
 
     #[test]
     fn valid_values_parse() {
-        let cases: &[(&str, &str, &dyn Fn(&CommonAnnotations) -> bool)] = &[
+        type Check = dyn Fn(&CommonAnnotations) -> bool;
+        let cases: &[(&str, &str, &Check)] = &[
             (SCHEME, "internal", &|a| a.scheme == Some(Scheme::Internal)),
             (SCHEME, " internet-facing ", &|a| a.scheme == Some(Scheme::InternetFacing)),
             (ADDRESS, "203.0.113.5", &|a| a.addresses == vec!["203.0.113.5".parse::<IpAddr>().unwrap()]),

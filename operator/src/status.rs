@@ -82,11 +82,11 @@ pub fn status_patch(
     let mut status = serde_json::Map::new();
     let current_ingress =
         current.and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.clone()).unwrap_or_default();
-    if let Some(ingress) = &change.ingress {
-        if *ingress != current_ingress {
-            let value = if ingress.is_empty() { Value::Null } else { json!(ingress) };
-            status.insert("loadBalancer".into(), json!({ "ingress": value }));
-        }
+    if let Some(ingress) = &change.ingress
+        && *ingress != current_ingress
+    {
+        let value = if ingress.is_empty() { Value::Null } else { json!(ingress) };
+        status.insert("loadBalancer".into(), json!({ "ingress": value }));
     }
     let current_condition =
         current.and_then(|s| s.conditions.as_ref()).and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_TYPE));

@@ -1,1 +1,397 @@
+//! Reconcile against a mocked API server, asserting the exact requests, in order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hawser_providers::mock::{MockCloud, MockConfig, RecordedCall};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::desired::HealthCheckMode;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One expected request: method, path (without query), and a check of the JSON body.
+struct Expect {
+    method: Method,
+    path: String,
+    check: Box<dyn FnOnce(&Value) + Send>,
+    reply: Box<dyn FnOnce(Value) -> Value + Send>,
+}
+
+fn expect(method: Method, path: &str, check: impl FnOnce(&Value) + Send + 'static) -> Expect {
+    // Service patches answer with a Service (its content is not read back); Events are echoed.
+    let is_service = path.contains("/services/");
+    let reply = move |body: Value| {
+        if is_service {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"}})
+        } else {
+            body
+        }
+    };
+    Expect { method, path: path.to_owned(), check: Box::new(check), reply: Box::new(reply) }
+}
+
+fn event(reason: &'static str, type_: &'static str) -> Expect {
+    expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", move |body| {
+        assert_eq!(body["reason"], reason, "{body}");
+        assert_eq!(body["type"], type_, "{body}");
+        assert_eq!(body["regarding"]["name"], "web");
+    })
+}
+
+/// Answers the expected requests in order; fails on anything else, including any request after them.
+async fn verify(mut handle: Handle, script: Vec<Expect>) {
+    for step in script {
+        let Some((request, send)) = handle.next_request().await else {
+            panic!("{} {} was expected but the reconcile ended without it", step.method, step.path);
+        };
+        assert_eq!(request.method(), step.method, "unexpected {} {}", request.method(), request.uri());
+        assert_eq!(request.uri().path(), step.path, "unexpected {} {}", request.method(), request.uri());
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        (step.check)(&body);
+        let reply = (step.reply)(body);
+        send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+    }
+    if let Some((request, _)) = handle.next_request().await {
+        panic!("unexpected extra request {} {}", request.method(), request.uri());
+    }
+}
+
+fn service(patch: Value) -> Arc<Service> {
+    let mut base = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "uid": "uid-1", "generation": 1, "resourceVersion": "10"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "hawser.dev/lb",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}],
+            "externalTrafficPolicy": "Cluster"
+        }
+    });
+    merge(&mut base, patch);
+    Arc::new(serde_json::from_value(base).unwrap())
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+fn with_finalizer(patch: Value) -> Arc<Service> {
+    let mut p = json!({"metadata": {"finalizers": ["hawser.dev/cleanup"]}});
+    merge(&mut p, patch);
+    service(p)
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    cloud: MockCloud,
+    handle: Option<Handle>,
+}
+
+fn harness(cloud: MockCloud) -> Harness {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let mut writer = reflector::store::Writer::<Node>::default();
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-a"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}
+    }))
+    .unwrap();
+    writer.apply_watcher_event(&watcher::Event::Apply(node));
+    let settings = Settings {
+        class: "hawser.dev/lb".into(),
+        desired: DesiredConfig {
+            cluster: "demo".into(),
+            health_check_mode: HealthCheckMode::Hawser,
+            node_health_port: 10258,
+            provider_name: "mock",
+            provider_annotations: &[],
+            capabilities: cloud.capabilities(),
+        },
+        node_policy: NodePolicy::default(),
+        resync_period: Duration::from_secs(600),
+    };
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "hawser-operator".into(), instance: None });
+    let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), Duration::from_secs(600), Some(1));
+    let mut ctx = Context::new(
+        client,
+        Arc::new(cloud.clone()),
+        writer.as_reader(),
+        settings,
+        recorder,
+        Arc::new(Metrics::new()),
+        retry,
+    );
+    ctx.now = || "2026-11-26T10:00:00Z".parse().unwrap();
+    Harness { ctx: Arc::new(ctx), cloud, handle: Some(handle) }
+}
+
+fn cloud() -> MockCloud {
+    MockCloud::new(MockConfig::new("demo")).unwrap()
+}
+
+impl Harness {
+    /// Runs one reconcile against the script; returns its result once every request was checked.
+    async fn run(&mut self, svc: Arc<Service>, script: Vec<Expect>) -> Result<Action, Error> {
+        let handle = self.handle.take().unwrap();
+        let verifier = tokio::spawn(verify(handle, script));
+        let result = tokio::time::timeout(Duration::from_secs(10), reconcile(svc, self.ctx.clone()))
+            .await
+            .expect("reconcile hung");
+        // Dropping the context drops every client clone, which ends the verifier's stream.
+        self.ctx = dummy_ctx();
+        verifier.await.unwrap();
+        result
+    }
+
+    fn cloud_writes(&self) -> Vec<&'static str> {
+        self.cloud.calls().into_iter().filter(RecordedCall::is_mutating).map(|c| c.operation).collect()
+    }
+}
+
+fn dummy_ctx() -> Arc<Context> {
+    harness(cloud()).ctx
+}
+
+fn finalizer_added(body: &Value) {
+    assert_eq!(
+        body,
+        &json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["hawser.dev/cleanup"]}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn finalizer_is_added_before_any_cloud_call() {
+    let mut h = harness(cloud());
+    let script = vec![expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", finalizer_added)];
+    let action = h.run(service(json!({})), script).await.unwrap();
+    assert_eq!(action, Action::await_change(), "the patch itself triggers the next reconcile");
+    assert!(h.cloud.calls().is_empty(), "no cloud call before the finalizer is in place");
+}
+
+#[tokio::test]
+async fn ensure_writes_ingress_condition_and_events_then_a_second_reconcile_writes_nothing() {
+    let mut h = harness(cloud());
+    let status_seen = Arc::new(std::sync::Mutex::new(Value::Null));
+    let seen = status_seen.clone();
+    let script = vec![
+        event("EnsuringLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", move |body| {
+            assert_eq!(
+                body["status"]["loadBalancer"]["ingress"],
+                json!([{"ip": "203.0.113.1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]}])
+            );
+            let cond = &body["status"]["conditions"][0];
+            assert_eq!(cond["type"], "hawser.dev/LoadBalancerReady");
+            assert_eq!(cond["status"], "True");
+            assert_eq!(cond["observedGeneration"], 1);
+            *seen.lock().unwrap() = body.clone();
+        }),
+        event("EnsuredLoadBalancer", "Normal"),
+    ];
+    let action = h.run(with_finalizer(json!({})), script).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(600)));
+    assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer"]);
+    let lb = &h.cloud.load_balancers()[0];
+    assert_eq!(lb.targets[0].name, "node-a");
+    assert_eq!(lb.health_check.path.as_deref(), Some("/healthz"));
+
+    // The Service now carries what was written: reconciling again makes no write anywhere.
+    let written = status_seen.lock().unwrap().clone();
+    let svc = with_finalizer(written);
+    h.handle = Some(fresh_handle(&mut h));
+    h.run(svc, vec![]).await.unwrap();
+    assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer"], "no second cloud write");
+}
+
+/// A new API mock for the next reconcile, sharing the same cloud; like an operator restart.
+fn fresh_handle(h: &mut Harness) -> Handle {
+    let mut fresh = harness(h.cloud.clone());
+    h.ctx = fresh.ctx;
+    fresh.handle.take().unwrap()
+}
+
+#[tokio::test]
+async fn invalid_annotation_gives_warning_event_false_condition_and_no_cloud_call() {
+    let mut h = harness(cloud());
+    let script = vec![
+        expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", |body| {
+            assert_eq!(body["type"], "Warning");
+            assert_eq!(body["reason"], "InvalidConfiguration");
+            let note = body["note"].as_str().unwrap();
+            assert!(
+                note.contains("hawser.dev/scheme") && note.contains("\"internet-facing\" and \"internal\""),
+                "{note}"
+            );
+        }),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            let cond = &body["status"]["conditions"][0];
+            assert_eq!(cond["status"], "False");
+            assert_eq!(cond["reason"], "InvalidConfiguration");
+            assert!(body["status"].get("loadBalancer").is_none(), "an existing address is left alone");
+        }),
+    ];
+    let svc = with_finalizer(json!({"metadata": {"annotations": {"hawser.dev/scheme": "public"}}}));
+    let err = h.run(svc, script).await.unwrap_err();
+    assert_eq!(err.class(), Some(ErrorClass::InvalidInput));
+    assert!(h.cloud.calls().is_empty(), "no cloud call at all");
+    let ctx = dummy_ctx();
+    assert_eq!(
+        error_policy(service(json!({})), &err, ctx),
+        Action::requeue(Duration::from_secs(600)),
+        "not hot-retried"
+    );
+}
+
+#[tokio::test]
+async fn another_class_is_never_touched() {
+    let mut h = harness(cloud());
+    for patch in [
+        json!({"spec": {"loadBalancerClass": "example.com/other"}}),
+        json!({"spec": {"loadBalancerClass": null}}),
+        json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}}),
+    ] {
+        h.handle = Some(fresh_handle(&mut h));
+        assert_eq!(h.run(service(patch), vec![]).await.unwrap(), Action::await_change());
+    }
+    assert!(h.cloud.calls().is_empty());
+}
+
+fn ensured_status() -> Value {
+    json!({"status": {
+        "loadBalancer": {"ingress": [{"ip": "203.0.113.1"}]},
+        "conditions": [{"type": "hawser.dev/LoadBalancerReady", "status": "True", "reason": "LoadBalancerReady", "message": "m", "lastTransitionTime": "2026-11-26T09:00:00Z"}]
+    }})
+}
+
+fn clearing_status(body: &Value) {
+    assert_eq!(
+        body,
+        &json!({"status": {"loadBalancer": {"ingress": null}, "conditions": [{"$patch": "delete", "type": "hawser.dev/LoadBalancerReady"}]}})
+    );
+}
+
+async fn cloud_with_lb() -> MockCloud {
+    let cloud = cloud();
+    let mut h = harness(cloud.clone());
+    h.run(
+        with_finalizer(json!({})),
+        vec![
+            event("EnsuringLoadBalancer", "Normal"),
+            expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |_| {}),
+            event("EnsuredLoadBalancer", "Normal"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(cloud.load_balancers().len(), 1);
+    cloud
+}
+
+#[tokio::test]
+async fn deletion_removes_the_load_balancer_then_the_finalizer() {
+    let cloud = cloud_with_lb().await;
+    let mut h = harness(cloud.clone());
+    let mut patch = ensured_status();
+    merge(
+        &mut patch,
+        json!({"metadata": {"deletionTimestamp": "2026-11-26T10:00:00Z", "finalizers": ["example.com/keep", "hawser.dev/cleanup"]}}),
+    );
+    let script = vec![
+        event("DeletingLoadBalancer", "Normal"),
+        event("DeletedLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", clearing_status),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", |body| {
+            assert_eq!(
+                body,
+                &json!([
+                    {"op": "test", "path": "/metadata/finalizers/1", "value": "hawser.dev/cleanup"},
+                    {"op": "remove", "path": "/metadata/finalizers/1"}
+                ])
+            );
+        }),
+    ];
+    h.run(service(patch), script).await.unwrap();
+    assert!(cloud.load_balancers().is_empty(), "load balancer deleted before the finalizer went");
+}
+
+#[tokio::test]
+async fn type_change_to_cluster_ip_cleans_up_and_releases_the_service() {
+    let cloud = cloud_with_lb().await;
+    let mut h = harness(cloud.clone());
+    let mut patch = ensured_status();
+    merge(
+        &mut patch,
+        json!({"metadata": {"finalizers": ["hawser.dev/cleanup"]}, "spec": {"type": "ClusterIP", "loadBalancerClass": null}}),
+    );
+    let script = vec![
+        event("DeletingLoadBalancer", "Normal"),
+        event("DeletedLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", clearing_status),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", |body| {
+            assert_eq!(
+                body,
+                &json!([
+                    {"op": "test", "path": "/metadata/finalizers/0", "value": "hawser.dev/cleanup"},
+                    {"op": "remove", "path": "/metadata/finalizers/0"}
+                ])
+            );
+        }),
+    ];
+    assert_eq!(h.run(service(patch), script).await.unwrap(), Action::await_change());
+    assert!(cloud.load_balancers().is_empty());
+}
+
+#[tokio::test]
+async fn cloud_failure_gives_sync_failed_and_a_classified_retry() {
+    let mut config = MockConfig::new("demo");
+    config.error_rate = 1.0;
+    let mut h = harness(MockCloud::new(config).unwrap());
+    let script = vec![
+        event("EnsuringLoadBalancer", "Normal"),
+        event("SyncFailed", "Warning"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            let cond = &body["status"]["conditions"][0];
+            assert_eq!(cond["status"], "False");
+            assert_eq!(cond["reason"], "SyncFailed");
+            assert!(cond["message"].as_str().unwrap().contains("injected fault"));
+        }),
+    ];
+    let err = h.run(with_finalizer(json!({})), script).await.unwrap_err();
+    assert_eq!(err.class(), Some(ErrorClass::Transient));
+    let Action { .. } = error_policy(service(json!({})), &err, dummy_ctx());
+}
+
+#[tokio::test]
+async fn failed_cloud_delete_keeps_the_finalizer() {
+    let cloud = cloud_with_lb().await;
+    let mut config = MockConfig::new("demo");
+    config.error_rate = 1.0;
+    let failing = MockCloud::new(config).unwrap();
+    let mut h = harness(failing);
+    let script = vec![event("DeletingLoadBalancer", "Normal"), event("SyncFailed", "Warning")];
+    let svc = with_finalizer(json!({"metadata": {"deletionTimestamp": "2026-11-26T10:00:00Z"}}));
+    let err = h.run(svc, script).await.unwrap_err();
+    assert_eq!(err.class(), Some(ErrorClass::Transient), "no finalizer patch was sent: the verifier saw none");
+    assert_eq!(cloud.load_balancers().len(), 1);
+}

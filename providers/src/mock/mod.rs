@@ -232,14 +232,14 @@ impl MockCloud {
         }
         let before = mutating.then(|| inner.state.clone());
         let result = act(&mut inner.state);
-        if let (Some(path), Some(before)) = (&self.config.state_file, before) {
-            if result.is_ok() && before != inner.state {
-                if let Err(e) = inner.state.save(path) {
-                    inner.state = before;
-                    record(&mut inner, "error");
-                    return Err(ProviderError::Fatal(e));
-                }
-            }
+        if let (Some(path), Some(before)) = (&self.config.state_file, before)
+            && result.is_ok()
+            && before != inner.state
+            && let Err(e) = inner.state.save(path)
+        {
+            inner.state = before;
+            record(&mut inner, "error");
+            return Err(ProviderError::Fatal(e));
         }
         match (&result, admission) {
             (Ok(_), Admission::FailAfter) => {
