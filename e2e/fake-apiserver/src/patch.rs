@@ -276,6 +276,7 @@ fn strip_directives(m: Map<String, Value>) -> Map<String, Value> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -73,18 +73,21 @@ struct Target {
 
 fn parse_target(group: &str, version: &str, rest: &[&str], path: &str) -> ApiResult<Target> {
     let not_found = || ApiError::path_not_found(path);
-    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
-        if let Some(resource) = lookup(group, version, rest[2]).filter(|r| RESOURCES[*r].namespaced) {
-            if rest.len() > 5 {
-                return Err(not_found());
-            }
-            return Ok(Target {
-                resource,
-                namespace: Some(rest[1].to_string()),
-                name: rest.get(3).map(|s| s.to_string()),
-                subresource: rest.get(4).map(|s| s.to_string()),
-            });
+    // `/namespaces/{ns}/{plural}/...` when {plural} is a namespaced resource; otherwise
+    // `/namespaces/{name}` is the Namespace object itself.
+    if rest.first() == Some(&"namespaces")
+        && rest.len() >= 3
+        && let Some(resource) = lookup(group, version, rest[2]).filter(|r| RESOURCES[*r].namespaced)
+    {
+        if rest.len() > 5 {
+            return Err(not_found());
         }
+        return Ok(Target {
+            resource,
+            namespace: Some(rest[1].to_string()),
+            name: rest.get(3).map(|s| s.to_string()),
+            subresource: rest.get(4).map(|s| s.to_string()),
+        });
     }
     let plural = rest.first().ok_or_else(not_found)?;
     let resource = lookup(group, version, plural).ok_or_else(not_found)?;

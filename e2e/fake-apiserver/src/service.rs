@@ -377,6 +377,7 @@ fn is_qualified_name(s: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ServicePort;

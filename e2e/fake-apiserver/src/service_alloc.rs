@@ -230,6 +230,7 @@ impl ServiceAllocator {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ServicePort;

@@ -106,10 +106,8 @@ fn validate_common(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
                 }
             }
         }
-        ("events.k8s.io", "events") => {
-            if obj.get("eventTime").is_none_or(Value::is_null) {
-                errors.push(FieldError::required("eventTime", ""));
-            }
+        ("events.k8s.io", "events") if obj.get("eventTime").is_none_or(Value::is_null) => {
+            errors.push(FieldError::required("eventTime", ""));
         }
         _ => {}
     }
