@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::fixtures::{Ep, Svc, slice};
-use common::lab::{
-    CLIENT_IP, CLIENT_IP6, CLIENT2_IP, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, pod_ip, pod_ip6, sh, tcp, udp,
-};
+use common::lab::{CLIENT_IP, CLIENT_IP6, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, sh, tcp, udp};
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -126,7 +124,6 @@ fn source_ranges_allow_and_deny_on_address_and_nodeport() {
     let out = tcp(&lab.client2, LB, 80);
     assert_eq!(out.server(), "pod1");
     assert_eq!(out.peer().to_string(), "10.0.1.1");
-    let _ = CLIENT2_IP;
 }
 
 #[test]
@@ -273,7 +270,6 @@ fn ipv6_address_and_nodeport() {
     let slices =
         vec![slice("ns", "web", "web-v6", PORTS, &[Ep::ready("fd00:1::2", NODE), Ep::ready("fd00:2::2", "node-b")])];
     lab.sync(&[svc.build()], &slices).unwrap();
-    let _ = (pod_ip(1), pod_ip6(1));
     // The client's default IPv6 route goes through the node, like the LB address would.
     let out = tcp(&lab.client, "2001:db8::10", 80);
     assert_eq!(out.server(), "pod1");
@@ -299,4 +295,19 @@ fn cleanup_deletes_both_tables_and_golden_ruleset_loads() {
         sh(&["ip", "netns", "exec", &lab.node, "nft", "-f", &path]);
         lab.applier.cleanup().unwrap();
     }
+}
+
+#[test]
+fn cli_cleanup_removes_the_tables_and_reads_flags_from_env() {
+    let mut lab = lab!(1);
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hawser-dataplane"))
+        .arg("--cleanup")
+        .env("HAWSER_NFT_COMMAND", format!("ip netns exec {} nft", lab.node))
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(!tables.contains("hawser"), "{tables}");
 }
