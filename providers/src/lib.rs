@@ -5,6 +5,8 @@
 //! [`LoadBalancerStatus`]. Each cloud lives in its own module behind a cargo feature; the mock
 //! cloud is a faithful in-memory cloud that tests and the local sandbox use.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 mod error;
 #[cfg(feature = "mock")]
 pub mod mock;

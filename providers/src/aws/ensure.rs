@@ -1,0 +1,1007 @@
+//! `ensure`: read what exists (batched, cached), plan, and apply only the difference, in the
+//! order that never leaves traffic pointing at something missing: security groups → target
+//! groups → load balancer → listeners → targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, Ipv6Range, ResourceType, TagSpecification, UserIdGroupPair};
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, Certificate, IpAddressType, LoadBalancerAttribute, LoadBalancerSchemeEnum,
+    LoadBalancerTypeEnum, Matcher, ProtocolEnum, Tag, TargetDescription, TargetGroupAttribute, TargetHealthStateEnum,
+    TargetTypeEnum,
+};
+
+use super::annotations::{self as ann, AwsOptions};
+use super::plan::{
+    self, Desired, DesiredListener, DesiredSecurityGroup, DesiredTargetGroup, Environment, HealthSettings,
+    ListenerAction, LoadBalancerAction, LoadBalancerUpdate, ObservedListener, ObservedLoadBalancer,
+    ObservedTargetGroup, Rule, Source, TagDiff,
+};
+use super::{AwsProvider, discovery, naming, set};
+use crate::{IngressPoint, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError, Scheme, ServiceIdentity};
+
+/// Targets per Register/DeregisterTargets call.
+const TARGET_CHUNK: usize = 100;
+
+fn elb_tags(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+fn ec2_tags(tags: &BTreeMap<String, String>) -> Vec<aws_sdk_ec2::types::Tag> {
+    tags.iter().map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build()).collect()
+}
+
+fn scheme_of(s: Option<&LoadBalancerSchemeEnum>) -> Option<Scheme> {
+    match s? {
+        LoadBalancerSchemeEnum::InternetFacing => Some(Scheme::InternetFacing),
+        LoadBalancerSchemeEnum::Internal => Some(Scheme::Internal),
+        _ => None,
+    }
+}
+
+fn forward(tg_arn: &str) -> Action {
+    Action::builder().r#type(ActionTypeEnum::Forward).target_group_arn(tg_arn).build()
+}
+
+/// Turns rules into the `IpPermission`s EC2 takes.
+fn permissions(rules: &[Rule], description: &str) -> Vec<IpPermission> {
+    rules
+        .iter()
+        .map(|r| {
+            let b = IpPermission::builder().ip_protocol(&r.protocol).from_port(r.from).to_port(r.to);
+            match &r.source {
+                Source::Cidr(c) if c.contains(':') => {
+                    b.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(c).description(description).build()).build()
+                }
+                Source::Cidr(c) => b.ip_ranges(IpRange::builder().cidr_ip(c).description(description).build()).build(),
+                Source::Group(g) => {
+                    b.user_id_group_pairs(UserIdGroupPair::builder().group_id(g).description(description).build()).build()
+                }
+            }
+        })
+        .collect()
+}
+
+/// Flattens EC2's permissions into rules, one per source.
+fn rules_of(perms: &[IpPermission]) -> BTreeSet<Rule> {
+    let mut rules = BTreeSet::new();
+    for p in perms {
+        let protocol = p.ip_protocol().unwrap_or_default().to_owned();
+        let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
+        let mut add = |source| {
+            rules.insert(Rule { protocol: protocol.clone(), from, to, source });
+        };
+        p.ip_ranges().iter().filter_map(|r| r.cidr_ip()).for_each(|c| add(Source::Cidr(c.to_owned())));
+        p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6()).for_each(|c| add(Source::Cidr(c.to_owned())));
+        p.user_id_group_pairs().iter().filter_map(|g| g.group_id()).for_each(|g| add(Source::Group(g.to_owned())));
+    }
+    rules
+}
+
+fn status(lb: &ObservedLoadBalancer, desired: &Desired) -> LoadBalancerStatus {
+    let ports = desired
+        .target_groups
+        .iter()
+        .flat_map(|tg| {
+            let protos: &[Protocol] = match tg.protocol {
+                Protocol::TcpUdp => &[Protocol::Tcp, Protocol::Udp],
+                Protocol::Tcp => &[Protocol::Tcp],
+                Protocol::Udp => &[Protocol::Udp],
+            };
+            protos.iter().map(|p| PortStatus { port: tg.listener_port, protocol: *p })
+        })
+        .collect();
+    LoadBalancerStatus {
+        id: lb.arn.clone(),
+        // An NLB is reached by name; its addresses may change, so no IP is reported.
+        ingress: vec![IngressPoint { ip: None, hostname: Some(lb.dns_name.clone()), ip_mode: None, ports }],
+    }
+}
+
+impl AwsProvider {
+    pub(super) async fn ensure_inner(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
+        let opts = ann::parse(spec).map_err(ProviderError::InvalidInput)?;
+        let id = &spec.identity;
+        let mut lb = self.observe_load_balancer(id).await?;
+        let env = self.environment(spec, &opts, lb.as_ref()).await?;
+        let desired = plan::desired(spec, &opts, &env)?;
+
+        // 1. Security groups: the frontend group first (the load balancer is created with it),
+        //    then the node groups' rules that let it reach the node ports.
+        let security_groups: BTreeSet<String> = match &desired.frontend {
+            Some(front) => {
+                let group = self.ensure_frontend(id, &env, front).await?;
+                self.ensure_node_rules(&env, &desired, &group, id).await?;
+                BTreeSet::from([group])
+            }
+            None => desired.own_security_groups.iter().flatten().cloned().collect(),
+        };
+
+        // 2. Target groups.
+        let observed_tgs = match &lb {
+            Some(l) => self.observe_target_groups(id, &l.arn).await?,
+            None => Vec::new(),
+        };
+        let tg_plan = plan::diff_target_groups(&desired.target_groups, &observed_tgs);
+        let mut tg_arns: BTreeMap<String, String> =
+            observed_tgs.iter().map(|t| (t.name.clone(), t.arn.clone())).collect();
+        let mut registered: BTreeMap<String, BTreeSet<String>> =
+            observed_tgs.iter().map(|t| (t.arn.clone(), t.targets.clone())).collect();
+        for name in &tg_plan.create {
+            let Some(d) = desired.target_groups.iter().find(|t| &t.name == name) else { continue };
+            let (arn, targets) = self.create_target_group(id, &env, d).await?;
+            tg_arns.insert(name.clone(), arn.clone());
+            registered.insert(arn, targets);
+        }
+        for u in &tg_plan.update {
+            self.update_target_group(u).await?;
+        }
+
+        // 3. The load balancer.
+        let mut listeners_observed = Vec::new();
+        match plan::diff_load_balancer(&desired, &security_groups, lb.as_ref()) {
+            LoadBalancerAction::Create => {
+                lb = Some(self.create_load_balancer(&desired, &security_groups).await?);
+            }
+            LoadBalancerAction::Replace(reason) => {
+                if let Some(old) = &lb {
+                    tracing::info!(service = %id.service_key(), %reason, "replacing the load balancer");
+                    if old.attributes.get("deletion_protection.enabled").is_some_and(|v| v == "true") {
+                        return Err(ProviderError::Conflict(format!(
+                            "the load balancer must be replaced ({reason}) but has deletion protection; set {} to false first",
+                            ann::DELETION_PROTECTION
+                        )));
+                    }
+                    self.delete_load_balancer(&old.arn).await?;
+                }
+                lb = Some(self.create_load_balancer(&desired, &security_groups).await?);
+            }
+            LoadBalancerAction::Update(u) => {
+                if let Some(current) = &mut lb {
+                    self.update_load_balancer(current, &u).await?;
+                    listeners_observed = self.observe_listeners(&current.arn).await?;
+                }
+            }
+        }
+        let Some(lb) = lb else {
+            return Err(ProviderError::Transient("the load balancer vanished while being reconciled".into()));
+        };
+
+        // 4. Listeners, then target groups no listener uses any more.
+        for action in plan::diff_listeners(&desired.listeners, &listeners_observed, &tg_arns) {
+            self.apply_listener(&lb.arn, &desired, &tg_arns, action).await?;
+        }
+        for arn in &tg_plan.delete {
+            self.delete_target_group(arn).await?;
+            registered.remove(arn);
+        }
+
+        // 5. Targets: every deregistration before any registration, so nodes that left stop
+        //    receiving new connections as early as possible.
+        let mut registrations = Vec::new();
+        for d in &desired.target_groups {
+            let Some(arn) = tg_arns.get(&d.name) else { continue };
+            let current = registered.get(arn).cloned().unwrap_or_default();
+            let diff = plan::diff_targets(&desired.targets, &current);
+            for chunk in diff.deregister.chunks(TARGET_CHUNK) {
+                let targets = chunk.iter().map(|i| TargetDescription::builder().id(i).build()).collect();
+                self.clients
+                    .call(
+                        "DeregisterTargets",
+                        self.clients.elb.deregister_targets().target_group_arn(arn).set_targets(Some(targets)).send(),
+                    )
+                    .await?;
+            }
+            registrations.push((arn.clone(), diff.register));
+        }
+        for (arn, register) in registrations {
+            for chunk in register.chunks(TARGET_CHUNK) {
+                let targets = chunk.iter().map(|i| TargetDescription::builder().id(i).build()).collect();
+                self.clients
+                    .call(
+                        "RegisterTargets",
+                        self.clients.elb.register_targets().target_group_arn(&arn).set_targets(Some(targets)).send(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(status(&lb, &desired))
+    }
+
+    /// The load balancer of `id`, by its deterministic name, confirmed by its tags.
+    pub(super) async fn observe_load_balancer(
+        &self,
+        id: &ServiceIdentity,
+    ) -> Result<Option<ObservedLoadBalancer>, ProviderError> {
+        let name = naming::load_balancer_name(id);
+        let out = match self
+            .clients
+            .call("DescribeLoadBalancers", self.clients.elb.describe_load_balancers().names(&name).send())
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(found) = out.load_balancers().first() else { return Ok(None) };
+        let arn = found.load_balancer_arn().unwrap_or_default().to_owned();
+        let tags = self.elb_tags(std::slice::from_ref(&arn)).await?.remove(&arn).unwrap_or_default();
+        if !Self::owned_by(&tags, id) {
+            return Err(ProviderError::Conflict(format!(
+                "a load balancer named {name} ({arn}) exists and is not owned by Service {} of cluster {}; it is left untouched",
+                id.service_key(),
+                id.cluster
+            )));
+        }
+        let attrs = self
+            .clients
+            .call(
+                "DescribeLoadBalancerAttributes",
+                self.clients.elb.describe_load_balancer_attributes().load_balancer_arn(&arn).send(),
+            )
+            .await?;
+        Ok(Some(ObservedLoadBalancer {
+            arn,
+            dns_name: found.dns_name().unwrap_or_default().to_owned(),
+            scheme: scheme_of(found.scheme()),
+            vpc_id: found.vpc_id().unwrap_or_default().to_owned(),
+            ip_address_type: found.ip_address_type().map(|t| t.as_str().to_owned()).unwrap_or_else(|| "ipv4".into()),
+            subnets: set(found.availability_zones().iter().map(|z| z.subnet_id())),
+            security_groups: found.security_groups().iter().cloned().collect(),
+            attributes: attrs
+                .attributes()
+                .iter()
+                .filter_map(|a| Some((a.key()?.to_owned(), a.value().unwrap_or_default().to_owned())))
+                .collect(),
+            tags,
+        }))
+    }
+
+    /// VPC, subnets and node security groups: cached, as they change rarely and reading them
+    /// on every reconcile is what makes controllers slow at scale.
+    async fn environment(
+        &self,
+        spec: &LoadBalancerSpec,
+        opts: &AwsOptions,
+        lb: Option<&ObservedLoadBalancer>,
+    ) -> Result<Environment, ProviderError> {
+        let (instances, skipped) = plan::instance_ids(spec);
+        if !skipped.is_empty() {
+            tracing::debug!(service = %spec.identity.service_key(), nodes = ?skipped, "nodes without an EC2 instance providerID are not targets");
+        }
+        let key = format!(
+            "{}|{:?}|{}|{}",
+            instances.iter().cloned().collect::<Vec<_>>().join(","),
+            spec.scheme,
+            opts.subnets.join(","),
+            lb.map(|l| l.vpc_id.as_str()).unwrap_or_default()
+        );
+        if let Some((at, env)) = self.lock().environments.get(&key)
+            && at.elapsed() < self.config.discovery_ttl
+        {
+            return Ok(env.clone());
+        }
+        let facts = if instances.is_empty() {
+            discovery::InstanceFacts::default()
+        } else {
+            discovery::instances(&self.clients, &instances).await?
+        };
+        let vpc_id = match (&self.config.vpc_id, lb) {
+            (Some(v), _) => v.clone(),
+            (None, Some(l)) if !l.vpc_id.is_empty() => l.vpc_id.clone(),
+            _ => match facts.vpcs.iter().collect::<Vec<_>>().as_slice() {
+                [one] => (*one).clone(),
+                [] => {
+                    return Err(ProviderError::Transient(
+                        "cannot tell the VPC: no node has an EC2 instance providerID yet; set --aws-vpc-id or wait for nodes".into(),
+                    ));
+                }
+                many => {
+                    return Err(ProviderError::Fatal(format!(
+                        "the nodes are in several VPCs ({}); set --aws-vpc-id",
+                        many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            },
+        };
+        let node_security_groups = if opts.security_groups.is_empty() {
+            discovery::node_security_groups(&self.clients, &self.config.cluster, &facts).await?
+        } else {
+            BTreeSet::new()
+        };
+        let subnets =
+            discovery::subnets(&self.clients, &self.config.cluster, &vpc_id, spec.scheme, &opts.subnets).await?;
+        let env = Environment { vpc_id, subnets, node_security_groups };
+        let mut caches = self.lock();
+        let now = tokio::time::Instant::now();
+        let ttl = self.config.discovery_ttl;
+        caches.environments.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+        caches.environments.insert(key, (now, env.clone()));
+        Ok(env)
+    }
+
+    /// Finds (by tags) or creates the frontend security group and syncs its rules; returns its ID.
+    async fn ensure_frontend(
+        &self,
+        id: &ServiceIdentity,
+        env: &Environment,
+        desired: &DesiredSecurityGroup,
+    ) -> Result<String, ProviderError> {
+        let found = self.find_frontend(id, Some(&env.vpc_id)).await?;
+        let (group, observed, tags) = match found {
+            Some(g) => g,
+            None => {
+                let out = self
+                    .clients
+                    .call(
+                        "CreateSecurityGroup",
+                        self.clients
+                            .ec2
+                            .create_security_group()
+                            .group_name(&desired.name)
+                            .description(&desired.description)
+                            .vpc_id(&env.vpc_id)
+                            .tag_specifications(
+                                TagSpecification::builder()
+                                    .resource_type(ResourceType::SecurityGroup)
+                                    .set_tags(Some(ec2_tags(&desired.tags)))
+                                    .build(),
+                            )
+                            .send(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        if e.is("InvalidGroup.Duplicate") {
+                            ProviderError::Conflict(format!(
+                                "a security group named {} exists in {} without hawser's ownership tags for Service {}; it is left untouched",
+                                desired.name,
+                                env.vpc_id,
+                                id.service_key()
+                            ))
+                        } else {
+                            e.into()
+                        }
+                    })?;
+                let group = out.group_id().unwrap_or_default().to_owned();
+                (group, BTreeSet::new(), desired.tags.clone())
+            }
+        };
+        let (authorize, revoke) = plan::diff_rules(&desired.ingress, &observed);
+        let description = format!("hawser {}", id.service_key());
+        if !revoke.is_empty() {
+            self.clients
+                .call(
+                    "RevokeSecurityGroupIngress",
+                    self.clients
+                        .ec2
+                        .revoke_security_group_ingress()
+                        .group_id(&group)
+                        .set_ip_permissions(Some(permissions(&revoke, &description)))
+                        .send(),
+                )
+                .await?;
+        }
+        if !authorize.is_empty() {
+            self.clients
+                .call(
+                    "AuthorizeSecurityGroupIngress",
+                    self.clients
+                        .ec2
+                        .authorize_security_group_ingress()
+                        .group_id(&group)
+                        .set_ip_permissions(Some(permissions(&authorize, &description)))
+                        .send(),
+                )
+                .await?;
+        }
+        let diff = plan::diff_tags(&desired.tags, &tags);
+        if !diff.add.is_empty() {
+            self.clients
+                .call(
+                    "CreateTags",
+                    self.clients.ec2.create_tags().resources(&group).set_tags(Some(ec2_tags(&diff.add))).send(),
+                )
+                .await?;
+        }
+        Ok(group)
+    }
+
+    /// The frontend group of `id`, found by its ownership tags, with its ingress rules and tags.
+    pub(super) async fn find_frontend(
+        &self,
+        id: &ServiceIdentity,
+        vpc: Option<&str>,
+    ) -> Result<Option<(String, BTreeSet<Rule>, BTreeMap<String, String>)>, ProviderError> {
+        let tag_filter = |k: &str, v: &str| Filter::builder().name(format!("tag:{k}")).values(v).build();
+        let mut req = self
+            .clients
+            .ec2
+            .describe_security_groups()
+            .filters(tag_filter(crate::OWNERSHIP_TAG_CLUSTER, &id.cluster))
+            .filters(tag_filter(crate::OWNERSHIP_TAG_SERVICE_UID, &id.uid));
+        if let Some(vpc) = vpc {
+            req = req.filters(Filter::builder().name("vpc-id").values(vpc).build());
+        }
+        let out = self.clients.call("DescribeSecurityGroups", req.send()).await?;
+        Ok(out.security_groups().first().map(|g| {
+            let tags = g
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned())))
+                .collect();
+            (g.group_id().unwrap_or_default().to_owned(), rules_of(g.ip_permissions()), tags)
+        }))
+    }
+
+    /// Rules on the node groups from the frontend group: node ports and the health port.
+    async fn ensure_node_rules(
+        &self,
+        env: &Environment,
+        desired: &Desired,
+        frontend: &str,
+        id: &ServiceIdentity,
+    ) -> Result<(), ProviderError> {
+        if env.node_security_groups.is_empty() {
+            return Ok(());
+        }
+        let out = self
+            .clients
+            .call(
+                "DescribeSecurityGroups",
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .set_group_ids(Some(env.node_security_groups.iter().cloned().collect()))
+                    .send(),
+            )
+            .await?;
+        let wanted = plan::node_rules(desired, frontend);
+        let description = format!("hawser {} load balancer to nodes", id.service_key());
+        for g in out.security_groups() {
+            let Some(group) = g.group_id() else { continue };
+            // Only rules whose source is this Service's frontend group are ours to change.
+            let ours: BTreeSet<Rule> = rules_of(g.ip_permissions())
+                .into_iter()
+                .filter(|r| r.source == Source::Group(frontend.to_owned()))
+                .collect();
+            let (authorize, revoke) = plan::diff_rules(&wanted, &ours);
+            if !revoke.is_empty() {
+                self.clients
+                    .call(
+                        "RevokeSecurityGroupIngress",
+                        self.clients
+                            .ec2
+                            .revoke_security_group_ingress()
+                            .group_id(group)
+                            .set_ip_permissions(Some(permissions(&revoke, &description)))
+                            .send(),
+                    )
+                    .await?;
+            }
+            if !authorize.is_empty() {
+                self.clients
+                    .call(
+                        "AuthorizeSecurityGroupIngress",
+                        self.clients
+                            .ec2
+                            .authorize_security_group_ingress()
+                            .group_id(group)
+                            .set_ip_permissions(Some(permissions(&authorize, &description)))
+                            .send(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The owned target groups attached to the load balancer, with attributes and targets.
+    async fn observe_target_groups(
+        &self,
+        id: &ServiceIdentity,
+        lb_arn: &str,
+    ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
+        let out = self
+            .clients
+            .call("DescribeTargetGroups", self.clients.elb.describe_target_groups().load_balancer_arn(lb_arn).send())
+            .await?;
+        let arns: Vec<String> =
+            out.target_groups().iter().filter_map(|t| t.target_group_arn().map(str::to_owned)).collect();
+        let mut tags = self.elb_tags(&arns).await?;
+        let mut result = Vec::new();
+        for tg in out.target_groups() {
+            let Some(arn) = tg.target_group_arn() else { continue };
+            let tags = tags.remove(arn).unwrap_or_default();
+            if !Self::owned_by(&tags, id) {
+                tracing::warn!(target_group = arn, "a target group hawser does not own is attached; left untouched");
+                continue;
+            }
+            let attrs = self
+                .clients
+                .call(
+                    "DescribeTargetGroupAttributes",
+                    self.clients.elb.describe_target_group_attributes().target_group_arn(arn).send(),
+                )
+                .await?;
+            let health = self
+                .clients
+                .call("DescribeTargetHealth", self.clients.elb.describe_target_health().target_group_arn(arn).send())
+                .await?;
+            let protocol = tg.health_check_protocol().map(|p| p.as_str().to_owned()).unwrap_or_default();
+            result.push(ObservedTargetGroup {
+                arn: arn.to_owned(),
+                name: tg.target_group_name().unwrap_or_default().to_owned(),
+                health: HealthSettings {
+                    path: if protocol == "TCP" { None } else { tg.health_check_path().map(str::to_owned) },
+                    protocol,
+                    port: tg.health_check_port().unwrap_or_default().to_owned(),
+                    interval: tg.health_check_interval_seconds().unwrap_or_default(),
+                    timeout: tg.health_check_timeout_seconds().unwrap_or_default(),
+                    healthy: tg.healthy_threshold_count().unwrap_or_default(),
+                    unhealthy: tg.unhealthy_threshold_count().unwrap_or_default(),
+                },
+                attributes: attrs
+                    .attributes()
+                    .iter()
+                    .filter_map(|a| Some((a.key()?.to_owned(), a.value().unwrap_or_default().to_owned())))
+                    .collect(),
+                tags,
+                // A draining target is on its way out: if it is wanted again it must be
+                // registered again.
+                targets: health
+                    .target_health_descriptions()
+                    .iter()
+                    .filter(|d| d.target_health().and_then(|h| h.state()) != Some(&TargetHealthStateEnum::Draining))
+                    .filter_map(|d| d.target().and_then(|t| t.id()).map(str::to_owned))
+                    .collect(),
+            });
+        }
+        Ok(result)
+    }
+
+    /// Creates a target group, or adopts the one a crash left behind under the same name.
+    /// Returns its ARN and the targets it already holds.
+    async fn create_target_group(
+        &self,
+        id: &ServiceIdentity,
+        env: &Environment,
+        d: &DesiredTargetGroup,
+    ) -> Result<(String, BTreeSet<String>), ProviderError> {
+        let h = &d.health;
+        let mut req = self
+            .clients
+            .elb
+            .create_target_group()
+            .name(&d.name)
+            .protocol(ProtocolEnum::from(d.protocol.as_str()))
+            .port(i32::from(d.port))
+            .vpc_id(&env.vpc_id)
+            .target_type(TargetTypeEnum::Instance)
+            .health_check_enabled(true)
+            .health_check_protocol(ProtocolEnum::from(h.protocol.as_str()))
+            .health_check_port(&h.port)
+            .health_check_interval_seconds(h.interval)
+            .health_check_timeout_seconds(h.timeout)
+            .healthy_threshold_count(h.healthy)
+            .unhealthy_threshold_count(h.unhealthy)
+            .set_tags(Some(elb_tags(&d.tags)));
+        if let Some(path) = &h.path {
+            req = req.health_check_path(path).matcher(Matcher::builder().http_code("200").build());
+        }
+        let arn = match self.clients.call("CreateTargetGroup", req.send()).await {
+            Ok(out) => out.target_groups().first().and_then(|t| t.target_group_arn()).unwrap_or_default().to_owned(),
+            Err(e) if e.is("DuplicateTargetGroupName") => {
+                let out = self
+                    .clients
+                    .call("DescribeTargetGroups", self.clients.elb.describe_target_groups().names(&d.name).send())
+                    .await?;
+                let arn = out.target_groups().first().and_then(|t| t.target_group_arn()).unwrap_or_default().to_owned();
+                let tags = self.elb_tags(std::slice::from_ref(&arn)).await?.remove(&arn).unwrap_or_default();
+                if !Self::owned_by(&tags, id) {
+                    return Err(ProviderError::Conflict(format!(
+                        "a target group named {} ({arn}) exists and is not owned by Service {}; it is left untouched",
+                        d.name,
+                        id.service_key()
+                    )));
+                }
+                // Ours, left behind by an interrupted reconcile: bring it to the desired state.
+                let observed = self.describe_target_group(&arn, &d.name, tags).await?;
+                let targets = observed.targets.clone();
+                let plan = plan::diff_target_groups(std::slice::from_ref(d), std::slice::from_ref(&observed));
+                for u in &plan.update {
+                    self.update_target_group(u).await?;
+                }
+                return Ok((arn, targets));
+            }
+            Err(e) => return Err(e.with_field(ann::PROXY_PROTOCOL).into()),
+        };
+        self.remember_tags(&arn, d.tags.clone());
+        self.clients
+            .call(
+                "ModifyTargetGroupAttributes",
+                self.clients
+                    .elb
+                    .modify_target_group_attributes()
+                    .target_group_arn(&arn)
+                    .set_attributes(Some(
+                        d.attributes
+                            .iter()
+                            .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+                            .collect(),
+                    ))
+                    .send(),
+            )
+            .await
+            .map_err(|e| e.with_field(ann::PROXY_PROTOCOL))?;
+        Ok((arn, BTreeSet::new()))
+    }
+
+    /// One target group's state, for adopting it.
+    async fn describe_target_group(
+        &self,
+        arn: &str,
+        name: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<ObservedTargetGroup, ProviderError> {
+        let out = self
+            .clients
+            .call("DescribeTargetGroups", self.clients.elb.describe_target_groups().target_group_arns(arn).send())
+            .await?;
+        let tg = out.target_groups().first().cloned().unwrap_or_else(|| {
+            aws_sdk_elasticloadbalancingv2::types::TargetGroup::builder().target_group_arn(arn).build()
+        });
+        let attrs = self
+            .clients
+            .call(
+                "DescribeTargetGroupAttributes",
+                self.clients.elb.describe_target_group_attributes().target_group_arn(arn).send(),
+            )
+            .await?;
+        let health = self
+            .clients
+            .call("DescribeTargetHealth", self.clients.elb.describe_target_health().target_group_arn(arn).send())
+            .await?;
+        let protocol = tg.health_check_protocol().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        Ok(ObservedTargetGroup {
+            arn: arn.to_owned(),
+            name: name.to_owned(),
+            health: HealthSettings {
+                path: if protocol == "TCP" { None } else { tg.health_check_path().map(str::to_owned) },
+                protocol,
+                port: tg.health_check_port().unwrap_or_default().to_owned(),
+                interval: tg.health_check_interval_seconds().unwrap_or_default(),
+                timeout: tg.health_check_timeout_seconds().unwrap_or_default(),
+                healthy: tg.healthy_threshold_count().unwrap_or_default(),
+                unhealthy: tg.unhealthy_threshold_count().unwrap_or_default(),
+            },
+            attributes: attrs
+                .attributes()
+                .iter()
+                .filter_map(|a| Some((a.key()?.to_owned(), a.value().unwrap_or_default().to_owned())))
+                .collect(),
+            tags,
+            targets: health
+                .target_health_descriptions()
+                .iter()
+                .filter(|d| d.target_health().and_then(|h| h.state()) != Some(&TargetHealthStateEnum::Draining))
+                .filter_map(|d| d.target().and_then(|t| t.id()).map(str::to_owned))
+                .collect(),
+        })
+    }
+
+    async fn update_target_group(&self, u: &plan::TargetGroupUpdate) -> Result<(), ProviderError> {
+        if let Some(h) = &u.health {
+            let mut req = self
+                .clients
+                .elb
+                .modify_target_group()
+                .target_group_arn(&u.arn)
+                .health_check_protocol(ProtocolEnum::from(h.protocol.as_str()))
+                .health_check_port(&h.port)
+                .health_check_interval_seconds(h.interval)
+                .health_check_timeout_seconds(h.timeout)
+                .healthy_threshold_count(h.healthy)
+                .unhealthy_threshold_count(h.unhealthy);
+            if let Some(path) = &h.path {
+                req = req.health_check_path(path).matcher(Matcher::builder().http_code("200").build());
+            }
+            self.clients
+                .call("ModifyTargetGroup", req.send())
+                .await
+                .map_err(|e| e.with_field("hawser.dev/health-check-interval"))?;
+        }
+        if !u.attributes.is_empty() {
+            self.clients
+                .call(
+                    "ModifyTargetGroupAttributes",
+                    self.clients
+                        .elb
+                        .modify_target_group_attributes()
+                        .target_group_arn(&u.arn)
+                        .set_attributes(Some(
+                            u.attributes
+                                .iter()
+                                .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+                                .collect(),
+                        ))
+                        .send(),
+                )
+                .await
+                .map_err(|e| e.with_field(ann::PROXY_PROTOCOL))?;
+        }
+        self.sync_elb_tags(&u.arn, &u.tags).await
+    }
+
+    async fn sync_elb_tags(&self, arn: &str, diff: &TagDiff) -> Result<(), ProviderError> {
+        if diff.is_empty() {
+            return Ok(());
+        }
+        if !diff.add.is_empty() {
+            self.clients
+                .call(
+                    "AddTags",
+                    self.clients.elb.add_tags().resource_arns(arn).set_tags(Some(elb_tags(&diff.add))).send(),
+                )
+                .await?;
+        }
+        if !diff.remove.is_empty() {
+            self.clients
+                .call(
+                    "RemoveTags",
+                    self.clients.elb.remove_tags().resource_arns(arn).set_tag_keys(Some(diff.remove.clone())).send(),
+                )
+                .await?;
+        }
+        // Read again next time rather than guess the merged result.
+        self.forget_tags(arn);
+        Ok(())
+    }
+
+    async fn create_load_balancer(
+        &self,
+        desired: &Desired,
+        security_groups: &BTreeSet<String>,
+    ) -> Result<ObservedLoadBalancer, ProviderError> {
+        let mappings = desired
+            .subnets
+            .iter()
+            .map(|s| {
+                aws_sdk_elasticloadbalancingv2::types::SubnetMapping::builder()
+                    .subnet_id(&s.subnet_id)
+                    .set_allocation_id(s.allocation_id.clone())
+                    .set_private_ipv4_address(s.private_ipv4.clone())
+                    .build()
+            })
+            .collect();
+        let mut req = self
+            .clients
+            .elb
+            .create_load_balancer()
+            .name(&desired.name)
+            .r#type(LoadBalancerTypeEnum::Network)
+            .scheme(LoadBalancerSchemeEnum::from(desired.scheme.as_str()))
+            .ip_address_type(IpAddressType::from(desired.ip_address_type.as_str()))
+            .set_subnet_mappings(Some(mappings))
+            .set_tags(Some(elb_tags(&desired.tags)));
+        if !security_groups.is_empty() {
+            req = req.set_security_groups(Some(security_groups.iter().cloned().collect()));
+        }
+        let out = self.clients.call("CreateLoadBalancer", req.send()).await.map_err(|e| {
+            if e.is("DuplicateLoadBalancerName") {
+                // Seen only when the name was taken between our read and this create, or while
+                // AWS still finishes deleting a replaced one.
+                ProviderError::Transient(format!("load balancer name {} is still taken; retrying", desired.name))
+            } else {
+                e.with_field(ann::SUBNETS).into()
+            }
+        })?;
+        let Some(created) = out.load_balancers().first() else {
+            return Err(ProviderError::Transient("CreateLoadBalancer returned no load balancer".into()));
+        };
+        let arn = created.load_balancer_arn().unwrap_or_default().to_owned();
+        self.remember_tags(&arn, desired.tags.clone());
+        // A new NLB has cross-zone and deletion protection off: only a user's "true" needs a call.
+        let defaults = BTreeMap::from([
+            ("load_balancing.cross_zone.enabled".to_owned(), "false".to_owned()),
+            ("deletion_protection.enabled".to_owned(), "false".to_owned()),
+        ]);
+        let attributes = plan::diff_attributes(&desired.attributes, &defaults);
+        if !attributes.is_empty() {
+            self.modify_lb_attributes(&arn, &attributes).await?;
+        }
+        Ok(ObservedLoadBalancer {
+            arn,
+            dns_name: created.dns_name().unwrap_or_default().to_owned(),
+            scheme: scheme_of(created.scheme()),
+            vpc_id: created.vpc_id().unwrap_or_default().to_owned(),
+            ip_address_type: desired.ip_address_type.clone(),
+            subnets: desired.subnets.iter().map(|s| s.subnet_id.clone()).collect(),
+            security_groups: security_groups.clone(),
+            attributes: desired.attributes.clone(),
+            tags: desired.tags.clone(),
+        })
+    }
+
+    async fn modify_lb_attributes(&self, arn: &str, attributes: &BTreeMap<String, String>) -> Result<(), ProviderError> {
+        let field = if attributes.contains_key("deletion_protection.enabled") {
+            ann::DELETION_PROTECTION
+        } else {
+            ann::CROSS_ZONE
+        };
+        self.clients
+            .call(
+                "ModifyLoadBalancerAttributes",
+                self.clients
+                    .elb
+                    .modify_load_balancer_attributes()
+                    .load_balancer_arn(arn)
+                    .set_attributes(Some(
+                        attributes.iter().map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build()).collect(),
+                    ))
+                    .send(),
+            )
+            .await
+            .map_err(|e| e.with_field(field))?;
+        Ok(())
+    }
+
+    async fn update_load_balancer(
+        &self,
+        lb: &mut ObservedLoadBalancer,
+        u: &LoadBalancerUpdate,
+    ) -> Result<(), ProviderError> {
+        if u.is_empty() {
+            return Ok(());
+        }
+        if let Some(groups) = &u.security_groups {
+            self.clients
+                .call(
+                    "SetSecurityGroups",
+                    self.clients
+                        .elb
+                        .set_security_groups()
+                        .load_balancer_arn(&lb.arn)
+                        .set_security_groups(Some(groups.iter().cloned().collect()))
+                        .send(),
+                )
+                .await
+                .map_err(|e| e.with_field(ann::SECURITY_GROUPS))?;
+        }
+        if let Some(subnets) = &u.subnets {
+            let mappings = subnets
+                .iter()
+                .map(|s| {
+                    aws_sdk_elasticloadbalancingv2::types::SubnetMapping::builder()
+                        .subnet_id(&s.subnet_id)
+                        .set_allocation_id(s.allocation_id.clone())
+                        .set_private_ipv4_address(s.private_ipv4.clone())
+                        .build()
+                })
+                .collect();
+            self.clients
+                .call(
+                    "SetSubnets",
+                    self.clients.elb.set_subnets().load_balancer_arn(&lb.arn).set_subnet_mappings(Some(mappings)).send(),
+                )
+                .await
+                .map_err(|e| e.with_field(ann::SUBNETS))?;
+        }
+        if let Some(t) = &u.ip_address_type {
+            self.clients
+                .call(
+                    "SetIpAddressType",
+                    self.clients
+                        .elb
+                        .set_ip_address_type()
+                        .load_balancer_arn(&lb.arn)
+                        .ip_address_type(IpAddressType::from(t.as_str()))
+                        .send(),
+                )
+                .await
+                .map_err(|e| e.with_field("spec.ipFamilies"))?;
+        }
+        if !u.attributes.is_empty() {
+            self.modify_lb_attributes(&lb.arn, &u.attributes).await?;
+        }
+        self.sync_elb_tags(&lb.arn, &u.tags).await
+    }
+
+    pub(super) async fn observe_listeners(&self, lb_arn: &str) -> Result<Vec<ObservedListener>, ProviderError> {
+        let out = self
+            .clients
+            .call("DescribeListeners", self.clients.elb.describe_listeners().load_balancer_arn(lb_arn).send())
+            .await?;
+        Ok(out
+            .listeners()
+            .iter()
+            .filter_map(|l| {
+                let action = l.default_actions().first();
+                Some(ObservedListener {
+                    arn: l.listener_arn()?.to_owned(),
+                    port: u16::try_from(l.port()?).ok()?,
+                    protocol: l.protocol().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+                    target_group_arn: action.and_then(|a| {
+                        a.target_group_arn().map(str::to_owned).or_else(|| {
+                            a.forward_config()
+                                .and_then(|f| f.target_groups().first())
+                                .and_then(|t| t.target_group_arn())
+                                .map(str::to_owned)
+                        })
+                    }),
+                    certificate: l.certificates().first().and_then(|c| c.certificate_arn()).map(str::to_owned),
+                    ssl_policy: l.ssl_policy().map(str::to_owned),
+                })
+            })
+            .collect())
+    }
+
+    async fn apply_listener(
+        &self,
+        lb_arn: &str,
+        desired: &Desired,
+        tg_arns: &BTreeMap<String, String>,
+        action: ListenerAction,
+    ) -> Result<(), ProviderError> {
+        let find = |port: u16| -> Result<(&DesiredListener, &String), ProviderError> {
+            let d = desired
+                .listeners
+                .iter()
+                .find(|l| l.port == port)
+                .ok_or_else(|| ProviderError::Transient(format!("no desired listener on port {port}")))?;
+            let tg = tg_arns
+                .get(&d.target_group)
+                .ok_or_else(|| ProviderError::Transient(format!("target group {} is missing", d.target_group)))?;
+            Ok((d, tg))
+        };
+        let field = |e: super::errors::ApiError, d: &DesiredListener| -> ProviderError {
+            if d.certificate.is_some() { e.with_field(ann::SSL_CERT).into() } else { e.with_field("spec.ports").into() }
+        };
+        match action {
+            ListenerAction::Create(port) => {
+                let (d, tg) = find(port)?;
+                let mut req = self
+                    .clients
+                    .elb
+                    .create_listener()
+                    .load_balancer_arn(lb_arn)
+                    .protocol(ProtocolEnum::from(d.protocol.as_str()))
+                    .port(i32::from(d.port))
+                    .default_actions(forward(tg))
+                    .set_tags(Some(elb_tags(&d.tags)));
+                if let Some(cert) = &d.certificate {
+                    req = req.certificates(Certificate::builder().certificate_arn(cert).build());
+                }
+                if let Some(policy) = &d.ssl_policy {
+                    req = req.ssl_policy(policy);
+                }
+                self.clients.call("CreateListener", req.send()).await.map_err(|e| field(e, d))?;
+            }
+            ListenerAction::Modify(arn, port) => {
+                let (d, tg) = find(port)?;
+                let mut req = self
+                    .clients
+                    .elb
+                    .modify_listener()
+                    .listener_arn(&arn)
+                    .protocol(ProtocolEnum::from(d.protocol.as_str()))
+                    .port(i32::from(d.port))
+                    .default_actions(forward(tg));
+                if let Some(cert) = &d.certificate {
+                    req = req.certificates(Certificate::builder().certificate_arn(cert).build());
+                }
+                if let Some(policy) = &d.ssl_policy {
+                    req = req.ssl_policy(policy);
+                }
+                self.clients.call("ModifyListener", req.send()).await.map_err(|e| field(e, d))?;
+            }
+            ListenerAction::Delete(arn) => {
+                match self.clients.call("DeleteListener", self.clients.elb.delete_listener().listener_arn(&arn).send()).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+}
