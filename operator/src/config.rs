@@ -65,7 +65,7 @@ pub struct Cli {
     #[arg(long, env = "HAWSER_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub leader_election_lease_duration: Duration,
     /// The hawser dataplane's health port, which load balancers probe.
-    #[arg(long, env = "HAWSER_NODE_HEALTH_PORT", default_value_t = 10258)]
+    #[arg(long, env = "HAWSER_NODE_HEALTH_PORT", default_value_t = 10266)]
     pub node_health_port: u16,
     /// Probe the hawser dataplane, or kube-proxy (clusters without the dataplane).
     #[arg(long, env = "HAWSER_HEALTH_CHECK_MODE", value_enum, default_value = "hawser")]
@@ -156,6 +156,7 @@ mod tests {
         assert_eq!(cli.mock_address_pool, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
         assert_eq!(cli.health_check_mode, HealthCheckMode::Hawser);
         assert!(!cli.leader_elect);
+        assert_eq!(cli.node_health_port, 10266, "the dataplane's default --health-port");
     }
 
     #[test]

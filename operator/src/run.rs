@@ -130,7 +130,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let lost = {
         let mut rx = lost_rx.clone();
         async move {
-            let _ = rx.wait_for(|l| *l).await;
+            // Without leader election the sender is gone at once: that is not a loss.
+            if rx.wait_for(|l| *l).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     };
 

@@ -8,7 +8,7 @@ fn cfg() -> DesiredConfig {
     DesiredConfig {
         cluster: "demo".into(),
         health_check_mode: HealthCheckMode::Hawser,
-        node_health_port: 10258,
+        node_health_port: 10266,
         provider_name: "mock",
         provider_annotations: &[],
         capabilities: Capabilities { needs_node_ports: false, supports_udp: true },
@@ -72,7 +72,7 @@ fn defaults_for_a_plain_service() {
         s.health_check,
         HealthCheck {
             protocol: HealthCheckProtocol::Http,
-            port: 10258,
+            port: 10266,
             path: Some("/healthz".into()),
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
@@ -86,7 +86,7 @@ fn defaults_for_a_plain_service() {
 fn health_check_target_follows_traffic_policy_and_mode() {
     let local = json!({"spec": {"externalTrafficPolicy": "Local", "healthCheckNodePort": 31999}});
     let hc = ok(local.clone()).health_check;
-    assert_eq!((hc.port, hc.path.as_deref()), (10258, Some("/services/shop/web")));
+    assert_eq!((hc.port, hc.path.as_deref()), (10266, Some("/services/shop/web")));
 
     let kp = DesiredConfig { health_check_mode: HealthCheckMode::KubeProxy, ..cfg() };
     let hc = build(&service(json!({})), &targets(), &kp).unwrap().health_check;

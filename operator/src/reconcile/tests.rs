@@ -120,7 +120,7 @@ fn harness(cloud: MockCloud) -> Harness {
         desired: DesiredConfig {
             cluster: "demo".into(),
             health_check_mode: HealthCheckMode::Hawser,
-            node_health_port: 10258,
+            node_health_port: 10266,
             provider_name: "mock",
             provider_annotations: &[],
             capabilities: cloud.capabilities(),

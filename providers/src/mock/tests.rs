@@ -23,7 +23,7 @@ fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
         }],
         health_check: HealthCheck {
             protocol: HealthCheckProtocol::Http,
-            port: 10258,
+            port: 10266,
             path: Some("/healthz".into()),
             interval: Duration::from_secs(10),
             timeout: Duration::from_secs(5),

@@ -1,0 +1,281 @@
+//! The real `hawser-operator` binary with the mock cloud, against the fake Kubernetes API server:
+//! what a user sees on a cluster, through the real kube-rs client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hawser_fake_apiserver::{Config, FakeApiServer};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The operator as a child process, killed when dropped.
+struct Operator {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_operator(kubeconfig: &Path, state_file: &Path, extra: &[&str]) -> Operator {
+    let metrics_port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+        .args(["--provider", "mock", "--cluster-name", "demo", "--node-debounce", "200ms"])
+        .arg("--metrics-bind-address")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--health-probe-bind-address")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--mock-state-file")
+        .arg(state_file)
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .expect("hawser-operator starts");
+    Operator { child, metrics_port }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// The mock cloud as the operator serves it (waiting for the operator to listen, after a start).
+async fn mock_state(op: &Operator) -> Value {
+    let body = wait_for("the operator to serve /mock/state", || http_get(op.metrics_port, "/mock/state")).await;
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn lb_service(name: &str, class: &str, annotations: Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": class,
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}]
+        }
+    }))
+    .unwrap()
+}
+
+async fn cluster() -> (FakeApiServer, Client) {
+    let server = FakeApiServer::start(Config::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    (server, client)
+}
+
+fn ingress_ip(svc: &Service) -> Option<String> {
+    svc.status.as_ref()?.load_balancer.as_ref()?.ingress.as_ref()?.first()?.ip.clone()
+}
+
+fn condition(svc: &Service) -> Option<(String, String, String)> {
+    let c = svc.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerReady")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn events_for(client: &Client, name: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+fn lbs_of(state: &Value, service: &str) -> Vec<Value> {
+    state["loadBalancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|lb| lb["tags"]["hawser.dev/service"] == service)
+        .cloned()
+        .collect()
+}
+
+fn state_file(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("cloud.json")
+}
+
+#[tokio::test]
+async fn service_lifecycle_with_the_mock_cloud() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &[]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+
+    // Ours: gets an address from the pool, the finalizer, a True condition and Normal Events.
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    // Another class: must never be touched.
+    services.create(&PostParams::default(), &lb_service("other", "example.com/lb", json!({}))).await.unwrap();
+    // Invalid annotation: a Warning Event naming it, and no load balancer.
+    let bad = lb_service("bad", "hawser.dev/lb", json!({"hawser.dev/scheme": "public"}));
+    services.create(&PostParams::default(), &bad).await.unwrap();
+
+    let web =
+        wait_for("web's ingress", || async { services.get("web").await.ok().filter(|s| ingress_ip(s).is_some()) })
+            .await;
+    assert_eq!(ingress_ip(&web).as_deref(), Some("203.0.113.1"));
+    assert!(web.metadata.finalizers.as_ref().unwrap().contains(&"hawser.dev/cleanup".to_owned()));
+    assert_eq!(condition(&web).unwrap().0, "True");
+    let reasons: Vec<String> = events_for(&client, "web").await.into_iter().map(|e| e.1).collect();
+    assert!(
+        reasons.contains(&"EnsuringLoadBalancer".to_owned()) && reasons.contains(&"EnsuredLoadBalancer".to_owned()),
+        "{reasons:?}"
+    );
+
+    let bad =
+        wait_for("bad's condition", || async { services.get("bad").await.ok().filter(|s| condition(s).is_some()) })
+            .await;
+    let (status, reason, message) = condition(&bad).unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidConfiguration"));
+    assert!(message.contains("hawser.dev/scheme"), "{message}");
+    let warnings = events_for(&client, "bad").await;
+    assert!(
+        warnings
+            .iter()
+            .any(|(t, r, n)| t == "Warning" && r == "InvalidConfiguration" && n.contains("hawser.dev/scheme")),
+        "{warnings:?}"
+    );
+    assert!(ingress_ip(&bad).is_none());
+
+    let state = mock_state(&op).await;
+    assert_eq!(lbs_of(&state, "default/web").len(), 1);
+    assert!(lbs_of(&state, "default/bad").is_empty(), "no load balancer for invalid input");
+    let other = services.get("other").await.unwrap();
+    assert!(
+        other.metadata.finalizers.is_none() && ingress_ip(&other).is_none() && condition(&other).is_none(),
+        "another class untouched"
+    );
+    assert!(events_for(&client, "other").await.is_empty());
+
+    // Switching to ClusterIP: the load balancer goes, then the status and the finalizer.
+    let to_cluster_ip = json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}});
+    services.patch("web", &PatchParams::default(), &Patch::Merge(&to_cluster_ip)).await.unwrap();
+    wait_for("web released", || async {
+        let s = services.get("web").await.ok()?;
+        (s.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
+            && ingress_ip(&s).is_none()
+            && condition(&s).is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(lbs_of(&mock_state(&op).await, "default/web").is_empty(), "mock load balancer removed");
+
+    // Deleting a Service removes its load balancer and lets the Service go.
+    services.create(&PostParams::default(), &lb_service("api", "hawser.dev/lb", json!({}))).await.unwrap();
+    wait_for("api's ingress", || async { services.get("api").await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    services.delete("api", &DeleteParams::default()).await.unwrap();
+    wait_for("api gone", || async { services.get_opt("api").await.ok().filter(Option::is_none).map(|_| ()) }).await;
+    assert!(lbs_of(&mock_state(&op).await, "default/api").is_empty());
+    drop(op);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn restart_with_state_file_creates_no_duplicate() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &[]);
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    let first = wait_for("ingress", || async { services.get("web").await.ok().and_then(|s| ingress_ip(&s)) }).await;
+    drop(op); // killed, as by a crash or an eviction
+
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &[]);
+    // The restarted operator reconciles every Service on start; wait for its reconcile to show in metrics.
+    wait_for("a reconcile after restart", || async {
+        http_get(op.metrics_port, "/metrics")
+            .await
+            .filter(|m| m.contains("hawser_reconciles_total{outcome=\"success\"}"))
+    })
+    .await;
+    let state = mock_state(&op).await;
+    assert_eq!(lbs_of(&state, "default/web").len(), 1, "exactly one load balancer");
+    let creates = state["calls"].as_array().unwrap().iter().filter(|c| c["operation"] == "CreateLoadBalancer").count();
+    assert_eq!(creates, 0, "the restarted operator adopted the load balancer: {}", state["calls"]);
+    assert_eq!(
+        services.get("web").await.unwrap().status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).unwrap()[0]
+            .ip
+            .as_deref(),
+        Some(first.as_str())
+    );
+    drop(op);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn node_leaving_is_removed_from_the_load_balancer_targets() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &[]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let second: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-b"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "addresses": [{"type": "InternalIP", "address": "10.0.0.3"}]}
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &second).await.unwrap();
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    let targets = |state: Value| -> Vec<String> {
+        lbs_of(&state, "default/web")
+            .first()
+            .map(|lb| {
+                lb["targets"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for("two targets", || async { (targets(mock_state(&op).await) == ["node-a", "node-b"]).then_some(()) }).await;
+
+    let taint = json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}});
+    nodes.patch("node-b", &PatchParams::default(), &Patch::Merge(&taint)).await.unwrap();
+    wait_for("node-b drained out", || async { (targets(mock_state(&op).await) == ["node-a"]).then_some(()) }).await;
+    drop(op);
+    server.stop().await;
+}
