@@ -18,3 +18,5 @@ pub mod retry;
 pub mod run;
 pub mod status;
 pub mod telemetry;
+#[cfg(test)]
+mod testutil;

@@ -90,6 +90,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    use crate::testutil::merge;
+
     fn node(extra: serde_json::Value) -> Node {
         let mut base = json!({
             "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
@@ -101,17 +103,6 @@ mod tests {
         });
         merge(&mut base, extra);
         serde_json::from_value(base).unwrap()
-    }
-
-    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
-        match (a, b) {
-            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
-                for (k, v) in b {
-                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (a, b) => *a = b,
-        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::testutil::merge;
 
 fn cfg() -> DesiredConfig {
     DesiredConfig {
@@ -27,17 +28,6 @@ fn service(patch: serde_json::Value) -> Service {
     });
     merge(&mut base, patch);
     serde_json::from_value(base).unwrap()
-}
-
-fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
-    match (a, b) {
-        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
 }
 
 fn targets() -> Vec<Target> {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::desired::HealthCheckMode;
+use crate::testutil::merge;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -80,17 +81,6 @@ fn service(patch: Value) -> Arc<Service> {
     });
     merge(&mut base, patch);
     Arc::new(serde_json::from_value(base).unwrap())
-}
-
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
 }
 
 fn with_finalizer(patch: Value) -> Arc<Service> {
