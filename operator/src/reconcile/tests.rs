@@ -298,6 +298,23 @@ async fn cloud_with_lb() -> MockCloud {
     cloud
 }
 
+/// What cleaning up looks like on the wire: Events, status cleared, then our finalizer (at
+/// `index`) removed with a `test` guard so nobody else's finalizer can be removed by mistake.
+fn cleanup_script(index: usize) -> Vec<Expect> {
+    let path = format!("/metadata/finalizers/{index}");
+    vec![
+        event("DeletingLoadBalancer", "Normal"),
+        event("DeletedLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", clearing_status),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", move |body| {
+            assert_eq!(
+                body,
+                &json!([{"op": "test", "path": path, "value": "hawser.dev/cleanup"}, {"op": "remove", "path": path}])
+            );
+        }),
+    ]
+}
+
 #[tokio::test]
 async fn deletion_removes_the_load_balancer_then_the_finalizer() {
     let cloud = cloud_with_lb().await;
@@ -307,20 +324,7 @@ async fn deletion_removes_the_load_balancer_then_the_finalizer() {
         &mut patch,
         json!({"metadata": {"deletionTimestamp": "2026-11-26T10:00:00Z", "finalizers": ["example.com/keep", "hawser.dev/cleanup"]}}),
     );
-    let script = vec![
-        event("DeletingLoadBalancer", "Normal"),
-        event("DeletedLoadBalancer", "Normal"),
-        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", clearing_status),
-        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", |body| {
-            assert_eq!(
-                body,
-                &json!([
-                    {"op": "test", "path": "/metadata/finalizers/1", "value": "hawser.dev/cleanup"},
-                    {"op": "remove", "path": "/metadata/finalizers/1"}
-                ])
-            );
-        }),
-    ];
+    let script = cleanup_script(1);
     h.run(service(patch), script).await.unwrap();
     assert!(cloud.load_balancers().is_empty(), "load balancer deleted before the finalizer went");
 }
@@ -334,20 +338,7 @@ async fn type_change_to_cluster_ip_cleans_up_and_releases_the_service() {
         &mut patch,
         json!({"metadata": {"finalizers": ["hawser.dev/cleanup"]}, "spec": {"type": "ClusterIP", "loadBalancerClass": null}}),
     );
-    let script = vec![
-        event("DeletingLoadBalancer", "Normal"),
-        event("DeletedLoadBalancer", "Normal"),
-        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", clearing_status),
-        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web", |body| {
-            assert_eq!(
-                body,
-                &json!([
-                    {"op": "test", "path": "/metadata/finalizers/0", "value": "hawser.dev/cleanup"},
-                    {"op": "remove", "path": "/metadata/finalizers/0"}
-                ])
-            );
-        }),
-    ];
+    let script = cleanup_script(0);
     assert_eq!(h.run(service(patch), script).await.unwrap(), Action::await_change());
     assert!(cloud.load_balancers().is_empty());
 }
