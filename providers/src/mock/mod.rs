@@ -230,6 +230,17 @@ impl MockCloud {
             }
             Admission::Admit | Admission::FailAfter => {}
         }
+        // With a state file, the file is the cloud: re-read it so that every operator process
+        // sharing it (a restarted one, or a standby that became leader) sees the same cloud.
+        if let Some(path) = &self.config.state_file {
+            match CloudState::load(path) {
+                Ok(state) => inner.state = state,
+                Err(e) => {
+                    record(&mut inner, "error");
+                    return Err(ProviderError::Fatal(e));
+                }
+            }
+        }
         let before = mutating.then(|| inner.state.clone());
         let result = act(&mut inner.state);
         if let (Some(path), Some(before)) = (&self.config.state_file, before)

@@ -223,6 +223,21 @@ async fn state_file_survives_a_restart_without_duplicates() {
     assert_eq!(MockCloud::new(config).unwrap().load_balancers().len(), 1, "deletion persisted too");
 }
 
+#[tokio::test]
+async fn processes_sharing_a_state_file_share_one_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = MockConfig::new("demo");
+    config.state_file = Some(dir.path().join("cloud.json"));
+    let leader = MockCloud::new(config.clone()).unwrap();
+    let standby = MockCloud::new(config).unwrap();
+    let s = spec("a", "uid-a");
+    let created = leader.ensure(&s).await.unwrap();
+    assert_eq!(standby.ensure(&s).await.unwrap(), created, "the standby sees what the leader made");
+    assert!(mutating(&standby).is_empty(), "and creates nothing");
+    standby.delete(&s.identity).await.unwrap();
+    assert!(leader.list_owned().await.unwrap().is_empty());
+}
+
 #[test]
 fn corrupt_state_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
