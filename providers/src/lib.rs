@@ -8,6 +8,8 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 mod error;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 #[cfg(feature = "mock")]
 pub mod mock;
 mod naming;

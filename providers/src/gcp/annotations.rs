@@ -1,0 +1,167 @@
+//! The `hawser.dev/gcp-*` annotations, parsed strictly and checked against the spec.
+//!
+//! Pure: no Compute call. Every problem is collected so the user sees all of them at once.
+
+use std::collections::BTreeMap;
+
+use crate::{InvalidField, IpFamily, LoadBalancerSpec, Scheme};
+
+/// `Premium` (the default) or `Standard`: the network tier of an external load balancer.
+pub const NETWORK_TIER: &str = "hawser.dev/gcp-network-tier";
+/// The subnetwork (name or URL) of an internal load balancer, instead of the operator's default.
+pub const SUBNET: &str = "hawser.dev/gcp-subnet";
+/// `true` lets clients in every region reach an internal load balancer.
+pub const GLOBAL_ACCESS: &str = "hawser.dev/gcp-global-access";
+/// Seconds (0–3600) a removed node keeps its established connections.
+pub const CONNECTION_DRAINING_TIMEOUT: &str = "hawser.dev/gcp-connection-draining-timeout";
+
+/// Every annotation the GCP provider understands.
+pub const ALL: &[&str] = &[NETWORK_TIER, SUBNET, GLOBAL_ACCESS, CONNECTION_DRAINING_TIMEOUT];
+
+/// Connection draining when the annotation is absent (the value GKE's own L4 controller uses).
+pub const DEFAULT_DRAINING_SECS: i32 = 30;
+
+/// The network tier of an external load balancer's address and forwarding rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkTier {
+    /// Google's backbone (the default).
+    #[default]
+    Premium,
+    /// The public internet.
+    Standard,
+}
+
+impl NetworkTier {
+    /// As GCE spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Premium => "PREMIUM",
+            Self::Standard => "STANDARD",
+        }
+    }
+}
+
+/// The GCP-specific settings of one Service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GcpOptions {
+    /// Network tier (external load balancers).
+    pub network_tier: NetworkTier,
+    /// Subnetwork override (internal load balancers).
+    pub subnet: Option<String>,
+    /// Global access (internal load balancers).
+    pub global_access: bool,
+    /// Connection draining in seconds.
+    pub draining_secs: i32,
+}
+
+/// Parses this provider's annotations of `spec` and checks them against the rest of the spec.
+pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
+    let a: &BTreeMap<String, String> = &spec.provider_annotations;
+    let mut errors = Vec::new();
+    for key in a.keys() {
+        if key.starts_with("hawser.dev/gcp-") && !ALL.contains(&key.as_str()) {
+            errors.push(InvalidField::new(key, format!("unknown GCP annotation; known ones are {}", ALL.join(", "))));
+        }
+    }
+    let get = |k: &str| a.get(k).map(|v| v.trim());
+    let internal = spec.scheme == Scheme::Internal;
+
+    let network_tier = match get(NETWORK_TIER) {
+        None => NetworkTier::Premium,
+        Some(v) if v.eq_ignore_ascii_case("premium") => NetworkTier::Premium,
+        Some(v) if v.eq_ignore_ascii_case("standard") => {
+            if internal {
+                errors.push(InvalidField::new(
+                    NETWORK_TIER,
+                    "internal load balancers are always Premium tier; remove this annotation or hawser.dev/scheme: internal",
+                ));
+            }
+            NetworkTier::Standard
+        }
+        Some(v) => {
+            errors.push(InvalidField::new(NETWORK_TIER, format!("{v:?} is not a network tier; use Premium or Standard")));
+            NetworkTier::Premium
+        }
+    };
+
+    let subnet = match get(SUBNET) {
+        None => None,
+        Some(v) => {
+            let name = v.rsplit('/').next().unwrap_or(v);
+            let valid = !name.is_empty()
+                && name.len() <= 63
+                && name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                errors.push(InvalidField::new(
+                    SUBNET,
+                    format!("{v:?} is not a subnetwork name (lowercase letters, digits, dashes) or URL"),
+                ));
+            }
+            if !internal {
+                errors.push(InvalidField::new(
+                    SUBNET,
+                    "a subnetwork applies only to internal load balancers; add hawser.dev/scheme: internal",
+                ));
+            }
+            Some(v.to_owned())
+        }
+    };
+
+    let global_access = match get(GLOBAL_ACCESS) {
+        None => false,
+        Some(v @ ("true" | "false")) => {
+            if !internal {
+                errors.push(InvalidField::new(
+                    GLOBAL_ACCESS,
+                    "global access applies only to internal load balancers; add hawser.dev/scheme: internal",
+                ));
+            }
+            v == "true"
+        }
+        Some(v) => {
+            errors.push(InvalidField::new(GLOBAL_ACCESS, format!("{v:?} is not a boolean; use \"true\" or \"false\"")));
+            false
+        }
+    };
+
+    let draining_secs = match get(CONNECTION_DRAINING_TIMEOUT) {
+        None => DEFAULT_DRAINING_SECS,
+        Some(v) => match v.trim_end_matches('s').parse::<i32>() {
+            Ok(n) if (0..=3600).contains(&n) => n,
+            _ => {
+                errors.push(InvalidField::new(
+                    CONNECTION_DRAINING_TIMEOUT,
+                    format!("{v:?} is not a number of seconds from 0 to 3600"),
+                ));
+                DEFAULT_DRAINING_SECS
+            }
+        },
+    };
+
+    // Parts of the common spec this provider does not build (yet).
+    if spec.ip_families.iter().any(|f| *f == IpFamily::IPv6) {
+        errors.push(InvalidField::new(
+            "spec.ipFamilies",
+            "the GCP provider builds IPv4 load balancers only; use ipFamilies: [IPv4]",
+        ));
+    }
+    if spec.requested_addresses.iter().any(|a| a.is_ipv6()) {
+        errors.push(InvalidField::new("hawser.dev/address", "only an IPv4 address can be requested on GCP"));
+    }
+    if spec.requested_addresses.len() > 1 {
+        errors.push(InvalidField::new("hawser.dev/address", "give at most one IPv4 address on GCP"));
+    }
+    if spec.listeners.is_empty() {
+        errors.push(InvalidField::new("spec.ports", "a load balancer needs at least one port"));
+    }
+
+    if errors.is_empty() {
+        Ok(GcpOptions { network_tier, subnet, global_access, draining_secs })
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests;

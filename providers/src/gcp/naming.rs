@@ -1,0 +1,219 @@
+//! Deterministic resource names and the ownership record every resource carries.
+//!
+//! GCE has no tags on most load-balancing resources, so ownership lives in the `description`
+//! (JSON) and, where the resource supports them, in labels. Names are derived from the cluster
+//! and the Service UID, so a restarted operator finds everything again by name and then checks
+//! the description before touching it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ServiceIdentity, stable_hash};
+
+/// Every name hawser gives a GCE resource starts with this.
+pub const PREFIX: &str = "hawser-";
+
+/// The names of one Service's resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceNames {
+    /// `hawser-<hash>`: address, health check and traffic firewall share it.
+    pub base: String,
+}
+
+impl ServiceNames {
+    /// Names for `id`: `hawser-` plus 20 hex digits of cluster + UID (27 characters).
+    pub fn new(id: &ServiceIdentity) -> Self {
+        Self { base: format!("{PREFIX}{}", stable_hash(&[&id.cluster, &id.uid], 20)) }
+    }
+
+    /// The reserved address.
+    pub fn address(&self) -> String {
+        self.base.clone()
+    }
+
+    /// The regional health check.
+    pub fn health_check(&self) -> String {
+        self.base.clone()
+    }
+
+    /// The backend service, and the forwarding rule, of one protocol (`tcp` or `udp`).
+    pub fn per_protocol(&self, protocol: &str) -> String {
+        format!("{}-{}", self.base, protocol.to_ascii_lowercase())
+    }
+
+    /// The firewall that lets clients reach the nodes.
+    pub fn firewall(&self) -> String {
+        format!("{}-fw", self.base)
+    }
+}
+
+/// The names of the resources the whole cluster shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNames {
+    /// `hawser-c-<hash>`.
+    pub base: String,
+}
+
+impl ClusterNames {
+    /// Names for the cluster `cluster`.
+    pub fn new(cluster: &str) -> Self {
+        Self { base: format!("{PREFIX}c-{}", stable_hash(&[cluster], 16)) }
+    }
+
+    /// The unmanaged instance group of the nodes in one zone (same name in every zone): an
+    /// instance may be in only one load-balanced group, so all Services share it.
+    pub fn instance_group(&self) -> String {
+        format!("{}-ig", self.base)
+    }
+
+    /// The firewall that lets Google's health checkers reach the dataplane health port.
+    pub fn health_check_firewall(&self) -> String {
+        format!("{}-hc", self.base)
+    }
+}
+
+/// The ownership record, stored as JSON in each resource's `description`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// The owning cluster.
+    pub cluster: String,
+    /// `namespace/name` of the owning Service; absent on cluster-wide resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The owning Service's UID; absent on cluster-wide resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// What the resource is to hawser.
+    pub resource: String,
+}
+
+impl Ownership {
+    /// The record of a resource owned by one Service.
+    pub fn service(id: &ServiceIdentity, resource: &str) -> Self {
+        Self {
+            cluster: id.cluster.clone(),
+            service: Some(id.service_key()),
+            uid: Some(id.uid.clone()),
+            resource: resource.to_owned(),
+        }
+    }
+
+    /// The record of a resource the cluster shares.
+    pub fn cluster(cluster: &str, resource: &str) -> Self {
+        Self { cluster: cluster.to_owned(), service: None, uid: None, resource: resource.to_owned() }
+    }
+
+    /// The JSON put in `description`.
+    pub fn to_description(&self) -> String {
+        // Serialising a struct of strings cannot fail; an empty description would only make the
+        // resource look foreign, never make hawser touch something it does not own.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses a `description`; `None` when it is not a hawser record.
+    pub fn from_description(description: Option<&str>) -> Option<Self> {
+        serde_json::from_str(description?).ok()
+    }
+
+    /// The identity of the owning Service, for per-Service records.
+    pub fn identity(&self) -> Option<ServiceIdentity> {
+        let (namespace, name) = self.service.as_deref()?.split_once('/')?;
+        Some(ServiceIdentity {
+            cluster: self.cluster.clone(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: self.uid.clone()?,
+        })
+    }
+
+    /// Labels for resources that support them (addresses, forwarding rules). GCE label keys and
+    /// values allow only `[a-z0-9_-]` up to 63 characters, so the `hawser.dev/…` tag names are
+    /// spelled with dashes and values are sanitised.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("hawser-cluster".to_owned(), label_value(&self.cluster)),
+            ("hawser-resource".to_owned(), label_value(&self.resource)),
+        ]);
+        if let Some(uid) = &self.uid {
+            labels.insert("hawser-service-uid".to_owned(), label_value(uid));
+        }
+        labels
+    }
+}
+
+/// A string turned into a valid GCE label value.
+pub fn label_value(s: &str) -> String {
+    s.chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(63)
+        .collect()
+}
+
+/// Whether `description` says the resource belongs to the Service `id`.
+pub fn owned_by_service(description: Option<&str>, id: &ServiceIdentity) -> bool {
+    Ownership::from_description(description)
+        .is_some_and(|o| o.cluster == id.cluster && o.uid.as_deref() == Some(id.uid.as_str()))
+}
+
+/// Whether `description` says the resource is shared by the cluster `cluster`.
+pub fn owned_by_cluster(description: Option<&str>, cluster: &str) -> bool {
+    Ownership::from_description(description).is_some_and(|o| o.cluster == cluster && o.uid.is_none())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(uid: &str) -> ServiceIdentity {
+        ServiceIdentity { cluster: "Prod.EU".into(), namespace: "shop".into(), name: "web".into(), uid: uid.into() }
+    }
+
+    fn valid_name(n: &str) -> bool {
+        // GCE: [a-z]([-a-z0-9]*[a-z0-9])?, at most 63 characters.
+        n.len() <= 63
+            && n.starts_with(|c: char| c.is_ascii_lowercase())
+            && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !n.ends_with('-')
+    }
+
+    #[test]
+    fn names_are_deterministic_valid_and_distinct_per_uid() {
+        let a = ServiceNames::new(&id("u1"));
+        assert_eq!(a, ServiceNames::new(&id("u1")));
+        assert_ne!(a, ServiceNames::new(&id("u2")));
+        let c = ClusterNames::new("Prod.EU");
+        for n in [a.address(), a.health_check(), a.per_protocol("TCP"), a.per_protocol("udp"), a.firewall()] {
+            assert!(valid_name(&n), "{n}");
+        }
+        for n in [c.instance_group(), c.health_check_firewall()] {
+            assert!(valid_name(&n), "{n}");
+        }
+        assert_eq!(a.per_protocol("TCP"), format!("{}-tcp", a.base));
+    }
+
+    #[test]
+    fn ownership_round_trips_and_is_checked() {
+        let o = Ownership::service(&id("u1"), "forwarding-rule");
+        let d = o.to_description();
+        assert_eq!(Ownership::from_description(Some(&d)), Some(o.clone()));
+        assert!(owned_by_service(Some(&d), &id("u1")));
+        assert!(!owned_by_service(Some(&d), &id("u2")));
+        assert!(!owned_by_cluster(Some(&d), "Prod.EU"));
+        assert!(!owned_by_service(Some("created by hand"), &id("u1")));
+        assert!(!owned_by_service(None, &id("u1")));
+        assert_eq!(o.identity(), Some(id("u1")));
+        let shared = Ownership::cluster("Prod.EU", "instance-group").to_description();
+        assert!(owned_by_cluster(Some(&shared), "Prod.EU"));
+        assert!(!owned_by_cluster(Some(&shared), "other"));
+    }
+
+    #[test]
+    fn labels_are_valid_gce_labels() {
+        let labels = Ownership::service(&id("ABC/1"), "address").labels();
+        assert_eq!(labels["hawser-cluster"], "prod-eu");
+        assert_eq!(labels["hawser-service-uid"], "abc-1");
+        assert_eq!(labels["hawser-resource"], "address");
+    }
+}

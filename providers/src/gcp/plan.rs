@@ -1,0 +1,426 @@
+//! The GCE resources a Service needs, and what to change to get there. Pure: no Compute call.
+//!
+//! Resources are described with small structs holding only the fields hawser manages, with URLs
+//! in relative form (`projects/…`), so "observed" (converted from what GCE answers) and
+//! "desired" compare with `==` and a reconcile that finds nothing to change makes no write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use super::annotations::{GcpOptions, NetworkTier};
+use super::config::GcpConfig;
+use super::naming::{ClusterNames, Ownership, ServiceNames};
+use crate::{HealthCheckProtocol, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity, SessionAffinity, Target};
+
+/// Google's health-check source ranges for passthrough load balancers (IPv4).
+pub const HEALTH_CHECK_RANGES: &[&str] = &["35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22"];
+
+/// A forwarding rule lists at most this many ports; more need a port range.
+pub const MAX_FORWARDING_RULE_PORTS: usize = 5;
+
+/// A reserved regional address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressSpec {
+    /// Resource name.
+    pub name: String,
+    /// Ownership record.
+    pub description: String,
+    /// `EXTERNAL` or `INTERNAL`.
+    pub address_type: &'static str,
+    /// Network tier (external only).
+    pub network_tier: Option<&'static str>,
+    /// Subnetwork (internal only).
+    pub subnetwork: Option<String>,
+    /// `SHARED_LOADBALANCER_VIP` for internal addresses (several forwarding rules share them).
+    pub purpose: Option<&'static str>,
+    /// Ownership labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A regional health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSpec {
+    /// Resource name.
+    pub name: String,
+    /// Ownership record.
+    pub description: String,
+    /// HTTP or TCP.
+    pub protocol: HealthCheckProtocol,
+    /// Port on the node.
+    pub port: i32,
+    /// HTTP request path.
+    pub path: Option<String>,
+    /// Seconds between probes.
+    pub interval_sec: i32,
+    /// Seconds one probe may take.
+    pub timeout_sec: i32,
+    /// Successes to become healthy.
+    pub healthy_threshold: i32,
+    /// Failures to become unhealthy.
+    pub unhealthy_threshold: i32,
+}
+
+/// A regional backend service of one protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendServiceSpec {
+    /// Resource name.
+    pub name: String,
+    /// Ownership record.
+    pub description: String,
+    /// `EXTERNAL` or `INTERNAL`.
+    pub scheme: &'static str,
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// `NONE` or `CLIENT_IP`.
+    pub session_affinity: &'static str,
+    /// Connection draining seconds.
+    pub draining_sec: i32,
+    /// Relative URL of the health check.
+    pub health_check: String,
+    /// Relative URLs of the instance groups.
+    pub groups: BTreeSet<String>,
+    /// Relative URL of the network (internal only).
+    pub network: Option<String>,
+}
+
+/// A regional forwarding rule of one protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardingRuleSpec {
+    /// Resource name.
+    pub name: String,
+    /// Ownership record.
+    pub description: String,
+    /// The load balancer's IP.
+    pub ip: String,
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// Up to five ports, or empty with a range.
+    pub ports: Vec<String>,
+    /// `first-last` when more than five ports.
+    pub port_range: Option<String>,
+    /// `EXTERNAL` or `INTERNAL`.
+    pub scheme: &'static str,
+    /// Network tier (external only).
+    pub network_tier: Option<&'static str>,
+    /// Relative URL of the backend service.
+    pub backend_service: String,
+    /// Network (internal only).
+    pub network: Option<String>,
+    /// Subnetwork (internal only).
+    pub subnetwork: Option<String>,
+    /// Global access (internal only).
+    pub global_access: bool,
+    /// Ownership labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A firewall rule allowing ingress to the nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallSpec {
+    /// Resource name.
+    pub name: String,
+    /// Ownership record.
+    pub description: String,
+    /// Relative URL of the network.
+    pub network: String,
+    /// Client ranges.
+    pub source_ranges: BTreeSet<String>,
+    /// Destination ranges (the load balancer's IP); empty means any.
+    pub destination_ranges: BTreeSet<String>,
+    /// Allowed ports by lowercase protocol.
+    pub allowed: BTreeMap<String, BTreeSet<String>>,
+    /// Node network tags.
+    pub target_tags: BTreeSet<String>,
+    /// Node service accounts.
+    pub target_service_accounts: BTreeSet<String>,
+}
+
+/// What to do with an existing forwarding rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardingRuleAction {
+    /// It matches.
+    Keep,
+    /// Only global access differs, which GCE patches in place.
+    PatchGlobalAccess,
+    /// Something immutable differs: delete and create again (the address is kept).
+    Recreate,
+}
+
+/// Everything one Service needs, except what depends on the address GCE hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Per-Service names.
+    pub names: ServiceNames,
+    /// Cluster-wide names.
+    pub cluster_names: ClusterNames,
+    /// The address to reserve; `None` when the user asked for one of theirs.
+    pub address: Option<AddressSpec>,
+    /// The user's address, which must be a static address of the project.
+    pub requested_ip: Option<Ipv4Addr>,
+    /// The health check.
+    pub health_check: HealthCheckSpec,
+    /// One backend service per protocol.
+    pub backend_services: Vec<BackendServiceSpec>,
+    /// Instance URLs per zone: the members of the cluster's instance group there.
+    pub instance_groups: BTreeMap<String, BTreeSet<String>>,
+    /// The port of the shared health-check firewall this Service needs.
+    pub health_port: u16,
+    spec_scheme: Scheme,
+    options: GcpOptions,
+    ports: BTreeMap<&'static str, BTreeSet<u16>>,
+    source_ranges: BTreeSet<String>,
+    network: String,
+    subnetwork: Option<String>,
+    target_tags: BTreeSet<String>,
+    target_service_accounts: BTreeSet<String>,
+    identity: ServiceIdentity,
+}
+
+/// Where a node's VM is: `(zone, relative instance URL)` from `gce://project/zone/name`.
+pub fn instance_of(target: &Target) -> Option<(String, String)> {
+    let rest = target.provider_id.as_deref()?.strip_prefix("gce://")?;
+    let mut parts = rest.split('/');
+    let (project, zone, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if project.is_empty() || zone.is_empty() || name.is_empty() || parts.next().is_some() {
+        return None;
+    }
+    Some((zone.to_owned(), format!("projects/{project}/zones/{zone}/instances/{name}")))
+}
+
+fn secs(d: std::time::Duration) -> i32 {
+    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+impl Plan {
+    /// The plan for `spec` with its parsed GCP options.
+    pub fn new(config: &GcpConfig, spec: &LoadBalancerSpec, options: &GcpOptions) -> Self {
+        let id = &spec.identity;
+        let names = ServiceNames::new(id);
+        let cluster_names = ClusterNames::new(&config.cluster);
+        let internal = spec.scheme == Scheme::Internal;
+        let scheme = if internal { "INTERNAL" } else { "EXTERNAL" };
+        let subnetwork = internal.then(|| {
+            let s = options.subnet.clone().or_else(|| config.subnetwork.clone()).unwrap_or_default();
+            config.subnetwork_url(&s)
+        });
+        let requested_ip = spec.requested_addresses.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let address = requested_ip.is_none().then(|| {
+            let owner = Ownership::service(id, "address");
+            AddressSpec {
+                name: names.address(),
+                description: owner.to_description(),
+                address_type: scheme,
+                network_tier: (!internal).then(|| options.network_tier.as_str()),
+                subnetwork: subnetwork.clone(),
+                purpose: internal.then_some("SHARED_LOADBALANCER_VIP"),
+                labels: owner.labels(),
+            }
+        });
+        let hc = &spec.health_check;
+        let health_check = HealthCheckSpec {
+            name: names.health_check(),
+            description: Ownership::service(id, "health-check").to_description(),
+            protocol: hc.protocol,
+            port: i32::from(hc.port),
+            path: match hc.protocol {
+                HealthCheckProtocol::Http => Some(hc.path.clone().unwrap_or_else(|| "/".to_owned())),
+                HealthCheckProtocol::Tcp => None,
+            },
+            interval_sec: secs(hc.interval),
+            // GCE refuses a timeout longer than the interval.
+            timeout_sec: secs(hc.timeout).min(secs(hc.interval)),
+            healthy_threshold: i32::try_from(hc.healthy_threshold.max(1)).unwrap_or(i32::MAX),
+            unhealthy_threshold: i32::try_from(hc.unhealthy_threshold.max(1)).unwrap_or(i32::MAX),
+        };
+        let mut instance_groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for target in &spec.targets {
+            if let Some((zone, url)) = instance_of(target) {
+                instance_groups.entry(zone).or_default().insert(url);
+            }
+        }
+        let mut ports: BTreeMap<&'static str, BTreeSet<u16>> = BTreeMap::new();
+        for l in &spec.listeners {
+            if matches!(l.protocol, Protocol::Tcp | Protocol::TcpUdp) {
+                ports.entry("TCP").or_default().insert(l.port);
+            }
+            if matches!(l.protocol, Protocol::Udp | Protocol::TcpUdp) {
+                ports.entry("UDP").or_default().insert(l.port);
+            }
+        }
+        let mut plan = Self {
+            names,
+            cluster_names,
+            address,
+            requested_ip,
+            health_check,
+            backend_services: Vec::new(),
+            instance_groups,
+            health_port: hc.port,
+            spec_scheme: spec.scheme,
+            options: options.clone(),
+            ports,
+            source_ranges: if spec.source_ranges.is_empty() {
+                BTreeSet::from(["0.0.0.0/0".to_owned()])
+            } else {
+                spec.source_ranges.iter().map(ToString::to_string).collect()
+            },
+            network: config.network_url(),
+            subnetwork,
+            target_tags: config.node_tags.iter().cloned().collect(),
+            target_service_accounts: if config.node_tags.is_empty() {
+                config.node_service_account.iter().cloned().collect()
+            } else {
+                BTreeSet::new()
+            },
+            identity: id.clone(),
+        };
+        let groups = plan.instance_groups.keys().map(|z| plan.instance_group_url(config, z)).collect::<BTreeSet<_>>();
+        let hc_url = format!("projects/{}/regions/{}/healthChecks/{}", config.project, config.region, plan.health_check.name);
+        plan.backend_services = plan
+            .ports
+            .keys()
+            .map(|proto| BackendServiceSpec {
+                name: plan.names.per_protocol(proto),
+                description: Ownership::service(id, "backend-service").to_description(),
+                scheme,
+                protocol: proto,
+                session_affinity: match spec.session_affinity {
+                    SessionAffinity::None => "NONE",
+                    SessionAffinity::ClientIp { .. } => "CLIENT_IP",
+                },
+                draining_sec: options.draining_secs,
+                health_check: hc_url.clone(),
+                groups: groups.clone(),
+                network: internal.then(|| plan.network.clone()),
+            })
+            .collect();
+        plan
+    }
+
+    /// Relative URL of the cluster's instance group in `zone`.
+    pub fn instance_group_url(&self, config: &GcpConfig, zone: &str) -> String {
+        format!("projects/{}/zones/{zone}/instanceGroups/{}", config.project, self.cluster_names.instance_group())
+    }
+
+    /// Whether the load balancer is internal.
+    pub fn internal(&self) -> bool {
+        self.spec_scheme == Scheme::Internal
+    }
+
+    /// The network tier of the address and forwarding rules (external only).
+    pub fn network_tier(&self) -> Option<NetworkTier> {
+        (!self.internal()).then_some(self.options.network_tier)
+    }
+
+    /// The relative URL of the subnetwork (internal only).
+    pub fn subnetwork(&self) -> Option<&str> {
+        self.subnetwork.as_deref()
+    }
+
+    /// The forwarding rules, one per protocol, on `ip`.
+    pub fn forwarding_rules(&self, config: &GcpConfig, ip: &str) -> Vec<ForwardingRuleSpec> {
+        let owner = Ownership::service(&self.identity, "forwarding-rule");
+        self.ports
+            .iter()
+            .map(|(proto, ports)| {
+                let (list, range) = port_spec(ports);
+                ForwardingRuleSpec {
+                    name: self.names.per_protocol(proto),
+                    description: owner.to_description(),
+                    ip: ip.to_owned(),
+                    protocol: proto,
+                    ports: list,
+                    port_range: range,
+                    scheme: if self.internal() { "INTERNAL" } else { "EXTERNAL" },
+                    network_tier: self.network_tier().map(NetworkTier::as_str),
+                    backend_service: format!(
+                        "projects/{}/regions/{}/backendServices/{}",
+                        config.project,
+                        config.region,
+                        self.names.per_protocol(proto)
+                    ),
+                    network: self.internal().then(|| self.network.clone()),
+                    subnetwork: self.subnetwork.clone(),
+                    global_access: self.internal() && self.options.global_access,
+                    labels: owner.labels(),
+                }
+            })
+            .collect()
+    }
+
+    /// The firewall letting clients reach the nodes on the Service ports at `ip`.
+    pub fn firewall(&self, ip: &str) -> FirewallSpec {
+        FirewallSpec {
+            name: self.names.firewall(),
+            description: Ownership::service(&self.identity, "firewall").to_description(),
+            network: self.network.clone(),
+            source_ranges: self.source_ranges.clone(),
+            destination_ranges: BTreeSet::from([format!("{ip}/32")]),
+            allowed: self
+                .ports
+                .iter()
+                .map(|(proto, ports)| (proto.to_ascii_lowercase(), ports.iter().map(u16::to_string).collect()))
+                .collect(),
+            target_tags: self.target_tags.clone(),
+            target_service_accounts: self.target_service_accounts.clone(),
+        }
+    }
+
+    /// The cluster's health-check firewall as this Service needs it: `existing` (if any) with
+    /// this Service's health port added. Ports are never removed here, because other Services
+    /// may rely on them; the rule goes away with the cluster's last load balancer.
+    pub fn health_check_firewall(&self, cluster: &str, existing: Option<&FirewallSpec>) -> FirewallSpec {
+        let mut ports: BTreeSet<String> =
+            existing.and_then(|f| f.allowed.get("tcp")).cloned().unwrap_or_default();
+        ports.insert(self.health_port.to_string());
+        FirewallSpec {
+            name: self.cluster_names.health_check_firewall(),
+            description: Ownership::cluster(cluster, "health-check-firewall").to_description(),
+            network: self.network.clone(),
+            source_ranges: HEALTH_CHECK_RANGES.iter().map(|s| (*s).to_owned()).collect(),
+            destination_ranges: BTreeSet::new(),
+            allowed: BTreeMap::from([("tcp".to_owned(), ports)]),
+            target_tags: self.target_tags.clone(),
+            target_service_accounts: self.target_service_accounts.clone(),
+        }
+    }
+}
+
+/// `ports` as a forwarding rule takes them: a list of up to five, else one covering range.
+pub fn port_spec(ports: &BTreeSet<u16>) -> (Vec<String>, Option<String>) {
+    if ports.len() <= MAX_FORWARDING_RULE_PORTS {
+        (ports.iter().map(u16::to_string).collect(), None)
+    } else {
+        let first = ports.first().copied().unwrap_or_default();
+        let last = ports.last().copied().unwrap_or_default();
+        (Vec::new(), Some(format!("{first}-{last}")))
+    }
+}
+
+/// What to do with the forwarding rule `observed` so that it becomes `desired`.
+pub fn forwarding_rule_action(observed: &ForwardingRuleSpec, desired: &ForwardingRuleSpec) -> ForwardingRuleAction {
+    fn immutable(f: &ForwardingRuleSpec) -> impl PartialEq + '_ {
+        (&f.ip, f.protocol, &f.ports, &f.port_range, f.scheme, f.network_tier, &f.backend_service, &f.subnetwork)
+    }
+    if immutable(observed) != immutable(desired) {
+        ForwardingRuleAction::Recreate
+    } else if observed.global_access != desired.global_access {
+        ForwardingRuleAction::PatchGlobalAccess
+    } else {
+        ForwardingRuleAction::Keep
+    }
+}
+
+/// Instances to add to and remove from a group holding `observed` so that it holds `desired`.
+pub fn membership_changes(
+    observed: &BTreeSet<String>,
+    desired: &BTreeSet<String>,
+) -> (Vec<String>, Vec<String>) {
+    (desired.difference(observed).cloned().collect(), observed.difference(desired).cloned().collect())
+}
+
+#[cfg(test)]
+mod tests;
