@@ -93,12 +93,18 @@ fn boolean(key: &str, value: &str, errors: &mut Vec<InvalidField>) -> Option<boo
 fn ids(key: &str, value: &str, prefix: &str, what: &str, errors: &mut Vec<InvalidField>) -> Vec<String> {
     let items = list(value);
     if items.is_empty() {
-        errors.push(InvalidField::new(key, format!("is empty; give one or more {what} IDs ({prefix}…), comma-separated")));
+        errors.push(InvalidField::new(
+            key,
+            format!("is empty; give one or more {what} IDs ({prefix}…), comma-separated"),
+        ));
     }
     for item in &items {
-        let ok = item.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
+        let ok = item
+            .strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
         if !ok {
-            errors.push(InvalidField::new(key, format!("{item:?} is not a {what} ID ({prefix} followed by hex digits)")));
+            errors
+                .push(InvalidField::new(key, format!("{item:?} is not a {what} ID ({prefix} followed by hex digits)")));
         }
     }
     items
@@ -119,7 +125,8 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
     if get(SUBNETS).is_some() && subnets.is_empty() {
         errors.push(InvalidField::new(SUBNETS, "is empty; give subnet IDs (subnet-…) or Name tags, comma-separated"));
     }
-    let security_groups = get(SECURITY_GROUPS).map(|v| ids(SECURITY_GROUPS, v, "sg-", "security group", &mut errors)).unwrap_or_default();
+    let security_groups =
+        get(SECURITY_GROUPS).map(|v| ids(SECURITY_GROUPS, v, "sg-", "security group", &mut errors)).unwrap_or_default();
     if !security_groups.is_empty() && !spec.source_ranges.is_empty() {
         errors.push(InvalidField::new(
             SECURITY_GROUPS,
@@ -130,7 +137,8 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
     let certificate = get(SSL_CERT).map(str::trim).map(str::to_owned);
     if let Some(cert) = &certificate {
         let parts: Vec<&str> = cert.split(':').collect();
-        let ok = parts.len() == 6 && parts[0] == "arn" && (parts[2] == "acm" || parts[2] == "iam") && !parts[5].is_empty();
+        let ok =
+            parts.len() == 6 && parts[0] == "arn" && (parts[2] == "acm" || parts[2] == "iam") && !parts[5].is_empty();
         if !ok {
             errors.push(InvalidField::new(
                 SSL_CERT,
@@ -140,7 +148,9 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
     }
     let mut tls_ports = BTreeSet::new();
     match (get(SSL_PORTS), &certificate) {
-        (Some(_), None) => errors.push(InvalidField::new(SSL_PORTS, format!("needs a certificate; set {SSL_CERT} too"))),
+        (Some(_), None) => {
+            errors.push(InvalidField::new(SSL_PORTS, format!("needs a certificate; set {SSL_CERT} too")))
+        }
         (Some(v), Some(_)) => {
             for item in list(v) {
                 if item == "*" {
@@ -153,7 +163,10 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
                     .filter(|l| item.parse::<u16>().ok() == Some(l.port) || (!l.name.is_empty() && l.name == item))
                     .collect();
                 if found.is_empty() {
-                    errors.push(InvalidField::new(SSL_PORTS, format!("{item:?} is not a port number or port name of this Service")));
+                    errors.push(InvalidField::new(
+                        SSL_PORTS,
+                        format!("{item:?} is not a port number or port name of this Service"),
+                    ));
                 }
                 for l in found {
                     if l.protocol == Protocol::Tcp {
@@ -161,7 +174,11 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
                     } else {
                         errors.push(InvalidField::new(
                             SSL_PORTS,
-                            format!("port {} is {}; TLS is only possible on TCP-only ports", l.port, l.protocol.as_str()),
+                            format!(
+                                "port {} is {}; TLS is only possible on TCP-only ports",
+                                l.port,
+                                l.protocol.as_str()
+                            ),
                         ));
                     }
                 }
@@ -182,7 +199,10 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
             p.to_owned()
         }
         Some(p) if p.is_empty() || p.contains(char::is_whitespace) => {
-            errors.push(InvalidField::new(SSL_NEGOTIATION_POLICY, "give an ELB security policy name, e.g. ELBSecurityPolicy-TLS13-1-2-2021-06"));
+            errors.push(InvalidField::new(
+                SSL_NEGOTIATION_POLICY,
+                "give an ELB security policy name, e.g. ELBSecurityPolicy-TLS13-1-2-2021-06",
+            ));
             p.to_owned()
         }
         Some(p) => p.to_owned(),
@@ -197,33 +217,49 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
         None | Some("false") => false,
         Some("true" | "*") => true,
         Some(other) => {
-            errors.push(InvalidField::new(PROXY_PROTOCOL, format!("{other:?} is not accepted; use \"*\" or \"true\" (all ports) or \"false\"")));
+            errors.push(InvalidField::new(
+                PROXY_PROTOCOL,
+                format!("{other:?} is not accepted; use \"*\" or \"true\" (all ports) or \"false\""),
+            ));
             false
         }
     };
 
-    let eip_allocations = get(EIP_ALLOCATIONS).map(|v| ids(EIP_ALLOCATIONS, v, "eipalloc-", "Elastic IP allocation", &mut errors)).unwrap_or_default();
+    let eip_allocations = get(EIP_ALLOCATIONS)
+        .map(|v| ids(EIP_ALLOCATIONS, v, "eipalloc-", "Elastic IP allocation", &mut errors))
+        .unwrap_or_default();
     if !eip_allocations.is_empty() && spec.scheme != Scheme::InternetFacing {
-        errors.push(InvalidField::new(EIP_ALLOCATIONS, "Elastic IPs need an internet-facing load balancer; remove hawser.dev/scheme: internal or this annotation"));
+        errors.push(InvalidField::new(
+            EIP_ALLOCATIONS,
+            "Elastic IPs need an internet-facing load balancer; remove hawser.dev/scheme: internal or this annotation",
+        ));
     }
     let mut private_ipv4_addresses = Vec::new();
     if let Some(v) = get(PRIVATE_IPV4_ADDRESSES) {
         for item in list(v) {
             match item.parse::<Ipv4Addr>() {
                 Ok(ip) => private_ipv4_addresses.push(ip),
-                Err(_) => errors.push(InvalidField::new(PRIVATE_IPV4_ADDRESSES, format!("{item:?} is not an IPv4 address"))),
+                Err(_) => {
+                    errors.push(InvalidField::new(PRIVATE_IPV4_ADDRESSES, format!("{item:?} is not an IPv4 address")))
+                }
             }
         }
         if list(v).is_empty() {
             errors.push(InvalidField::new(PRIVATE_IPV4_ADDRESSES, "is empty; give one IPv4 address per subnet"));
         }
         if spec.scheme != Scheme::Internal {
-            errors.push(InvalidField::new(PRIVATE_IPV4_ADDRESSES, "private addresses need an internal load balancer; set hawser.dev/scheme: internal"));
+            errors.push(InvalidField::new(
+                PRIVATE_IPV4_ADDRESSES,
+                "private addresses need an internal load balancer; set hawser.dev/scheme: internal",
+            ));
         }
     }
     for (key, n) in [(EIP_ALLOCATIONS, eip_allocations.len()), (PRIVATE_IPV4_ADDRESSES, private_ipv4_addresses.len())] {
         if n > 0 && !subnets.is_empty() && n != subnets.len() {
-            errors.push(InvalidField::new(key, format!("gives {n} values for {} subnets in {SUBNETS}; give one per subnet", subnets.len())));
+            errors.push(InvalidField::new(
+                key,
+                format!("gives {n} values for {} subnets in {SUBNETS}; give one per subnet", subnets.len()),
+            ));
         }
     }
 
@@ -235,7 +271,10 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<AwsOptions, Vec<InvalidField>> {
         ));
     }
     if !spec.ip_families.contains(&IpFamily::IPv4) {
-        errors.push(InvalidField::new("spec.ipFamilies", "an AWS NLB with instance targets needs IPv4 (IPv4 alone or dual-stack)"));
+        errors.push(InvalidField::new(
+            "spec.ipFamilies",
+            "an AWS NLB with instance targets needs IPv4 (IPv4 alone or dual-stack)",
+        ));
     }
     for (i, l) in spec.listeners.iter().enumerate() {
         if l.node_port.is_none() {

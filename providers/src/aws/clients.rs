@@ -386,7 +386,8 @@ mod iam_tests {
     #[test]
     fn mutating_actions_are_conditioned_on_ownership_tags() {
         for (actions, keys) in statements() {
-            let mutating: Vec<_> = actions.iter().filter(|a| !a.split(':').nth(1).unwrap().starts_with("Describe")).collect();
+            let mutating: Vec<_> =
+                actions.iter().filter(|a| !a.split(':').nth(1).unwrap().starts_with("Describe")).collect();
             if mutating.is_empty() {
                 continue;
             }

@@ -78,7 +78,8 @@ impl AwsProvider {
                         self.clients.elb.describe_target_groups().load_balancer_arn(&lb.arn).send(),
                     )
                     .await?;
-                target_groups.extend(out.target_groups().iter().filter_map(|t| t.target_group_arn().map(str::to_owned)));
+                target_groups
+                    .extend(out.target_groups().iter().filter_map(|t| t.target_group_arn().map(str::to_owned)));
                 self.delete_load_balancer(&lb.arn).await?;
             }
             Ok(None) => {}
@@ -132,29 +133,12 @@ impl AwsProvider {
                 .await?;
             for g in out.security_groups() {
                 let Some(node_group) = g.group_id() else { continue };
-                let perms: Vec<_> = g
-                    .ip_permissions()
-                    .iter()
-                    .filter(|p| p.user_id_group_pairs().iter().any(|u| u.group_id() == Some(group.as_str())))
-                    .map(|p| {
-                        let mut p = p.clone();
-                        p.user_id_group_pairs = Some(
-                            p.user_id_group_pairs()
-                                .iter()
-                                .filter(|u| u.group_id() == Some(group.as_str()))
-                                .map(|u| {
-                                    aws_sdk_ec2::types::UserIdGroupPair::builder()
-                                        .set_group_id(u.group_id().map(str::to_owned))
-                                        .build()
-                                })
-                                .collect(),
-                        );
-                        p.ip_ranges = None;
-                        p.ipv6_ranges = None;
-                        p.prefix_list_ids = None;
-                        p
-                    })
+                let ours: Vec<super::plan::Rule> = super::ensure::rules_of(g.ip_permissions())
+                    .into_iter()
+                    .filter(|r| r.source == super::plan::Source::Group(group.clone()))
                     .collect();
+                // The same description as when authorized: AWS ignores it on revoke, moto does not.
+                let perms = super::ensure::permissions(&ours, &super::ensure::node_rule_description(id));
                 if perms.is_empty() || node_group == group {
                     continue;
                 }

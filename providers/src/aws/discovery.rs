@@ -83,7 +83,10 @@ pub async fn node_security_groups(
         return Ok(BTreeSet::new());
     }
     let out = clients
-        .call("DescribeSecurityGroups", clients.ec2.describe_security_groups().set_group_ids(Some(all.into_iter().cloned().collect())).send())
+        .call(
+            "DescribeSecurityGroups",
+            clients.ec2.describe_security_groups().set_group_ids(Some(all.into_iter().cloned().collect())).send(),
+        )
         .await?;
     let cluster_tag = format!("kubernetes.io/cluster/{cluster}");
     let tagged: BTreeSet<String> = out
@@ -140,7 +143,10 @@ pub async fn subnets(
                 .await?;
             for s in out.subnets() {
                 if let Some(id) = s.subnet_id() {
-                    found.insert(id.to_owned(), (s.availability_zone().unwrap_or_default().to_owned(), tag_map(s.tags())));
+                    found.insert(
+                        id.to_owned(),
+                        (s.availability_zone().unwrap_or_default().to_owned(), tag_map(s.tags())),
+                    );
                 }
             }
         }

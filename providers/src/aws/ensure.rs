@@ -18,7 +18,9 @@ use super::plan::{
     ObservedTargetGroup, Rule, Source, TagDiff,
 };
 use super::{AwsProvider, discovery, naming, set};
-use crate::{IngressPoint, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError, Scheme, ServiceIdentity};
+use crate::{
+    IngressPoint, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError, Scheme, ServiceIdentity,
+};
 
 /// Targets per Register/DeregisterTargets call.
 const TARGET_CHUNK: usize = 100;
@@ -44,7 +46,7 @@ fn forward(tg_arn: &str) -> Action {
 }
 
 /// Turns rules into the `IpPermission`s EC2 takes.
-fn permissions(rules: &[Rule], description: &str) -> Vec<IpPermission> {
+pub(super) fn permissions(rules: &[Rule], description: &str) -> Vec<IpPermission> {
     rules
         .iter()
         .map(|r| {
@@ -54,16 +56,21 @@ fn permissions(rules: &[Rule], description: &str) -> Vec<IpPermission> {
                     b.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(c).description(description).build()).build()
                 }
                 Source::Cidr(c) => b.ip_ranges(IpRange::builder().cidr_ip(c).description(description).build()).build(),
-                Source::Group(g) => {
-                    b.user_id_group_pairs(UserIdGroupPair::builder().group_id(g).description(description).build()).build()
-                }
+                Source::Group(g) => b
+                    .user_id_group_pairs(UserIdGroupPair::builder().group_id(g).description(description).build())
+                    .build(),
             }
         })
         .collect()
 }
 
+/// The description of the rules on node groups.
+pub(super) fn node_rule_description(id: &ServiceIdentity) -> String {
+    format!("hawser {} load balancer to nodes", id.service_key())
+}
+
 /// Flattens EC2's permissions into rules, one per source.
-fn rules_of(perms: &[IpPermission]) -> BTreeSet<Rule> {
+pub(super) fn rules_of(perms: &[IpPermission]) -> BTreeSet<Rule> {
     let mut rules = BTreeSet::new();
     for p in perms {
         let protocol = p.ip_protocol().unwrap_or_default().to_owned();
@@ -456,7 +463,7 @@ impl AwsProvider {
             )
             .await?;
         let wanted = plan::node_rules(desired, frontend);
-        let description = format!("hawser {} load balancer to nodes", id.service_key());
+        let description = node_rule_description(id);
         for g in out.security_groups() {
             let Some(group) = g.group_id() else { continue };
             // Only rules whose source is this Service's frontend group are ours to change.
@@ -822,7 +829,11 @@ impl AwsProvider {
         })
     }
 
-    async fn modify_lb_attributes(&self, arn: &str, attributes: &BTreeMap<String, String>) -> Result<(), ProviderError> {
+    async fn modify_lb_attributes(
+        &self,
+        arn: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
         let field = if attributes.contains_key("deletion_protection.enabled") {
             ann::DELETION_PROTECTION
         } else {
@@ -836,7 +847,10 @@ impl AwsProvider {
                     .modify_load_balancer_attributes()
                     .load_balancer_arn(arn)
                     .set_attributes(Some(
-                        attributes.iter().map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build()).collect(),
+                        attributes
+                            .iter()
+                            .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+                            .collect(),
                     ))
                     .send(),
             )
@@ -881,7 +895,12 @@ impl AwsProvider {
             self.clients
                 .call(
                     "SetSubnets",
-                    self.clients.elb.set_subnets().load_balancer_arn(&lb.arn).set_subnet_mappings(Some(mappings)).send(),
+                    self.clients
+                        .elb
+                        .set_subnets()
+                        .load_balancer_arn(&lb.arn)
+                        .set_subnet_mappings(Some(mappings))
+                        .send(),
                 )
                 .await
                 .map_err(|e| e.with_field(ann::SUBNETS))?;
@@ -995,7 +1014,11 @@ impl AwsProvider {
                 self.clients.call("ModifyListener", req.send()).await.map_err(|e| field(e, d))?;
             }
             ListenerAction::Delete(arn) => {
-                match self.clients.call("DeleteListener", self.clients.elb.delete_listener().listener_arn(&arn).send()).await {
+                match self
+                    .clients
+                    .call("DeleteListener", self.clients.elb.delete_listener().listener_arn(&arn).send())
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(e.into()),

@@ -32,7 +32,7 @@ use crate::{
     ServiceIdentity,
 };
 
-/// The least-privilege IAM policy the provider needs (also in `docs/aws/iam-policy.json`).
+/// The least-privilege IAM policy the provider needs (`providers/src/aws/iam-policy.json`).
 pub const IAM_POLICY: &str = include_str!("iam-policy.json");
 
 #[derive(Debug, Default)]
@@ -104,10 +104,7 @@ impl AwsProvider {
         for chunk in missing.chunks(20) {
             let out = self
                 .clients
-                .call(
-                    "DescribeTags",
-                    self.clients.elb.describe_tags().set_resource_arns(Some(chunk.to_vec())).send(),
-                )
+                .call("DescribeTags", self.clients.elb.describe_tags().set_resource_arns(Some(chunk.to_vec())).send())
                 .await?;
             let mut caches = self.lock();
             for d in out.tag_descriptions() {

@@ -50,11 +50,9 @@ mod tests {
     #[test]
     fn names_fit_aws_limits_and_are_stable() {
         let a = id("4f1c2a8e-0000-4000-8000-000000000001");
-        for name in [
-            load_balancer_name(&a),
-            security_group_name(&a),
-            target_group_name(&a, 65535, Protocol::TcpUdp, 32767),
-        ] {
+        for name in
+            [load_balancer_name(&a), security_group_name(&a), target_group_name(&a, 65535, Protocol::TcpUdp, 32767)]
+        {
             assert!(name.len() <= 32, "{name}");
             assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{name}");
             assert!(!name.ends_with('-'));

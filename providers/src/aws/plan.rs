@@ -186,11 +186,19 @@ pub fn instance_ids(spec: &LoadBalancerSpec) -> (BTreeSet<String>, Vec<String>) 
 /// The AWS resources `spec` needs in `env`.
 pub fn desired(spec: &LoadBalancerSpec, opts: &AwsOptions, env: &Environment) -> Result<Desired, ProviderError> {
     let id = &spec.identity;
-    for (key, n) in [(ann::EIP_ALLOCATIONS, opts.eip_allocations.len()), (ann::PRIVATE_IPV4_ADDRESSES, opts.private_ipv4_addresses.len())] {
+    for (key, n) in [
+        (ann::EIP_ALLOCATIONS, opts.eip_allocations.len()),
+        (ann::PRIVATE_IPV4_ADDRESSES, opts.private_ipv4_addresses.len()),
+    ] {
         if n > 0 && n != env.subnets.len() {
             return Err(ProviderError::invalid(
                 key,
-                format!("gives {n} values but the load balancer has {} subnets ({}); give one per subnet or choose subnets with {}", env.subnets.len(), env.subnets.join(", "), ann::SUBNETS),
+                format!(
+                    "gives {n} values but the load balancer has {} subnets ({}); give one per subnet or choose subnets with {}",
+                    env.subnets.len(),
+                    env.subnets.join(", "),
+                    ann::SUBNETS
+                ),
             ));
         }
     }
@@ -390,13 +398,20 @@ impl TagDiff {
 /// The tag changes from `observed` to `desired`. Keys AWS reserves (`aws:`) are never removed.
 pub fn diff_tags(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String>) -> TagDiff {
     TagDiff {
-        add: desired.iter().filter(|(k, v)| observed.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        add: desired
+            .iter()
+            .filter(|(k, v)| observed.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         remove: observed.keys().filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:")).cloned().collect(),
     }
 }
 
 /// Attributes whose value differs (missing ones included).
-pub fn diff_attributes(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub fn diff_attributes(
+    desired: &BTreeMap<String, String>,
+    observed: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     desired.iter().filter(|(k, v)| observed.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
@@ -512,7 +527,8 @@ pub fn diff_target_groups(desired: &[DesiredTargetGroup], observed: &[ObservedTa
             }
         }
     }
-    plan.delete = observed.iter().filter(|o| !desired.iter().any(|d| d.name == o.name)).map(|o| o.arn.clone()).collect();
+    plan.delete =
+        observed.iter().filter(|o| !desired.iter().any(|d| d.name == o.name)).map(|o| o.arn.clone()).collect();
     plan
 }
 
