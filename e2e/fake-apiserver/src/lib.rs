@@ -8,6 +8,7 @@
 //! not support it refuses with a Kubernetes `Status` (404, 405, 415, 422). Test infrastructure
 //! only: the product never depends on it.
 
+pub mod audit;
 pub mod discovery;
 pub mod error;
 pub mod kubeconfig;

@@ -35,6 +35,12 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     bookmark_interval_seconds: u64,
+    /// Append one JSON line per request to this file (verb, apiGroup, resource, user, ...).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Extra bearer token naming a user in the audit log, `TOKEN=USER`; repeatable.
+    #[arg(long = "user", value_parser = hawser_fake_apiserver::audit::parse_user)]
+    users: Vec<(String, String)>,
 }
 
 #[tokio::main]
@@ -62,6 +68,8 @@ async fn main() -> std::process::ExitCode {
         node_port_min: min,
         node_port_max: max,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_seconds.max(1)),
+        audit_log: args.audit_log,
+        users: args.users,
         ..Config::default()
     };
     let server = match FakeApiServer::start(config).await {

@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::audit::{self, AuditLog, Users};
 use crate::discovery;
 use crate::error::{ApiError, ApiResult};
 use crate::patch::{self, PatchKind};
@@ -35,6 +36,10 @@ pub struct AppState {
     pub bookmark_interval: Duration,
     /// Flips to true when the server stops, ending watches.
     pub shutdown: watch::Receiver<bool>,
+    /// Tokens accepted besides `token`, and the users they name in the audit log.
+    pub users: Arc<Users>,
+    /// Where every request is recorded, when set.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// The router that serves everything.
@@ -45,12 +50,24 @@ pub fn router(state: AppState) -> Router {
 async fn handle(State(app): State<AppState>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let audit = app.audit.clone().map(|log| {
+        let user = bearer(&req).and_then(|t| app.users.authenticate(t)).map(str::to_owned);
+        let user_agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (log, audit::request_info(&method, &path, req.uri().query()), user, user_agent)
+    });
     let response = match dispatch(app, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    if let Some((log, request, user, user_agent)) = audit {
+        log.record(&audit::Entry { request, user, user_agent, code: response.status().as_u16() });
+    }
     tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
     response
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response {
@@ -111,12 +128,7 @@ async fn dispatch(app: AppState, req: Request) -> ApiResult<Response> {
         only_get(&method, &path)?;
         return Ok((StatusCode::OK, "ok").into_response());
     }
-    let authorized = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == app.token);
+    let authorized = bearer(&req).is_some_and(|t| t == app.token || app.users.authenticate(t).is_some());
     if !authorized {
         return Err(ApiError::unauthorized());
     }

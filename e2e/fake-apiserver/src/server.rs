@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::{AuditLog, Users};
 use crate::kubeconfig;
 use crate::routes::{AppState, router};
 use crate::service_alloc::ServiceAllocator;
@@ -43,6 +44,10 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// How many changes are kept for watches to resume from.
     pub history_limit: usize,
+    /// Appends one JSON line per request here (see [`crate::audit`]).
+    pub audit_log: Option<PathBuf>,
+    /// Extra bearer tokens, as (token, user), accepted like `token` and told apart in the audit log.
+    pub users: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -58,6 +63,8 @@ impl Default for Config {
             node_port_max: 32767,
             bookmark_interval: Duration::from_secs(60),
             history_limit: 10_000,
+            audit_log: None,
+            users: Vec::new(),
         }
     }
 }
@@ -133,8 +140,11 @@ impl FakeApiServer {
             config.node_port_min..=config.node_port_max,
         );
         let store = Arc::new(Store::new(alloc, config.history_limit));
+        let audit = config.audit_log.as_deref().map(AuditLog::open).transpose()?.map(Arc::new);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = AppState {
+            users: Arc::new(Users::new(&token, &config.users)),
+            audit,
             store: store.clone(),
             token: token.clone(),
             server_address: format!("{host}:{}", addr.port()),

@@ -1,0 +1,1 @@
+//! hawser end-to-end suite. Not built yet.
