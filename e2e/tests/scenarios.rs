@@ -1,0 +1,71 @@
+//! Every end-to-end scenario, one test each, on the local backend (CI) or, with
+//! `HAWSER_E2E_BACKEND=kind`, on the cluster of `KUBECONFIG` (see `e2e/kind/`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use hawser_e2e::local::{LocalCluster, LocalOptions};
+use hawser_e2e::{binaries, netns, scenarios};
+
+/// Bound of one scenario, setup included.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+fn kind() -> bool {
+    std::env::var("HAWSER_E2E_BACKEND").is_ok_and(|v| v == "kind")
+}
+
+/// A fresh local cluster, or `None` (with the reason printed) when this machine cannot run
+/// one; under CI that is a failure instead.
+async fn local() -> Option<LocalCluster> {
+    if let Err(why) = netns::prerequisites() {
+        assert!(!ci(), "CI is set but the local e2e backend cannot run: {why}");
+        eprintln!("skipping local e2e scenario: {why}");
+        return None;
+    }
+    binaries::build_once().expect("building hawser-operator and hawser-dataplane");
+    Some(LocalCluster::start(LocalOptions::default()).await.expect("starting the local cluster"))
+}
+
+async fn finish(name: &str, r: Result<anyhow::Result<()>, tokio::time::error::Elapsed>) {
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("scenario {name}: {e:#}"),
+        Err(_) => panic!("scenario {name} took longer than {LIMIT:?}"),
+    }
+}
+
+macro_rules! scenario {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if kind() {
+                let backend = hawser_e2e::kind::KindBackend::from_env().await.expect("kind backend");
+                finish(stringify!($name), tokio::time::timeout(LIMIT, scenarios::$name(&backend)).await).await;
+                return;
+            }
+            let Some(cluster) = local().await else { return };
+            finish(stringify!($name), tokio::time::timeout(LIMIT, scenarios::$name(&cluster)).await).await;
+        }
+    )*};
+}
+
+scenario!(
+    ingress_and_traffic,
+    ports_change,
+    local_traffic_policy,
+    source_ranges,
+    session_affinity,
+    udp,
+    scale_to_zero,
+    node_drains,
+    service_deletion,
+    type_change_to_cluster_ip,
+    other_class_untouched,
+    invalid_annotation,
+    operator_restart_no_duplicate,
+    rolling_replacement,
+);
