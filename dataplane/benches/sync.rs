@@ -16,7 +16,7 @@ use common::lab::{Lab, NODE, NODE_IP, in_netns, pod_ip, prerequisites, spawn_sin
 use hawser_dataplane::diff::{full_plan, partial_plan};
 use hawser_dataplane::model::{ModelConfig, build_model};
 use hawser_dataplane::nft::{Applier, NftCommand};
-use hawser_dataplane::render::{RenderConfig, render};
+use hawser_dataplane::render::{RenderConfig, render, render_from};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -88,7 +88,7 @@ fn one_endpoint_change(applier: &mut Applier<NftCommand>, n: usize) {
     let (svcs, slices) = cluster(n, 10, true);
     let model = build_model(&svcs, &slices, &cfg());
     let t = Instant::now();
-    let ruleset = render(&model, &RenderConfig::default());
+    let ruleset = render_from(&model, &RenderConfig::default(), applier.applied());
     let t_render = t.elapsed();
     let t = Instant::now();
     let plan = partial_plan(applier.applied().unwrap(), &BTreeSet::new(), &ruleset);
@@ -152,7 +152,8 @@ fn main() {
     // Latency: Service 0 (the real pod) among 10k Services, then alone.
     let lat_10k = connect_latency(&lab, "198.18.0.1", 80, 300);
     let (svcs, slices) = cluster(1, 10, false);
-    applier.sync(render(&build_model(&svcs, &slices, &cfg()), &RenderConfig::default())).unwrap();
+    let ruleset = render_from(&build_model(&svcs, &slices, &cfg()), &RenderConfig::default(), applier.applied());
+    applier.sync(ruleset).unwrap();
     let lat_1 = connect_latency(&lab, "198.18.0.1", 80, 300);
     println!(
         "new-connection latency (connect + echo, median of 300): 10k Services {} vs 1 Service {} -> ratio {:.2}",
@@ -166,7 +167,8 @@ fn main() {
     sink.lb_ips = vec!["198.18.200.1"];
     sink.ports = vec![("http", "TCP", 80, Some(30090))];
     let sink_slice = slice("bench", "sink", "s", &[("http", "TCP", 9000)], &[Ep::ready(leak(pod_ip(1)), NODE)]);
-    applier.sync(render(&build_model(&[sink.build()], &[sink_slice], &cfg()), &RenderConfig::default())).unwrap();
+    let model = build_model(&[sink.build()], &[sink_slice], &cfg());
+    applier.sync(render_from(&model, &RenderConfig::default(), applier.applied())).unwrap();
     let bytes = 1usize << 30;
     let direct = throughput(&lab, &pod_ip(1), 9000, bytes);
     let nodeport = throughput(&lab, NODE_IP, 30090, bytes);

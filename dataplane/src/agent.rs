@@ -18,7 +18,7 @@ use crate::health::HealthState;
 use crate::metrics::Metrics;
 use crate::model::{ClusterModel, ModelConfig, NodeModel, build_model, is_our_service};
 use crate::nft::{Applier, NftCommand, NftError};
-use crate::render::{RenderConfig, render};
+use crate::render::{RenderConfig, render_from};
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ async fn sync_loop(
         for w in &model.warnings {
             warn!(service = %w.service, "{}", w.message);
         }
-        let ruleset = render(&model, &config.render);
+        let ruleset = render_from(&model, &config.render, applier.applied());
         let (elements, rules) = (ruleset.element_count(), ruleset.rule_count());
         let started = Instant::now();
         let (back, outcome) = tokio::task::spawn_blocking(move || {

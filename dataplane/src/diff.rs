@@ -3,8 +3,8 @@
 //!
 //! Chains and sets that are no longer wanted are emptied (flushed, their map elements
 //! removed) in the sync that drops them and deleted in a later sync: nft refuses to delete a
-//! chain that is still referenced (EBUSY), and the anonymous `numgen … vmap` of a rewritten
-//! `svc-…` chain may still reference it until that transaction commits.
+//! chain or map that is still referenced (EBUSY), and the rules of a rewritten `svc-…` chain
+//! may still reference it until that transaction commits.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -17,8 +17,10 @@ use crate::render::{Ruleset, TABLE, Table, family_name, to_script, write_chain_d
 pub enum Stale {
     /// A chain.
     Chain(Family, String),
-    /// A set or map.
+    /// A set.
     Collection(Family, String),
+    /// A map.
+    Map(Family, String),
 }
 
 /// A transaction to run and what it leaves behind.
@@ -133,7 +135,11 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
             if c.is_map && !c.elements.is_empty() {
                 let _ = writeln!(out, "flush map {fam} {TABLE} {name}");
             }
-            plan.stale_after.insert(Stale::Collection(family, name.clone()));
+            plan.stale_after.insert(if c.is_map {
+                Stale::Map(family, name.clone())
+            } else {
+                Stale::Collection(family, name.clone())
+            });
         }
     }
     for name in have.chains.keys() {
@@ -154,11 +160,12 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
         }
     }
     for s in stale {
-        if let Stale::Collection(f, name) = s
-            && *f == family
-            && !want.collections.contains_key(name)
-        {
-            let kind = "set";
+        let (f, name, kind) = match s {
+            Stale::Chain(..) => continue,
+            Stale::Collection(f, name) => (f, name, "set"),
+            Stale::Map(f, name) => (f, name, "map"),
+        };
+        if *f == family && !want.collections.contains_key(name) {
             let _ = writeln!(out, "delete {kind} {fam} {TABLE} {name}");
         }
     }

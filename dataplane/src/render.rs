@@ -9,9 +9,19 @@
 //! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
 //!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
 //!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
-//! - `svc-…` picks an endpoint chain `ep-…` with `numgen random` (after ClientIP affinity
-//!   lookups), `ep-…` marks hairpin traffic and DNATs;
-//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit.
+//! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map @endpoints-BB`,
+//!   where the Service port owns the keys `K..K+N` of one of [`ENDPOINT_MAP_BUCKETS`] shared
+//!   maps (see [`Slot`]); a single endpoint is a plain `dnat to`. Ports with ClientIP
+//!   affinity instead pick a per-endpoint chain `ep-…` that records the client in its
+//!   affinity set and DNATs;
+//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit, and hairpin
+//!   traffic: a DNATed packet whose source is the endpoint it was sent to (`hairpin` set).
+//!
+//! Why this shape: a ruleset load costs the kernel, for every element added to a map, a
+//! check per rule that refers to the map, and a named or anonymous set costs a scan of all
+//! sets of the table. Per-endpoint chains and per-port anonymous maps made a 10k-Service
+//! transaction take minutes; one rule per Service port, a few hundred shared maps (each
+//! referenced by about 1/256 of the rules) and plain elements keep it linear.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -25,6 +35,13 @@ use crate::model::{ClusterModel, Endpoint, Family, PortModel, ServiceModel, Traf
 pub const TABLE: &str = "hawser";
 /// Default packet-mark bit requesting masquerade; distinct from kube-proxy's 0x4000.
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x0040_0000;
+/// Number of shared endpoint maps per family (`endpoints-00` … `endpoints-ff`). The kernel
+/// validates each added map element once per rule that refers to the map, so spreading the
+/// Service ports over many maps keeps a full load close to linear; only maps in use exist.
+pub const ENDPOINT_MAP_BUCKETS: u32 = 256;
+/// Smallest key range reserved for a Service port in an endpoint map; ranges are powers of
+/// two so that a port can gain endpoints without moving.
+pub const MIN_SLOT_CAPACITY: u32 = 16;
 
 /// Rendering settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +85,28 @@ pub struct Table {
     pub collections: BTreeMap<String, Collection>,
 }
 
+/// The keys a Service port owns in a shared endpoint map: `offset .. offset + capacity` of
+/// map `endpoints-{bucket:02x}`; its `N` endpoints use the first `N` of them.
+///
+/// Slots are kept from one render to the next (see [`render_from`]) so that a change to one
+/// Service does not move the keys, and rewrite the rules, of any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Which endpoint map.
+    pub bucket: u32,
+    /// First key.
+    pub offset: u32,
+    /// Number of keys reserved.
+    pub capacity: u32,
+}
+
 /// The complete desired ruleset.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ruleset {
     /// Tables by family.
     pub tables: BTreeMap<Family, Table>,
+    /// Endpoint-map slots by family and Service port (`NS/NAME/PROTO/PORT`).
+    pub slots: BTreeMap<Family, BTreeMap<String, Slot>>,
 }
 
 impl Ruleset {
@@ -130,19 +164,84 @@ fn dnat_target(ip: IpAddr, port: u16) -> String {
     }
 }
 
-/// Renders the ruleset for the model.
+/// Renders the ruleset for the model, allocating endpoint-map slots from scratch.
 pub fn render(model: &ClusterModel, config: &RenderConfig) -> Ruleset {
+    render_from(model, config, None)
+}
+
+/// Renders the ruleset for the model, keeping the endpoint-map slots of `previous` (the
+/// ruleset in the kernel) for the Service ports that still fit in them, so that a partial
+/// sync only touches what changed.
+pub fn render_from(model: &ClusterModel, config: &RenderConfig, previous: Option<&Ruleset>) -> Ruleset {
     let mut ruleset = Ruleset::default();
     for family in [Family::V4, Family::V6] {
         let mut table = skeleton(family, config);
+        let mut slots = SlotAllocator::new(previous.and_then(|p| p.slots.get(&family)));
         for svc in model.services.values() {
             if svc.families.contains(&family) {
-                render_service(&mut table, svc, family, config);
+                render_service(&mut table, &mut slots, svc, family, config);
             }
         }
         ruleset.tables.insert(family, table);
+        ruleset.slots.insert(family, slots.assigned);
     }
     ruleset
+}
+
+/// FNV-1a: a hash that is the same in every build and process.
+fn stable_hash(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// Hands out endpoint-map slots. Slots of the previous ruleset stay reserved for the whole
+/// render (even those of ports that are gone), so a key is never given to another Service
+/// port in the transaction that removes its old element.
+struct SlotAllocator<'a> {
+    previous: Option<&'a BTreeMap<String, Slot>>,
+    /// Reserved ranges per bucket: start → end (exclusive).
+    taken: BTreeMap<u32, BTreeMap<u64, u64>>,
+    assigned: BTreeMap<String, Slot>,
+}
+
+impl<'a> SlotAllocator<'a> {
+    fn new(previous: Option<&'a BTreeMap<String, Slot>>) -> Self {
+        let mut taken: BTreeMap<u32, BTreeMap<u64, u64>> = BTreeMap::new();
+        for slot in previous.into_iter().flat_map(|p| p.values()) {
+            let start = u64::from(slot.offset);
+            taken.entry(slot.bucket).or_default().insert(start, start + u64::from(slot.capacity));
+        }
+        Self { previous, taken, assigned: BTreeMap::new() }
+    }
+
+    /// The slot of `port_id` for `endpoints` endpoints: its previous one when big enough,
+    /// else the first free range of its bucket; `None` only if the bucket is full.
+    fn slot(&mut self, port_id: &str, endpoints: usize) -> Option<Slot> {
+        let bucket = stable_hash(port_id) % ENDPOINT_MAP_BUCKETS;
+        let wanted = u32::try_from(endpoints).ok()?;
+        if let Some(prev) = self.previous.and_then(|p| p.get(port_id))
+            && prev.bucket == bucket
+            && prev.capacity >= wanted
+        {
+            self.assigned.insert(port_id.to_string(), *prev);
+            return Some(*prev);
+        }
+        let capacity = wanted.checked_next_power_of_two()?.max(MIN_SLOT_CAPACITY);
+        let ranges = self.taken.entry(bucket).or_default();
+        let mut cursor = 0u64;
+        for (&start, &end) in ranges.iter() {
+            if start >= cursor + u64::from(capacity) {
+                break;
+            }
+            cursor = cursor.max(end);
+        }
+        if cursor + u64::from(capacity) > 1 << 32 {
+            return None;
+        }
+        ranges.insert(cursor, cursor + u64::from(capacity));
+        let slot = Slot { bucket, offset: u32::try_from(cursor).ok()?, capacity };
+        self.assigned.insert(port_id.to_string(), slot);
+        Some(slot)
+    }
 }
 
 fn skeleton(family: Family, config: &RenderConfig) -> Table {
@@ -164,10 +263,14 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         "nat-postrouting".into(),
         Chain {
             base: Some("type nat hook postrouting priority 90; policy accept;".into()),
-            // Clear our bit so the packet leaves unmarked; the conntrack entry keeps the NAT.
-            rules: vec![format!(
-                "meta mark & {mark:#010x} != 0 meta mark set meta mark ^ {mark:#010x} masquerade fully-random"
-            )],
+            rules: vec![
+                // Clear our bit so the packet leaves unmarked; the conntrack entry keeps the NAT.
+                format!("meta mark & {mark:#010x} != 0 meta mark set meta mark ^ {mark:#010x} masquerade fully-random"),
+                // Hairpin: a pod reaching its own Service through us must be masqueraded or
+                // the reply would bypass the reverse NAT. After DNAT its source and
+                // destination are both the endpoint's address.
+                format!("ct status dnat {fam} saddr . {fam} daddr @hairpin masquerade fully-random"),
+            ],
         },
     );
     // NodePorts: only this node's own addresses, never loopback (kube-proxy's rule: a
@@ -212,10 +315,25 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
     ] {
         t.collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
     }
+    let addr = addr_type(family);
+    t.collections.insert(
+        "hairpin".into(),
+        Collection { decl: format!("type {addr} . {addr};"), is_map: false, elements: BTreeMap::new() },
+    );
     t
 }
 
-fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config: &RenderConfig) {
+fn endpoint_map_name(bucket: u32) -> String {
+    format!("endpoints-{bucket:02x}")
+}
+
+fn render_service(
+    table: &mut Table,
+    slots: &mut SlotAllocator<'_>,
+    svc: &ServiceModel,
+    family: Family,
+    config: &RenderConfig,
+) {
     let fam = addr_kw(family);
     let mark = config.masquerade_mark;
     let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();
@@ -269,47 +387,110 @@ fn render_service(table: &mut Table, svc: &ServiceModel, family: Family, config:
             continue;
         }
 
-        // NAT: service chain → endpoint chains.
+        // NAT: one service chain; per-endpoint chains only for ClientIP affinity.
         let svc_chain = format!("svc-{pid}");
         let mut rules = Vec::new();
         if svc.traffic_policy == TrafficPolicy::Cluster {
             rules.push(format!("meta mark set meta mark | {mark:#010x}"));
         }
-        let mut ep_chains = Vec::new();
-        for ep in &endpoints {
-            let eid = endpoint_id(svc, port, ep);
-            let ep_chain = format!("ep-{eid}");
-            let mut ep_rules = vec![format!(
-                // Hairpin: a pod reaching its own Service through us must be masqueraded or
-                // the reply would bypass the reverse NAT.
-                "{fam} saddr {} meta mark set meta mark | {mark:#010x}",
-                ep.ip
-            )];
-            if let Some(timeout) = svc.affinity_timeout {
-                let set = format!("aff{timeout}-{eid}");
-                table.collections.insert(
-                    set.clone(),
-                    Collection {
-                        decl: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", addr_type(family)),
-                        is_map: false,
-                        elements: BTreeMap::new(),
-                    },
-                );
-                rules.push(format!("{fam} saddr @{set} goto {ep_chain}"));
-                ep_rules.push(format!("update @{set} {{ {fam} saddr }}"));
+        if let Some(hairpin) = table.collections.get_mut("hairpin") {
+            for ep in &endpoints {
+                hairpin.elements.insert(format!("{} . {}", ep.ip, ep.ip), String::new());
             }
-            ep_rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(ep.ip, ep.port)));
-            table.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
-            ep_chains.push(ep_chain);
         }
-        if ep_chains.len() == 1 {
-            rules.push(format!("goto {}", ep_chains[0]));
-        } else {
-            let arms: Vec<String> = ep_chains.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
-            rules.push(format!("numgen random mod {} vmap {{ {} }}", ep_chains.len(), arms.join(", ")));
+        match svc.affinity_timeout {
+            Some(timeout) => affinity_rules(table, &mut rules, svc, port, &endpoints, family, timeout),
+            None => dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family),
         }
         table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
         insert_dispatch(table, "service", &addresses, port, &svc_chain);
+    }
+}
+
+/// `dnat to` the one endpoint, or to a random one of the port's slot in an endpoint map.
+fn dnat_rules(
+    table: &mut Table,
+    slots: &mut SlotAllocator<'_>,
+    rules: &mut Vec<String>,
+    pid: &str,
+    proto: &str,
+    endpoints: &[&Endpoint],
+    family: Family,
+) {
+    let slot = match endpoints {
+        [only] => {
+            rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(only.ip, only.port)));
+            return;
+        }
+        _ => slots.slot(pid, endpoints.len()),
+    };
+    let Some(slot) = slot else {
+        // A full bucket (2^32 keys) cannot happen with real endpoint counts; fall back to an
+        // anonymous map rather than dropping the Service.
+        let arms: Vec<String> =
+            endpoints.iter().enumerate().map(|(i, ep)| format!("{i} : {} . {}", ep.ip, ep.port)).collect();
+        rules.push(format!(
+            "meta l4proto {proto} dnat to numgen random mod {} map {{ {} }}",
+            endpoints.len(),
+            arms.join(", ")
+        ));
+        return;
+    };
+    let name = endpoint_map_name(slot.bucket);
+    let map = table.collections.entry(name.clone()).or_insert_with(|| Collection {
+        decl: format!("typeof numgen random mod 2 : {} daddr . th dport;", addr_kw(family)),
+        is_map: true,
+        elements: BTreeMap::new(),
+    });
+    for (i, ep) in (slot.offset..).zip(endpoints) {
+        map.elements.insert(i.to_string(), format!("{} . {}", ep.ip, ep.port));
+    }
+    rules.push(format!(
+        "meta l4proto {proto} dnat to numgen random mod {} offset {} map @{name}",
+        endpoints.len(),
+        slot.offset
+    ));
+}
+
+/// ClientIP affinity: a client found in an endpoint's set goes back to that endpoint;
+/// otherwise a random endpoint chain records the client and DNATs.
+fn affinity_rules(
+    table: &mut Table,
+    rules: &mut Vec<String>,
+    svc: &ServiceModel,
+    port: &PortModel,
+    endpoints: &[&Endpoint],
+    family: Family,
+    timeout: u32,
+) {
+    let fam = addr_kw(family);
+    let proto = port.protocol.nft_name();
+    let mut ep_chains = Vec::new();
+    for ep in endpoints {
+        let eid = endpoint_id(svc, port, ep);
+        let ep_chain = format!("ep-{eid}");
+        let set = format!("aff{timeout}-{eid}");
+        table.collections.insert(
+            set.clone(),
+            Collection {
+                decl: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", addr_type(family)),
+                is_map: false,
+                elements: BTreeMap::new(),
+            },
+        );
+        rules.push(format!("{fam} saddr @{set} goto {ep_chain}"));
+        let ep_rules = vec![
+            format!("update @{set} {{ {fam} saddr }}"),
+            format!("meta l4proto {proto} dnat to {}", dnat_target(ep.ip, ep.port)),
+        ];
+        table.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
+        ep_chains.push(ep_chain);
+    }
+    if ep_chains.len() == 1 {
+        rules.push(format!("goto {}", ep_chains[0]));
+    } else {
+        let arms: Vec<String> = ep_chains.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
+        rules.push(format!("numgen random mod {} vmap {{ {} }}", ep_chains.len(), arms.join(", ")));
     }
 }
 

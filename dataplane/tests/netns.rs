@@ -181,26 +181,26 @@ fn partial_sync_leaves_other_services_chains_untouched() {
     lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
     let other_chain = "svc-ns/other/tcp/80";
     let other_before = lab.list_chain("ip", other_chain);
-    let ep_before = lab.list_chain("ip", "ep-ns/other/tcp/80__10.0.2.2/8080");
     let web_before = lab.list_chain("ip", "svc-ns/web/tcp/80");
     let report = lab
         .sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])))
         .unwrap();
     assert!(!report.full);
-    // Rule handles are unchanged: the other Service's chains were not rewritten.
+    // Rule handles are unchanged: the other Service's chain was not rewritten.
     assert_eq!(lab.list_chain("ip", other_chain), other_before);
-    assert_eq!(lab.list_chain("ip", "ep-ns/other/tcp/80__10.0.2.2/8080"), ep_before);
     assert_ne!(lab.list_chain("ip", "svc-ns/web/tcp/80"), web_before);
     assert_eq!(lab.servers("203.0.113.20", 80, 4), set(&["pod2"]));
     assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
-    // Removing web's second endpoint empties its chain now and deletes it a sync later.
+    // Back to one endpoint: web's endpoint map is emptied now and deleted a sync later.
     lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
-    let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
-    assert!(chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "kept until the next sync");
-    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
-    let chains = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chains", "ip"]);
-    assert!(!chains.contains("ep-ns/web/tcp/80__10.0.2.2/8080"), "{chains}");
+    let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);
+    assert!(maps.contains("map endpoints-"), "kept until the next sync: {maps}");
     assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
+    lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
+    let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);
+    assert!(!maps.contains("map endpoints-"), "{maps}");
+    assert_eq!(lab.servers(LB, 80, 6), set(&["pod1"]));
+    assert_eq!(lab.list_chain("ip", other_chain), other_before);
 }
 
 /// Runs nft in the node netns; when armed, appends a command the kernel rejects.
@@ -244,7 +244,7 @@ fn failing_transaction_leaves_previous_rules_working() {
 
 #[test]
 fn hairpin_traffic_is_masqueraded() {
-    let mut lab = lab!(1);
+    let mut lab = lab!(2);
     let mut svc = web();
     // Local policy does not masquerade by itself, so only the hairpin rule can make this work.
     svc.local = true;
@@ -254,6 +254,23 @@ fn hairpin_traffic_is_masqueraded() {
     assert_eq!(out.peer().to_string(), "10.0.1.1", "masqueraded to the node's address");
     // An external client is still seen as itself.
     assert_eq!(tcp(&lab.client, LB, 80).peer().to_string(), CLIENT_IP);
+    // Two endpoints (random choice through the endpoint map): only the connections that land
+    // on the sending pod itself are masqueraded; pod1 reaching pod2 keeps its address.
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        let out = tcp(&lab.pods[0], LB, 80);
+        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.1.2" };
+        assert_eq!(out.peer().to_string(), want, "{out:?}");
+        seen.insert(out.server());
+    }
+    assert_eq!(seen, set(&["pod1", "pod2"]));
+    // UDP hairpin too.
+    for _ in 0..8 {
+        let out = udp(&lab.pods[0], LB, 53, 0);
+        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.1.2" };
+        assert_eq!(out.peer().to_string(), want, "{out:?}");
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use hawser_dataplane::model::{
     ClusterModel, EndpointChoice, Family, ModelConfig, NodeModel, ServiceKey, TrafficPolicy, build_model,
 };
 use hawser_dataplane::nft::{Applier, NftError, NftRunner};
-use hawser_dataplane::render::{RenderConfig, Ruleset, render, to_script};
+use hawser_dataplane::render::{RenderConfig, Ruleset, render, render_from, to_script};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -158,10 +158,23 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     assert_eq!(t.collections["service-nodeports"].elements["tcp . 30080"], "goto svc-ns/web/tcp/80");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
     assert!(svc[0].contains("meta mark set meta mark | 0x00400000"), "{svc:?}");
-    assert!(svc[1].starts_with("numgen random mod 2 vmap"), "{svc:?}");
-    let ep = &t.chains["ep-ns/web/tcp/80__10.0.0.1/8080"].rules;
-    assert!(ep.iter().any(|r| r == "meta l4proto tcp dnat to 10.0.0.1:8080"));
-    assert!(ep[0].starts_with("ip saddr 10.0.0.1 meta mark set"), "hairpin: {ep:?}");
+    let slot = r.slots[&Family::V4]["ns/web/tcp/80"];
+    let map = format!("endpoints-{:02x}", slot.bucket);
+    assert_eq!(svc[1], format!("meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}", slot.offset));
+    assert_eq!(svc.len(), 2);
+    let eps = &t.collections[&map];
+    assert!(eps.is_map && eps.decl.contains("typeof numgen random mod 2 : ip daddr . th dport"));
+    assert_eq!(eps.elements[&slot.offset.to_string()], "10.0.0.1 . 8080");
+    assert_eq!(eps.elements[&(slot.offset + 1).to_string()], "10.0.0.2 . 8080");
+    assert_eq!(eps.elements.len(), 2);
+    assert!(!t.chains.keys().any(|c| c.starts_with("ep-")), "no per-endpoint chains without affinity");
+    // Hairpin: DNATed traffic from an endpoint to itself is masqueraded in postrouting.
+    assert!(t.collections["hairpin"].elements.contains_key("10.0.0.1 . 10.0.0.1"));
+    assert!(
+        t.chains["nat-postrouting"]
+            .rules
+            .contains(&"ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random".to_string())
+    );
     assert!(t.collections["filter-addresses"].elements.is_empty());
     // The nodeport dispatch never matches loopback.
     assert!(t.chains["services"].rules[1].contains("fib daddr type local ip daddr != 127.0.0.0/8"));
@@ -176,6 +189,7 @@ fn local_service_keeps_client_ip_and_drops_without_local_endpoints() {
     let r = rules(&with_local);
     let svc = &v4(&r).chains["svc-ns/web/tcp/80"].rules;
     assert!(!svc.iter().any(|r| r.starts_with("meta mark set")), "no masquerade: {svc:?}");
+    assert_eq!(svc, &vec!["meta l4proto tcp dnat to 10.0.0.1:8080".to_string()], "one endpoint: plain dnat");
 
     let remote_only = model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.2", "node-b")])]);
     let r = rules(&remote_only);
@@ -227,6 +241,9 @@ fn client_ip_affinity_uses_per_endpoint_timeout_sets() {
     assert!(svc.contains(&format!("ip saddr @{set} goto ep-ns/web/tcp/80__10.0.0.1/8080")));
     let ep = &t.chains["ep-ns/web/tcp/80__10.0.0.1/8080"].rules;
     assert!(ep.contains(&format!("update @{set} {{ ip saddr }}")));
+    assert!(ep.contains(&"meta l4proto tcp dnat to 10.0.0.1:8080".to_string()));
+    assert!(svc.last().unwrap().starts_with("numgen random mod 2 vmap"), "{svc:?}");
+    assert!(t.collections["hairpin"].elements.contains_key("10.0.0.2 . 10.0.0.2"));
 }
 
 #[test]
@@ -236,11 +253,9 @@ fn ipv6_endpoints_render_into_the_ip6_table() {
     s.lb_ips = vec!["2001:db8::10"];
     let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n")])]));
     let t = &r.tables[&Family::V6];
-    assert!(
-        t.chains["ep-ns/web/tcp/80__fd00..1/8080"]
-            .rules
-            .contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string())
-    );
+    assert!(t.chains["svc-ns/web/tcp/80"].rules.contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string()));
+    assert!(t.collections["hairpin"].elements.contains_key("fd00::1 . fd00::1"));
+    assert_eq!(t.collections["hairpin"].decl, "type ipv6_addr . ipv6_addr;");
     assert!(t.collections["service-addresses"].elements.contains_key("2001:db8::10 . tcp . 80"));
     assert!(v4(&r).collections["service-nodeports"].elements.is_empty());
 }
@@ -268,9 +283,12 @@ fn golden_rulesets() {
     local.lb_ips = vec!["203.0.113.11", "2001:db8::11"];
     local.families = vec!["IPv4", "IPv6"];
     local.ports = vec![("http", "TCP", 443, Some(30443))];
+    let mut spread = Svc::new("shop", "spread");
+    spread.lb_ips = vec!["203.0.113.13"];
+    spread.ports = vec![("http", "TCP", 80, Some(30081))];
     let empty = Svc::new("shop", "empty");
     let m = model(
-        &[mixed.build(), local.build(), {
+        &[mixed.build(), local.build(), spread.build(), {
             let mut e = empty.clone();
             e.lb_ips = vec!["203.0.113.12"];
             e.ports = vec![("", "TCP", 8443, Some(31443))];
@@ -292,6 +310,13 @@ fn golden_rulesets() {
                 &[Ep::ready("10.0.0.3", "node-a"), Ep::ready("10.0.0.4", "node-b")],
             ),
             slice("shop", "local", "local-2", &[("http", "TCP", 8443)], &[Ep::terminating("fd00::3", "node-a")]),
+            slice(
+                "shop",
+                "spread",
+                "spread-1",
+                &[("http", "TCP", 8080)],
+                &[Ep::ready("10.0.0.5", "node-b"), Ep::ready("10.0.0.6", "node-c"), Ep::ready("10.0.0.7", "node-a")],
+            ),
         ],
     );
     golden("mixed", &to_script(&rules(&m)));
@@ -324,18 +349,81 @@ fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
 #[test]
 fn partial_sync_touches_only_the_changed_service() {
     let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n"), Ep::ready("10.0.1.2", "n")]));
-    let after = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let after = render_from(&two_services(&[Ep::ready("10.0.1.1", "n")]), &RenderConfig::default(), Some(&before));
+    let map = format!("endpoints-{:02x}", before.slots[&Family::V4]["ns/b/tcp/80"].bucket);
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
     assert!(!plan.script.contains("ns/a/"), "service a untouched:\n{}", plan.script);
     assert!(plan.script.contains("flush chain ip hawser svc-ns/b/tcp/80"));
-    assert!(plan.script.contains("flush chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080"));
-    assert!(!plan.script.contains("delete chain"), "deleted later:\n{}", plan.script);
+    assert!(plan.script.contains("add rule ip hawser svc-ns/b/tcp/80 meta l4proto tcp dnat to 10.0.1.1:8080"));
+    assert!(plan.script.contains("delete element ip hawser hairpin { 10.0.1.2 . 10.0.1.2 }"));
+    // b's endpoint map has no other user: emptied now, deleted by the next sync.
+    assert!(plan.script.contains(&format!("flush map ip hawser {map}")), "{}", plan.script);
+    assert!(!plan.script.contains("delete map"), "deleted later:\n{}", plan.script);
     assert_eq!(plan.stale_after.len(), 1);
-    // The next sync deletes the emptied chain.
     let next = partial_plan(&after, &plan.stale_after, &after);
-    assert_eq!(next.script.trim(), "delete chain ip hawser ep-ns/b/tcp/80__10.0.1.2/8080");
+    assert_eq!(next.script.trim(), format!("delete map ip hawser {map}"));
     // No change, no transaction.
     assert!(partial_plan(&after, &BTreeSet::new(), &after).is_empty());
+}
+
+fn many_services(n: usize, eps_of: impl Fn(usize) -> usize) -> ClusterModel {
+    let mut svcs = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..n {
+        let name: &'static str = Box::leak(format!("svc-{i}").into_boxed_str());
+        let mut s = Svc::new("ns", name);
+        s.lb_ips = vec![Box::leak(format!("198.51.{}.{}", i / 200, i % 200 + 1).into_boxed_str())];
+        s.ports = vec![("http", "TCP", 80, None)];
+        svcs.push(s.build());
+        let eps: Vec<Ep<'static>> = (0..eps_of(i))
+            .map(|j| Ep::ready(Box::leak(format!("10.{}.{}.{}", i / 200, i % 200, j + 1).into_boxed_str()), "n"))
+            .collect();
+        slices.push(slice("ns", name, "s1", HTTP, &eps));
+    }
+    model(&svcs, &slices)
+}
+
+#[test]
+fn endpoint_map_slots_are_disjoint_spread_and_stable() {
+    let m = many_services(2000, |_| 3);
+    let first = rules(&m);
+    let slots = &first.slots[&Family::V4];
+    assert_eq!(slots.len(), 2000);
+    // Disjoint key ranges within each map.
+    let mut by_map: std::collections::BTreeMap<u32, Vec<(u32, u32)>> = Default::default();
+    for s in slots.values() {
+        assert!(s.capacity >= 16 && s.capacity.is_power_of_two());
+        by_map.entry(s.bucket).or_default().push((s.offset, s.offset + s.capacity));
+    }
+    for ranges in by_map.values_mut() {
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+    }
+    // Spread: no map is referenced by many rules (the kernel checks each element per rule).
+    assert!(by_map.len() > 200, "{} maps", by_map.len());
+    assert!(by_map.values().all(|r| r.len() < 40), "{:?}", by_map.values().map(Vec::len).max());
+
+    // One Service gains an endpoint, one loses one, one grows past its slot, one is new:
+    // only those chains are rewritten; every other slot stays where it was.
+    let m2 = many_services(2001, |i| match i {
+        10 => 4,
+        11 => 2,
+        12 => 40,
+        _ => 3,
+    });
+    let second = render_from(&m2, &RenderConfig::default(), Some(&first));
+    let plan = partial_plan(&first, &BTreeSet::new(), &second);
+    assert_eq!(plan.chains_written, 4, "{}", plan.script);
+    let s2 = &second.slots[&Family::V4];
+    for (pid, slot) in slots {
+        if pid != "ns/svc-12/tcp/80" {
+            assert_eq!(s2[pid], *slot, "{pid} moved");
+        }
+    }
+    assert_eq!(s2["ns/svc-12/tcp/80"].capacity, 64);
+    assert_ne!(s2["ns/svc-12/tcp/80"].offset, slots["ns/svc-12/tcp/80"].offset);
+    // A fresh render (after a failure) is deterministic.
+    assert_eq!(rules(&m2), rules(&m2));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hawser_dataplane::conntrack::{ConntrackCommand, stale_udp_flows};
 use hawser_dataplane::model::{ClusterModel, ModelConfig, build_model};
 use hawser_dataplane::nft::{Applier, NftCommand, NftError, NftRunner, SyncReport};
-use hawser_dataplane::render::{RenderConfig, render};
+use hawser_dataplane::render::{RenderConfig, render_from};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nix::sched::{CloneFlags, setns};
@@ -334,7 +334,8 @@ impl Lab {
             slices,
             &ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() },
         );
-        let report = self.applier.sync(render(&model, &RenderConfig::default()))?;
+        let ruleset = render_from(&model, &RenderConfig::default(), self.applier.applied());
+        let report = self.applier.sync(ruleset)?;
         for flow in stale_udp_flows(&self.last_model, &model) {
             self.conntrack.delete(&flow).unwrap();
         }
