@@ -31,6 +31,11 @@ pub struct AgentConfig {
     pub resync_period: Duration,
     /// Syncs are at least this far apart (changes arriving meanwhile are batched).
     pub min_sync_interval: Duration,
+    /// A full resync (tables replaced) happens at least this often, repairing drift made by
+    /// others in our tables; `None`: only at start and after failures.
+    pub full_resync_period: Option<Duration>,
+    /// Upper bound of the exponential backoff after consecutive failed syncs.
+    pub max_sync_backoff: Duration,
     /// Command line running nft.
     pub nft_argv: Vec<String>,
     /// Command line running conntrack.
@@ -119,10 +124,16 @@ async fn sync_loop(
     let conntrack = ConntrackCommand::with_argv(config.conntrack_argv.clone());
     let mut last_model = ClusterModel::default();
     let mut last_sync = Instant::now() - config.min_sync_interval;
+    let mut last_full = Instant::now();
+    let mut failures = 0u32;
     loop {
         let wait = config.min_sync_interval.saturating_sub(last_sync.elapsed());
         tokio::time::sleep(wait).await;
         last_sync = Instant::now();
+        if config.full_resync_period.is_some_and(|period| last_full.elapsed() >= period) {
+            debug!("periodic full resync");
+            applier.force_full_resync();
+        }
 
         let node = stores.node.state().into_iter().next();
         health.record_node(NodeModel::from_node(&config.model.node_name, node.as_deref()));
@@ -149,8 +160,10 @@ async fn sync_loop(
         metrics.sync_duration.observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(report) => {
+                failures = 0;
                 if report.full {
                     metrics.full_syncs.inc();
+                    last_full = Instant::now();
                 }
                 debug!(?report, "synced");
                 clean_conntrack(&conntrack, &last_model, &model).await?;
@@ -164,8 +177,11 @@ async fn sync_loop(
                 last_model = model;
             }
             Err(e) => {
-                log_failure(metrics, &e);
-                // Retry after the minimum interval rather than waiting for a change.
+                failures = failures.saturating_add(1);
+                let delay = retry_delay(config.min_sync_interval, failures, config.max_sync_backoff);
+                log_failure(metrics, &e, delay);
+                // Retry without waiting for a change, backing off while failures repeat.
+                tokio::time::sleep(delay.saturating_sub(config.min_sync_interval)).await;
                 continue;
             }
         }
@@ -176,9 +192,16 @@ async fn sync_loop(
     }
 }
 
-fn log_failure(metrics: &Metrics, e: &NftError) {
+fn log_failure(metrics: &Metrics, e: &NftError, retry_in: Duration) {
     metrics.sync_failures.inc();
-    warn!(error = %e, "sync failed; next sync is a full resync");
+    warn!(error = %e, ?retry_in, "sync failed; next sync is a full resync");
+}
+
+/// Time from a failed sync to the next attempt after `failures` consecutive failures:
+/// `base`, doubling with each further failure, at most `max` (but never below `base`).
+pub fn retry_delay(base: Duration, failures: u32, max: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    base.saturating_mul(1 << doublings).min(max.max(base))
 }
 
 async fn clean_conntrack(

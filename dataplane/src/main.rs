@@ -43,6 +43,13 @@ struct Args {
     /// Sync at least this often (seconds); /healthz fails after twice this without a sync.
     #[arg(long, env = "HAWSER_RESYNC_PERIOD_SECONDS", default_value_t = 30)]
     resync_period_seconds: u64,
+    /// Replace the tables with a full resync this often (seconds), repairing changes others
+    /// made to them; 0 disables. ClientIP affinity entries are reset by a full resync.
+    #[arg(long, env = "HAWSER_FULL_RESYNC_PERIOD_SECONDS", default_value_t = 3600)]
+    full_resync_period_seconds: u64,
+    /// Upper bound of the exponential backoff between failed syncs (seconds).
+    #[arg(long, env = "HAWSER_MAX_SYNC_BACKOFF_SECONDS", default_value_t = 60)]
+    max_sync_backoff_seconds: u64,
     /// Minimum time between syncs (milliseconds); changes in between are batched.
     #[arg(long, env = "HAWSER_MIN_SYNC_INTERVAL_MS", default_value_t = 1000)]
     min_sync_interval_ms: u64,
@@ -125,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
         render: RenderConfig { masquerade_mark: 1u32 << args.masquerade_bit },
         resync_period,
         min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+        full_resync_period: (args.full_resync_period_seconds > 0)
+            .then(|| Duration::from_secs(args.full_resync_period_seconds)),
+        max_sync_backoff: Duration::from_secs(args.max_sync_backoff_seconds),
         nft_argv: argv(&args.nft_command),
         conntrack_argv: argv(&args.conntrack_command),
     };

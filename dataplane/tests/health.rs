@@ -103,3 +103,15 @@ fn metrics_are_exposed_with_the_prefix() {
     assert!(text.contains("hawser_dataplane_sync_duration_seconds_count 1"));
     assert!(text.contains("hawser_dataplane_nft_elements 42"));
 }
+
+#[test]
+fn failed_syncs_back_off_exponentially_up_to_a_bound() {
+    use hawser_dataplane::agent::retry_delay;
+    use std::time::Duration;
+    let s = Duration::from_secs;
+    let delays: Vec<Duration> = (1..=9).map(|n| retry_delay(s(1), n, s(60))).collect();
+    assert_eq!(delays, vec![s(1), s(2), s(4), s(8), s(16), s(32), s(60), s(60), s(60)]);
+    assert_eq!(retry_delay(s(1), u32::MAX, s(60)), s(60));
+    // Never faster than the minimum sync interval.
+    assert_eq!(retry_delay(s(5), 1, s(2)), s(5));
+}
