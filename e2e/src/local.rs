@@ -390,14 +390,19 @@ impl LocalCluster {
     }
 
     async fn wait_rules(&self, ip: Ipv4Addr, present: bool) -> anyhow::Result<()> {
-        let needle = format!("{ip}:");
+        // An endpoint appears as a dnat target: in an endpoint map (`N : IP . PORT`) or a rule.
+        let needles = [format!(": {ip} . "), format!("dnat to {ip}:")];
+        let has = |rules: String| needles.iter().any(|n| rules.contains(n.as_str()));
         for _ in 0..100 {
-            if (0..self.nodes.len()).all(|i| self.node_rules(i).contains(&needle) == present) {
+            if (0..self.nodes.len()).all(|i| has(self.node_rules(i)) == present) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("endpoint {ip} still {} in some node's rules after 10s", if present { "missing" } else { "present" })
+        let dnats: Vec<String> = (0..self.nodes.len())
+            .flat_map(|i| self.node_rules(i).lines().filter(|l| l.contains("dnat") || l.contains(" : ")).map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        bail!("endpoint {ip} still {} in some node's rules after 10s: {dnats:?}", if present { "missing" } else { "present" })
     }
 
     fn lock_pods(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Vec<Pod>>> {
