@@ -1,0 +1,166 @@
+//! `hawser-sandbox`: the local sandbox as one command. Starts the fake apiserver, network-
+//! namespace nodes running the real `hawser-dataplane`, the real `hawser-operator` with the
+//! mock cloud, a demo backend and a LoadBalancer Service; prints the load-balancer address and a
+//! `curl` that works from this machine; on Ctrl-C removes every namespace, process, nft table,
+//! route and file it made (and, on the next start, whatever a crash left behind).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use hawser_e2e::backend::Backend as _;
+use hawser_e2e::local::{LocalCluster, LocalOptions};
+use hawser_e2e::netns;
+use hawser_e2e::traffic::{Client, Outcome};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+const USAGE: &str = "usage: hawser-sandbox [--nodes N] [--replicas N] [--state-dir DIR]
+  Runs as root on Linux; the hawser-operator and hawser-dataplane binaries are taken from the
+  directory of this executable (or HAWSER_E2E_BIN_DIR).";
+
+struct Args {
+    nodes: usize,
+    replicas: usize,
+    state_dir: PathBuf,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { nodes: 2, replicas: 2, state_dir: PathBuf::from("/run/hawser-sandbox") };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--nodes" => a.nodes = value()?.parse().context("--nodes is a number")?,
+            "--replicas" => a.replicas = value()?.parse().context("--replicas is a number")?,
+            "--state-dir" => a.state_dir = PathBuf::from(value()?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    Ok(a)
+}
+
+/// Kills processes recorded by a run that crashed, if they are still ours (a hawser binary);
+/// a recycled pid of something else is left alone.
+fn kill_recorded(pids_file: &Path) {
+    let Ok(text) = std::fs::read_to_string(pids_file) else { return };
+    for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("hawser-") {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Removes the files a run makes in the state directory (and only those): a stale mock cloud
+/// from a crashed run must not leak into the next one.
+fn remove_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = ["pids", "kubeconfig", "cloud.json", "cloud.tmp", "operator.log"].contains(&name.as_str())
+            || (name.starts_with("node-") && name.ends_with(".log"));
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+async fn demo(cluster: &LocalCluster, replicas: usize) -> anyhow::Result<IpAddr> {
+    cluster.deploy("default", "demo", replicas).await?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "hawser.dev/lb",
+            "selector": {"app": "demo"},
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}],
+        },
+    }))?;
+    let api: Api<Service> = Api::namespaced(cluster.kube(), "default");
+    api.create(&PostParams::default(), &svc).await?;
+    hawser_e2e::scenarios::until("the demo Service's address", Duration::from_secs(30), || async {
+        let s = api.get("demo").await?;
+        s.status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .and_then(|i| i.into_iter().find_map(|i| i.ip))
+            .and_then(|ip| ip.parse().ok())
+            .context("no address yet")
+    })
+    .await
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    netns::prerequisites().map_err(|why| anyhow::anyhow!("the sandbox needs root on Linux: {why}"))?;
+    std::fs::create_dir_all(&a.state_dir)?;
+    let pids_file = a.state_dir.join("pids");
+    kill_recorded(&pids_file);
+    remove_files(&a.state_dir);
+    let cluster = LocalCluster::start(LocalOptions {
+        nodes: a.nodes,
+        slot: Some(0),
+        prefix: Some("hws".into()),
+        dir: Some(a.state_dir.clone()),
+        operator_args: Vec::new(),
+    })
+    .await?;
+    let pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
+    std::fs::write(&pids_file, pids.join("\n"))?;
+    cluster.route_pool_from_host()?;
+    let addr = demo(&cluster, a.replicas).await?;
+    // Only print what works: the same request the user is told to make, from this machine.
+    let host = Client::new(None, None);
+    hawser_e2e::scenarios::until("the demo answering from this machine", Duration::from_secs(30), || async {
+        match host.http(addr, 80, "/hostname").await {
+            Outcome::Reply(s) => Ok(s),
+            other => bail!("{other:?}"),
+        }
+    })
+    .await?;
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    println!("hawser sandbox: {} nodes, {} demo backends, Service default/demo (class hawser.dev/lb)", a.nodes, a.replicas);
+    println!();
+    println!("  load-balancer address: {addr}");
+    println!("  try:        curl http://{addr}/hostname     (answers demo-1, demo-2, ...)");
+    println!("  Service:    KUBECONFIG={kubeconfig} kubectl get service demo -o yaml");
+    println!("  mock cloud: curl -s http://{}/mock/state", cluster.metrics_addr());
+    println!("  logs:       {}/*.log", cluster.dir().display());
+    println!();
+    println!("Ctrl-C stops it and removes everything it made.");
+    wait_for_stop().await;
+    println!("stopping; cleaning up");
+    drop(cluster);
+    remove_files(&a.state_dir);
+    let _ = std::fs::remove_dir(&a.state_dir);
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let result = match args() {
+        Ok(a) => run(a).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hawser-sandbox: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
