@@ -9,9 +9,10 @@
 //! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
 //!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
 //!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
-//! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map @endpoints-BB`,
-//!   where the Service port owns the keys `K..K+N` of one of [`ENDPOINT_MAP_BUCKETS`] shared
-//!   maps (see [`Slot`]); a single endpoint is a plain `dnat to`. Ports with ClientIP
+//! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map
+//!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
+//!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
+//!   is a plain `dnat to`. Ports with ClientIP
 //!   affinity instead pick a per-endpoint chain `ep-…` that records the client in its
 //!   affinity set and DNATs;
 //! - `nat-postrouting` masquerades (fully-random) what carries our mark bit, and hairpin
@@ -35,7 +36,7 @@ use crate::model::{ClusterModel, Endpoint, Family, PortModel, ServiceModel, Traf
 pub const TABLE: &str = "hawser";
 /// Default packet-mark bit requesting masquerade; distinct from kube-proxy's 0x4000.
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x0040_0000;
-/// Number of shared endpoint maps per family (`endpoints-00` … `endpoints-ff`). The kernel
+/// Number of shared endpoint maps per family and protocol (`endpoints-tcp-00` … `-ff`). The kernel
 /// validates each added map element once per rule that refers to the map, so spreading the
 /// Service ports over many maps keeps a full load close to linear; only maps in use exist.
 pub const ENDPOINT_MAP_BUCKETS: u32 = 256;
@@ -86,7 +87,7 @@ pub struct Table {
 }
 
 /// The keys a Service port owns in a shared endpoint map: `offset .. offset + capacity` of
-/// map `endpoints-{bucket:02x}`; its `N` endpoints use the first `N` of them.
+/// map `endpoints-{proto}-{bucket:02x}`; its `N` endpoints use the first `N` of them.
 ///
 /// Slots are kept from one render to the next (see [`render_from`]) so that a change to one
 /// Service does not move the keys, and rewrite the rules, of any other.
@@ -323,8 +324,10 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
     t
 }
 
-fn endpoint_map_name(bucket: u32) -> String {
-    format!("endpoints-{bucket:02x}")
+/// One set of endpoint maps per protocol: with a shared `th dport` in the `typeof`, nft 1.0.6
+/// rejects rules added to an existing map ("conflicting protocols specified: tcp vs. th").
+fn endpoint_map_name(proto: &str, bucket: u32) -> String {
+    format!("endpoints-{proto}-{bucket:02x}")
 }
 
 fn render_service(
@@ -436,9 +439,9 @@ fn dnat_rules(
         ));
         return;
     };
-    let name = endpoint_map_name(slot.bucket);
+    let name = endpoint_map_name(proto, slot.bucket);
     let map = table.collections.entry(name.clone()).or_insert_with(|| Collection {
-        decl: format!("typeof numgen random mod 2 : {} daddr . th dport;", addr_kw(family)),
+        decl: format!("typeof numgen random mod 2 : {} daddr . {proto} dport;", addr_kw(family)),
         is_map: true,
         elements: BTreeMap::new(),
     });

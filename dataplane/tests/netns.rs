@@ -168,7 +168,7 @@ fn endpoint_removal_takes_effect_for_tcp_and_udp() {
 
 #[test]
 fn partial_sync_leaves_other_services_chains_untouched() {
-    let mut lab = lab!(2);
+    let mut lab = lab!(3);
     let mut other = Svc::new("ns", "other");
     other.lb_ips = vec!["203.0.113.20"];
     other.ports = vec![("http", "TCP", 80, Some(30081))];
@@ -191,6 +191,12 @@ fn partial_sync_leaves_other_services_chains_untouched() {
     assert_ne!(lab.list_chain("ip", "svc-ns/web/tcp/80"), web_before);
     assert_eq!(lab.servers("203.0.113.20", 80, 4), set(&["pod2"]));
     assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
+    // A third endpoint: the rewritten rule refers to the endpoint map already in the kernel.
+    let three = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE), Ep::ready("10.0.3.2", NODE)]);
+    lab.sync(&[web().build(), other.build()], &with(three)).unwrap();
+    assert_eq!(lab.servers(LB, 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers(NODE_IP, NP, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.list_chain("ip", other_chain), other_before);
     // Back to one endpoint: web's endpoint map is emptied now and deleted a sync later.
     lab.sync(&[web().build(), other.build()], &with(eps(&[Ep::ready("10.0.1.2", NODE)]))).unwrap();
     let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);

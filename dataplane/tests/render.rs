@@ -159,11 +159,11 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
     assert!(svc[0].contains("meta mark set meta mark | 0x00400000"), "{svc:?}");
     let slot = r.slots[&Family::V4]["ns/web/tcp/80"];
-    let map = format!("endpoints-{:02x}", slot.bucket);
+    let map = format!("endpoints-tcp-{:02x}", slot.bucket);
     assert_eq!(svc[1], format!("meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}", slot.offset));
     assert_eq!(svc.len(), 2);
     let eps = &t.collections[&map];
-    assert!(eps.is_map && eps.decl.contains("typeof numgen random mod 2 : ip daddr . th dport"));
+    assert!(eps.is_map && eps.decl.contains("typeof numgen random mod 2 : ip daddr . tcp dport"));
     assert_eq!(eps.elements[&slot.offset.to_string()], "10.0.0.1 . 8080");
     assert_eq!(eps.elements[&(slot.offset + 1).to_string()], "10.0.0.2 . 8080");
     assert_eq!(eps.elements.len(), 2);
@@ -350,7 +350,7 @@ fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
 fn partial_sync_touches_only_the_changed_service() {
     let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n"), Ep::ready("10.0.1.2", "n")]));
     let after = render_from(&two_services(&[Ep::ready("10.0.1.1", "n")]), &RenderConfig::default(), Some(&before));
-    let map = format!("endpoints-{:02x}", before.slots[&Family::V4]["ns/b/tcp/80"].bucket);
+    let map = format!("endpoints-tcp-{:02x}", before.slots[&Family::V4]["ns/b/tcp/80"].bucket);
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
     assert!(!plan.script.contains("ns/a/"), "service a untouched:\n{}", plan.script);
     assert!(plan.script.contains("flush chain ip hawser svc-ns/b/tcp/80"));
