@@ -73,7 +73,6 @@ pub fn request_info(method: &Method, path: &str, query: Option<&str>) -> Request
             parts = &parts[2..];
         } else {
             namespace = None;
-            parts = &rest[..];
         }
     }
     let resource = parts[0].to_owned();
