@@ -79,7 +79,8 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
             NetworkTier::Standard
         }
         Some(v) => {
-            errors.push(InvalidField::new(NETWORK_TIER, format!("{v:?} is not a network tier; use Premium or Standard")));
+            errors
+                .push(InvalidField::new(NETWORK_TIER, format!("{v:?} is not a network tier; use Premium or Standard")));
             NetworkTier::Premium
         }
     };
@@ -140,7 +141,7 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
     };
 
     // Parts of the common spec this provider does not build (yet).
-    if spec.ip_families.iter().any(|f| *f == IpFamily::IPv6) {
+    if spec.ip_families.contains(&IpFamily::IPv6) {
         errors.push(InvalidField::new(
             "spec.ipFamilies",
             "the GCP provider builds IPv4 load balancers only; use ipFamilies: [IPv4]",
@@ -156,11 +157,7 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
         errors.push(InvalidField::new("spec.ports", "a load balancer needs at least one port"));
     }
 
-    if errors.is_empty() {
-        Ok(GcpOptions { network_tier, subnet, global_access, draining_secs })
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(GcpOptions { network_tier, subnet, global_access, draining_secs }) } else { Err(errors) }
 }
 
 #[cfg(test)]

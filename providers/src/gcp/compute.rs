@@ -9,8 +9,8 @@ use google_cloud_compute_v1::client::{
     Addresses, Firewalls, ForwardingRules, InstanceGroups, RegionBackendServices, RegionHealthChecks,
 };
 use google_cloud_compute_v1::model::{
-    self, Address, Backend, BackendService, ConnectionDraining, Firewall, ForwardingRule, HTTPHealthCheck,
-    HealthCheck, InstanceGroup, InstanceGroupsAddInstancesRequest, InstanceGroupsListInstancesRequest,
+    self, Address, Backend, BackendService, ConnectionDraining, Firewall, ForwardingRule, HTTPHealthCheck, HealthCheck,
+    InstanceGroup, InstanceGroupsAddInstancesRequest, InstanceGroupsListInstancesRequest,
     InstanceGroupsRemoveInstancesRequest, InstanceReference, Operation, TCPHealthCheck,
 };
 use google_cloud_gax::error::rpc::StatusDetails;
@@ -324,12 +324,8 @@ impl Compute {
 
     /// The regional forwarding rule `name`.
     pub async fn get_forwarding_rule(&self, name: &str) -> Result<Option<ForwardingRule>, ApiFailure> {
-        let req = self
-            .forwarding_rules
-            .get()
-            .set_project(&self.project)
-            .set_region(&self.region)
-            .set_forwarding_rule(name);
+        let req =
+            self.forwarding_rules.get().set_project(&self.project).set_region(&self.region).set_forwarding_rule(name);
         self.get_opt("forwardingRules.get", req.send()).await
     }
 
@@ -426,12 +422,8 @@ impl Compute {
 
     /// The regional backend service `name`.
     pub async fn get_backend_service(&self, name: &str) -> Result<Option<BackendService>, ApiFailure> {
-        let req = self
-            .backend_services
-            .get()
-            .set_project(&self.project)
-            .set_region(&self.region)
-            .set_backend_service(name);
+        let req =
+            self.backend_services.get().set_project(&self.project).set_region(&self.region).set_backend_service(name);
         self.get_opt("regionBackendServices.get", req.send()).await
     }
 
@@ -463,9 +455,7 @@ impl Compute {
             .set_connection_draining(ConnectionDraining::new().set_draining_timeout_sec(spec.draining_sec))
             .set_health_checks([spec.health_check.clone()])
             .set_backends(spec.groups.iter().map(|g| {
-                Backend::new()
-                    .set_group(g)
-                    .set_balancing_mode(model::backend::BalancingMode::from("CONNECTION"))
+                Backend::new().set_group(g).set_balancing_mode(model::backend::BalancingMode::from("CONNECTION"))
             }));
         if let Some(n) = &spec.network {
             body = body.set_network(n);
@@ -526,8 +516,7 @@ impl Compute {
 
     /// The regional health check `name`.
     pub async fn get_health_check(&self, name: &str) -> Result<Option<HealthCheck>, ApiFailure> {
-        let req =
-            self.health_checks.get().set_project(&self.project).set_region(&self.region).set_health_check(name);
+        let req = self.health_checks.get().set_project(&self.project).set_region(&self.region).set_health_check(name);
         self.get_opt("regionHealthChecks.get", req.send()).await
     }
 
@@ -613,9 +602,11 @@ impl Compute {
             .set_priority(1000)
             .set_source_ranges(spec.source_ranges.clone())
             .set_destination_ranges(spec.destination_ranges.clone())
-            .set_allowed(spec.allowed.iter().map(|(proto, ports)| {
-                model::firewall::Allowed::new().set_ip_protocol(proto).set_ports(ports.clone())
-            }))
+            .set_allowed(
+                spec.allowed.iter().map(|(proto, ports)| {
+                    model::firewall::Allowed::new().set_ip_protocol(proto).set_ports(ports.clone())
+                }),
+            )
             .set_target_tags(spec.target_tags.clone())
             .set_target_service_accounts(spec.target_service_accounts.clone())
     }
@@ -684,9 +675,10 @@ impl Compute {
                 .set_project(&self.project)
                 .set_zone(zone)
                 .set_instance_group(name)
-                .set_body(InstanceGroupsListInstancesRequest::new().set_instance_state(
-                    model::instance_groups_list_instances_request::InstanceState::from("ALL"),
-                ));
+                .set_body(
+                    InstanceGroupsListInstancesRequest::new()
+                        .set_instance_state(model::instance_groups_list_instances_request::InstanceState::from("ALL")),
+                );
             if let Some(t) = &token {
                 req = req.set_page_token(t);
             }
@@ -784,10 +776,10 @@ pub fn observed_backend_service(bs: &BackendService) -> BackendServiceSpec {
         description: bs.description.clone().unwrap_or_default(),
         scheme,
         protocol: known(bs.protocol.as_ref().and_then(|p| p.name()), &["TCP", "UDP"]),
-        session_affinity: known(bs.session_affinity.as_ref().and_then(|s| s.name()).or(Some("NONE")), &[
-            "NONE",
-            "CLIENT_IP",
-        ]),
+        session_affinity: known(
+            bs.session_affinity.as_ref().and_then(|s| s.name()).or(Some("NONE")),
+            &["NONE", "CLIENT_IP"],
+        ),
         draining_sec: bs.connection_draining.as_ref().and_then(|c| c.draining_timeout_sec).unwrap_or(0),
         health_check: rel(bs.health_checks.first()).unwrap_or_default(),
         groups: bs.backends.iter().filter_map(|b| rel(b.group.as_ref())).collect(),
@@ -797,12 +789,13 @@ pub fn observed_backend_service(bs: &BackendService) -> BackendServiceSpec {
 
 /// A health check as the plan describes it.
 pub fn observed_health_check(hc: &HealthCheck) -> HealthCheckSpec {
-    let (protocol, port, path) = match (&hc.http_health_check, &hc.tcp_health_check, hc.r#type.as_ref().and_then(|t| t.name())) {
-        (_, Some(tcp), Some("TCP")) => (HealthCheckProtocol::Tcp, tcp.port.unwrap_or_default(), None),
-        (Some(http), _, _) => (HealthCheckProtocol::Http, http.port.unwrap_or_default(), http.request_path.clone()),
-        (_, Some(tcp), _) => (HealthCheckProtocol::Tcp, tcp.port.unwrap_or_default(), None),
-        _ => (HealthCheckProtocol::Tcp, 0, None),
-    };
+    let (protocol, port, path) =
+        match (&hc.http_health_check, &hc.tcp_health_check, hc.r#type.as_ref().and_then(|t| t.name())) {
+            (_, Some(tcp), Some("TCP")) => (HealthCheckProtocol::Tcp, tcp.port.unwrap_or_default(), None),
+            (Some(http), _, _) => (HealthCheckProtocol::Http, http.port.unwrap_or_default(), http.request_path.clone()),
+            (_, Some(tcp), _) => (HealthCheckProtocol::Tcp, tcp.port.unwrap_or_default(), None),
+            _ => (HealthCheckProtocol::Tcp, 0, None),
+        };
     HealthCheckSpec {
         name: hc.name.clone().unwrap_or_default(),
         description: hc.description.clone().unwrap_or_default(),

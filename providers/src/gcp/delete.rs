@@ -32,10 +32,10 @@ impl GcpProvider {
         let c = &self.compute;
         for proto in protocols {
             let name = names.per_protocol(proto);
-            if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)? {
-                if owned_by_service(f.description.as_deref(), id) {
-                    self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
-                }
+            if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
+                && owned_by_service(f.description.as_deref(), id)
+            {
+                self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
             }
         }
         Ok(())
@@ -53,18 +53,22 @@ impl GcpProvider {
         let mut zones = BTreeSet::new();
         for proto in PROTOCOLS {
             let name = names.per_protocol(proto);
-            if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)? {
-                if owned_by_service(b.description.as_deref(), id) {
-                    zones.extend(b.backends.iter().filter_map(|g| g.group.as_deref()?.split("/zones/").nth(1)?.split('/').next().map(str::to_owned)));
-                    self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
-                }
+            if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)?
+                && owned_by_service(b.description.as_deref(), id)
+            {
+                zones.extend(
+                    b.backends.iter().filter_map(|g| {
+                        g.group.as_deref()?.split("/zones/").nth(1)?.split('/').next().map(str::to_owned)
+                    }),
+                );
+                self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
             }
         }
 
-        if let Some(h) = c.get_health_check(&names.health_check()).await.map_err(ApiFailure::into_error)? {
-            if owned_by_service(h.description.as_deref(), id) {
-                self.delete_ignoring_absent(c.delete_health_check(&names.health_check()).await)?;
-            }
+        if let Some(h) = c.get_health_check(&names.health_check()).await.map_err(ApiFailure::into_error)?
+            && owned_by_service(h.description.as_deref(), id)
+        {
+            self.delete_ignoring_absent(c.delete_health_check(&names.health_check()).await)?;
         }
 
         // Shared resources go only when no backend service of the cluster is left.
@@ -73,52 +77,50 @@ impl GcpProvider {
             .await
             .map_err(ApiFailure::into_error)?
             .into_iter()
-            .filter(|b| {
-                Ownership::from_description(b.description.as_deref()).is_some_and(|o| o.cluster == *cluster)
-            })
+            .filter(|b| Ownership::from_description(b.description.as_deref()).is_some_and(|o| o.cluster == *cluster))
             .count();
         if others == 0 {
             let ig = cluster_names.instance_group();
             for zone in &zones {
-                if let Some(g) = c.get_instance_group(zone, &ig).await.map_err(ApiFailure::into_error)? {
-                    if owned_by_cluster(g.description.as_deref(), cluster) {
-                        let members = c.list_instances(zone, &ig).await.map_err(ApiFailure::into_error)?;
-                        if !members.is_empty() {
-                            let members: Vec<String> = members.into_iter().collect();
-                            c.remove_instances(zone, &ig, &members).await.map_err(ApiFailure::into_error)?;
-                        }
-                        info!(zone, group = %ig, "deleting the cluster's instance group: no load balancer uses it");
-                        match c.delete_instance_group(zone, &ig).await {
-                            Ok(()) => {}
-                            Err(f) => match f.classify() {
-                                // Another controller's backend service still uses it: leave it.
-                                Failure::NotFound | Failure::InUse(_) => {}
-                                _ => return Err(f.into_error()),
-                            },
-                        }
+                if let Some(g) = c.get_instance_group(zone, &ig).await.map_err(ApiFailure::into_error)?
+                    && owned_by_cluster(g.description.as_deref(), cluster)
+                {
+                    let members = c.list_instances(zone, &ig).await.map_err(ApiFailure::into_error)?;
+                    if !members.is_empty() {
+                        let members: Vec<String> = members.into_iter().collect();
+                        c.remove_instances(zone, &ig, &members).await.map_err(ApiFailure::into_error)?;
+                    }
+                    info!(zone, group = %ig, "deleting the cluster's instance group: no load balancer uses it");
+                    match c.delete_instance_group(zone, &ig).await {
+                        Ok(()) => {}
+                        Err(f) => match f.classify() {
+                            // Another controller's backend service still uses it: leave it.
+                            Failure::NotFound | Failure::InUse(_) => {}
+                            _ => return Err(f.into_error()),
+                        },
                     }
                 }
             }
         }
 
-        if let Some(f) = c.get_firewall(&names.firewall()).await.map_err(ApiFailure::into_error)? {
-            if owned_by_service(f.description.as_deref(), id) {
-                self.delete_ignoring_absent(c.delete_firewall(&names.firewall()).await)?;
-            }
+        if let Some(f) = c.get_firewall(&names.firewall()).await.map_err(ApiFailure::into_error)?
+            && owned_by_service(f.description.as_deref(), id)
+        {
+            self.delete_ignoring_absent(c.delete_firewall(&names.firewall()).await)?;
         }
         if others == 0 {
             let hc = cluster_names.health_check_firewall();
-            if let Some(f) = c.get_firewall(&hc).await.map_err(ApiFailure::into_error)? {
-                if owned_by_cluster(f.description.as_deref(), cluster) {
-                    self.delete_ignoring_absent(c.delete_firewall(&hc).await)?;
-                }
+            if let Some(f) = c.get_firewall(&hc).await.map_err(ApiFailure::into_error)?
+                && owned_by_cluster(f.description.as_deref(), cluster)
+            {
+                self.delete_ignoring_absent(c.delete_firewall(&hc).await)?;
             }
         }
 
-        if let Some(a) = c.get_address(&names.address()).await.map_err(ApiFailure::into_error)? {
-            if owned_by_service(a.description.as_deref(), id) {
-                self.delete_ignoring_absent(c.delete_address(&names.address()).await)?;
-            }
+        if let Some(a) = c.get_address(&names.address()).await.map_err(ApiFailure::into_error)?
+            && owned_by_service(a.description.as_deref(), id)
+        {
+            self.delete_ignoring_absent(c.delete_address(&names.address()).await)?;
         }
         Ok(())
     }
@@ -134,7 +136,12 @@ impl GcpProvider {
             .iter()
             .filter(|b| b.name.as_deref().is_some_and(|n| n.starts_with(PREFIX)))
             .map(|b| b.description.as_deref())
-            .chain(rules.iter().filter(|f| f.name.as_deref().is_some_and(|n| n.starts_with(PREFIX))).map(|f| f.description.as_deref()));
+            .chain(
+                rules
+                    .iter()
+                    .filter(|f| f.name.as_deref().is_some_and(|n| n.starts_with(PREFIX)))
+                    .map(|f| f.description.as_deref()),
+            );
         for description in descriptions {
             let Some(identity) = Ownership::from_description(description).and_then(|o| o.identity()) else { continue };
             if identity.cluster != self.config.cluster {
@@ -142,7 +149,12 @@ impl GcpProvider {
             }
             let names = ServiceNames::new(&identity);
             found.entry(identity.uid.clone()).or_insert_with(|| OwnedLoadBalancer {
-                id: format!("projects/{}/regions/{}/addresses/{}", self.config.project, self.config.region, names.address()),
+                id: format!(
+                    "projects/{}/regions/{}/addresses/{}",
+                    self.config.project,
+                    self.config.region,
+                    names.address()
+                ),
                 identity,
             });
         }

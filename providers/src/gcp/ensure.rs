@@ -65,7 +65,12 @@ impl GcpProvider {
             }
         }
         Ok(LoadBalancerStatus {
-            id: format!("projects/{}/regions/{}/addresses/{}", self.config.project, self.config.region, plan.names.address()),
+            id: format!(
+                "projects/{}/regions/{}/addresses/{}",
+                self.config.project,
+                self.config.region,
+                plan.names.address()
+            ),
             ingress: vec![IngressPoint { ip: ip.parse().ok(), hostname: None, ip_mode: Some(IpMode::Vip), ports }],
         })
     }
@@ -270,10 +275,10 @@ impl GcpProvider {
         self.delete_forwarding_rules(id, &plan.names, &stale).await?;
         for proto in stale {
             let name = plan.names.per_protocol(proto);
-            if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)? {
-                if owned_by_service(b.description.as_deref(), id) {
-                    self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
-                }
+            if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)?
+                && owned_by_service(b.description.as_deref(), id)
+            {
+                self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
             }
         }
         Ok(())
@@ -291,7 +296,9 @@ impl GcpProvider {
                     }
                 }
             }
-            Some(f) if !owned_by_service(f.description.as_deref(), id) => return Err(foreign("firewall", &desired.name)),
+            Some(f) if !owned_by_service(f.description.as_deref(), id) => {
+                return Err(foreign("firewall", &desired.name));
+            }
             Some(f) => {
                 if observed_firewall(&f) != desired {
                     c.patch_firewall(&desired).await.map_err(ApiFailure::into_error)?;
@@ -325,10 +332,10 @@ impl GcpProvider {
     async fn release_owned_address(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
         let c = &self.compute;
         let name = plan.names.address();
-        if let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)? {
-            if owned_by_service(a.description.as_deref(), id) {
-                self.delete_ignoring_absent(c.delete_address(&name).await)?;
-            }
+        if let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)?
+            && owned_by_service(a.description.as_deref(), id)
+        {
+            self.delete_ignoring_absent(c.delete_address(&name).await)?;
         }
         Ok(())
     }

@@ -69,8 +69,12 @@ impl ApiFailure {
         {
             return Failure::Other(ProviderError::Throttled { retry_after: None, message: context });
         }
-        if self.has_reason(&["resourceInUseByAnotherResource", "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE", "resourceNotReady", "RESOURCE_NOT_READY"])
-            || lower.contains("is already being used by")
+        if self.has_reason(&[
+            "resourceInUseByAnotherResource",
+            "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE",
+            "resourceNotReady",
+            "RESOURCE_NOT_READY",
+        ]) || lower.contains("is already being used by")
             || lower.contains("resource is not ready")
         {
             return Failure::InUse(context);
@@ -103,6 +107,7 @@ impl ApiFailure {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::ErrorClass;
@@ -129,11 +134,25 @@ mod tests {
             (failure(Some(429), "", "Too Many Requests"), "throttled"),
             (failure(Some(403), "rateLimitExceeded", "Rate Limit Exceeded"), "throttled"),
             (failure(Some(403), "userRateLimitExceeded", "slow down"), "throttled"),
-            (failure(Some(403), "quotaExceeded", "Quota 'FORWARDING_RULES' exceeded.  Limit: 15.0 in region europe-west1."), "invalid_input"),
+            (
+                failure(
+                    Some(403),
+                    "quotaExceeded",
+                    "Quota 'FORWARDING_RULES' exceeded.  Limit: 15.0 in region europe-west1.",
+                ),
+                "invalid_input",
+            ),
             (failure(Some(403), "QUOTA_EXCEEDED", "Quota 'IN_USE_ADDRESSES' exceeded."), "invalid_input"),
             (failure(Some(409), "alreadyExists", "The resource 'x' already exists"), "already_exists"),
             (failure(Some(404), "notFound", "The resource 'x' was not found"), "not_found"),
-            (failure(Some(400), "resourceInUseByAnotherResource", "The health_check resource 'x' is already being used by 'y'"), "in_use"),
+            (
+                failure(
+                    Some(400),
+                    "resourceInUseByAnotherResource",
+                    "The health_check resource 'x' is already being used by 'y'",
+                ),
+                "in_use",
+            ),
             (failure(None, "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE", "in use"), "in_use"),
             (failure(Some(403), "forbidden", "Required 'compute.firewalls.create' permission"), "fatal"),
             (failure(Some(401), "", "Unauthorized"), "fatal"),
@@ -149,7 +168,8 @@ mod tests {
 
     #[test]
     fn quota_error_names_the_quota_for_the_user() {
-        let f = failure(None, "QUOTA_EXCEEDED", "Quota 'FORWARDING_RULES' exceeded.  Limit: 15.0 in region europe-west1.");
+        let f =
+            failure(None, "QUOTA_EXCEEDED", "Quota 'FORWARDING_RULES' exceeded.  Limit: 15.0 in region europe-west1.");
         let Failure::Other(ProviderError::InvalidInput(fields)) = f.classify() else { panic!("not invalid input") };
         assert_eq!(fields[0].field, "GCP quota FORWARDING_RULES");
         assert!(fields[0].message.contains("Limit: 15.0"), "{}", fields[0].message);

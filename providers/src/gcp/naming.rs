@@ -163,6 +163,7 @@ pub fn owned_by_cluster(description: Option<&str>, cluster: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -278,7 +278,8 @@ impl Plan {
             identity: id.clone(),
         };
         let groups = plan.instance_groups.keys().map(|z| plan.instance_group_url(config, z)).collect::<BTreeSet<_>>();
-        let hc_url = format!("projects/{}/regions/{}/healthChecks/{}", config.project, config.region, plan.health_check.name);
+        let hc_url =
+            format!("projects/{}/regions/{}/healthChecks/{}", config.project, config.region, plan.health_check.name);
         plan.backend_services = plan
             .ports
             .keys()
@@ -373,8 +374,7 @@ impl Plan {
     /// this Service's health port added. Ports are never removed here, because other Services
     /// may rely on them; the rule goes away with the cluster's last load balancer.
     pub fn health_check_firewall(&self, cluster: &str, existing: Option<&FirewallSpec>) -> FirewallSpec {
-        let mut ports: BTreeSet<String> =
-            existing.and_then(|f| f.allowed.get("tcp")).cloned().unwrap_or_default();
+        let mut ports: BTreeSet<String> = existing.and_then(|f| f.allowed.get("tcp")).cloned().unwrap_or_default();
         ports.insert(self.health_port.to_string());
         FirewallSpec {
             name: self.cluster_names.health_check_firewall(),
@@ -415,10 +415,7 @@ pub fn forwarding_rule_action(observed: &ForwardingRuleSpec, desired: &Forwardin
 }
 
 /// Instances to add to and remove from a group holding `observed` so that it holds `desired`.
-pub fn membership_changes(
-    observed: &BTreeSet<String>,
-    desired: &BTreeSet<String>,
-) -> (Vec<String>, Vec<String>) {
+pub fn membership_changes(observed: &BTreeSet<String>, desired: &BTreeSet<String>) -> (Vec<String>, Vec<String>) {
     (desired.difference(observed).cloned().collect(), observed.difference(desired).cloned().collect())
 }
 

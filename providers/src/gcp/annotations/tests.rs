@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use super::*;
 use crate::gcp::testutil::{annotated, spec};
 
@@ -14,7 +16,10 @@ fn fields(r: Result<GcpOptions, Vec<InvalidField>>) -> Vec<String> {
 #[test]
 fn defaults_without_annotations() {
     let o = parse(&spec()).unwrap();
-    assert_eq!(o, GcpOptions { network_tier: NetworkTier::Premium, subnet: None, global_access: false, draining_secs: 30 });
+    assert_eq!(
+        o,
+        GcpOptions { network_tier: NetworkTier::Premium, subnet: None, global_access: false, draining_secs: 30 }
+    );
 }
 
 #[test]
@@ -64,8 +69,15 @@ fn global_access() {
 
 #[test]
 fn connection_draining_timeout() {
-    let cases: &[(&str, Option<i32>)] =
-        &[("0", Some(0)), ("45", Some(45)), ("45s", Some(45)), ("3600", Some(3600)), ("3601", None), ("-1", None), ("soon", None)];
+    let cases: &[(&str, Option<i32>)] = &[
+        ("0", Some(0)),
+        ("45", Some(45)),
+        ("45s", Some(45)),
+        ("3600", Some(3600)),
+        ("3601", None),
+        ("-1", None),
+        ("soon", None),
+    ];
     for (value, want) in cases {
         let got = parse(&annotated(&[(CONNECTION_DRAINING_TIMEOUT, value)]));
         match want {
@@ -89,7 +101,8 @@ fn other_clouds_annotations_are_ignored() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let errs = fields(parse(&annotated(&[(NETWORK_TIER, "gold"), (GLOBAL_ACCESS, "1"), (CONNECTION_DRAINING_TIMEOUT, "x")])));
+    let errs =
+        fields(parse(&annotated(&[(NETWORK_TIER, "gold"), (GLOBAL_ACCESS, "1"), (CONNECTION_DRAINING_TIMEOUT, "x")])));
     assert_eq!(errs, vec![NETWORK_TIER, GLOBAL_ACCESS, CONNECTION_DRAINING_TIMEOUT]);
 }
 

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
@@ -123,7 +125,8 @@ fn health_check_firewall_only_adds_ports() {
 
 #[test]
 fn instance_of_parses_gce_provider_ids_only() {
-    let t = |pid: &str| crate::Target { name: "n".into(), provider_id: Some(pid.into()), zone: None, addresses: vec![] };
+    let t =
+        |pid: &str| crate::Target { name: "n".into(), provider_id: Some(pid.into()), zone: None, addresses: vec![] };
     assert_eq!(
         instance_of(&t("gce://p/us-central1-a/vm")),
         Some(("us-central1-a".into(), "projects/p/zones/us-central1-a/instances/vm".into()))

@@ -1,0 +1,326 @@
+//! The GCP provider against a stateful fake Compute REST server (no Compute emulator exists),
+//! through the real SDK client pointed at it with the endpoint override.
+#![cfg(feature = "gcp")]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "gcp/fake_compute.rs"]
+mod fake_compute;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fake_compute::{API, FakeCompute};
+use hawser_providers::gcp::{GcpConfig, GcpProvider};
+use hawser_providers::{
+    ErrorClass, HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Provider,
+    ProviderError, Scheme, ServiceIdentity, SessionAffinity, Target,
+};
+use serde_json::{Value, json};
+
+const REGION: &str = "projects/proj/regions/europe-west1";
+
+fn target(name: &str, zone: &str) -> Target {
+    Target {
+        name: name.into(),
+        provider_id: Some(format!("gce://proj/{zone}/{name}")),
+        zone: Some(zone.into()),
+        addresses: vec![],
+    }
+}
+
+fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
+    let l = |protocol, port| Listener { name: String::new(), protocol, port, node_port: None };
+    LoadBalancerSpec {
+        identity: ServiceIdentity {
+            cluster: "prod".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+        },
+        listeners: vec![l(Protocol::TcpUdp, 53), l(Protocol::Tcp, 80), l(Protocol::Tcp, 443)],
+        targets: vec![target("node-a", "europe-west1-b"), target("node-b", "europe-west1-c")],
+        health_check: HealthCheck {
+            protocol: HealthCheckProtocol::Http,
+            port: 10254,
+            path: Some("/healthz".into()),
+            interval: Duration::from_secs(8),
+            timeout: Duration::from_secs(5),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        },
+        scheme: Scheme::InternetFacing,
+        ip_families: vec![IpFamily::IPv4],
+        source_ranges: vec![],
+        session_affinity: SessionAffinity::None,
+        requested_addresses: vec![],
+        tags: BTreeMap::new(),
+        provider_annotations: BTreeMap::new(),
+    }
+}
+
+async fn setup() -> (FakeCompute, GcpProvider, GcpConfig) {
+    let fake = FakeCompute::default();
+    let url = fake.start().await;
+    let mut config = GcpConfig::new("prod", "proj", "europe-west1", "vpc");
+    config.subnetwork = Some("nodes".into());
+    config.node_tags = vec!["gke-prod-node".into()];
+    config.endpoint_url = Some(url);
+    config.anonymous_credentials = true;
+    config.poll_interval = Duration::from_millis(2);
+    config.poll_max_interval = Duration::from_millis(5);
+    let provider = GcpProvider::new(config.clone()).await.unwrap();
+    (fake, provider, config)
+}
+
+fn one(fake: &FakeCompute, collection: &str, suffix: &str) -> Value {
+    let items = fake.list(collection);
+    let found: Vec<_> = items.iter().filter(|(n, _)| n.ends_with(suffix)).collect();
+    assert_eq!(found.len(), 1, "{collection} *{suffix}: {:?}", items.keys().collect::<Vec<_>>());
+    found[0].1.clone()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test]
+async fn create_builds_every_resource_as_specified() {
+    let (fake, p, _) = setup().await;
+    let status = p.ensure(&spec("web", "uid-1")).await.unwrap();
+    let ip = status.ingress[0].ip.unwrap().to_string();
+
+    let address = one(&fake, &format!("{REGION}/addresses"), "");
+    assert_eq!(address["address"], json!(ip));
+    assert_eq!(address["addressType"], "EXTERNAL");
+    assert_eq!(address["networkTier"], "PREMIUM");
+    assert_eq!(address["labels"]["hawser-cluster"], "prod");
+    let owner: Value = serde_json::from_str(address["description"].as_str().unwrap()).unwrap();
+    assert_eq!(owner["service"], "shop/web");
+    assert_eq!(owner["uid"], "uid-1");
+
+    let hc = one(&fake, &format!("{REGION}/healthChecks"), "");
+    assert_eq!(hc["type"], "HTTP");
+    assert_eq!(hc["httpHealthCheck"]["port"], 10254);
+    assert_eq!(hc["httpHealthCheck"]["requestPath"], "/healthz");
+    assert_eq!((hc["checkIntervalSec"].clone(), hc["timeoutSec"].clone()), (json!(8), json!(5)));
+    assert_eq!((hc["healthyThreshold"].clone(), hc["unhealthyThreshold"].clone()), (json!(2), json!(3)));
+
+    for (zone, node) in [("europe-west1-b", "node-a"), ("europe-west1-c", "node-b")] {
+        let groups = fake.list(&format!("projects/proj/zones/{zone}/instanceGroups"));
+        assert_eq!(groups.len(), 1);
+        let name = groups.keys().next().unwrap();
+        let members = fake.members(&format!("projects/proj/zones/{zone}/instanceGroups"), name);
+        assert_eq!(
+            members.into_iter().collect::<Vec<_>>(),
+            vec![format!("{API}projects/proj/zones/{zone}/instances/{node}")]
+        );
+    }
+
+    for (proto, ports) in [("tcp", vec!["53", "80", "443"]), ("udp", vec!["53"])] {
+        let bs = one(&fake, &format!("{REGION}/backendServices"), &format!("-{proto}"));
+        assert_eq!(bs["loadBalancingScheme"], "EXTERNAL");
+        assert_eq!(bs["protocol"], proto.to_uppercase());
+        assert_eq!(bs["sessionAffinity"], "NONE");
+        assert_eq!(bs["connectionDraining"]["drainingTimeoutSec"], 30);
+        assert_eq!(bs["backends"].as_array().unwrap().len(), 2);
+        assert_eq!(strings(&bs["healthChecks"]), vec![hc["selfLink"].as_str().unwrap().to_owned()]);
+        let fr = one(&fake, &format!("{REGION}/forwardingRules"), &format!("-{proto}"));
+        assert_eq!(fr["IPAddress"], json!(ip));
+        assert_eq!(fr["IPProtocol"], proto.to_uppercase());
+        assert_eq!(strings(&fr["ports"]), ports);
+        assert_eq!(fr["networkTier"], "PREMIUM");
+        assert_eq!(fr["backendService"], bs["selfLink"]);
+    }
+
+    let fws = fake.list("projects/proj/global/firewalls");
+    let fw = fws.iter().find(|(n, _)| n.ends_with("-fw")).unwrap().1;
+    assert_eq!(strings(&fw["destinationRanges"]), vec![format!("{ip}/32")]);
+    assert_eq!(strings(&fw["sourceRanges"]), vec!["0.0.0.0/0"]);
+    assert_eq!(strings(&fw["targetTags"]), vec!["gke-prod-node"]);
+    let hcfw = fws.iter().find(|(n, _)| n.ends_with("-hc")).unwrap().1;
+    assert_eq!(
+        strings(&hcfw["sourceRanges"]),
+        vec!["130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22", "35.191.0.0/16"]
+    );
+    assert_eq!(hcfw["allowed"][0]["ports"], json!(["10254"]));
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_mutating_call_even_after_restart() {
+    let (fake, p, config) = setup().await;
+    let s = spec("web", "uid-1");
+    let first = p.ensure(&s).await.unwrap();
+    fake.clear_mutations();
+    p.clear_calls();
+    assert_eq!(p.ensure(&s).await.unwrap(), first);
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+    assert!(p.calls().iter().all(|c| !c.is_mutating()), "{:?}", p.calls());
+
+    // A restarted operator finds everything by name and ownership and adopts it.
+    let restarted = GcpProvider::new(config).await.unwrap();
+    assert_eq!(restarted.ensure(&s).await.unwrap(), first);
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+    let owned = restarted.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 1);
+    assert_eq!(owned[0].identity, s.identity);
+}
+
+#[tokio::test]
+async fn updates_ports_nodes_health_check_ranges_and_tier_in_place_where_possible() {
+    let (fake, p, _) = setup().await;
+    let mut s = spec("web", "uid-1");
+    let ip = p.ensure(&s).await.unwrap().ingress[0].ip;
+
+    // Nodes: b leaves, c joins in zone b.
+    s.targets = vec![target("node-a", "europe-west1-b"), target("node-c", "europe-west1-b")];
+    s.health_check.path = Some("/services/shop/web".into());
+    s.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+    s.listeners.push(Listener { name: String::new(), protocol: Protocol::Tcp, port: 8080, node_port: None });
+    fake.clear_mutations();
+    assert_eq!(p.ensure(&s).await.unwrap().ingress[0].ip, ip, "the address is kept");
+    let groups = fake.list("projects/proj/zones/europe-west1-b/instanceGroups");
+    let ig = groups.keys().next().unwrap();
+    assert_eq!(fake.members("projects/proj/zones/europe-west1-b/instanceGroups", ig).len(), 2);
+    assert!(fake.members("projects/proj/zones/europe-west1-c/instanceGroups", ig).is_empty());
+    let hc = one(&fake, &format!("{REGION}/healthChecks"), "");
+    assert_eq!(hc["httpHealthCheck"]["requestPath"], "/services/shop/web");
+    let fr = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp");
+    assert_eq!(strings(&fr["ports"]), vec!["53", "80", "443", "8080"]);
+    let fw = fake.list("projects/proj/global/firewalls").into_iter().find(|(n, _)| n.ends_with("-fw")).unwrap().1;
+    assert_eq!(strings(&fw["sourceRanges"]), vec!["198.51.100.0/24"]);
+    let m = fake.mutations();
+    assert!(m.iter().any(|x| x.starts_with("PATCH") && x.contains("/firewalls/")), "{m:?}");
+    assert!(m.iter().any(|x| x.starts_with("PUT") && x.contains("/healthChecks/")), "{m:?}");
+    assert!(
+        !m.iter().any(|x| x.starts_with("DELETE") && x.contains("/forwardingRules/") && x.ends_with("-udp")),
+        "UDP rule untouched: {m:?}"
+    );
+    assert!(!m.iter().any(|x| x.contains("/addresses")), "address untouched: {m:?}");
+
+    // Tier change: GCE cannot change an address's tier, so a Standard one replaces it.
+    s.provider_annotations.insert("hawser.dev/gcp-network-tier".into(), "Standard".into());
+    let new_ip = p.ensure(&s).await.unwrap().ingress[0].ip;
+    let address = one(&fake, &format!("{REGION}/addresses"), "");
+    assert_eq!(address["networkTier"], "STANDARD");
+    assert_eq!(Some(address["address"].as_str().unwrap().parse().unwrap()), new_ip);
+    let fr = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp");
+    assert_eq!(fr["networkTier"], "STANDARD");
+    fake.clear_mutations();
+    p.ensure(&s).await.unwrap();
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn delete_leaves_nothing_and_keeps_shared_resources_while_needed() {
+    let (fake, p, _) = setup().await;
+    let web = spec("web", "uid-1");
+    let mut api = spec("api", "uid-2");
+    api.health_check.port = 10256;
+    p.ensure(&web).await.unwrap();
+    p.ensure(&api).await.unwrap();
+    let hcfw = fake.list("projects/proj/global/firewalls").into_iter().find(|(n, _)| n.ends_with("-hc")).unwrap();
+    assert_eq!(hcfw.1["allowed"][0]["ports"], json!(["10254", "10256"]));
+
+    p.delete(&web.identity).await.unwrap();
+    let left = fake.names_with_prefix("hawser-");
+    assert!(left.iter().any(|n| n.ends_with("-hc")), "health-check firewall kept for api: {left:?}");
+    assert!(left.iter().any(|n| n.ends_with("-ig")), "instance groups kept for api: {left:?}");
+    assert_eq!(p.list_owned().await.unwrap().into_iter().map(|o| o.identity.name).collect::<Vec<_>>(), vec!["api"]);
+    // api still works untouched.
+    fake.clear_mutations();
+    p.ensure(&api).await.unwrap();
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+
+    p.delete(&api.identity).await.unwrap();
+    assert_eq!(fake.names_with_prefix("hawser-"), Vec::<String>::new());
+    // Deleting again is a no-op.
+    p.delete(&api.identity).await.unwrap();
+}
+
+#[tokio::test]
+async fn foreign_resource_is_a_conflict_and_never_touched() {
+    let (fake, p, _) = setup().await;
+    let s = spec("web", "uid-1");
+    // Learn the name hawser would use, then put someone else's rule there.
+    p.ensure(&s).await.unwrap();
+    p.delete(&s.identity).await.unwrap();
+    let s2 = spec("web", "uid-1");
+    let hand_made = json!({"description": "made by hand", "IPAddress": "192.0.2.1", "IPProtocol": "TCP"});
+    let name = {
+        p.ensure(&s2).await.unwrap();
+        let fr = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp");
+        let n = fr["name"].as_str().unwrap().to_owned();
+        p.delete(&s2.identity).await.unwrap();
+        n
+    };
+    fake.seed(&format!("{REGION}/forwardingRules"), &name, hand_made.clone());
+    let err = p.ensure(&s).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Conflict, "{err}");
+    assert!(err.to_string().contains(&name));
+    p.delete(&s.identity).await.unwrap();
+    let still = fake.get(&format!("{REGION}/forwardingRules"), &name).unwrap();
+    assert_eq!(still["description"], "made by hand");
+}
+
+#[tokio::test]
+async fn quota_error_is_reported_naming_the_quota() {
+    let (fake, p, _) = setup().await;
+    fake.set_quota("forwardingRules", 0);
+    let err = p.ensure(&spec("web", "uid-1")).await.unwrap_err();
+    let ProviderError::InvalidInput(fields) = &err else { panic!("{err}") };
+    assert_eq!(fields[0].field, "GCP quota FORWARDING_RULES");
+    assert!(fields[0].message.contains("Quota 'FORWARDING_RULES' exceeded"), "{}", fields[0].message);
+}
+
+#[tokio::test]
+async fn requested_address_must_be_a_static_address_and_is_never_released() {
+    let (fake, p, _) = setup().await;
+    let mut s = spec("web", "uid-1");
+    s.requested_addresses = vec!["203.0.113.200".parse().unwrap()];
+    let err = p.ensure(&s).await.unwrap_err();
+    let ProviderError::InvalidInput(fields) = &err else { panic!("{err}") };
+    assert_eq!(fields[0].field, "hawser.dev/address");
+    assert!(fields[0].message.contains("not a static address"), "{}", fields[0].message);
+
+    fake.seed(
+        &format!("{REGION}/addresses"),
+        "mine",
+        json!({"address": "203.0.113.200", "addressType": "EXTERNAL", "status": "RESERVED"}),
+    );
+    let status = p.ensure(&s).await.unwrap();
+    assert_eq!(status.ingress[0].ip.unwrap().to_string(), "203.0.113.200");
+    assert_eq!(fake.list(&format!("{REGION}/addresses")).len(), 1, "no address reserved by hawser");
+    p.delete(&s.identity).await.unwrap();
+    assert!(fake.get(&format!("{REGION}/addresses"), "mine").is_some());
+}
+
+#[tokio::test]
+async fn internal_load_balancer_in_the_subnetwork_with_global_access() {
+    let (fake, p, _) = setup().await;
+    let mut s = spec("web", "uid-1");
+    s.scheme = Scheme::Internal;
+    s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "lb".into());
+    s.provider_annotations.insert("hawser.dev/gcp-global-access".into(), "true".into());
+    let ip = p.ensure(&s).await.unwrap().ingress[0].ip.unwrap().to_string();
+    assert!(ip.starts_with("10."), "{ip}");
+    let address = one(&fake, &format!("{REGION}/addresses"), "");
+    assert_eq!(address["purpose"], "SHARED_LOADBALANCER_VIP");
+    let fr = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp");
+    assert_eq!(fr["loadBalancingScheme"], "INTERNAL");
+    assert_eq!(fr["subnetwork"], format!("{API}{REGION}/subnetworks/lb"));
+    assert_eq!(fr["allowGlobalAccess"], true);
+    // Turning global access off patches the rule in place.
+    s.provider_annotations.insert("hawser.dev/gcp-global-access".into(), "false".into());
+    fake.clear_mutations();
+    p.ensure(&s).await.unwrap();
+    let m = fake.mutations();
+    assert!(m.iter().all(|x| x.starts_with("PATCH")), "{m:?}");
+    assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp")["allowGlobalAccess"], false);
+}
+
+#[test]
+fn iam_role_grants_every_permission_the_code_needs() {
+    for p in hawser_providers::gcp::IAM_PERMISSIONS {
+        assert!(hawser_providers::gcp::IAM_ROLE.contains(&format!("- {p}\n")), "{p} missing from iam-role.yaml");
+    }
+}
