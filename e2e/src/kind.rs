@@ -187,15 +187,17 @@ impl Backend for KindBackend {
     }
 
     async fn backends(&self, ns: &str, app: &str) -> anyhow::Result<Vec<BackendPod>> {
-        let pods =
-            Api::<Pod>::namespaced(self.client.clone(), ns).list(&ListParams::default().labels(&format!("app={app}"))).await?;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await?;
         Ok(pods
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| {
-                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                    cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                })
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
             .filter_map(|p| Some(BackendPod { name: p.metadata.name?, node: p.spec?.node_name? }))
             .collect())

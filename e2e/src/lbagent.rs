@@ -69,8 +69,16 @@ fn parse_state(state: &Value) -> Vec<Wanted> {
                     .flatten()
                     .filter_map(|t| ips(t.get("addresses")).into_iter().find(IpAddr::is_ipv4))
                     .collect(),
-                port: hc.and_then(|h| h.get("port")).and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()).unwrap_or(0),
-                path: if http { hc.and_then(|h| h.get("path")).and_then(Value::as_str).map(str::to_owned) } else { None },
+                port: hc
+                    .and_then(|h| h.get("port"))
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(0),
+                path: if http {
+                    hc.and_then(|h| h.get("path")).and_then(Value::as_str).map(str::to_owned)
+                } else {
+                    None
+                },
             }
         })
         .collect()

@@ -329,7 +329,8 @@ impl LocalCluster {
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let host = Client::new(None, None);
         for _ in 0..200 {
-            let mut ok = host.http(self.metrics_addr.ip(), self.metrics_addr.port(), "/mock/state").await.reply().is_some();
+            let mut ok =
+                host.http(self.metrics_addr.ip(), self.metrics_addr.port(), "/mock/state").await.reply().is_some();
             for n in &self.nodes {
                 ok = ok && host.http(IpAddr::V4(n.address), HEALTH_PORT, "/healthz").await.reply().is_some();
             }
@@ -400,9 +401,18 @@ impl LocalCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let dnats: Vec<String> = (0..self.nodes.len())
-            .flat_map(|i| self.node_rules(i).lines().filter(|l| l.contains("dnat") || l.contains(" : ")).map(str::to_owned).collect::<Vec<_>>())
+            .flat_map(|i| {
+                self.node_rules(i)
+                    .lines()
+                    .filter(|l| l.contains("dnat") || l.contains(" : "))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        bail!("endpoint {ip} still {} in some node's rules after 10s: {dnats:?}", if present { "missing" } else { "present" })
+        bail!(
+            "endpoint {ip} still {} in some node's rules after 10s: {dnats:?}",
+            if present { "missing" } else { "present" }
+        )
     }
 
     fn lock_pods(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Vec<Pod>>> {
@@ -532,7 +542,9 @@ async fn slice_controller(client: kube::Client, pods: Arc<Mutex<Vec<Pod>>>) {
     loop {
         if let Ok(list) = services.list(&ListParams::default()).await {
             for svc in list {
-                let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else { continue };
+                let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else {
+                    continue;
+                };
                 let Some(app) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).and_then(|s| s.get("app")).cloned()
                 else {
                     continue;

@@ -68,7 +68,13 @@ fn services(kube: &kube::Client, ns: &str) -> Api<Service> {
 
 /// Creates Service `name` selecting the echo backends, from a `spec` fragment merged over a
 /// LoadBalancer of our class with one TCP port 80 → 8080.
-async fn create_service(kube: &kube::Client, ns: &str, name: &str, spec: Value, annotations: Value) -> anyhow::Result<()> {
+async fn create_service(
+    kube: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: Value,
+    annotations: Value,
+) -> anyhow::Result<()> {
     let mut full = json!({
         "type": "LoadBalancer",
         "loadBalancerClass": CLASS,
@@ -140,7 +146,13 @@ fn target_names(lb: &Value) -> BTreeSet<String> {
 }
 
 /// Waits until `ns/name` has exactly one load balancer in the cloud that satisfies `check`.
-async fn wait_lb(b: &impl Backend, ns: &str, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+async fn wait_lb(
+    b: &impl Backend,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
     until(what, CONVERGE, || async {
         let state = b.mock_state().await?;
         let lbs = owned(&state, ns, name);
@@ -570,13 +582,17 @@ pub async fn invalid_annotation(b: &impl Backend) -> anyhow::Result<()> {
         list.items
             .into_iter()
             .find(|e| {
-                e.type_.as_deref() == Some("Warning") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(SVC)
+                e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(SVC)
             })
             .and_then(|e| e.note)
             .context("no Warning Event yet")
     })
     .await?;
-    ensure!(note.contains("hawser.dev/scheme") && note.contains("sideways"), "Event does not name the annotation: {note}");
+    ensure!(
+        note.contains("hawser.dev/scheme") && note.contains("sideways"),
+        "Event does not name the annotation: {note}"
+    );
     ensure!(note.contains("internal"), "Event does not say what is accepted: {note}");
     let svc = get_service(&kube, &ns, SVC).await?;
     ensure!(ingress_of(&svc).is_empty(), "ingress despite the invalid annotation");
@@ -639,7 +655,13 @@ pub async fn rolling_replacement(b: &impl Backend) -> anyhow::Result<()> {
     rolled?;
     let after = backend_names(b, &ns).await?;
     ensure!(before.is_disjoint(&after), "not every backend was replaced: {before:?} → {after:?}");
-    ensure!(report.failures.is_empty(), "{} of {} requests lost: {:?}", report.failures.len(), report.ok + report.failures.len(), report.failures);
+    ensure!(
+        report.failures.is_empty(),
+        "{} of {} requests lost: {:?}",
+        report.failures.len(),
+        report.ok + report.failures.len(),
+        report.failures
+    );
     ensure!(report.ok >= 20, "only {} requests made", report.ok);
     ensure!(after.iter().any(|n| report.backends.contains(n)), "new backends never answered: {:?}", report.backends);
     cleanup(&kube, &ns).await;

@@ -125,7 +125,10 @@ async fn run(a: Args) -> anyhow::Result<()> {
     })
     .await?;
     let kubeconfig = cluster.kubeconfig().display().to_string();
-    println!("hawser sandbox: {} nodes, {} demo backends, Service default/demo (class hawser.dev/lb)", a.nodes, a.replicas);
+    println!(
+        "hawser sandbox: {} nodes, {} demo backends, Service default/demo (class hawser.dev/lb)",
+        a.nodes, a.replicas
+    );
     println!();
     println!("  load-balancer address: {addr}");
     println!("  try:        curl http://{addr}/hostname     (answers demo-1, demo-2, ...)");
