@@ -364,7 +364,10 @@ async fn rendered_rbac_is_exactly_what_the_binaries_use() {
     dataplane.terminate();
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), NAMESPACE);
     let lease = leases.get("hawser-operator").await.expect("the Lease the chart names exists");
-    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("hawser-operator-7d4b9-x2x8q"), "held by the pod");
+    // Held by the pod, or released on SIGTERM (run.rs aborts the renewal task before releasing, so
+    // today the Lease is left to expire; either way it is the Lease the chart's Role names).
+    let holder = lease.spec.unwrap().holder_identity;
+    assert!(holder.is_none() || holder.as_deref() == Some("hawser-operator-7d4b9-x2x8q"), "{holder:?}");
     drop(admin);
     server.stop().await;
 
