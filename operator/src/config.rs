@@ -100,6 +100,15 @@ pub struct Cli {
     /// Mock cloud: file its state is kept in, so a restart sees the same cloud.
     #[arg(long, env = "HAWSER_MOCK_STATE_FILE")]
     pub mock_state_file: Option<PathBuf>,
+    /// AWS: the region (else from the default chain: AWS_REGION, profile, instance metadata).
+    #[arg(long, env = "HAWSER_AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// AWS: the VPC of the load balancers (else discovered from the nodes' instances).
+    #[arg(long, env = "HAWSER_AWS_VPC_ID")]
+    pub aws_vpc_id: Option<String>,
+    /// AWS: an endpoint URL for every AWS API (tests against moto, unusual private endpoints).
+    #[arg(long, env = "HAWSER_AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
 }
 
 /// `:8080` means every address; `127.0.0.1:8080` one.

@@ -29,7 +29,7 @@ use crate::retry::RetryPolicy;
 
 type MockState = Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>;
 
-fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
+async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
     match cli.provider {
         #[cfg(feature = "mock")]
         ProviderKind::Mock => {
@@ -50,7 +50,17 @@ fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
         }
         #[cfg(not(feature = "mock"))]
         ProviderKind::Mock => bail!("this hawser-operator was built without the mock provider (cargo feature `mock`)"),
-        ProviderKind::Aws => bail!("the AWS provider is not built yet in this version of hawser; use --provider mock"),
+        #[cfg(feature = "aws")]
+        ProviderKind::Aws => {
+            let mut config = hawser_providers::aws::AwsConfig::new(cli.cluster_name.clone());
+            config.region = cli.aws_region.clone();
+            config.vpc_id = cli.aws_vpc_id.clone();
+            config.endpoint_url = cli.aws_endpoint_url.clone();
+            let cloud = hawser_providers::aws::AwsProvider::new(config).await.context("AWS provider")?;
+            Ok((Arc::new(cloud), None))
+        }
+        #[cfg(not(feature = "aws"))]
+        ProviderKind::Aws => bail!("this hawser-operator was built without the AWS provider (cargo feature `aws`)"),
         ProviderKind::Gcp => bail!("the GCP provider is not built yet in this version of hawser; use --provider mock"),
     }
 }
@@ -58,7 +68,7 @@ fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
 /// Runs the operator until SIGTERM/Ctrl-C, or until leadership is lost.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let (inner, mock_state) = build_provider(&cli)?;
+    let (inner, mock_state) = build_provider(&cli).await?;
     let provider: Arc<dyn Provider> =
         Arc::new(MeteredProvider::new(inner, metrics.clone(), Arc::new(ThrottleGate::default())));
     let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
