@@ -109,6 +109,27 @@ pub struct Cli {
     /// AWS: an endpoint URL for every AWS API (tests against moto, unusual private endpoints).
     #[arg(long, env = "HAWSER_AWS_ENDPOINT_URL")]
     pub aws_endpoint_url: Option<String>,
+    /// GCP: the project of the nodes and load balancers.
+    #[arg(long, env = "HAWSER_GCP_PROJECT")]
+    pub gcp_project: Option<String>,
+    /// GCP: the cluster's region.
+    #[arg(long, env = "HAWSER_GCP_REGION")]
+    pub gcp_region: Option<String>,
+    /// GCP: the nodes' VPC network (name or URL).
+    #[arg(long, env = "HAWSER_GCP_NETWORK")]
+    pub gcp_network: Option<String>,
+    /// GCP: the subnetwork internal load balancers take addresses from (name or URL).
+    #[arg(long, env = "HAWSER_GCP_SUBNETWORK")]
+    pub gcp_subnetwork: Option<String>,
+    /// GCP: the nodes' network tags, comma-separated (the firewall rules' targets).
+    #[arg(long, env = "HAWSER_GCP_NODE_TAGS", value_delimiter = ',')]
+    pub gcp_node_tags: Vec<String>,
+    /// GCP: the nodes' service account, the firewall target when no tags are given.
+    #[arg(long, env = "HAWSER_GCP_NODE_SERVICE_ACCOUNT")]
+    pub gcp_node_service_account: Option<String>,
+    /// GCP: an endpoint URL for the Compute API (tests against a fake Compute server).
+    #[arg(long, env = "HAWSER_GCP_ENDPOINT_URL")]
+    pub gcp_endpoint_url: Option<String>,
 }
 
 /// `:8080` means every address; `127.0.0.1:8080` one.

@@ -61,7 +61,25 @@ async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockSta
         }
         #[cfg(not(feature = "aws"))]
         ProviderKind::Aws => bail!("this hawser-operator was built without the AWS provider (cargo feature `aws`)"),
-        ProviderKind::Gcp => bail!("the GCP provider is not built yet in this version of hawser; use --provider mock"),
+        #[cfg(feature = "gcp")]
+        ProviderKind::Gcp => {
+            let required =
+                |v: &Option<String>, flag: &str| v.clone().with_context(|| format!("--provider gcp needs {flag}"));
+            let mut config = hawser_providers::gcp::GcpConfig::new(
+                cli.cluster_name.clone(),
+                required(&cli.gcp_project, "--gcp-project")?,
+                required(&cli.gcp_region, "--gcp-region")?,
+                required(&cli.gcp_network, "--gcp-network")?,
+            );
+            config.subnetwork = cli.gcp_subnetwork.clone();
+            config.node_tags = cli.gcp_node_tags.iter().filter(|t| !t.is_empty()).cloned().collect();
+            config.node_service_account = cli.gcp_node_service_account.clone();
+            config.endpoint_url = cli.gcp_endpoint_url.clone();
+            let cloud = hawser_providers::gcp::GcpProvider::new(config).await.context("GCP provider")?;
+            Ok((Arc::new(cloud), None))
+        }
+        #[cfg(not(feature = "gcp"))]
+        ProviderKind::Gcp => bail!("this hawser-operator was built without the GCP provider (cargo feature `gcp`)"),
     }
 }
 
