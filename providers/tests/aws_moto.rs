@@ -204,6 +204,11 @@ fn spec(uid: &str, instances: &[&String]) -> LoadBalancerSpec {
     }
 }
 
+/// Health check as (protocol, port, path, interval, timeout, healthy, unhealthy).
+type SeenHealth = (String, String, String, i32, i32, i32, i32);
+/// A target group as (protocol, port, health, targets).
+type SeenTargetGroup = (String, i32, SeenHealth, BTreeSet<String>);
+
 /// What AWS holds for one load balancer, read directly (not through the provider).
 #[derive(Debug)]
 struct Seen {
@@ -215,7 +220,7 @@ struct Seen {
     /// port → (protocol, target group ARN, certificate)
     listeners: BTreeMap<i32, (String, String, Option<String>)>,
     /// ARN → (protocol, port, health (protocol, port, path, interval, timeout, healthy, unhealthy), targets)
-    target_groups: BTreeMap<String, (String, i32, (String, String, String, i32, i32, i32, i32), BTreeSet<String>)>,
+    target_groups: BTreeMap<String, SeenTargetGroup>,
 }
 
 async fn seen(p: &AwsProvider, name: &str) -> Option<Seen> {

@@ -339,7 +339,8 @@ mod tests {
     #[test]
     fn every_annotation_parses() {
         // The test spec has ports 80/TCP "http", 443/TCP "https", 53/TCP_UDP "dns".
-        let cases: &[(&str, &str, &dyn Fn(&AwsOptions) -> bool)] = &[
+        type Check = dyn Fn(&AwsOptions) -> bool;
+        let cases: &[(&str, &str, &Check)] = &[
             (SUBNETS, "subnet-0a, public-b", &|o| o.subnets == ["subnet-0a", "public-b"]),
             (SECURITY_GROUPS, "sg-01,sg-02", &|o| o.security_groups == ["sg-01", "sg-02"]),
             (SSL_CERT, CERT, &|o| o.certificate.as_deref() == Some(CERT) && o.tls_ports == BTreeSet::from([80, 443])),
