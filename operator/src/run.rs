@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hawser_providers::Provider;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::events::{Recorder, Reporter};
@@ -148,11 +148,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     metrics.leader.set(1);
 
     let (lost_tx, lost_rx) = watch::channel(false);
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let hold = elector.map(|mut e| {
         tokio::spawn(async move {
-            e.hold().await;
-            let _ = lost_tx.send(true);
-            e
+            tokio::select! {
+                () = e.hold() => {
+                    let _ = lost_tx.send(true);
+                }
+                // Shutting down while leading: hand the Lease back for a fast takeover.
+                _ = release_rx => e.release().await,
+            }
         })
     });
     let lost = {
@@ -177,10 +182,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("leadership lost; exiting so that only one replica reconciles");
     }
     if let Some(hold) = hold {
-        hold.abort();
-        if let Ok(mut e) = hold.await {
-            e.release().await;
-        }
+        let _ = release_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), hold).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = probes.await;
@@ -256,9 +259,18 @@ async fn run_controller(
 }
 
 async fn mark_ready(services: Store<Service>, nodes: Store<Node>, ready: Arc<AtomicBool>) {
-    if services.wait_until_ready().await.is_ok() && nodes.wait_until_ready().await.is_ok() {
-        info!("caches synced");
-        ready.store(true, Ordering::Relaxed);
+    // Polled rather than awaited: a waiter parked on the controller's store before its first
+    // list completes is not reliably woken (seen with kube-runtime 5), while a fresh poll always
+    // sees the store's state.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let synced = |ready: Option<Result<(), _>>| matches!(ready, Some(Ok(())));
+        if synced(services.wait_until_ready().now_or_never()) && synced(nodes.wait_until_ready().now_or_never()) {
+            info!("caches synced");
+            ready.store(true, Ordering::Relaxed);
+            return;
+        }
     }
 }
 

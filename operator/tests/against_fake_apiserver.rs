@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hawser_fake_apiserver::{Config, FakeApiServer};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -22,6 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 struct Operator {
     child: Child,
     metrics_port: u16,
+    health_port: u16,
 }
 
 impl Drop for Operator {
@@ -36,23 +38,30 @@ fn free_port() -> u16 {
 }
 
 fn start_operator(kubeconfig: &Path, state_file: &Path, extra: &[&str]) -> Operator {
+    start_operator_as("hawser-operator-test", kubeconfig, state_file, extra)
+}
+
+/// Starts a replica named `pod` (its leader-election identity, from POD_NAME as in a pod).
+fn start_operator_as(pod: &str, kubeconfig: &Path, state_file: &Path, extra: &[&str]) -> Operator {
     let metrics_port = free_port();
+    let health_port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
         .args(["--provider", "mock", "--cluster-name", "demo", "--node-debounce", "200ms"])
         .arg("--metrics-bind-address")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--health-probe-bind-address")
-        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(format!("127.0.0.1:{health_port}"))
         .arg("--mock-state-file")
         .arg(state_file)
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", pod)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .expect("hawser-operator starts");
-    Operator { child, metrics_port }
+    Operator { child, metrics_port, health_port }
 }
 
 async fn http_get(port: u16, path: &str) -> Option<String> {
@@ -184,6 +193,17 @@ async fn service_lifecycle_with_the_mock_cloud() {
     );
     assert!(ingress_ip(&bad).is_none());
 
+    assert_eq!(http_get(op.health_port, "/readyz").await.as_deref(), Some("ok"), "ready once caches synced");
+    let metrics = http_get(op.metrics_port, "/metrics").await.unwrap();
+    for expected in [
+        "hawser_reconciles_total{outcome=\"success\"}",
+        "hawser_reconciles_total{outcome=\"invalid_input\"}",
+        "hawser_provider_calls_total{provider=\"mock\",operation=\"ensure\",outcome=\"success\"}",
+        "hawser_provider_call_duration_seconds_bucket",
+        "hawser_managed_load_balancers 1",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing from /metrics:\n{metrics}");
+    }
     let state = mock_state(&op).await;
     assert_eq!(lbs_of(&state, "default/web").len(), 1);
     assert!(lbs_of(&state, "default/bad").is_empty(), "no load balancer for invalid input");
@@ -277,5 +297,78 @@ async fn node_leaving_is_removed_from_the_load_balancer_targets() {
     nodes.patch("node-b", &PatchParams::default(), &Patch::Merge(&taint)).await.unwrap();
     wait_for("node-b drained out", || async { (targets(mock_state(&op).await) == ["node-a"]).then_some(()) }).await;
     drop(op);
+    server.stop().await;
+}
+
+fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone()
+}
+
+async fn metric(op: &Operator, line_start: &str) -> Option<String> {
+    let text = http_get(op.metrics_port, "/metrics").await?;
+    text.lines().find(|l| l.starts_with(line_start)).map(str::to_owned)
+}
+
+#[tokio::test]
+async fn one_leader_reconciles_and_a_standby_takes_over() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig_path();
+    let election = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "default",
+        "--leader-election-id",
+        "hawser-test",
+        "--leader-election-lease-duration",
+        "3s",
+    ];
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let holder = |want: &'static str| {
+        let leases = leases.clone();
+        async move {
+            leases.get_opt("hawser-test").await.ok().flatten().filter(|l| lease_holder(l).as_deref() == Some(want))
+        }
+    };
+
+    let mut a = start_operator_as("op-a", kubeconfig, &state_file(&dir), &election);
+    wait_for("op-a to lead", || holder("op-a")).await;
+    let b = start_operator_as("op-b", kubeconfig, &state_file(&dir), &election);
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    wait_for("web's ingress", || async { services.get("web").await.ok().and_then(|s| ingress_ip(&s)) }).await;
+    assert_eq!(metric(&a, "hawser_leader ").await.as_deref(), Some("hawser_leader 1"));
+    let standby = wait_for("op-b's metrics", || metric(&b, "hawser_leader ")).await;
+    assert_eq!(standby, "hawser_leader 0", "the standby does not lead");
+    assert_eq!(metric(&b, "hawser_reconciles_total").await, None, "the standby never reconciled");
+
+    // SIGTERM: the leader stops cleanly and releases the Lease, so the standby need not wait it out.
+    let status = Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exited = wait_for("op-a to exit", || std::future::ready(a.child.try_wait().unwrap())).await;
+    assert!(exited.success(), "graceful shutdown exits 0: {exited:?}");
+    let released_at = tokio::time::Instant::now();
+    wait_for("op-b to take over", || holder("op-b")).await;
+    assert!(released_at.elapsed() < Duration::from_secs(2), "released Lease taken at once, not after expiry");
+    let lease = leases.get("hawser-test").await.unwrap();
+    assert!(lease.spec.unwrap().lease_transitions.unwrap() >= 1);
+    services.create(&PostParams::default(), &lb_service("api", "hawser.dev/lb", json!({}))).await.unwrap();
+    wait_for("api's ingress from the new leader", || async {
+        services.get("api").await.ok().and_then(|s| ingress_ip(&s))
+    })
+    .await;
+
+    // A leader that dies without a word is replaced once its Lease runs out.
+    let c = start_operator_as("op-c", kubeconfig, &state_file(&dir), &election);
+    drop(b); // SIGKILL
+    let killed_at = tokio::time::Instant::now();
+    wait_for("op-c to take over", || holder("op-c")).await;
+    assert!(killed_at.elapsed() >= Duration::from_secs(2), "not before the Lease could have expired");
+    services.create(&PostParams::default(), &lb_service("db", "hawser.dev/lb", json!({}))).await.unwrap();
+    wait_for("db's ingress from op-c", || async { services.get("db").await.ok().and_then(|s| ingress_ip(&s)) }).await;
+
+    let state = mock_state(&c).await;
+    assert_eq!(state["loadBalancers"].as_array().unwrap().len(), 3, "one load balancer per Service, no duplicate");
+    drop(c);
     server.stop().await;
 }
