@@ -111,6 +111,8 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The kube client uses rustls; pick its ring backend before any client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     init_logs(args.log_format);
 

@@ -42,6 +42,7 @@ impl KindBackend {
     /// From `KUBECONFIG` and `HAWSER_E2E_MOCK_STATE` (the port-forwarded operator metrics
     /// address, default `127.0.0.1:18080`).
     pub async fn from_env() -> anyhow::Result<Self> {
+        hawser_fake_apiserver::server::install_crypto_provider();
         let client = kube::Client::try_default().await.context("KUBECONFIG")?;
         let state_addr: SocketAddr = std::env::var("HAWSER_E2E_MOCK_STATE")
             .unwrap_or_else(|_| "127.0.0.1:18080".into())

@@ -7,6 +7,8 @@ use hawser_operator::config::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // kube, the AWS and the GCP clients all use rustls; pick its ring backend once, up front.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     hawser_operator::telemetry::init(cli.log_format);
     match hawser_operator::run::run(cli).await {

@@ -45,6 +45,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    hawser_fake_apiserver::server::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

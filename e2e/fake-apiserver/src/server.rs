@@ -21,6 +21,13 @@ use crate::service_alloc::ServiceAllocator;
 use crate::store::Store;
 use crate::tls;
 
+/// Makes rustls use ring in this process (idempotent). Needed wherever a kube client is built in
+/// a process whose dependencies enable more than one rustls backend, as a workspace build with
+/// every feature does.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// How the server is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -107,6 +114,7 @@ fn random_token() -> String {
 impl FakeApiServer {
     /// Binds, writes the kubeconfig, and starts serving in the background.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        install_crypto_provider();
         if config.node_port_min > config.node_port_max {
             return Err(StartError::NodePortRange(config.node_port_min, config.node_port_max));
         }
@@ -183,6 +191,7 @@ impl FakeApiServer {
 
     /// A kube client configured from the written kubeconfig, as any program would make one.
     pub async fn client(&self) -> Result<kube::Client, StartError> {
+        install_crypto_provider();
         let kc =
             kube::config::Kubeconfig::read_from(&self.kubeconfig_path).map_err(|e| StartError::Kube(e.to_string()))?;
         let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())

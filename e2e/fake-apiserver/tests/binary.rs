@@ -24,6 +24,7 @@ async fn run(extra: &[&str]) {
             .await
             .unwrap();
     assert!(config.cluster_url.to_string().contains(&addr.port().to_string()));
+    hawser_fake_apiserver::server::install_crypto_provider();
     let client = kube::Client::try_from(config).unwrap();
     let names: Vec<String> = Api::<Namespace>::all(client)
         .list(&ListParams::default())

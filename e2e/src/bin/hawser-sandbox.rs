@@ -155,6 +155,7 @@ async fn wait_for_stop() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    hawser_fake_apiserver::server::install_crypto_provider();
     let result = match args() {
         Ok(a) => run(a).await,
         Err(e) => Err(e),

@@ -189,6 +189,10 @@ macro_rules! build_client {
 impl Compute {
     /// Builds the clients with Application Default Credentials (or anonymous ones for tests).
     pub async fn new(config: &GcpConfig) -> Result<Self, ProviderError> {
+        // The SDK uses rustls; when the process has not chosen a backend yet (tests, other
+        // embedders) choose ring, which the rest of hawser uses, so that rustls does not have
+        // to guess between the backends its dependents enable.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Self {
             project: config.project.clone(),
             region: config.region.clone(),
