@@ -316,12 +316,13 @@ impl LocalCluster {
         ];
         argv.extend(self.operator_args.iter().cloned());
         argv.extend(extra.iter().map(|s| (*s).to_owned()));
-        let child = spawn_logged(&argv, &[("KUBECONFIG", &self.kubeconfig)], &self.dir.join("operator.log"))?;
         let mut slot = self.operator.lock().map_err(|_| anyhow::anyhow!("operator lock poisoned"))?;
-        if let Some(mut old) = slot.replace(child) {
+        // The old process goes first: it holds the metrics address the new one binds.
+        if let Some(mut old) = slot.take() {
             let _ = old.kill();
             let _ = old.wait();
         }
+        *slot = Some(spawn_logged(&argv, &[("KUBECONFIG", &self.kubeconfig)], &self.dir.join("operator.log"))?);
         Ok(())
     }
 
@@ -671,6 +672,9 @@ impl Backend for LocalCluster {
             // kubelet's graceful termination: the pod keeps serving until no node sends new
             // connections to it any more.
             self.wait_rules(old, false).await?;
+            // A connection whose SYN was translated just before the rule went still belongs
+            // to the old pod; a real pod finishes such requests before it exits.
+            tokio::time::sleep(TERMINATION_DRAIN).await;
             self.remove_pod(old)?;
         }
         Ok(())
@@ -697,6 +701,10 @@ impl Backend for LocalCluster {
         Ok(true)
     }
 }
+
+/// How long a terminating pod keeps serving after no node sends it new connections, as a
+/// server with a graceful shutdown does between SIGTERM and exit.
+const TERMINATION_DRAIN: Duration = Duration::from_secs(1);
 
 /// The echo server's port, which Services target.
 pub const TARGET_PORT: u16 = HTTP_PORT;
