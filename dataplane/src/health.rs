@@ -3,6 +3,7 @@
 //! have ready endpoints of that Service, for `externalTrafficPolicy: Local`).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,35 @@ pub fn evaluate(snap: &HealthSnapshot, now: Instant) -> NodeHealth {
         Some(_) => {}
     }
     NodeHealth { healthy: reasons.is_empty(), reasons, last_sync_seconds_ago: age.map(|a| a.as_secs()) }
+}
+
+/// A listener on `addr` for the health server. The IPv6 wildcard (`::`, the default) accepts
+/// both families on one socket, so probes reach the node over IPv4 and IPv6 alike on dual-stack
+/// nodes; where the kernel has IPv6 disabled it falls back to the IPv4 wildcard.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let open = |addr: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    };
+    match open(addr) {
+        // No IPv6 on this node (disabled, or no such address family): serve IPv4.
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && !matches!(e.kind(), std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied) =>
+        {
+            tracing::warn!(error = %e, "no IPv6 on this node; the health server listens on IPv4 only");
+            open(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()))
+        }
+        other => other,
+    }
 }
 
 /// The router serving the health endpoints.

@@ -34,8 +34,9 @@ struct Args {
     /// Port of the health server (/healthz, /livez, /services/{namespace}/{name}).
     #[arg(long, env = "HAWSER_HEALTH_PORT", default_value_t = DEFAULT_HEALTH_PORT)]
     health_port: u16,
-    /// Address the health server binds; the node's addresses under hostNetwork.
-    #[arg(long, env = "HAWSER_HEALTH_BIND_ADDRESS", default_value = "0.0.0.0")]
+    /// Address the health server binds; the node's addresses under hostNetwork. `::` serves
+    /// IPv4 and IPv6 (IPv4 alone where the node has no IPv6).
+    #[arg(long, env = "HAWSER_HEALTH_BIND_ADDRESS", default_value = "::")]
     health_bind_address: IpAddr,
     /// Address of the Prometheus /metrics endpoint.
     #[arg(long, env = "HAWSER_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10267")]
@@ -85,8 +86,8 @@ fn init_logs(format: LogFormat) {
 }
 
 async fn serve(addr: SocketAddr, router: axum::Router, what: &'static str) -> anyhow::Result<()> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {what} server on {addr}"))?;
+    let listener = health::listen(addr).with_context(|| format!("binding {what} server on {addr}"))?;
+    let addr = listener.local_addr().unwrap_or(addr);
     info!(%addr, "{what} server listening");
     axum::serve(listener, router).await.with_context(|| format!("{what} server"))
 }

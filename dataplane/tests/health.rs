@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, node, slice};
-use hawser_dataplane::health::{HealthState, router};
+use hawser_dataplane::health::{HealthState, listen, router};
 use hawser_dataplane::metrics::Metrics;
 use hawser_dataplane::model::{ModelConfig, NodeModel, build_model};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -32,6 +32,20 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value)
     let code = text[9..12].parse().unwrap();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     (code, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn the_default_wildcard_answers_probes_over_ipv4_and_ipv6() {
+    let listener = listen("[::]:0".parse().unwrap()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(axum::serve(listener, router(HealthState::new("node-a", Duration::from_secs(30)))).into_future());
+    for host in ["127.0.0.1", "[::1]"] {
+        let (code, _) = get(format!("{host}:{port}").parse().unwrap(), "/livez").await;
+        assert_eq!(code, 200, "over {host}");
+    }
+    // A specific address binds only that address.
+    let v4 = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert!(v4.local_addr().unwrap().is_ipv4());
 }
 
 #[tokio::test]

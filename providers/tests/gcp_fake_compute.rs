@@ -41,7 +41,7 @@ fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
         targets: vec![target("node-a", "europe-west1-b"), target("node-b", "europe-west1-c")],
         health_check: HealthCheck {
             protocol: HealthCheckProtocol::Http,
-            port: 10254,
+            port: 10266,
             path: Some("/healthz".into()),
             interval: Duration::from_secs(8),
             timeout: Duration::from_secs(5),
@@ -69,7 +69,18 @@ async fn setup() -> (FakeCompute, GcpProvider, GcpConfig) {
     config.poll_interval = Duration::from_millis(2);
     config.poll_max_interval = Duration::from_millis(5);
     let provider = GcpProvider::new(config.clone()).await.unwrap();
+    // `nodes` is dual-stack with external IPv6 (where GKE puts dual-stack nodes), `ilb` has
+    // internal IPv6, `v4` is IPv4 only.
+    let subnets = format!("{REGION}/subnetworks");
+    fake.seed(&subnets, "nodes", json!({"stackType": "IPV4_IPV6", "ipv6AccessType": "EXTERNAL"}));
+    fake.seed(&subnets, "ilb", json!({"stackType": "IPV4_IPV6", "ipv6AccessType": "INTERNAL"}));
+    fake.seed(&subnets, "v4", json!({"stackType": "IPV4_ONLY"}));
     (fake, provider, config)
+}
+
+fn dual_stack(mut s: LoadBalancerSpec) -> LoadBalancerSpec {
+    s.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+    s
 }
 
 fn one(fake: &FakeCompute, collection: &str, suffix: &str) -> Value {
@@ -100,7 +111,7 @@ async fn create_builds_every_resource_as_specified() {
 
     let hc = one(&fake, &format!("{REGION}/healthChecks"), "");
     assert_eq!(hc["type"], "HTTP");
-    assert_eq!(hc["httpHealthCheck"]["port"], 10254);
+    assert_eq!(hc["httpHealthCheck"]["port"], 10266);
     assert_eq!(hc["httpHealthCheck"]["requestPath"], "/healthz");
     assert_eq!((hc["checkIntervalSec"].clone(), hc["timeoutSec"].clone()), (json!(8), json!(5)));
     assert_eq!((hc["healthyThreshold"].clone(), hc["unhealthyThreshold"].clone()), (json!(2), json!(3)));
@@ -142,7 +153,7 @@ async fn create_builds_every_resource_as_specified() {
         strings(&hcfw["sourceRanges"]),
         vec!["130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22", "35.191.0.0/16"]
     );
-    assert_eq!(hcfw["allowed"][0]["ports"], json!(["10254"]));
+    assert_eq!(hcfw["allowed"][0]["ports"], json!(["10266"]));
 }
 
 #[tokio::test]
@@ -219,7 +230,7 @@ async fn delete_leaves_nothing_and_keeps_shared_resources_while_needed() {
     p.ensure(&web).await.unwrap();
     p.ensure(&api).await.unwrap();
     let hcfw = fake.list("projects/proj/global/firewalls").into_iter().find(|(n, _)| n.ends_with("-hc")).unwrap();
-    assert_eq!(hcfw.1["allowed"][0]["ports"], json!(["10254", "10256"]));
+    assert_eq!(hcfw.1["allowed"][0]["ports"], json!(["10256", "10266"]));
 
     p.delete(&web.identity).await.unwrap();
     let left = fake.names_with_prefix("hawser-");
@@ -316,6 +327,132 @@ async fn internal_load_balancer_in_the_subnetwork_with_global_access() {
     let m = fake.mutations();
     assert!(m.iter().all(|x| x.starts_with("PATCH")), "{m:?}");
     assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp")["allowGlobalAccess"], false);
+}
+
+#[tokio::test]
+async fn dual_stack_builds_an_ipv6_frontend_and_removes_it_going_back_to_ipv4() {
+    let (fake, p, _) = setup().await;
+    let s = dual_stack(spec("web", "uid-1"));
+    let status = p.ensure(&s).await.unwrap();
+    let ips: Vec<_> = status.ingress.iter().map(|i| i.ip.unwrap()).collect();
+    assert_eq!(ips.len(), 2, "{status:?}");
+    assert!(ips[0].is_ipv4() && ips[1].is_ipv6(), "IPv4 first: {ips:?}");
+    assert!(status.ingress.iter().all(|i| i.ports.len() == 4));
+    let (v4, v6) = (ips[0].to_string(), ips[1].to_string());
+
+    let address = one(&fake, &format!("{REGION}/addresses"), "-ipv6");
+    assert_eq!(address["address"], json!(v6));
+    assert_eq!(address["ipVersion"], "IPV6");
+    assert_eq!(address["ipv6EndpointType"], "NETLB");
+    assert_eq!(address["addressType"], "EXTERNAL");
+    assert_eq!(address["subnetwork"], format!("{API}{REGION}/subnetworks/nodes"));
+
+    let rules = fake.list(&format!("{REGION}/forwardingRules"));
+    assert_eq!(rules.len(), 4, "{:?}", rules.keys());
+    for proto in ["tcp", "udp"] {
+        let r4 = one(&fake, &format!("{REGION}/forwardingRules"), &format!("-{proto}"));
+        let r6 = one(&fake, &format!("{REGION}/forwardingRules"), &format!("-{proto}-ipv6"));
+        assert_eq!(r4["IPAddress"], json!(v4));
+        assert_eq!(r6["IPAddress"], json!(format!("{v6}/96")));
+        assert_eq!(r6["ipVersion"], "IPV6");
+        assert_eq!(r6["networkTier"], "PREMIUM");
+        assert_eq!(r6["subnetwork"], format!("{API}{REGION}/subnetworks/nodes"));
+        assert_eq!(r6["ports"], r4["ports"]);
+        // One backend service per protocol serves both families.
+        assert_eq!(r6["backendService"], r4["backendService"]);
+    }
+    assert_eq!(fake.list(&format!("{REGION}/backendServices")).len(), 2);
+
+    let firewalls = "projects/proj/global/firewalls";
+    let fw6 = one(&fake, firewalls, "-fw-ipv6");
+    assert_eq!(strings(&fw6["sourceRanges"]), vec!["::/0"]);
+    assert_eq!(strings(&fw6["destinationRanges"]), vec![format!("{v6}/128")]);
+    let fw4 = one(&fake, firewalls, "-fw");
+    assert_eq!(strings(&fw4["destinationRanges"]), vec![format!("{v4}/32")]);
+    let hc6 = one(&fake, firewalls, "-hc-ipv6");
+    assert_eq!(strings(&hc6["sourceRanges"]), vec!["2600:1901:8001::/48", "2600:2d00:1:b029::/64"]);
+    assert_eq!(hc6["allowed"][0]["ports"], json!(["10266"]));
+
+    // Steady state: nothing written.
+    fake.clear_mutations();
+    assert_eq!(p.ensure(&s).await.unwrap(), status);
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+
+    // Back to IPv4 only: the IPv6 frontend goes, the IPv4 one stays as it was.
+    let single = spec("web", "uid-1");
+    let after = p.ensure(&single).await.unwrap();
+    assert_eq!(after.ingress.len(), 1);
+    assert_eq!(after.ingress[0].ip, Some(ips[0]));
+    let left = fake.names_with_prefix("hawser-");
+    assert!(
+        !left.iter().any(|n| n.ends_with("-ipv6") && !n.contains("-hc-")),
+        "IPv6 rules, firewall and address removed: {left:?}"
+    );
+    assert_eq!(fake.list(&format!("{REGION}/forwardingRules")).len(), 2);
+    assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp")["IPAddress"], json!(v4));
+
+    p.delete(&single.identity).await.unwrap();
+    assert_eq!(fake.names_with_prefix("hawser-"), Vec::<String>::new(), "the IPv6 health-check firewall too");
+}
+
+#[tokio::test]
+async fn ipv6_without_a_dual_stack_subnetwork_is_refused_before_anything_is_made() {
+    let (fake, p, _) = setup().await;
+    let mut s = dual_stack(spec("web", "uid-1"));
+    s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "v4".into());
+    let err = p.ensure(&s).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::InvalidInput, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("EXTERNAL IPv6 access") && text.contains("IPV4_ONLY"), "{text}");
+    assert!(text.contains("hawser.dev/gcp-subnet"), "{text}");
+    // An internal load balancer needs internal IPv6: the external-access subnetwork will not do.
+    s.scheme = Scheme::Internal;
+    s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "nodes".into());
+    let text = p.ensure(&s).await.unwrap_err().to_string();
+    assert!(text.contains("INTERNAL IPv6 access"), "{text}");
+    assert_eq!(fake.names_with_prefix("hawser-"), Vec::<String>::new());
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn internal_dual_stack_and_a_requested_ipv6_address() {
+    let (fake, p, _) = setup().await;
+    let mut s = dual_stack(spec("web", "uid-1"));
+    s.scheme = Scheme::Internal;
+    s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "ilb".into());
+    let status = p.ensure(&s).await.unwrap();
+    let v6 = status.ingress[1].ip.unwrap();
+    assert!(v6.to_string().starts_with("fd20:"), "{v6}");
+    let address = one(&fake, &format!("{REGION}/addresses"), "-ipv6");
+    assert_eq!((&address["addressType"], &address["ipVersion"]), (&json!("INTERNAL"), &json!("IPV6")));
+    assert_eq!(address.get("ipv6EndpointType"), None);
+    let r6 = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp-ipv6");
+    assert_eq!(r6["loadBalancingScheme"], "INTERNAL");
+    assert_eq!(r6["subnetwork"], format!("{API}{REGION}/subnetworks/ilb"));
+    p.delete(&s.identity).await.unwrap();
+    assert_eq!(fake.names_with_prefix("hawser-"), Vec::<String>::new());
+
+    // A requested IPv6 address must be one the project reserved for load balancers.
+    let mut s = dual_stack(spec("api", "uid-2"));
+    s.requested_addresses = vec!["2600:1900:4000:1:99::".parse().unwrap()];
+    let text = p.ensure(&s).await.unwrap_err().to_string();
+    assert!(text.contains("not a static address reserved") && text.contains("--ip-version IPV6"), "{text}");
+    fake.seed(
+        &format!("{REGION}/addresses"),
+        "mine",
+        json!({"address": "2600:1900:4000:1:99::", "addressType": "EXTERNAL", "ipVersion": "IPV6",
+               "ipv6EndpointType": "VM"}),
+    );
+    let text = p.ensure(&s).await.unwrap_err().to_string();
+    assert!(text.contains("reserved for a VM"), "{text}");
+    let mut seeded = fake.get(&format!("{REGION}/addresses"), "mine").unwrap();
+    seeded["ipv6EndpointType"] = json!("NETLB");
+    fake.seed(&format!("{REGION}/addresses"), "mine", seeded);
+    let status = p.ensure(&s).await.unwrap();
+    assert_eq!(status.ingress[1].ip, Some("2600:1900:4000:1:99::".parse().unwrap()));
+    assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp-ipv6")["IPAddress"], "2600:1900:4000:1:99::/96");
+    p.delete(&s.identity).await.unwrap();
+    assert!(fake.get(&format!("{REGION}/addresses"), "mine").is_some(), "the user's address is never released");
 }
 
 #[test]

@@ -8,7 +8,8 @@ use crate::{InvalidField, IpFamily, LoadBalancerSpec, Scheme};
 
 /// `Premium` (the default) or `Standard`: the network tier of an external load balancer.
 pub const NETWORK_TIER: &str = "hawser.dev/gcp-network-tier";
-/// The subnetwork (name or URL) of an internal load balancer, instead of the operator's default.
+/// The subnetwork (name or URL) an internal or IPv6 load balancer takes its address from,
+/// instead of the operator's `--gcp-subnetwork`.
 pub const SUBNET: &str = "hawser.dev/gcp-subnet";
 /// `true` lets clients in every region reach an internal load balancer.
 pub const GLOBAL_ACCESS: &str = "hawser.dev/gcp-global-access";
@@ -65,6 +66,7 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
     }
     let get = |k: &str| a.get(k).map(|v| v.trim());
     let internal = spec.scheme == Scheme::Internal;
+    let ipv6 = spec.ip_families.contains(&IpFamily::IPv6);
 
     let network_tier = match get(NETWORK_TIER) {
         None => NetworkTier::Premium,
@@ -74,6 +76,12 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
                 errors.push(InvalidField::new(
                     NETWORK_TIER,
                     "internal load balancers are always Premium tier; remove this annotation or hawser.dev/scheme: internal",
+                ));
+            } else if ipv6 {
+                errors.push(InvalidField::new(
+                    NETWORK_TIER,
+                    "IPv6 external load balancers are Premium tier only; remove this annotation or IPv6 from \
+                     spec.ipFamilies",
                 ));
             }
             NetworkTier::Standard
@@ -99,10 +107,11 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
                     format!("{v:?} is not a subnetwork name (lowercase letters, digits, dashes) or URL"),
                 ));
             }
-            if !internal {
+            if !internal && !ipv6 {
                 errors.push(InvalidField::new(
                     SUBNET,
-                    "a subnetwork applies only to internal load balancers; add hawser.dev/scheme: internal",
+                    "a subnetwork applies only to internal load balancers and to IPv6 ones; add hawser.dev/scheme: \
+                     internal or IPv6 to spec.ipFamilies",
                 ));
             }
             Some(v.to_owned())
@@ -140,18 +149,25 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
         },
     };
 
-    // Parts of the common spec this provider does not build (yet).
-    if spec.ip_families.contains(&IpFamily::IPv6) {
-        errors.push(InvalidField::new(
-            "spec.ipFamilies",
-            "the GCP provider builds IPv4 load balancers only; use ipFamilies: [IPv4]",
-        ));
-    }
-    if spec.requested_addresses.iter().any(|a| a.is_ipv6()) {
-        errors.push(InvalidField::new("hawser.dev/address", "only an IPv4 address can be requested on GCP"));
-    }
-    if spec.requested_addresses.len() > 1 {
-        errors.push(InvalidField::new("hawser.dev/address", "give at most one IPv4 address on GCP"));
+    // One requested address per family the Service has.
+    let families = super::plan::families(spec);
+    for family in [IpFamily::IPv4, IpFamily::IPv6] {
+        let requested: Vec<_> = spec.requested_addresses.iter().filter(|a| IpFamily::of(a) == family).collect();
+        if requested.len() > 1 {
+            errors.push(InvalidField::new(
+                "hawser.dev/address",
+                format!("give at most one {family:?} address on GCP, one per IP family of the Service"),
+            ));
+        }
+        if !requested.is_empty() && !families.contains(&family) {
+            errors.push(InvalidField::new(
+                "hawser.dev/address",
+                format!(
+                    "{} is an {family:?} address but the Service's spec.ipFamilies has no {family:?}",
+                    requested[0]
+                ),
+            ));
+        }
     }
     if spec.listeners.is_empty() {
         errors.push(InvalidField::new("spec.ports", "a load balancer needs at least one port"));

@@ -3,15 +3,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use google_cloud_compute_v1::client::{
-    Addresses, Firewalls, ForwardingRules, InstanceGroups, RegionBackendServices, RegionHealthChecks,
+    Addresses, Firewalls, ForwardingRules, InstanceGroups, RegionBackendServices, RegionHealthChecks, Subnetworks,
 };
 use google_cloud_compute_v1::model::{
     self, Address, Backend, BackendService, ConnectionDraining, Firewall, ForwardingRule, HTTPHealthCheck, HealthCheck,
     InstanceGroup, InstanceGroupsAddInstancesRequest, InstanceGroupsListInstancesRequest,
-    InstanceGroupsRemoveInstancesRequest, InstanceReference, Operation, TCPHealthCheck,
+    InstanceGroupsRemoveInstancesRequest, InstanceReference, Operation, Subnetwork, TCPHealthCheck,
 };
 use google_cloud_gax::error::rpc::StatusDetails;
 
@@ -52,6 +53,7 @@ pub const IAM_PERMISSIONS: &[&str] = &[
     "compute.firewalls.update",
     "compute.networks.updatePolicy",
     "compute.networks.use",
+    "compute.subnetworks.get",
     "compute.subnetworks.use",
     "compute.instanceGroups.create",
     "compute.instanceGroups.delete",
@@ -166,6 +168,7 @@ pub struct Compute {
     health_checks: RegionHealthChecks,
     firewalls: Firewalls,
     instance_groups: InstanceGroups,
+    subnetworks: Subnetworks,
     /// Every call made.
     pub log: CallLog,
 }
@@ -205,6 +208,7 @@ impl Compute {
             health_checks: build_client!(RegionHealthChecks, config),
             firewalls: build_client!(Firewalls, config),
             instance_groups: build_client!(InstanceGroups, config),
+            subnetworks: build_client!(Subnetworks, config),
             log: CallLog::default(),
         })
     }
@@ -306,6 +310,12 @@ impl Compute {
         if let Some(p) = spec.purpose {
             body = body.set_purpose(model::address::Purpose::from(p));
         }
+        if let Some(v) = spec.ip_version {
+            body = body.set_ip_version(model::address::IpVersion::from(v));
+        }
+        if let Some(t) = spec.ipv6_endpoint_type {
+            body = body.set_ipv_6_endpoint_type(model::address::Ipv6EndpointType::from(t));
+        }
         let req = self.addresses.insert().set_project(&self.project).set_region(&self.region).set_body(body);
         let op = self.call("addresses.insert", req.send()).await?;
         self.wait("addresses.insert", op, |n| {
@@ -322,6 +332,24 @@ impl Compute {
             self.addresses.get_operation().set_project(&self.project).set_region(&self.region).set_operation(n).send()
         })
         .await
+    }
+
+    // ---- subnetworks ----
+
+    /// The regional subnetwork at the relative URL `url` (`projects/p/regions/r/subnetworks/n`).
+    pub async fn get_subnetwork(&self, url: &str) -> Result<Option<Subnetwork>, ApiFailure> {
+        let mut parts = url.split('/');
+        let (project, region, name) = (parts.nth(1), parts.nth(1), parts.nth(1));
+        let (Some(project), Some(region), Some(name)) = (project, region, name) else {
+            return Err(ApiFailure {
+                method: "subnetworks.get".into(),
+                message: format!("{url} is not a subnetwork URL (projects/P/regions/R/subnetworks/NAME)"),
+                status: Some(400),
+                ..ApiFailure::default()
+            });
+        };
+        let req = self.subnetworks.get().set_project(project).set_region(region).set_subnetwork(name);
+        self.get_opt("subnetworks.get", req.send()).await
     }
 
     // ---- forwarding rules ----
@@ -353,10 +381,15 @@ impl Compute {
 
     /// Creates a forwarding rule.
     pub async fn insert_forwarding_rule(&self, spec: &ForwardingRuleSpec) -> Result<(), ApiFailure> {
+        // GCE takes (and answers) an external IPv6 rule's address as the /96 range it serves.
+        let ip = match (spec.ip, spec.scheme) {
+            (IpAddr::V6(v6), "EXTERNAL") => format!("{v6}/96"),
+            (ip, _) => ip.to_string(),
+        };
         let mut body = ForwardingRule::new()
             .set_name(&spec.name)
             .set_description(&spec.description)
-            .set_ip_address(&spec.ip)
+            .set_ip_address(ip)
             .set_ip_protocol(model::forwarding_rule::IPProtocol::from(spec.protocol))
             .set_load_balancing_scheme(model::forwarding_rule::LoadBalancingScheme::from(spec.scheme))
             .set_backend_service(&spec.backend_service)
@@ -378,6 +411,9 @@ impl Compute {
         }
         if spec.global_access {
             body = body.set_allow_global_access(true);
+        }
+        if let Some(v) = spec.ip_version {
+            body = body.set_ip_version(model::forwarding_rule::IpVersion::from(v));
         }
         let req = self.forwarding_rules.insert().set_project(&self.project).set_region(&self.region).set_body(body);
         let op = self.call("forwardingRules.insert", req.send()).await?;
@@ -750,13 +786,21 @@ fn rel(url: Option<&String>) -> Option<String> {
     url.map(|u| relative(u).to_owned())
 }
 
+/// An address as GCE writes it (with the `/96` it puts after external IPv6 rules' addresses),
+/// parsed; GCE stores the shortest form, so parsed addresses are what compares.
+pub fn address_ip(text: Option<&str>) -> Option<IpAddr> {
+    text?.split('/').next()?.parse().ok()
+}
+
 /// A forwarding rule as the plan describes it.
 pub fn observed_forwarding_rule(fr: &ForwardingRule) -> ForwardingRuleSpec {
     let scheme = known(fr.load_balancing_scheme.as_ref().and_then(|s| s.name()), &["EXTERNAL", "INTERNAL"]);
     ForwardingRuleSpec {
         name: fr.name.clone().unwrap_or_default(),
         description: fr.description.clone().unwrap_or_default(),
-        ip: fr.ip_address.clone().unwrap_or_default(),
+        // An unreadable address never equals a planned one, so the rule would be recreated.
+        ip: address_ip(fr.ip_address.as_deref()).unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        ip_version: (fr.ip_version.as_ref().and_then(|v| v.name()) == Some("IPV6")).then_some("IPV6"),
         protocol: known(fr.ip_protocol.as_ref().and_then(|p| p.name()), &["TCP", "UDP"]),
         ports: fr.ports.clone(),
         port_range: fr.port_range.clone().filter(|r| !r.is_empty()),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tracing::info;
 
 use super::GcpProvider;
-use super::ensure::PROTOCOLS;
+use super::ensure::{FAMILIES, PROTOCOLS};
 use super::errors::{ApiFailure, Failure};
 use super::naming::{ClusterNames, Ownership, PREFIX, ServiceNames, owned_by_cluster, owned_by_service};
 use crate::{OwnedLoadBalancer, ProviderError, ServiceIdentity};
@@ -22,16 +22,14 @@ impl GcpProvider {
         }
     }
 
-    /// Deletes this Service's forwarding rules of `protocols` (ours only).
+    /// Deletes the forwarding rules named `rules` that this Service owns.
     pub(super) async fn delete_forwarding_rules(
         &self,
         id: &ServiceIdentity,
-        names: &ServiceNames,
-        protocols: &[&str],
+        rules: impl IntoIterator<Item = String>,
     ) -> Result<(), ProviderError> {
         let c = &self.compute;
-        for proto in protocols {
-            let name = names.per_protocol(proto);
+        for name in rules {
             if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
                 && owned_by_service(f.description.as_deref(), id)
             {
@@ -47,7 +45,9 @@ impl GcpProvider {
         let cluster_names = ClusterNames::new(&self.config.cluster);
         let cluster = &self.config.cluster;
 
-        self.delete_forwarding_rules(id, &names, PROTOCOLS).await?;
+        let rules: Vec<String> =
+            FAMILIES.iter().flat_map(|f| PROTOCOLS.iter().map(|p| names.forwarding_rule(p, *f))).collect();
+        self.delete_forwarding_rules(id, rules).await?;
 
         // Backend services; remember their groups' zones to clean the groups up after.
         let mut zones = BTreeSet::new();
@@ -103,24 +103,27 @@ impl GcpProvider {
             }
         }
 
-        if let Some(f) = c.get_firewall(&names.firewall()).await.map_err(ApiFailure::into_error)?
-            && owned_by_service(f.description.as_deref(), id)
-        {
-            self.delete_ignoring_absent(c.delete_firewall(&names.firewall()).await)?;
+        for family in FAMILIES {
+            self.delete_owned_firewall(id, &names.firewall_of(*family)).await?;
         }
         if others == 0 {
-            let hc = cluster_names.health_check_firewall();
-            if let Some(f) = c.get_firewall(&hc).await.map_err(ApiFailure::into_error)?
-                && owned_by_cluster(f.description.as_deref(), cluster)
-            {
-                self.delete_ignoring_absent(c.delete_firewall(&hc).await)?;
+            for family in FAMILIES {
+                let hc = cluster_names.health_check_firewall_of(*family);
+                if let Some(f) = c.get_firewall(&hc).await.map_err(ApiFailure::into_error)?
+                    && owned_by_cluster(f.description.as_deref(), cluster)
+                {
+                    self.delete_ignoring_absent(c.delete_firewall(&hc).await)?;
+                }
             }
         }
 
-        if let Some(a) = c.get_address(&names.address()).await.map_err(ApiFailure::into_error)?
-            && owned_by_service(a.description.as_deref(), id)
-        {
-            self.delete_ignoring_absent(c.delete_address(&names.address()).await)?;
+        for family in FAMILIES {
+            let name = names.address_of(*family);
+            if let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)?
+                && owned_by_service(a.description.as_deref(), id)
+            {
+                self.delete_ignoring_absent(c.delete_address(&name).await)?;
+            }
         }
         Ok(())
     }

@@ -2,18 +2,25 @@
 //! differs from what GCE holds.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use tracing::info;
 
 use super::GcpProvider;
 use super::annotations;
-use super::compute::{observed_backend_service, observed_firewall, observed_forwarding_rule, observed_health_check};
+use super::compute::{
+    address_ip, observed_backend_service, observed_firewall, observed_forwarding_rule, observed_health_check,
+};
 use super::errors::{ApiFailure, Failure};
 use super::naming::{Ownership, owned_by_cluster, owned_by_service};
-use super::plan::{ForwardingRuleAction, Plan, forwarding_rule_action, membership_changes};
+use super::plan::{ForwardingRuleAction, Frontend, Plan, forwarding_rule_action, membership_changes};
 use crate::{
-    IngressPoint, IpMode, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError, ServiceIdentity,
+    IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError,
+    ServiceIdentity,
 };
+
+/// Both families, for finding what a Service no longer needs.
+pub(super) const FAMILIES: &[IpFamily] = &[IpFamily::IPv4, IpFamily::IPv6];
 
 /// The protocols hawser builds a backend service and forwarding rule for.
 pub(super) const PROTOCOLS: &[&str] = &["TCP", "UDP"];
@@ -40,18 +47,31 @@ fn created(result: Result<(), ApiFailure>) -> Result<bool, ProviderError> {
 impl GcpProvider {
     pub(super) async fn ensure_inner(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         let options = annotations::parse(spec).map_err(ProviderError::InvalidInput)?;
-        let plan = Plan::new(&self.config, spec, &options);
+        let plan = Plan::new(&self.config, spec, &options).map_err(|f| ProviderError::InvalidInput(vec![f]))?;
         let id = &spec.identity;
+        // Checked before anything is created, so a wrong subnetwork leaves nothing behind.
+        if plan.ipv6() {
+            self.check_ipv6_subnetwork(&plan).await?;
+        }
 
-        let ip = self.ensure_address(&plan, id).await?;
+        let mut ips = Vec::new();
+        for frontend in &plan.frontends {
+            ips.push(self.ensure_address(&plan, frontend, id).await?);
+        }
         self.ensure_health_check(&plan, id).await?;
         self.ensure_instance_groups(&plan).await?;
         self.ensure_backend_services(&plan, id).await?;
-        self.ensure_forwarding_rules(&plan, id, &ip).await?;
-        self.ensure_firewalls(&plan, id, &ip).await?;
-        if plan.requested_ip.is_some() {
+        for ip in &ips {
+            self.ensure_forwarding_rules(&plan, id, *ip).await?;
+        }
+        self.remove_stale(&plan, id).await?;
+        for ip in &ips {
+            self.ensure_firewall(&plan, id, *ip).await?;
+        }
+        self.ensure_health_check_firewalls(&plan).await?;
+        for frontend in plan.frontends.iter().filter(|f| f.requested_ip.is_some()) {
             // The user's own address replaced one hawser had reserved: release only ours.
-            self.release_owned_address(&plan, id).await?;
+            self.release_owned_address(&plan, id, frontend.family).await?;
         }
 
         let mut ports = Vec::new();
@@ -71,37 +91,61 @@ impl GcpProvider {
                 self.config.region,
                 plan.names.address()
             ),
-            ingress: vec![IngressPoint { ip: ip.parse().ok(), hostname: None, ip_mode: Some(IpMode::Vip), ports }],
+            ingress: ips
+                .into_iter()
+                .map(|ip| IngressPoint {
+                    ip: Some(ip),
+                    hostname: None,
+                    ip_mode: Some(IpMode::Vip),
+                    ports: ports.clone(),
+                })
+                .collect(),
         })
     }
 
-    /// The load balancer's IP: the user's static address, or one hawser reserves.
-    async fn ensure_address(&self, plan: &Plan, id: &ServiceIdentity) -> Result<String, ProviderError> {
-        let c = &self.compute;
-        if let Some(ip) = plan.requested_ip {
-            let wanted = ip.to_string();
-            let all = c.list_addresses().await.map_err(ApiFailure::into_error)?;
-            let Some(found) = all.iter().find(|a| a.address.as_deref() == Some(wanted.as_str())) else {
-                return Err(ProviderError::invalid(
-                    "hawser.dev/address",
-                    format!(
-                        "{wanted} is not a static address reserved in project {} region {}; reserve it first \
-                         (gcloud compute addresses create NAME --region {} --addresses {wanted}) or remove the request",
-                        self.config.project, self.config.region, self.config.region
-                    ),
-                ));
-            };
-            let kind = found.address_type.as_ref().and_then(|t| t.name()).unwrap_or("EXTERNAL");
-            let want_kind = if plan.internal() { "INTERNAL" } else { "EXTERNAL" };
-            if kind != want_kind {
-                return Err(ProviderError::invalid(
-                    "hawser.dev/address",
-                    format!("{wanted} is an {kind} address but the load balancer is {want_kind}"),
-                ));
-            }
-            return Ok(wanted);
+    /// An IPv6 load balancer takes its address from the subnetwork's IPv6 range, external or
+    /// internal as the load balancer is: say so plainly instead of letting an insert fail.
+    async fn check_ipv6_subnetwork(&self, plan: &Plan) -> Result<(), ProviderError> {
+        let Some(url) = plan.subnetwork() else {
+            return Err(ProviderError::Fatal("an IPv6 plan without a subnetwork".into()));
+        };
+        let access = if plan.internal() { "INTERNAL" } else { "EXTERNAL" };
+        let hint = "name a dual-stack one with hawser.dev/gcp-subnet or the operator's --gcp-subnetwork, or remove \
+                    IPv6 from spec.ipFamilies";
+        let Some(subnet) = self.compute.get_subnetwork(url).await.map_err(ApiFailure::into_error)? else {
+            return Err(ProviderError::invalid(
+                annotations::SUBNET,
+                format!("subnetwork {url} does not exist; {hint}"),
+            ));
+        };
+        let stack = subnet.stack_type.as_ref().and_then(|t| t.name()).unwrap_or("IPV4_ONLY");
+        let has = subnet.ipv_6_access_type.as_ref().and_then(|t| t.name());
+        if !matches!(stack, "IPV4_IPV6" | "IPV6_ONLY") || has != Some(access) {
+            return Err(ProviderError::invalid(
+                "spec.ipFamilies",
+                format!(
+                    "an IPv6 {} load balancer needs a subnetwork with {access} IPv6 access, but {url} has stack type \
+                     {stack} and IPv6 access {}; {hint}",
+                    access.to_ascii_lowercase(),
+                    has.unwrap_or("none")
+                ),
+            ));
         }
-        let Some(desired) = &plan.address else {
+        Ok(())
+    }
+
+    /// The IP of one frontend: the user's static address, or one hawser reserves.
+    async fn ensure_address(
+        &self,
+        plan: &Plan,
+        frontend: &Frontend,
+        id: &ServiceIdentity,
+    ) -> Result<IpAddr, ProviderError> {
+        let c = &self.compute;
+        if let Some(wanted) = frontend.requested_ip {
+            return self.check_requested_address(plan, wanted).await;
+        }
+        let Some(desired) = &frontend.address else {
             return Err(ProviderError::Fatal("no address to reserve and none requested".into()));
         };
         let mut existing = c.get_address(&desired.name).await.map_err(ApiFailure::into_error)?;
@@ -116,7 +160,9 @@ impl GcpProvider {
                 // A tier or scheme change needs a new address: GCE cannot change it in place,
                 // and it cannot release it while forwarding rules still use it.
                 info!(service = %id.service_key(), address = %desired.name, "re-reserving the address for a new tier or scheme");
-                self.delete_forwarding_rules(id, &plan.names, PROTOCOLS).await?;
+                let rules: Vec<String> =
+                    PROTOCOLS.iter().map(|p| plan.names.forwarding_rule(p, frontend.family)).collect();
+                self.delete_forwarding_rules(id, rules).await?;
                 self.delete_ignoring_absent(c.delete_address(&desired.name).await)?;
                 existing = None;
             }
@@ -131,9 +177,46 @@ impl GcpProvider {
             existing = c.get_address(&desired.name).await.map_err(ApiFailure::into_error)?;
         }
         existing
-            .and_then(|a| a.address)
-            .filter(|ip| !ip.is_empty())
+            .and_then(|a| address_ip(a.address.as_deref()))
             .ok_or_else(|| ProviderError::Transient(format!("address {} has no IP yet", desired.name)))
+    }
+
+    /// A requested address must be a static address of the project, of the load balancer's kind.
+    async fn check_requested_address(&self, plan: &Plan, wanted: IpAddr) -> Result<IpAddr, ProviderError> {
+        let all = self.compute.list_addresses().await.map_err(ApiFailure::into_error)?;
+        let Some(found) = all.iter().find(|a| address_ip(a.address.as_deref()) == Some(wanted)) else {
+            let region = &self.config.region;
+            let flags = match wanted {
+                IpAddr::V4(_) => format!("--addresses {wanted}"),
+                IpAddr::V6(_) => "--ip-version IPV6 --subnet SUBNET".to_owned(),
+            };
+            return Err(ProviderError::invalid(
+                "hawser.dev/address",
+                format!(
+                    "{wanted} is not a static address reserved in project {} region {region}; reserve it first \
+                     (gcloud compute addresses create NAME --region {region} {flags}) or remove the request",
+                    self.config.project
+                ),
+            ));
+        };
+        let kind = found.address_type.as_ref().and_then(|t| t.name()).unwrap_or("EXTERNAL");
+        let want_kind = if plan.internal() { "INTERNAL" } else { "EXTERNAL" };
+        if kind != want_kind {
+            return Err(ProviderError::invalid(
+                "hawser.dev/address",
+                format!("{wanted} is an {kind} address but the load balancer is {want_kind}"),
+            ));
+        }
+        if wanted.is_ipv6()
+            && !plan.internal()
+            && found.ipv_6_endpoint_type.as_ref().and_then(|t| t.name()).is_some_and(|t| t != "NETLB")
+        {
+            return Err(ProviderError::invalid(
+                "hawser.dev/address",
+                format!("{wanted} is reserved for a VM; a load balancer needs one reserved with --endpoint-type NETLB"),
+            ));
+        }
+        Ok(wanted)
     }
 
     async fn ensure_health_check(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
@@ -238,10 +321,14 @@ impl GcpProvider {
         Ok(())
     }
 
-    async fn ensure_forwarding_rules(&self, plan: &Plan, id: &ServiceIdentity, ip: &str) -> Result<(), ProviderError> {
+    async fn ensure_forwarding_rules(
+        &self,
+        plan: &Plan,
+        id: &ServiceIdentity,
+        ip: IpAddr,
+    ) -> Result<(), ProviderError> {
         let c = &self.compute;
-        let desired_rules = plan.forwarding_rules(&self.config, ip);
-        for desired in &desired_rules {
+        for desired in &plan.forwarding_rules(&self.config, ip) {
             match c.get_forwarding_rule(&desired.name).await.map_err(ApiFailure::into_error)? {
                 None => {
                     if !created(c.insert_forwarding_rule(desired).await)? {
@@ -269,11 +356,26 @@ impl GcpProvider {
                 },
             }
         }
-        // A protocol the Service no longer has: its rule first, then its backend service.
-        let wanted: BTreeSet<&str> = desired_rules.iter().map(|r| r.protocol).collect();
-        let stale: Vec<&str> = PROTOCOLS.iter().copied().filter(|p| !wanted.contains(p)).collect();
-        self.delete_forwarding_rules(id, &plan.names, &stale).await?;
-        for proto in stale {
+        Ok(())
+    }
+
+    /// Removes what the Service no longer has: the rules of a protocol or family it dropped,
+    /// then the backend services of dropped protocols, and the firewall and address of a
+    /// dropped family (a Service back to single-stack).
+    async fn remove_stale(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
+        let c = &self.compute;
+        let protocols: BTreeSet<&'static str> = plan.protocols().collect();
+        let families: BTreeSet<IpFamily> = plan.families().collect();
+        for &family in FAMILIES {
+            let stale: Vec<String> = PROTOCOLS
+                .iter()
+                .filter(|p| !families.contains(&family) || !protocols.contains(*p))
+                .map(|p| plan.names.forwarding_rule(p, family))
+                .collect();
+            self.delete_forwarding_rules(id, stale).await?;
+        }
+        let dropped: Vec<&str> = PROTOCOLS.iter().copied().filter(|p| !protocols.contains(p)).collect();
+        for proto in dropped {
             let name = plan.names.per_protocol(proto);
             if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)?
                 && owned_by_service(b.description.as_deref(), id)
@@ -281,12 +383,19 @@ impl GcpProvider {
                 self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
             }
         }
+        for &family in FAMILIES.iter().filter(|f| !families.contains(f)) {
+            self.delete_owned_firewall(id, &plan.names.firewall_of(family)).await?;
+            self.release_owned_address(plan, id, family).await?;
+        }
         Ok(())
     }
 
-    async fn ensure_firewalls(&self, plan: &Plan, id: &ServiceIdentity, ip: &str) -> Result<(), ProviderError> {
+    async fn ensure_firewall(&self, plan: &Plan, id: &ServiceIdentity, ip: IpAddr) -> Result<(), ProviderError> {
         let c = &self.compute;
-        let desired = plan.firewall(ip);
+        let Some(desired) = plan.firewall(ip) else {
+            // The Service's source ranges admit no client of this family.
+            return self.delete_owned_firewall(id, &plan.names.firewall_of(IpFamily::of(&ip))).await;
+        };
         match c.get_firewall(&desired.name).await.map_err(ApiFailure::into_error)? {
             None => {
                 if !created(c.insert_firewall(&desired).await)? {
@@ -305,33 +414,60 @@ impl GcpProvider {
                 }
             }
         }
-        let name = plan.cluster_names.health_check_firewall();
+        Ok(())
+    }
+
+    /// The cluster's health-check firewall of each family the Service has.
+    async fn ensure_health_check_firewalls(&self, plan: &Plan) -> Result<(), ProviderError> {
+        let c = &self.compute;
         let cluster = &self.config.cluster;
-        match c.get_firewall(&name).await.map_err(ApiFailure::into_error)? {
-            None => {
-                let desired = plan.health_check_firewall(cluster, None);
-                if !created(c.insert_firewall(&desired).await)? {
-                    let found = c.get_firewall(&name).await.map_err(ApiFailure::into_error)?;
-                    if !found.is_some_and(|f| owned_by_cluster(f.description.as_deref(), cluster)) {
-                        return Err(foreign("firewall", &name));
+        for family in plan.families() {
+            let name = plan.cluster_names.health_check_firewall_of(family);
+            match c.get_firewall(&name).await.map_err(ApiFailure::into_error)? {
+                None => {
+                    let desired = plan.health_check_firewall(family, cluster, None);
+                    if !created(c.insert_firewall(&desired).await)? {
+                        let found = c.get_firewall(&name).await.map_err(ApiFailure::into_error)?;
+                        if !found.is_some_and(|f| owned_by_cluster(f.description.as_deref(), cluster)) {
+                            return Err(foreign("firewall", &name));
+                        }
                     }
                 }
-            }
-            Some(f) if !owned_by_cluster(f.description.as_deref(), cluster) => return Err(foreign("firewall", &name)),
-            Some(f) => {
-                let observed = observed_firewall(&f);
-                let desired = plan.health_check_firewall(cluster, Some(&observed));
-                if observed != desired {
-                    c.patch_firewall(&desired).await.map_err(ApiFailure::into_error)?;
+                Some(f) if !owned_by_cluster(f.description.as_deref(), cluster) => {
+                    return Err(foreign("firewall", &name));
+                }
+                Some(f) => {
+                    let observed = observed_firewall(&f);
+                    let desired = plan.health_check_firewall(family, cluster, Some(&observed));
+                    if observed != desired {
+                        c.patch_firewall(&desired).await.map_err(ApiFailure::into_error)?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    async fn release_owned_address(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
+    /// Deletes the firewall `name` if this Service owns it.
+    pub(super) async fn delete_owned_firewall(&self, id: &ServiceIdentity, name: &str) -> Result<(), ProviderError> {
         let c = &self.compute;
-        let name = plan.names.address();
+        if let Some(f) = c.get_firewall(name).await.map_err(ApiFailure::into_error)?
+            && owned_by_service(f.description.as_deref(), id)
+        {
+            self.delete_ignoring_absent(c.delete_firewall(name).await)?;
+        }
+        Ok(())
+    }
+
+    /// Releases the address of `family` if hawser reserved it for this Service.
+    async fn release_owned_address(
+        &self,
+        plan: &Plan,
+        id: &ServiceIdentity,
+        family: IpFamily,
+    ) -> Result<(), ProviderError> {
+        let c = &self.compute;
+        let name = plan.names.address_of(family);
         if let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)?
             && owned_by_service(a.description.as_deref(), id)
         {

@@ -9,10 +9,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ServiceIdentity, stable_hash};
+use crate::{IpFamily, ServiceIdentity, stable_hash};
 
 /// Every name hawser gives a GCE resource starts with this.
 pub const PREFIX: &str = "hawser-";
+
+/// The suffix of a resource that serves one IP family: none for IPv4 (the names IPv4-only load
+/// balancers have always had), `-ipv6` for IPv6. GCE addresses, forwarding rules and firewalls
+/// hold one family each, so a dual-stack Service has one of each per family.
+fn family_suffix(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::IPv4 => "",
+        IpFamily::IPv6 => "-ipv6",
+    }
+}
 
 /// The names of one Service's resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,9 +37,14 @@ impl ServiceNames {
         Self { base: format!("{PREFIX}{}", stable_hash(&[&id.cluster, &id.uid], 20)) }
     }
 
-    /// The reserved address.
+    /// The reserved IPv4 address; also the load balancer's ID.
     pub fn address(&self) -> String {
         self.base.clone()
+    }
+
+    /// The reserved address of one family.
+    pub fn address_of(&self, family: IpFamily) -> String {
+        format!("{}{}", self.base, family_suffix(family))
     }
 
     /// The regional health check.
@@ -37,14 +52,25 @@ impl ServiceNames {
         self.base.clone()
     }
 
-    /// The backend service, and the forwarding rule, of one protocol (`tcp` or `udp`).
+    /// The backend service of one protocol (`tcp` or `udp`), which both families share, and
+    /// the IPv4 forwarding rule of that protocol.
     pub fn per_protocol(&self, protocol: &str) -> String {
         format!("{}-{}", self.base, protocol.to_ascii_lowercase())
     }
 
-    /// The firewall that lets clients reach the nodes.
+    /// The forwarding rule of one protocol and family.
+    pub fn forwarding_rule(&self, protocol: &str, family: IpFamily) -> String {
+        format!("{}{}", self.per_protocol(protocol), family_suffix(family))
+    }
+
+    /// The firewall that lets IPv4 clients reach the nodes.
     pub fn firewall(&self) -> String {
         format!("{}-fw", self.base)
+    }
+
+    /// The firewall that lets clients of one family reach the nodes.
+    pub fn firewall_of(&self, family: IpFamily) -> String {
+        format!("{}{}", self.firewall(), family_suffix(family))
     }
 }
 
@@ -67,9 +93,14 @@ impl ClusterNames {
         format!("{}-ig", self.base)
     }
 
-    /// The firewall that lets Google's health checkers reach the dataplane health port.
+    /// The firewall that lets Google's IPv4 health checkers reach the dataplane health port.
     pub fn health_check_firewall(&self) -> String {
         format!("{}-hc", self.base)
+    }
+
+    /// The health-check firewall of one family.
+    pub fn health_check_firewall_of(&self, family: IpFamily) -> String {
+        format!("{}{}", self.health_check_firewall(), family_suffix(family))
     }
 }
 
@@ -185,13 +216,27 @@ mod tests {
         assert_eq!(a, ServiceNames::new(&id("u1")));
         assert_ne!(a, ServiceNames::new(&id("u2")));
         let c = ClusterNames::new("Prod.EU");
-        for n in [a.address(), a.health_check(), a.per_protocol("TCP"), a.per_protocol("udp"), a.firewall()] {
+        for n in [
+            a.address(),
+            a.address_of(IpFamily::IPv6),
+            a.health_check(),
+            a.per_protocol("TCP"),
+            a.forwarding_rule("udp", IpFamily::IPv6),
+            a.firewall(),
+            a.firewall_of(IpFamily::IPv6),
+        ] {
             assert!(valid_name(&n), "{n}");
         }
-        for n in [c.instance_group(), c.health_check_firewall()] {
+        for n in [c.instance_group(), c.health_check_firewall(), c.health_check_firewall_of(IpFamily::IPv6)] {
             assert!(valid_name(&n), "{n}");
         }
         assert_eq!(a.per_protocol("TCP"), format!("{}-tcp", a.base));
+        // IPv4 keeps the names single-stack load balancers were created with.
+        assert_eq!(a.forwarding_rule("TCP", IpFamily::IPv4), a.per_protocol("TCP"));
+        assert_eq!(a.address_of(IpFamily::IPv4), a.address());
+        assert_eq!(a.firewall_of(IpFamily::IPv4), a.firewall());
+        assert_eq!(c.health_check_firewall_of(IpFamily::IPv4), c.health_check_firewall());
+        assert_eq!(a.forwarding_rule("TCP", IpFamily::IPv6), format!("{}-tcp-ipv6", a.base));
     }
 
     #[test]

@@ -5,15 +5,47 @@
 //! "desired" compare with `==` and a reconcile that finds nothing to change makes no write.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::annotations::{GcpOptions, NetworkTier};
 use super::config::GcpConfig;
 use super::naming::{ClusterNames, Ownership, ServiceNames};
-use crate::{HealthCheckProtocol, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity, SessionAffinity, Target};
+use crate::{
+    HealthCheckProtocol, InvalidField, IpFamily, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity, SessionAffinity,
+    Target,
+};
 
-/// Google's health-check source ranges for passthrough load balancers (IPv4).
+/// Google's IPv4 health-check source ranges for passthrough load balancers (external and internal).
 pub const HEALTH_CHECK_RANGES: &[&str] = &["35.191.0.0/16", "130.211.0.0/22", "209.85.152.0/22", "209.85.204.0/22"];
+
+/// Google's IPv6 health-check source ranges: `2600:1901:8001::/48` probes external passthrough
+/// load balancers, `2600:2d00:1:b029::/64` internal ones. A firewall holds one family only, so
+/// these live in a rule of their own.
+pub const HEALTH_CHECK_RANGES_V6: &[&str] = &["2600:1901:8001::/48", "2600:2d00:1:b029::/64"];
+
+/// The health-check source ranges of one family.
+pub fn health_check_ranges(family: IpFamily) -> &'static [&'static str] {
+    match family {
+        IpFamily::IPv4 => HEALTH_CHECK_RANGES,
+        IpFamily::IPv6 => HEALTH_CHECK_RANGES_V6,
+    }
+}
+
+/// Every client of one family, the source range when a Service restricts none.
+fn any_source(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::IPv4 => "0.0.0.0/0",
+        IpFamily::IPv6 => "::/0",
+    }
+}
+
+/// One address as a firewall destination range.
+fn host_range(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => format!("{ip}/32"),
+        IpAddr::V6(_) => format!("{ip}/128"),
+    }
+}
 
 /// A forwarding rule lists at most this many ports; more need a port range.
 pub const MAX_FORWARDING_RULE_PORTS: usize = 5;
@@ -31,10 +63,25 @@ pub struct AddressSpec {
     pub network_tier: Option<&'static str>,
     /// Subnetwork (internal only).
     pub subnetwork: Option<String>,
-    /// `SHARED_LOADBALANCER_VIP` for internal addresses (several forwarding rules share them).
+    /// `SHARED_LOADBALANCER_VIP` for internal addresses that several forwarding rules share.
     pub purpose: Option<&'static str>,
+    /// `IPV6` for an IPv6 address; unset (IPv4) otherwise.
+    pub ip_version: Option<&'static str>,
+    /// `NETLB` for an external IPv6 address (a passthrough load balancer's, not a VM's).
+    pub ipv6_endpoint_type: Option<&'static str>,
     /// Ownership labels.
     pub labels: BTreeMap<String, String>,
+}
+
+/// The front of the load balancer for one IP family: its address and forwarding rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    /// The family.
+    pub family: IpFamily,
+    /// The address to reserve; `None` when the user asked for one of theirs.
+    pub address: Option<AddressSpec>,
+    /// The user's address, which must be a static address of the project.
+    pub requested_ip: Option<IpAddr>,
 }
 
 /// A regional health check.
@@ -90,8 +137,10 @@ pub struct ForwardingRuleSpec {
     pub name: String,
     /// Ownership record.
     pub description: String,
-    /// The load balancer's IP.
-    pub ip: String,
+    /// The load balancer's IP, without the `/96` GCE puts after IPv6 addresses.
+    pub ip: IpAddr,
+    /// `IPV6` for an IPv6 rule; unset (IPv4) otherwise.
+    pub ip_version: Option<&'static str>,
     /// `TCP` or `UDP`.
     pub protocol: &'static str,
     /// Up to five ports, or empty with a range.
@@ -106,7 +155,7 @@ pub struct ForwardingRuleSpec {
     pub backend_service: String,
     /// Network (internal only).
     pub network: Option<String>,
-    /// Subnetwork (internal only).
+    /// Subnetwork (internal, and external IPv6).
     pub subnetwork: Option<String>,
     /// Global access (internal only).
     pub global_access: bool,
@@ -153,10 +202,8 @@ pub struct Plan {
     pub names: ServiceNames,
     /// Cluster-wide names.
     pub cluster_names: ClusterNames,
-    /// The address to reserve; `None` when the user asked for one of theirs.
-    pub address: Option<AddressSpec>,
-    /// The user's address, which must be a static address of the project.
-    pub requested_ip: Option<Ipv4Addr>,
+    /// One frontend per IP family of the Service, IPv4 first.
+    pub frontends: Vec<Frontend>,
     /// The health check.
     pub health_check: HealthCheckSpec,
     /// One backend service per protocol.
@@ -168,7 +215,8 @@ pub struct Plan {
     spec_scheme: Scheme,
     options: GcpOptions,
     ports: BTreeMap<&'static str, BTreeSet<u16>>,
-    source_ranges: BTreeSet<String>,
+    /// The Service's source ranges; empty means every client.
+    source_ranges: Vec<ipnet::IpNet>,
     network: String,
     subnetwork: Option<String>,
     target_tags: BTreeSet<String>,
@@ -191,34 +239,70 @@ fn secs(d: std::time::Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
+/// The families of a spec, IPv4 first; none given means IPv4, as Kubernetes defaults it.
+pub fn families(spec: &LoadBalancerSpec) -> Vec<IpFamily> {
+    let families: BTreeSet<IpFamily> = spec.ip_families.iter().copied().collect();
+    if families.is_empty() { vec![IpFamily::IPv4] } else { families.into_iter().collect() }
+}
+
 impl Plan {
-    /// The plan for `spec` with its parsed GCP options.
-    pub fn new(config: &GcpConfig, spec: &LoadBalancerSpec, options: &GcpOptions) -> Self {
+    /// The plan for `spec` with its parsed GCP options; fails only when the load balancer
+    /// needs a subnetwork and neither the Service nor the operator names one.
+    pub fn new(config: &GcpConfig, spec: &LoadBalancerSpec, options: &GcpOptions) -> Result<Self, InvalidField> {
         let id = &spec.identity;
         let names = ServiceNames::new(id);
         let cluster_names = ClusterNames::new(&config.cluster);
         let internal = spec.scheme == Scheme::Internal;
         let scheme = if internal { "INTERNAL" } else { "EXTERNAL" };
-        let subnetwork = internal.then(|| {
-            let s = options.subnet.clone().or_else(|| config.subnetwork.clone()).unwrap_or_default();
-            config.subnetwork_url(&s)
-        });
-        let requested_ip = spec.requested_addresses.iter().find_map(|a| match a {
-            std::net::IpAddr::V4(v4) => Some(*v4),
-            std::net::IpAddr::V6(_) => None,
-        });
-        let address = requested_ip.is_none().then(|| {
-            let owner = Ownership::service(id, "address");
-            AddressSpec {
-                name: names.address(),
-                description: owner.to_description(),
-                address_type: scheme,
-                network_tier: (!internal).then(|| options.network_tier.as_str()),
-                subnetwork: subnetwork.clone(),
-                purpose: internal.then_some("SHARED_LOADBALANCER_VIP"),
-                labels: owner.labels(),
-            }
-        });
+        let families = families(spec);
+        let ipv6 = families.contains(&IpFamily::IPv6);
+        // Internal load balancers take their addresses from a subnetwork; so do external IPv6
+        // ones (from the subnetwork's external IPv6 range).
+        let subnetwork = if internal || ipv6 {
+            let Some(s) = options.subnet.clone().or_else(|| config.subnetwork.clone()) else {
+                return Err(InvalidField::new(
+                    super::annotations::SUBNET,
+                    format!(
+                        "{} load balancer needs a subnetwork{}: annotate the Service with hawser.dev/gcp-subnet or \
+                         start the operator with --gcp-subnetwork",
+                        if internal { "an internal" } else { "an external IPv6" },
+                        if ipv6 { " with an IPv6 range" } else { "" }
+                    ),
+                ));
+            };
+            Some(config.subnetwork_url(&s))
+        } else {
+            None
+        };
+        let protocols = spec.listeners.iter().map(|l| l.protocol).collect::<BTreeSet<_>>();
+        let both_protocols = protocols.contains(&Protocol::TcpUdp)
+            || (protocols.contains(&Protocol::Tcp) && protocols.contains(&Protocol::Udp));
+        let frontends = families
+            .iter()
+            .map(|&family| {
+                let requested_ip = spec.requested_addresses.iter().copied().find(|a| IpFamily::of(a) == family);
+                let address = requested_ip.is_none().then(|| {
+                    let owner = Ownership::service(id, "address");
+                    let v6 = family == IpFamily::IPv6;
+                    AddressSpec {
+                        name: names.address_of(family),
+                        description: owner.to_description(),
+                        address_type: scheme,
+                        // IPv6 external load balancers are Premium only (checked with the annotations).
+                        network_tier: (!internal).then(|| options.network_tier.as_str()),
+                        subnetwork: (internal || v6).then(|| subnetwork.clone()).flatten(),
+                        // An internal address is shared by the TCP and UDP rules only when it
+                        // must be: GCE reserves IPv4 ones that way always, as hawser did from
+                        // the start; IPv6 ones only for a Service with both protocols.
+                        purpose: (internal && (!v6 || both_protocols)).then_some("SHARED_LOADBALANCER_VIP"),
+                        ip_version: v6.then_some("IPV6"),
+                        ipv6_endpoint_type: (v6 && !internal).then_some("NETLB"),
+                        labels: owner.labels(),
+                    }
+                });
+                Frontend { family, address, requested_ip }
+            })
+            .collect();
         let hc = &spec.health_check;
         let health_check = HealthCheckSpec {
             name: names.health_check(),
@@ -253,8 +337,7 @@ impl Plan {
         let mut plan = Self {
             names,
             cluster_names,
-            address,
-            requested_ip,
+            frontends,
             health_check,
             backend_services: Vec::new(),
             instance_groups,
@@ -262,11 +345,7 @@ impl Plan {
             spec_scheme: spec.scheme,
             options: options.clone(),
             ports,
-            source_ranges: if spec.source_ranges.is_empty() {
-                BTreeSet::from(["0.0.0.0/0".to_owned()])
-            } else {
-                spec.source_ranges.iter().map(ToString::to_string).collect()
-            },
+            source_ranges: spec.source_ranges.clone(),
             network: config.network_url(),
             subnetwork,
             target_tags: config.node_tags.iter().cloned().collect(),
@@ -298,7 +377,22 @@ impl Plan {
                 network: internal.then(|| plan.network.clone()),
             })
             .collect();
-        plan
+        Ok(plan)
+    }
+
+    /// The families the load balancer serves, IPv4 first.
+    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
+        self.frontends.iter().map(|f| f.family)
+    }
+
+    /// The protocols the load balancer forwards (`TCP`, `UDP`).
+    pub fn protocols(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.ports.keys().copied()
+    }
+
+    /// Whether the load balancer serves IPv6.
+    pub fn ipv6(&self) -> bool {
+        self.families().any(|f| f == IpFamily::IPv6)
     }
 
     /// Relative URL of the cluster's instance group in `zone`.
@@ -316,22 +410,25 @@ impl Plan {
         (!self.internal()).then_some(self.options.network_tier)
     }
 
-    /// The relative URL of the subnetwork (internal only).
+    /// The relative URL of the subnetwork (internal, or IPv6).
     pub fn subnetwork(&self) -> Option<&str> {
         self.subnetwork.as_deref()
     }
 
-    /// The forwarding rules, one per protocol, on `ip`.
-    pub fn forwarding_rules(&self, config: &GcpConfig, ip: &str) -> Vec<ForwardingRuleSpec> {
+    /// The forwarding rules, one per protocol, on `ip` (whose family they serve).
+    pub fn forwarding_rules(&self, config: &GcpConfig, ip: IpAddr) -> Vec<ForwardingRuleSpec> {
         let owner = Ownership::service(&self.identity, "forwarding-rule");
+        let family = IpFamily::of(&ip);
+        let v6 = family == IpFamily::IPv6;
         self.ports
             .iter()
             .map(|(proto, ports)| {
                 let (list, range) = port_spec(ports);
                 ForwardingRuleSpec {
-                    name: self.names.per_protocol(proto),
+                    name: self.names.forwarding_rule(proto, family),
                     description: owner.to_description(),
-                    ip: ip.to_owned(),
+                    ip,
+                    ip_version: v6.then_some("IPV6"),
                     protocol: proto,
                     ports: list,
                     port_range: range,
@@ -344,7 +441,7 @@ impl Plan {
                         self.names.per_protocol(proto)
                     ),
                     network: self.internal().then(|| self.network.clone()),
-                    subnetwork: self.subnetwork.clone(),
+                    subnetwork: (self.internal() || v6).then(|| self.subnetwork.clone()).flatten(),
                     global_access: self.internal() && self.options.global_access,
                     labels: owner.labels(),
                 }
@@ -352,14 +449,24 @@ impl Plan {
             .collect()
     }
 
-    /// The firewall letting clients reach the nodes on the Service ports at `ip`.
-    pub fn firewall(&self, ip: &str) -> FirewallSpec {
-        FirewallSpec {
-            name: self.names.firewall(),
+    /// The firewall letting clients of `ip`'s family reach the nodes on the Service ports at
+    /// `ip`; `None` when the Service's source ranges admit no client of that family.
+    pub fn firewall(&self, ip: IpAddr) -> Option<FirewallSpec> {
+        let family = IpFamily::of(&ip);
+        let source_ranges: BTreeSet<String> = if self.source_ranges.is_empty() {
+            BTreeSet::from([any_source(family).to_owned()])
+        } else {
+            self.source_ranges.iter().filter(|r| IpFamily::of(&r.addr()) == family).map(ToString::to_string).collect()
+        };
+        if source_ranges.is_empty() {
+            return None;
+        }
+        Some(FirewallSpec {
+            name: self.names.firewall_of(family),
             description: Ownership::service(&self.identity, "firewall").to_description(),
             network: self.network.clone(),
-            source_ranges: self.source_ranges.clone(),
-            destination_ranges: BTreeSet::from([format!("{ip}/32")]),
+            source_ranges,
+            destination_ranges: BTreeSet::from([host_range(ip)]),
             allowed: self
                 .ports
                 .iter()
@@ -367,20 +474,25 @@ impl Plan {
                 .collect(),
             target_tags: self.target_tags.clone(),
             target_service_accounts: self.target_service_accounts.clone(),
-        }
+        })
     }
 
-    /// The cluster's health-check firewall as this Service needs it: `existing` (if any) with
-    /// this Service's health port added. Ports are never removed here, because other Services
-    /// may rely on them; the rule goes away with the cluster's last load balancer.
-    pub fn health_check_firewall(&self, cluster: &str, existing: Option<&FirewallSpec>) -> FirewallSpec {
+    /// The cluster's health-check firewall of `family` as this Service needs it: `existing` (if
+    /// any) with this Service's health port added. Ports are never removed here, because other
+    /// Services may rely on them; the rule goes away with the cluster's last load balancer.
+    pub fn health_check_firewall(
+        &self,
+        family: IpFamily,
+        cluster: &str,
+        existing: Option<&FirewallSpec>,
+    ) -> FirewallSpec {
         let mut ports: BTreeSet<String> = existing.and_then(|f| f.allowed.get("tcp")).cloned().unwrap_or_default();
         ports.insert(self.health_port.to_string());
         FirewallSpec {
-            name: self.cluster_names.health_check_firewall(),
+            name: self.cluster_names.health_check_firewall_of(family),
             description: Ownership::cluster(cluster, "health-check-firewall").to_description(),
             network: self.network.clone(),
-            source_ranges: HEALTH_CHECK_RANGES.iter().map(|s| (*s).to_owned()).collect(),
+            source_ranges: health_check_ranges(family).iter().map(|s| (*s).to_owned()).collect(),
             destination_ranges: BTreeSet::new(),
             allowed: BTreeMap::from([("tcp".to_owned(), ports)]),
             target_tags: self.target_tags.clone(),
@@ -403,7 +515,17 @@ pub fn port_spec(ports: &BTreeSet<u16>) -> (Vec<String>, Option<String>) {
 /// What to do with the forwarding rule `observed` so that it becomes `desired`.
 pub fn forwarding_rule_action(observed: &ForwardingRuleSpec, desired: &ForwardingRuleSpec) -> ForwardingRuleAction {
     fn immutable(f: &ForwardingRuleSpec) -> impl PartialEq + '_ {
-        (&f.ip, f.protocol, &f.ports, &f.port_range, f.scheme, f.network_tier, &f.backend_service, &f.subnetwork)
+        (
+            f.ip,
+            f.ip_version,
+            f.protocol,
+            &f.ports,
+            &f.port_range,
+            f.scheme,
+            f.network_tier,
+            &f.backend_service,
+            &f.subnetwork,
+        )
     }
     if immutable(observed) != immutable(desired) {
         ForwardingRuleAction::Recreate

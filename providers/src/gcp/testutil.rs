@@ -38,7 +38,7 @@ pub fn spec() -> LoadBalancerSpec {
         ],
         health_check: HealthCheck {
             protocol: HealthCheckProtocol::Http,
-            port: 10254,
+            port: 10266,
             path: Some("/healthz".into()),
             interval: Duration::from_secs(8),
             timeout: Duration::from_secs(5),

@@ -4,7 +4,9 @@
 //! `selfLink`s and normalised reference URLs, long-running operations that finish after a few
 //! polls, 404 for absent resources, 409 `alreadyExists`, 400 `resourceInUseByAnotherResource`
 //! while another resource refers to the one being deleted, and quota errors reported in the
-//! finished operation, as GCE does.
+//! finished operation, as GCE does. IPv6 follows GCE too: addresses come from the subnetwork's
+//! IPv6 range (which the subnetwork must have, of the right access type), and an external IPv6
+//! forwarding rule takes and answers its address as a `/96` range.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +35,7 @@ struct Store {
     quotas: BTreeMap<String, usize>,
     next_id: u64,
     next_ip: u8,
+    next_ip6: u16,
     mutations: Vec<String>,
 }
 
@@ -142,6 +145,30 @@ fn operation(s: &mut Store, scope: &str, kind: &str, target: &str, error: Option
     op
 }
 
+/// The address an `IPAddress` or `address` field names, without a prefix length.
+fn bare(ip: &str) -> &str {
+    ip.split('/').next().unwrap_or(ip)
+}
+
+/// Why an IPv6 address or forwarding rule cannot be made in `subnetwork` (absent, IPv4-only, or
+/// of the other IPv6 access type), as GCE answers it.
+fn ipv6_subnet_problem(s: &Store, resource: &Value, access: &str) -> Option<String> {
+    let Some(url) = resource.get("subnetwork").and_then(Value::as_str) else {
+        return Some(
+            "Invalid value for field 'resource.subnetwork': ''. An IPv6 resource requires a subnetwork.".into(),
+        );
+    };
+    let rel = &url[url.find("projects/").unwrap_or(0)..];
+    let subnet = split(rel).and_then(|(c, n)| s.resources.get(&c)?.get(&n).cloned());
+    let Some(subnet) = subnet else {
+        return Some(format!("The resource '{rel}' was not found"));
+    };
+    let stack = subnet.get("stackType").and_then(Value::as_str).unwrap_or("IPV4_ONLY");
+    let has = subnet.get("ipv6AccessType").and_then(Value::as_str).unwrap_or("");
+    (stack == "IPV4_ONLY" || has != access)
+        .then(|| format!("Subnetwork '{rel}' has no {access} IPv6 range (stackType {stack}, ipv6AccessType '{has}')"))
+}
+
 /// Reference fields GCE normalises to full URLs.
 fn normalise(resource: &mut Value) {
     for key in ["backendService", "network", "subnetwork", "region", "zone"] {
@@ -168,10 +195,11 @@ fn normalise(resource: &mut Value) {
 /// The self-links a resource refers to, and IPs it uses.
 fn references(resource: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    for key in ["backendService", "IPAddress"] {
-        if let Some(Value::String(u)) = resource.get(key) {
-            out.push(u.clone());
-        }
+    if let Some(Value::String(u)) = resource.get("backendService") {
+        out.push(u.clone());
+    }
+    if let Some(Value::String(ip)) = resource.get("IPAddress") {
+        out.push(bare(ip).to_owned());
     }
     for h in resource.get("healthChecks").and_then(Value::as_array).into_iter().flatten() {
         out.extend(h.as_str().map(str::to_owned));
@@ -254,8 +282,16 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
 
     let is_collection = |p: &str| {
         let last = p.rsplit('/').next().unwrap_or_default();
-        ["addresses", "forwardingRules", "backendServices", "healthChecks", "firewalls", "instanceGroups"]
-            .contains(&last)
+        [
+            "addresses",
+            "forwardingRules",
+            "backendServices",
+            "healthChecks",
+            "firewalls",
+            "instanceGroups",
+            "subnetworks",
+        ]
+        .contains(&last)
     };
     match method {
         Method::GET if is_collection(&path) => {
@@ -311,12 +347,40 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
             resource["selfLink"] = json!(link.clone());
             resource["creationTimestamp"] = json!("2024-01-01T00:00:00.000-00:00");
             resource["kind"] = json!(format!("compute#{}", kind.trim_end_matches('s')));
+            let internal = resource.get("addressType").and_then(Value::as_str) == Some("INTERNAL")
+                || resource.get("loadBalancingScheme").and_then(Value::as_str) == Some("INTERNAL");
+            let ipv6 = resource.get("ipVersion").and_then(Value::as_str) == Some("IPV6");
+            if ipv6 && ["addresses", "forwardingRules"].contains(&kind.as_str()) {
+                let access = if internal { "INTERNAL" } else { "EXTERNAL" };
+                if let Some(problem) = ipv6_subnet_problem(&s, &resource, access) {
+                    return error(StatusCode::BAD_REQUEST, "invalid", &problem);
+                }
+            }
+            if kind == "forwardingRules" && ipv6 && !internal {
+                let ip = resource.get("IPAddress").and_then(Value::as_str).unwrap_or_default();
+                if !ip.is_empty() && !ip.ends_with("/96") {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        "Invalid value for field 'resource.IPAddress': an external IPv6 forwarding rule takes a /96 range",
+                    );
+                }
+            }
+            if kind == "forwardingRules" && ipv6 {
+                // GCE answers IPv6 rules' addresses as the /96 they serve.
+                let ip = resource.get("IPAddress").and_then(Value::as_str).map(|ip| format!("{}/96", bare(ip)));
+                resource["IPAddress"] = json!(ip);
+            }
             if kind == "addresses" {
                 if resource.get("address").is_none() {
-                    s.next_ip += 1;
-                    let internal = resource.get("addressType").and_then(Value::as_str) == Some("INTERNAL");
-                    let ip =
-                        if internal { format!("10.0.0.{}", s.next_ip) } else { format!("203.0.113.{}", s.next_ip) };
+                    let ip = if ipv6 {
+                        s.next_ip6 += 1;
+                        let prefix = if internal { "fd20:0:0:1" } else { "2600:1900:4000:1" };
+                        format!("{prefix}:{:x}::", s.next_ip6)
+                    } else {
+                        s.next_ip += 1;
+                        if internal { format!("10.0.0.{}", s.next_ip) } else { format!("203.0.113.{}", s.next_ip) }
+                    };
                     resource["address"] = json!(ip);
                 }
                 resource["status"] = json!("RESERVED");
@@ -371,7 +435,7 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
                 return error(StatusCode::NOT_FOUND, "notFound", &format!("The resource '{path}' was not found"));
             };
             let link = format!("{API}{path}");
-            let ip = existing.get("address").and_then(Value::as_str).map(str::to_owned);
+            let ip = existing.get("address").and_then(Value::as_str).map(|ip| bare(ip).to_owned());
             let user = s.resources.values().flat_map(BTreeMap::values).find(|r| {
                 let refs = references(r);
                 refs.contains(&link) || ip.as_ref().is_some_and(|ip| refs.contains(ip))

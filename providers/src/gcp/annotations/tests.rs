@@ -57,6 +57,10 @@ fn subnet() {
     let external = parse(&annotated(&[(SUBNET, "lb-subnet")])).unwrap_err();
     assert_eq!(external[0].field, SUBNET);
     assert!(external[0].message.contains("internal"));
+    // External IPv6 load balancers take their address from a subnetwork too.
+    let mut v6 = annotated(&[(SUBNET, "dual")]);
+    v6.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+    assert_eq!(parse(&v6).unwrap().subnet.as_deref(), Some("dual"));
 }
 
 #[test]
@@ -107,11 +111,30 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
-fn ipv6_and_several_addresses_are_refused() {
-    let mut s = spec();
+fn requested_addresses_one_per_family_of_the_service() {
+    let dual = |addrs: &[&str]| {
+        let mut s = spec();
+        s.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
+        s.requested_addresses = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        s
+    };
+    assert!(parse(&dual(&[])).is_ok());
+    assert!(parse(&dual(&["203.0.113.1", "2600:1900::1"])).is_ok());
+    let two_v4 = parse(&dual(&["203.0.113.1", "203.0.113.2"])).unwrap_err();
+    assert_eq!(two_v4[0].field, "hawser.dev/address");
+    assert!(two_v4[0].message.contains("at most one IPv4"), "{}", two_v4[0].message);
+    let mut v4_only = spec();
+    v4_only.requested_addresses = vec!["2600:1900::1".parse().unwrap()];
+    let errs = parse(&v4_only).unwrap_err();
+    assert_eq!(errs[0].field, "hawser.dev/address");
+    assert!(errs[0].message.contains("spec.ipFamilies has no IPv6"), "{}", errs[0].message);
+}
+
+#[test]
+fn ipv6_external_is_premium_only() {
+    let mut s = annotated(&[(NETWORK_TIER, "Standard")]);
     s.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
-    assert_eq!(fields(parse(&s)), vec!["spec.ipFamilies"]);
-    let mut s = spec();
-    s.requested_addresses = vec!["203.0.113.1".parse().unwrap(), "203.0.113.2".parse().unwrap()];
-    assert_eq!(fields(parse(&s)), vec!["hawser.dev/address"]);
+    let errs = parse(&s).unwrap_err();
+    assert_eq!(errs[0].field, NETWORK_TIER);
+    assert!(errs[0].message.contains("Premium tier only"), "{}", errs[0].message);
 }
