@@ -130,6 +130,13 @@ pub struct Cli {
     /// GCP: an endpoint URL for the Compute API (tests against a fake Compute server).
     #[arg(long, env = "HAWSER_GCP_ENDPOINT_URL")]
     pub gcp_endpoint_url: Option<String>,
+    /// GCP: send no credentials at all. Only for a fake Compute server given with
+    /// --gcp-endpoint-url; refused without it.
+    #[arg(long, env = "HAWSER_GCP_ANONYMOUS_CREDENTIALS", requires = "gcp_endpoint_url")]
+    pub gcp_anonymous_credentials: bool,
+    /// GCP: first wait between two polls of a running Compute operation (doubling up to 5s).
+    #[arg(long, env = "HAWSER_GCP_OPERATION_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub gcp_operation_poll_interval: Duration,
 }
 
 /// `:8080` means every address; `127.0.0.1:8080` one.

@@ -75,6 +75,9 @@ async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockSta
             config.node_tags = cli.gcp_node_tags.iter().filter(|t| !t.is_empty()).cloned().collect();
             config.node_service_account = cli.gcp_node_service_account.clone();
             config.endpoint_url = cli.gcp_endpoint_url.clone();
+            config.anonymous_credentials = cli.gcp_anonymous_credentials;
+            config.poll_interval = cli.gcp_operation_poll_interval;
+            config.poll_max_interval = config.poll_max_interval.max(config.poll_interval);
             let cloud = hawser_providers::gcp::GcpProvider::new(config).await.context("GCP provider")?;
             Ok((Arc::new(cloud), None))
         }

@@ -1,0 +1,143 @@
+//! The real `hawser-operator` binary with `--provider gcp`, against the fake Kubernetes API server
+//! and the fake Compute server: a dual-stack Service gets a GCP load balancer and its two
+//! addresses in its status, and deleting the Service leaves nothing in the cloud.
+
+#![cfg(feature = "gcp")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)]
+#[path = "../../providers/tests/gcp/fake_compute.rs"]
+mod fake_compute;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fake_compute::FakeCompute;
+use hawser_fake_apiserver::{Config, FakeApiServer};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const REGION: &str = "projects/proj/regions/europe-west1";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node(client: &Client, name: &str, zone: &str) {
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "spec": {"providerID": format!("gce://proj/{zone}/{name}")},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}
+    }))
+    .unwrap();
+    Api::<Node>::all(client.clone()).create(&PostParams::default(), &node).await.unwrap();
+}
+
+fn ingress_ips(svc: &Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .map(|i| i.iter().filter_map(|e| e.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn dual_stack_service_gets_a_gcp_load_balancer_and_leaves_nothing_behind() {
+    let config = Config { service_cidr_v6: Some("fd00:96::/108".parse().unwrap()), ..Config::default() };
+    let server = FakeApiServer::start(config).await.unwrap();
+    let client = server.client().await.unwrap();
+    node(&client, "node-a", "europe-west1-b").await;
+    node(&client, "node-b", "europe-west1-c").await;
+    let compute = FakeCompute::default();
+    let url = compute.start().await;
+    compute.seed(
+        &format!("{REGION}/subnetworks"),
+        "nodes",
+        json!({"stackType": "IPV4_IPV6", "ipv6AccessType": "EXTERNAL"}),
+    );
+
+    let _op = Operator(
+        Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+            .args(["--provider", "gcp", "--cluster-name", "demo", "--node-debounce", "200ms"])
+            .args(["--gcp-project", "proj", "--gcp-region", "europe-west1", "--gcp-network", "vpc"])
+            .args(["--gcp-subnetwork", "nodes", "--gcp-node-tags", "gke-demo-node"])
+            .args(["--gcp-endpoint-url", &url, "--gcp-anonymous-credentials"])
+            .args(["--gcp-operation-poll-interval", "5ms"])
+            .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
+            .arg(format!("--health-probe-bind-address=127.0.0.1:{}", free_port()))
+            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("hawser-operator starts"),
+    );
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "hawser.dev/lb",
+            "ipFamilyPolicy": "RequireDualStack",
+            "ipFamilies": ["IPv4", "IPv6"],
+            "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+        }
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.unwrap();
+
+    let web = wait_for("web's two ingress addresses", || async {
+        services.get("web").await.ok().filter(|s| ingress_ips(s).len() == 2)
+    })
+    .await;
+    let ips = ingress_ips(&web);
+    let address = |suffix: &str| {
+        compute
+            .list(&format!("{REGION}/addresses"))
+            .into_iter()
+            .find(|(n, _)| n.ends_with(suffix))
+            .map(|(_, a)| a["address"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(ips[0], address("").unwrap_or_default(), "IPv4 first, the reserved address");
+    assert_eq!(ips[1], address("-ipv6").unwrap_or_default(), "then the IPv6 address");
+    let rules = compute.list(&format!("{REGION}/forwardingRules"));
+    assert_eq!(rules.len(), 4, "TCP and UDP for each family: {:?}", rules.keys());
+    let groups = compute.list("projects/proj/zones/europe-west1-b/instanceGroups");
+    let (group, _) = groups.iter().next().expect("an instance group in zone b");
+    assert_eq!(
+        compute.members("projects/proj/zones/europe-west1-b/instanceGroups", group).into_iter().collect::<Vec<_>>(),
+        vec![format!("{}projects/proj/zones/europe-west1-b/instances/node-a", fake_compute::API)]
+    );
+
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for("web gone", || async { services.get_opt("web").await.ok().filter(Option::is_none).map(|_| ()) }).await;
+    assert_eq!(compute.names_with_prefix("hawser-"), Vec::<String>::new(), "nothing left in the cloud");
+    server.stop().await;
+}
