@@ -35,8 +35,12 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Builds the operator and dataplane binaries once per test process, with the cargo that runs
 /// the tests, into the same target directory (cargo releases its build lock before running
-/// tests, so this is an incremental no-op after the first build). Integration tests cannot use
-/// `CARGO_BIN_EXE_*` of other packages.
+/// tests). Integration tests cannot use `CARGO_BIN_EXE_*` of other packages.
+///
+/// Under `cargo test --workspace --all-features` (which turns on this crate's
+/// `workspace-test-build` feature) the build is that same command with `--no-run`: cargo finds
+/// it done, and the binaries stay the very ones the other packages' tests run. Any other build
+/// would resolve features differently, rebuild, and overwrite them with another variant.
 pub fn build_once() -> anyhow::Result<()> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT
@@ -46,9 +50,13 @@ pub fn build_once() -> anyhow::Result<()> {
             }
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet"]);
-            for b in BINARIES {
-                cmd.args(["-p", b]);
+            if cfg!(feature = "workspace-test-build") {
+                cmd.args(["test", "--workspace", "--all-features", "--no-run", "--quiet"]);
+            } else {
+                cmd.args(["build", "--quiet"]);
+                for b in BINARIES {
+                    cmd.args(["-p", b]);
+                }
             }
             if !cfg!(debug_assertions) {
                 cmd.arg("--release");

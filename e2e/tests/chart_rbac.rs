@@ -37,22 +37,8 @@ fn public_path(path: &str) -> bool {
 
 /// Builds both binaries once; returns (operator, dataplane).
 fn binaries() -> (PathBuf, PathBuf) {
-    // Same feature resolution as `cargo build --workspace --all-features`, so this reuses the
-    // workspace's artifacts instead of building a second variant.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args(["build", "--workspace", "--all-features", "--bin", "hawser-operator", "--bin", "hawser-dataplane"])
-        .current_dir(common::repo_root())
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the binaries failed");
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
-    let path = |name: &str| {
-        let p = dir.join(name);
-        assert!(p.exists(), "{} was not built", p.display());
-        p
-    };
+    hawser_e2e::binaries::build_once().expect("building the binaries");
+    let path = |name: &str| hawser_e2e::binaries::binary(name).expect("built");
     (path("hawser-operator"), path("hawser-dataplane"))
 }
 

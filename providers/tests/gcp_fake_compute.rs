@@ -159,7 +159,8 @@ async fn create_builds_every_resource_as_specified() {
 #[tokio::test]
 async fn steady_state_makes_no_mutating_call_even_after_restart() {
     let (fake, p, config) = setup().await;
-    let s = spec("web", "uid-1");
+    let mut s = spec("web", "uid-1");
+    s.targets.push(target("node-c", "europe-west1-b"));
     let first = p.ensure(&s).await.unwrap();
     fake.clear_mutations();
     p.clear_calls();
@@ -167,7 +168,9 @@ async fn steady_state_makes_no_mutating_call_even_after_restart() {
     assert_eq!(fake.mutations(), Vec::<String>::new());
     assert!(p.calls().iter().all(|c| !c.is_mutating()), "{:?}", p.calls());
 
-    // A restarted operator finds everything by name and ownership and adopts it.
+    // A restarted operator finds everything by name and ownership and adopts it, reading
+    // every page of the lists.
+    fake.set_page_size(1);
     let restarted = GcpProvider::new(config).await.unwrap();
     assert_eq!(restarted.ensure(&s).await.unwrap(), first);
     assert_eq!(fake.mutations(), Vec::<String>::new());
@@ -224,6 +227,8 @@ async fn updates_ports_nodes_health_check_ranges_and_tier_in_place_where_possibl
 #[tokio::test]
 async fn delete_leaves_nothing_and_keeps_shared_resources_while_needed() {
     let (fake, p, _) = setup().await;
+    // Every list takes several pages: what is on a later page still counts.
+    fake.set_page_size(1);
     let web = spec("web", "uid-1");
     let mut api = spec("api", "uid-2");
     api.health_check.port = 10256;

@@ -222,6 +222,30 @@ impl Compute {
         fut.await.map_err(|e| reduce(method, &e))
     }
 
+    /// Every page of a list call: `fetch` asks for the page after a token (none for the first),
+    /// `next` reads the token of the page after, empty or absent at the end.
+    async fn pages<P, F, Fut>(
+        &self,
+        method: &str,
+        fetch: F,
+        next: impl Fn(&P) -> Option<String>,
+    ) -> Result<Vec<P>, ApiFailure>
+    where
+        F: Fn(Option<String>) -> Fut,
+        Fut: Future<Output = google_cloud_compute_v1::Result<P>>,
+    {
+        let mut pages = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.call(method, fetch(token)).await?;
+            token = next(&page).filter(|t| !t.is_empty());
+            pages.push(page);
+            if token.is_none() {
+                return Ok(pages);
+            }
+        }
+    }
+
     /// A read that answers `None` for 404.
     async fn get_opt<T, F>(&self, method: &str, fut: F) -> Result<Option<T>, ApiFailure>
     where
@@ -278,20 +302,21 @@ impl Compute {
 
     /// Every regional address of the project (to check a requested address).
     pub async fn list_addresses(&self) -> Result<Vec<Address>, ApiFailure> {
-        let mut items = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut req = self.addresses.list().set_project(&self.project).set_region(&self.region);
-            if let Some(t) = &token {
-                req = req.set_page_token(t);
-            }
-            let page = self.call("addresses.list", req.send()).await?;
-            items.extend(page.items);
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(items);
-            }
-        }
+        let pages = self
+            .pages(
+                "addresses.list",
+                |token| {
+                    self.addresses
+                        .list()
+                        .set_project(&self.project)
+                        .set_region(&self.region)
+                        .set_or_clear_page_token(token)
+                        .send()
+                },
+                |page| page.next_page_token.clone(),
+            )
+            .await?;
+        Ok(pages.into_iter().flat_map(|p| p.items).collect())
     }
 
     /// Reserves an address.
@@ -363,20 +388,21 @@ impl Compute {
 
     /// Every regional forwarding rule (to find this cluster's load balancers).
     pub async fn list_forwarding_rules(&self) -> Result<Vec<ForwardingRule>, ApiFailure> {
-        let mut items = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut req = self.forwarding_rules.list().set_project(&self.project).set_region(&self.region);
-            if let Some(t) = &token {
-                req = req.set_page_token(t);
-            }
-            let page = self.call("forwardingRules.list", req.send()).await?;
-            items.extend(page.items);
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(items);
-            }
-        }
+        let pages = self
+            .pages(
+                "forwardingRules.list",
+                |token| {
+                    self.forwarding_rules
+                        .list()
+                        .set_project(&self.project)
+                        .set_region(&self.region)
+                        .set_or_clear_page_token(token)
+                        .send()
+                },
+                |page| page.next_page_token.clone(),
+            )
+            .await?;
+        Ok(pages.into_iter().flat_map(|p| p.items).collect())
     }
 
     /// Creates a forwarding rule.
@@ -469,20 +495,21 @@ impl Compute {
 
     /// Every regional backend service.
     pub async fn list_backend_services(&self) -> Result<Vec<BackendService>, ApiFailure> {
-        let mut items = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut req = self.backend_services.list().set_project(&self.project).set_region(&self.region);
-            if let Some(t) = &token {
-                req = req.set_page_token(t);
-            }
-            let page = self.call("regionBackendServices.list", req.send()).await?;
-            items.extend(page.items);
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(items);
-            }
-        }
+        let pages = self
+            .pages(
+                "regionBackendServices.list",
+                |token| {
+                    self.backend_services
+                        .list()
+                        .set_project(&self.project)
+                        .set_region(&self.region)
+                        .set_or_clear_page_token(token)
+                        .send()
+                },
+                |page| page.next_page_token.clone(),
+            )
+            .await?;
+        Ok(pages.into_iter().flat_map(|p| p.items).collect())
     }
 
     fn backend_service_body(spec: &BackendServiceSpec) -> BackendService {
@@ -706,29 +733,29 @@ impl Compute {
 
     /// The relative instance URLs in a group.
     pub async fn list_instances(&self, zone: &str, name: &str) -> Result<BTreeSet<String>, ApiFailure> {
-        let mut out = BTreeSet::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut req = self
-                .instance_groups
-                .list_instances()
-                .set_project(&self.project)
-                .set_zone(zone)
-                .set_instance_group(name)
-                .set_body(
-                    InstanceGroupsListInstancesRequest::new()
-                        .set_instance_state(model::instance_groups_list_instances_request::InstanceState::from("ALL")),
-                );
-            if let Some(t) = &token {
-                req = req.set_page_token(t);
-            }
-            let page = self.call("instanceGroups.listInstances", req.send()).await?;
-            out.extend(page.items.iter().filter_map(|i| i.instance.as_deref()).map(|u| relative(u).to_owned()));
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+        let all = model::instance_groups_list_instances_request::InstanceState::from("ALL");
+        let pages = self
+            .pages(
+                "instanceGroups.listInstances",
+                |token| {
+                    self.instance_groups
+                        .list_instances()
+                        .set_project(&self.project)
+                        .set_zone(zone)
+                        .set_instance_group(name)
+                        .set_body(InstanceGroupsListInstancesRequest::new().set_instance_state(all.clone()))
+                        .set_or_clear_page_token(token)
+                        .send()
+                },
+                |page| page.next_page_token.clone(),
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|p| &p.items)
+            .filter_map(|i| i.instance.as_deref())
+            .map(|u| relative(u).to_owned())
+            .collect())
     }
 
     /// Adds instances to a group.

@@ -36,6 +36,8 @@ struct Store {
     next_id: u64,
     next_ip: u8,
     next_ip6: u16,
+    /// Most items a list answers at once (GCE's default is 500); the rest follow by page token.
+    page_size: Option<usize>,
     mutations: Vec<String>,
 }
 
@@ -104,6 +106,11 @@ impl FakeCompute {
         self.lock().quotas.insert(collection.to_owned(), limit);
     }
 
+    /// Answers lists `n` items a page, so that callers must follow page tokens.
+    pub fn set_page_size(&self, n: usize) {
+        self.lock().page_size = Some(n.max(1));
+    }
+
     /// Mutating requests received so far (`METHOD path`).
     pub fn mutations(&self) -> Vec<String> {
         self.lock().mutations.clone()
@@ -122,6 +129,24 @@ impl FakeCompute {
             .flat_map(|(c, items)| items.keys().filter(|n| n.starts_with(prefix)).map(move |n| format!("{c}/{n}")))
             .collect()
     }
+}
+
+/// One page of `items` after the `pageToken` of `uri`, as a list answer of `kind`.
+fn page(s: &Store, uri: &Uri, kind: &str, items: Vec<Value>) -> Response {
+    let start: usize = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("pageToken="))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let size = s.page_size.unwrap_or(500);
+    let end = (start + size).min(items.len());
+    let mut body = json!({"kind": kind, "items": items.get(start..end).unwrap_or_default()});
+    if end < items.len() {
+        body["nextPageToken"] = json!(end.to_string());
+    }
+    axum::Json(body).into_response()
 }
 
 fn operation(s: &mut Store, scope: &str, kind: &str, target: &str, error: Option<Value>, http: u16) -> Value {
@@ -262,8 +287,7 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
         match verb.as_str() {
             "listInstances" => {
                 let items: Vec<Value> = members.iter().map(|m| json!({"instance": m, "status": "RUNNING"})).collect();
-                return axum::Json(json!({"kind": "compute#instanceGroupsListInstances", "items": items}))
-                    .into_response();
+                return page(&s, &uri, "compute#instanceGroupsListInstances", items);
             }
             "addInstances" => members.extend(urls),
             _ => {
@@ -296,7 +320,7 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
     match method {
         Method::GET if is_collection(&path) => {
             let items: Vec<Value> = s.resources.get(&path).map(|m| m.values().cloned().collect()).unwrap_or_default();
-            axum::Json(json!({"kind": "compute#list", "items": items})).into_response()
+            page(&s, &uri, "compute#list", items)
         }
         Method::GET => match split(&path).and_then(|(c, n)| s.resources.get(&c)?.get(&n).cloned()) {
             Some(r) => axum::Json(r).into_response(),
