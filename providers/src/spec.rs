@@ -108,6 +108,30 @@ pub struct HealthCheck {
     pub unhealthy_threshold: u32,
 }
 
+impl HealthCheck {
+    /// Seconds between probes when the Service says nothing.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+    /// How long one probe may take when the Service says nothing.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Successes to become healthy when the Service says nothing.
+    pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+    /// Failures to become unhealthy when the Service says nothing.
+    pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+
+    /// An HTTP check of `path` on `port` with the default timing and thresholds.
+    pub fn http(port: u16, path: &str) -> Self {
+        Self {
+            protocol: HealthCheckProtocol::Http,
+            port,
+            path: Some(path.to_owned()),
+            interval: Self::DEFAULT_INTERVAL,
+            timeout: Self::DEFAULT_TIMEOUT,
+            healthy_threshold: Self::DEFAULT_HEALTHY_THRESHOLD,
+            unhealthy_threshold: Self::DEFAULT_UNHEALTHY_THRESHOLD,
+        }
+    }
+}
+
 /// Whether the load balancer faces the internet or only the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -189,6 +213,31 @@ pub struct LoadBalancerSpec {
     pub tags: BTreeMap<String, String>,
     /// `hawser.dev/<cloud>-*` annotations, for the provider to parse and validate itself.
     pub provider_annotations: BTreeMap<String, String>,
+}
+
+impl LoadBalancerSpec {
+    /// The spec of a Service that sets nothing beyond its ports: internet-facing, IPv4, open to
+    /// every client, no affinity, no requested address, no tags, no provider annotations.
+    pub fn new(
+        identity: ServiceIdentity,
+        listeners: Vec<Listener>,
+        targets: Vec<Target>,
+        health_check: HealthCheck,
+    ) -> Self {
+        Self {
+            identity,
+            listeners,
+            targets,
+            health_check,
+            scheme: Scheme::InternetFacing,
+            ip_families: vec![IpFamily::IPv4],
+            source_ranges: Vec::new(),
+            session_affinity: SessionAffinity::None,
+            requested_addresses: Vec::new(),
+            tags: BTreeMap::new(),
+            provider_annotations: BTreeMap::new(),
+        }
+    }
 }
 
 /// Durations as whole seconds on the wire, as users and clouds write them.

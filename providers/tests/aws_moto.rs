@@ -22,8 +22,7 @@ use aws_credential_types::Credentials;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 use hawser_providers::aws::{API_ACTIONS, AwsConfig, AwsProvider};
 use hawser_providers::{
-    ErrorClass, HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Provider, Scheme,
-    ServiceIdentity, SessionAffinity, Target,
+    ErrorClass, HealthCheck, Listener, LoadBalancerSpec, Protocol, Provider, Scheme, ServiceIdentity, Target,
 };
 
 struct Moto {
@@ -168,39 +167,24 @@ fn spec(uid: &str, instances: &[&String]) -> LoadBalancerSpec {
         port,
         node_port: Some(node_port),
     };
+    let listeners = vec![
+        listener("dns", Protocol::TcpUdp, 53, 30053),
+        listener("http", Protocol::Tcp, 80, 30080),
+        listener("https", Protocol::Tcp, 443, 30443),
+    ];
+    let targets = instances
+        .iter()
+        .enumerate()
+        .map(|(n, i)| Target {
+            name: format!("node-{n}"),
+            provider_id: Some(format!("aws:///us-east-1a/{i}")),
+            zone: None,
+            addresses: Vec::new(),
+        })
+        .collect();
     LoadBalancerSpec {
-        identity: identity(uid),
-        listeners: vec![
-            listener("dns", Protocol::TcpUdp, 53, 30053),
-            listener("http", Protocol::Tcp, 80, 30080),
-            listener("https", Protocol::Tcp, 443, 30443),
-        ],
-        targets: instances
-            .iter()
-            .enumerate()
-            .map(|(n, i)| Target {
-                name: format!("node-{n}"),
-                provider_id: Some(format!("aws:///us-east-1a/{i}")),
-                zone: None,
-                addresses: Vec::new(),
-            })
-            .collect(),
-        health_check: HealthCheck {
-            protocol: HealthCheckProtocol::Http,
-            port: 10254,
-            path: Some("/healthz".into()),
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(5),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        },
-        scheme: Scheme::InternetFacing,
-        ip_families: vec![IpFamily::IPv4],
-        source_ranges: Vec::new(),
-        session_affinity: SessionAffinity::None,
-        requested_addresses: Vec::new(),
         tags: BTreeMap::from([("team".to_owned(), "shop".to_owned())]),
-        provider_annotations: BTreeMap::new(),
+        ..LoadBalancerSpec::new(identity(uid), listeners, targets, HealthCheck::http(10266, "/healthz"))
     }
 }
 
@@ -371,7 +355,7 @@ async fn create_steady_update_tls_delete() {
     let ports: BTreeSet<i32> = seen1.listeners.keys().copied().collect();
     assert_eq!(ports, BTreeSet::from([53, 80, 443]));
     let both: BTreeSet<String> = [a.clone(), b.clone()].into();
-    let health = ("HTTP".to_owned(), "10254".to_owned(), "/healthz".to_owned(), 10, 5, 2, 3);
+    let health = ("HTTP".to_owned(), "10266".to_owned(), "/healthz".to_owned(), 10, 5, 2, 3);
     for (port, proto, node_port) in [(53, "TCP_UDP", 30053), (80, "TCP", 30080), (443, "TCP", 30443)] {
         let (lproto, (tproto, tport, h, targets), _, _) = by_port(&seen1, port);
         assert_eq!((lproto.as_str(), tproto.as_str(), tport), (proto, proto, node_port), "port {port}");
@@ -396,7 +380,7 @@ async fn create_steady_update_tls_delete() {
             rule("udp", 30053, &front),
             rule("tcp", 30080, &front),
             rule("tcp", 30443, &front),
-            rule("tcp", 10254, &front),
+            rule("tcp", 10266, &front),
         ])
     );
 
@@ -448,7 +432,7 @@ async fn create_steady_update_tls_delete() {
             rule("udp", 30053, &front),
             rule("tcp", 30080, &front),
             rule("udp", 30090, &front),
-            rule("tcp", 10254, &front),
+            rule("tcp", 10266, &front),
         ])
     );
     p.clear_calls();

@@ -6,14 +6,13 @@
 #[path = "gcp/fake_compute.rs"]
 mod fake_compute;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fake_compute::{API, FakeCompute};
 use hawser_providers::gcp::{GcpConfig, GcpProvider};
 use hawser_providers::{
-    ErrorClass, HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Provider,
-    ProviderError, Scheme, ServiceIdentity, SessionAffinity, Target,
+    ErrorClass, HealthCheck, IpFamily, Listener, LoadBalancerSpec, Protocol, Provider, ProviderError, Scheme,
+    ServiceIdentity, Target,
 };
 use serde_json::{Value, json};
 
@@ -30,32 +29,12 @@ fn target(name: &str, zone: &str) -> Target {
 
 fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
     let l = |protocol, port| Listener { name: String::new(), protocol, port, node_port: None };
-    LoadBalancerSpec {
-        identity: ServiceIdentity {
-            cluster: "prod".into(),
-            namespace: "shop".into(),
-            name: name.into(),
-            uid: uid.into(),
-        },
-        listeners: vec![l(Protocol::TcpUdp, 53), l(Protocol::Tcp, 80), l(Protocol::Tcp, 443)],
-        targets: vec![target("node-a", "europe-west1-b"), target("node-b", "europe-west1-c")],
-        health_check: HealthCheck {
-            protocol: HealthCheckProtocol::Http,
-            port: 10266,
-            path: Some("/healthz".into()),
-            interval: Duration::from_secs(8),
-            timeout: Duration::from_secs(5),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        },
-        scheme: Scheme::InternetFacing,
-        ip_families: vec![IpFamily::IPv4],
-        source_ranges: vec![],
-        session_affinity: SessionAffinity::None,
-        requested_addresses: vec![],
-        tags: BTreeMap::new(),
-        provider_annotations: BTreeMap::new(),
-    }
+    let identity =
+        ServiceIdentity { cluster: "prod".into(), namespace: "shop".into(), name: name.into(), uid: uid.into() };
+    let listeners = vec![l(Protocol::TcpUdp, 53), l(Protocol::Tcp, 80), l(Protocol::Tcp, 443)];
+    let targets = vec![target("node-a", "europe-west1-b"), target("node-b", "europe-west1-c")];
+    let health_check = HealthCheck { interval: Duration::from_secs(8), ..HealthCheck::http(10266, "/healthz") };
+    LoadBalancerSpec::new(identity, listeners, targets, health_check)
 }
 
 async fn setup() -> (FakeCompute, GcpProvider, GcpConfig) {

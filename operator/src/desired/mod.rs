@@ -17,10 +17,10 @@ use crate::annotations::{self, CommonAnnotations};
 pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
-const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
-const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+const DEFAULT_INTERVAL: Duration = HealthCheck::DEFAULT_INTERVAL;
+const DEFAULT_TIMEOUT: Duration = HealthCheck::DEFAULT_TIMEOUT;
+const DEFAULT_HEALTHY_THRESHOLD: u32 = HealthCheck::DEFAULT_HEALTHY_THRESHOLD;
+const DEFAULT_UNHEALTHY_THRESHOLD: u32 = HealthCheck::DEFAULT_UNHEALTHY_THRESHOLD;
 
 /// Where load balancers probe nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

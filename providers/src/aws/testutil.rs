@@ -1,12 +1,8 @@
 //! A spec shared by the AWS unit tests.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use crate::{
-    HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity,
-    SessionAffinity, Target,
-};
+use crate::{HealthCheck, Listener, LoadBalancerSpec, Protocol, ServiceIdentity, Target};
 
 /// Ports 53/TCP_UDP "dns", 80/TCP "http", 443/TCP "https"; two nodes with instance IDs and one without.
 pub fn spec() -> LoadBalancerSpec {
@@ -22,38 +18,20 @@ pub fn spec() -> LoadBalancerSpec {
         zone: None,
         addresses: Vec::new(),
     };
+    let identity =
+        ServiceIdentity { cluster: "prod".into(), namespace: "shop".into(), name: "web".into(), uid: "uid-1".into() };
+    let listeners = vec![
+        listener("dns", Protocol::TcpUdp, 53, 30053),
+        listener("http", Protocol::Tcp, 80, 30080),
+        listener("https", Protocol::Tcp, 443, 30443),
+    ];
+    let targets = vec![
+        target("a", Some("aws:///us-east-1a/i-0a")),
+        target("b", Some("aws:///us-east-1b/i-0b")),
+        target("fargate", Some("aws:///us-east-1a/fargate-10.0.0.1")),
+    ];
     LoadBalancerSpec {
-        identity: ServiceIdentity {
-            cluster: "prod".into(),
-            namespace: "shop".into(),
-            name: "web".into(),
-            uid: "uid-1".into(),
-        },
-        listeners: vec![
-            listener("dns", Protocol::TcpUdp, 53, 30053),
-            listener("http", Protocol::Tcp, 80, 30080),
-            listener("https", Protocol::Tcp, 443, 30443),
-        ],
-        targets: vec![
-            target("a", Some("aws:///us-east-1a/i-0a")),
-            target("b", Some("aws:///us-east-1b/i-0b")),
-            target("fargate", Some("aws:///us-east-1a/fargate-10.0.0.1")),
-        ],
-        health_check: HealthCheck {
-            protocol: HealthCheckProtocol::Http,
-            port: 10254,
-            path: Some("/healthz".into()),
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(5),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        },
-        scheme: Scheme::InternetFacing,
-        ip_families: vec![IpFamily::IPv4],
-        source_ranges: Vec::new(),
-        session_affinity: SessionAffinity::None,
-        requested_addresses: Vec::new(),
         tags: BTreeMap::from([("team".to_owned(), "shop".to_owned())]),
-        provider_annotations: BTreeMap::new(),
+        ..LoadBalancerSpec::new(identity, listeners, targets, HealthCheck::http(10266, "/healthz"))
     }
 }

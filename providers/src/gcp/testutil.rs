@@ -1,13 +1,9 @@
 //! A spec and config shared by the GCP unit tests.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::GcpConfig;
-use crate::{
-    HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity,
-    SessionAffinity, Target,
-};
+use crate::{HealthCheck, Listener, LoadBalancerSpec, Protocol, ServiceIdentity, Target};
 
 /// Ports 53/TCP_UDP "dns", 80/TCP "http", 443/TCP "https"; nodes in two zones and one without a
 /// GCE provider ID.
@@ -19,40 +15,20 @@ pub fn spec() -> LoadBalancerSpec {
         zone: None,
         addresses: Vec::new(),
     };
-    LoadBalancerSpec {
-        identity: ServiceIdentity {
-            cluster: "prod".into(),
-            namespace: "shop".into(),
-            name: "web".into(),
-            uid: "uid-1".into(),
-        },
-        listeners: vec![
-            listener("dns", Protocol::TcpUdp, 53),
-            listener("http", Protocol::Tcp, 80),
-            listener("https", Protocol::Tcp, 443),
-        ],
-        targets: vec![
-            target("a", Some("gce://proj/europe-west1-b/node-a")),
-            target("b", Some("gce://proj/europe-west1-c/node-b")),
-            target("kind", Some("kind://docker/kind/kind-worker")),
-        ],
-        health_check: HealthCheck {
-            protocol: HealthCheckProtocol::Http,
-            port: 10266,
-            path: Some("/healthz".into()),
-            interval: Duration::from_secs(8),
-            timeout: Duration::from_secs(5),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        },
-        scheme: Scheme::InternetFacing,
-        ip_families: vec![IpFamily::IPv4],
-        source_ranges: Vec::new(),
-        session_affinity: SessionAffinity::None,
-        requested_addresses: Vec::new(),
-        tags: BTreeMap::new(),
-        provider_annotations: BTreeMap::new(),
-    }
+    let identity =
+        ServiceIdentity { cluster: "prod".into(), namespace: "shop".into(), name: "web".into(), uid: "uid-1".into() };
+    let listeners = vec![
+        listener("dns", Protocol::TcpUdp, 53),
+        listener("http", Protocol::Tcp, 80),
+        listener("https", Protocol::Tcp, 443),
+    ];
+    let targets = vec![
+        target("a", Some("gce://proj/europe-west1-b/node-a")),
+        target("b", Some("gce://proj/europe-west1-c/node-b")),
+        target("kind", Some("kind://docker/kind/kind-worker")),
+    ];
+    let health_check = HealthCheck { interval: Duration::from_secs(8), ..HealthCheck::http(10266, "/healthz") };
+    LoadBalancerSpec::new(identity, listeners, targets, health_check)
 }
 
 /// Project `proj`, region `europe-west1`, network `vpc`, subnetwork `nodes`, node tag `gke-prod-node`.

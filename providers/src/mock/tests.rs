@@ -4,40 +4,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
-use crate::{HealthCheck, HealthCheckProtocol, Listener, Scheme, SessionAffinity, Target};
+use crate::{HealthCheck, Listener, Target};
 
 fn spec(name: &str, uid: &str) -> LoadBalancerSpec {
-    LoadBalancerSpec {
-        identity: ServiceIdentity {
-            cluster: "demo".into(),
-            namespace: "default".into(),
-            name: name.into(),
-            uid: uid.into(),
-        },
-        listeners: vec![Listener { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) }],
-        targets: vec![Target {
-            name: "node-a".into(),
-            provider_id: None,
-            zone: None,
-            addresses: vec!["10.0.0.2".parse().unwrap()],
-        }],
-        health_check: HealthCheck {
-            protocol: HealthCheckProtocol::Http,
-            port: 10266,
-            path: Some("/healthz".into()),
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(5),
-            healthy_threshold: 2,
-            unhealthy_threshold: 3,
-        },
-        scheme: Scheme::InternetFacing,
-        ip_families: vec![IpFamily::IPv4],
-        source_ranges: vec![],
-        session_affinity: SessionAffinity::None,
-        requested_addresses: vec![],
-        tags: BTreeMap::new(),
-        provider_annotations: BTreeMap::new(),
-    }
+    let identity =
+        ServiceIdentity { cluster: "demo".into(), namespace: "default".into(), name: name.into(), uid: uid.into() };
+    let listener = Listener { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) };
+    let target =
+        Target { name: "node-a".into(), provider_id: None, zone: None, addresses: vec!["10.0.0.2".parse().unwrap()] };
+    LoadBalancerSpec::new(identity, vec![listener], vec![target], HealthCheck::http(10266, "/healthz"))
 }
 
 fn cloud() -> MockCloud {

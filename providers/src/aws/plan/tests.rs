@@ -34,7 +34,7 @@ fn desired_follows_the_spec() {
     let dns = &d.target_groups[0];
     assert_eq!((dns.listener_port, dns.protocol, dns.port), (53, Protocol::TcpUdp, 30053));
     assert_eq!(dns.health.protocol, "HTTP");
-    assert_eq!(dns.health.port, "10254");
+    assert_eq!(dns.health.port, "10266");
     assert_eq!(dns.health.path.as_deref(), Some("/healthz"));
     assert_eq!((dns.health.interval, dns.health.timeout, dns.health.healthy, dns.health.unhealthy), (10, 5, 2, 3));
     assert_eq!(dns.tags["hawser.dev/resource"], "target-group");
@@ -49,7 +49,7 @@ fn desired_follows_the_spec() {
     assert_eq!(
         d.node_ports,
         BTreeSet::from([
-            ("tcp".to_owned(), 10254),
+            ("tcp".to_owned(), 10266),
             ("tcp".to_owned(), 30053),
             ("udp".to_owned(), 30053),
             ("tcp".to_owned(), 30080),
