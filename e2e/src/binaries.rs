@@ -33,6 +33,19 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Variables cargo sets for a crate's build and tests (besides `CARGO_PKG_*` and
+/// `CARGO_BIN_EXE_*`), which a cargo started from a test must not inherit.
+const CRATE_VARIABLES: &[&str] = &[
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
 /// Builds the operator and dataplane binaries once per test process, with the cargo that runs
 /// the tests, into the same target directory (cargo releases its build lock before running
 /// tests). Integration tests cannot use `CARGO_BIN_EXE_*` of other packages.
@@ -60,6 +73,18 @@ pub fn build_once() -> anyhow::Result<()> {
             }
             if !cfg!(debug_assertions) {
                 cmd.arg("--release");
+            }
+            // Cargo gives a test the variables it sets for crates (CARGO_MANIFEST_DIR, …); a
+            // nested cargo that saw them would rebuild every crate whose build script watches
+            // one (ring watches CARGO_MANIFEST_DIR), and with it half the workspace.
+            for (key, _) in std::env::vars_os() {
+                let k = key.to_string_lossy();
+                if CRATE_VARIABLES.iter().any(|v| k == *v)
+                    || k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_BIN_EXE_")
+                {
+                    cmd.env_remove(&key);
+                }
             }
             let out = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).output().map_err(|e| e.to_string())?;
             if !out.status.success() {
