@@ -189,6 +189,28 @@ macro_rules! build_client {
     }};
 }
 
+/// Every item of a regional collection, all pages read (`addresses`, `forwarding_rules`, …).
+macro_rules! list_regional {
+    ($self:ident, $client:ident, $method:literal) => {{
+        let pages = $self
+            .pages(
+                $method,
+                |token| {
+                    $self
+                        .$client
+                        .list()
+                        .set_project(&$self.project)
+                        .set_region(&$self.region)
+                        .set_or_clear_page_token(token)
+                        .send()
+                },
+                |page| page.next_page_token.clone(),
+            )
+            .await?;
+        Ok(pages.into_iter().flat_map(|p| p.items).collect())
+    }};
+}
+
 impl Compute {
     /// Builds the clients with Application Default Credentials (or anonymous ones for tests).
     pub async fn new(config: &GcpConfig) -> Result<Self, ProviderError> {
@@ -302,21 +324,7 @@ impl Compute {
 
     /// Every regional address of the project (to check a requested address).
     pub async fn list_addresses(&self) -> Result<Vec<Address>, ApiFailure> {
-        let pages = self
-            .pages(
-                "addresses.list",
-                |token| {
-                    self.addresses
-                        .list()
-                        .set_project(&self.project)
-                        .set_region(&self.region)
-                        .set_or_clear_page_token(token)
-                        .send()
-                },
-                |page| page.next_page_token.clone(),
-            )
-            .await?;
-        Ok(pages.into_iter().flat_map(|p| p.items).collect())
+        list_regional!(self, addresses, "addresses.list")
     }
 
     /// Reserves an address.
@@ -388,21 +396,7 @@ impl Compute {
 
     /// Every regional forwarding rule (to find this cluster's load balancers).
     pub async fn list_forwarding_rules(&self) -> Result<Vec<ForwardingRule>, ApiFailure> {
-        let pages = self
-            .pages(
-                "forwardingRules.list",
-                |token| {
-                    self.forwarding_rules
-                        .list()
-                        .set_project(&self.project)
-                        .set_region(&self.region)
-                        .set_or_clear_page_token(token)
-                        .send()
-                },
-                |page| page.next_page_token.clone(),
-            )
-            .await?;
-        Ok(pages.into_iter().flat_map(|p| p.items).collect())
+        list_regional!(self, forwarding_rules, "forwardingRules.list")
     }
 
     /// Creates a forwarding rule.
@@ -495,21 +489,7 @@ impl Compute {
 
     /// Every regional backend service.
     pub async fn list_backend_services(&self) -> Result<Vec<BackendService>, ApiFailure> {
-        let pages = self
-            .pages(
-                "regionBackendServices.list",
-                |token| {
-                    self.backend_services
-                        .list()
-                        .set_project(&self.project)
-                        .set_region(&self.region)
-                        .set_or_clear_page_token(token)
-                        .send()
-                },
-                |page| page.next_page_token.clone(),
-            )
-            .await?;
-        Ok(pages.into_iter().flat_map(|p| p.items).collect())
+        list_regional!(self, backend_services, "regionBackendServices.list")
     }
 
     fn backend_service_body(spec: &BackendServiceSpec) -> BackendService {
