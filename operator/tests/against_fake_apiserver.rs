@@ -3,11 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::{free_port, wait_for};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -16,8 +18,6 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The operator as a child process, killed when dropped.
 struct Operator {
@@ -31,10 +31,6 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn start_operator(kubeconfig: &Path, state_file: &Path, extra: &[&str]) -> Operator {
@@ -76,17 +72,6 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
 async fn mock_state(op: &Operator) -> Value {
     let body = wait_for("the operator to serve /mock/state", || http_get(op.metrics_port, "/mock/state")).await;
     serde_json::from_str(&body).unwrap()
-}
-
-async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn lb_service(name: &str, class: &str, annotations: Value) -> Service {

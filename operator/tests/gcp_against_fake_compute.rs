@@ -5,13 +5,15 @@
 #![cfg(feature = "gcp")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 #[allow(dead_code)]
 #[path = "../../providers/tests/gcp/fake_compute.rs"]
 mod fake_compute;
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+use common::{free_port, wait_for};
 use fake_compute::FakeCompute;
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -20,7 +22,6 @@ use kube::{Api, Client};
 use serde_json::json;
 
 const REGION: &str = "projects/proj/regions/europe-west1";
-const TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Operator(Child);
 
@@ -28,21 +29,6 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

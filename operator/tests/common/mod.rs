@@ -1,0 +1,23 @@
+//! Helpers shared by the operator's integration tests.
+
+use std::time::Duration;
+
+/// How long a test waits for something the operator should do before it fails.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A local port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `probe` every 100 ms until it answers, failing the test after [`TIMEOUT`].
+pub async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
