@@ -6,8 +6,10 @@
 //! routes each load-balancer address to the healthy targets, passthrough: the packet keeps its
 //! destination and the node's dataplane forwards it. Several healthy targets get an ECMP route
 //! (the kernel hashes on source and destination address, so one client sticks to one node, as a
-//! cloud's 2-tuple hashing does); none gets a blackhole route, so clients see a drop. Health
-//! flips after one probe rather than the recorded thresholds, to keep the suite fast.
+//! cloud's 2-tuple hashing does); none gets a blackhole route, so clients see a drop. Like a
+//! cloud, it honours the recorded thresholds: a target turns unhealthy after that many failed
+//! probes in a row and healthy after that many successes, so one slow probe on a busy machine
+//! does not pull a node out of the route (and rehash its flows) mid-connection.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -49,7 +51,38 @@ struct Wanted {
     targets: Vec<IpAddr>,
     port: u16,
     path: Option<String>,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
 }
+
+/// The health of one target's check, as the agent has judged it over the rounds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    healthy: bool,
+    /// Probes in a row that disagreed with `healthy`.
+    streak: u32,
+}
+
+impl Verdict {
+    /// Records one probe and returns the verdict: it flips only after `healthy_threshold`
+    /// successes (to healthy) or `unhealthy_threshold` failures (to unhealthy) in a row. A new
+    /// target starts unhealthy, as at a cloud.
+    fn record(&mut self, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32) -> bool {
+        if ok == self.healthy {
+            self.streak = 0;
+        } else {
+            self.streak += 1;
+            let needed = if ok { healthy_threshold } else { unhealthy_threshold };
+            if self.streak >= needed.max(1) {
+                *self = Self { healthy: ok, streak: 0 };
+            }
+        }
+        self.healthy
+    }
+}
+
+/// Verdicts by (target, health port, HTTP path).
+type Verdicts = BTreeMap<(IpAddr, u16, Option<String>), Verdict>;
 
 fn parse_state(state: &Value) -> Vec<Wanted> {
     let lbs = state.get("loadBalancers").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -79,9 +112,15 @@ fn parse_state(state: &Value) -> Vec<Wanted> {
                 } else {
                     None
                 },
+                healthy_threshold: threshold(hc, "healthy_threshold"),
+                unhealthy_threshold: threshold(hc, "unhealthy_threshold"),
             }
         })
         .collect()
+}
+
+fn threshold(hc: Option<&Value>, key: &str) -> u32 {
+    hc.and_then(|h| h.get(key)).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
 }
 
 fn probe(prober: &Client, target: IpAddr, port: u16, path: Option<&str>) -> bool {
@@ -116,7 +155,7 @@ fn unroute(ip_argv: &[String], addr: IpAddr) {
     let _ = sh(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
-fn round(config: &LbAgentConfig, routes: &Mutex<Routes>) {
+fn round(config: &LbAgentConfig, routes: &Mutex<Routes>, verdicts: &mut Verdicts) {
     let client = Client { netns: None, source: None, timeout: Duration::from_millis(500) };
     let Outcome::Reply(body) = client.http_now(config.state_addr, "/mock/state") else {
         // The operator is restarting; keep the routes as they are, as a cloud would.
@@ -124,13 +163,32 @@ fn round(config: &LbAgentConfig, routes: &Mutex<Routes>) {
     };
     let Ok(state) = serde_json::from_str::<Value>(&body) else { return };
     let mut want = Routes::new();
+    let mut seen = Verdicts::new();
     for lb in parse_state(&state) {
-        let healthy: Vec<IpAddr> =
-            lb.targets.iter().copied().filter(|t| probe(&client, *t, lb.port, lb.path.as_deref())).collect();
+        let mut healthy = Vec::new();
+        for &target in &lb.targets {
+            let key = (target, lb.port, lb.path.clone());
+            // Load balancers sharing a check probe it once a round.
+            let up = match seen.get(&key) {
+                Some(verdict) => verdict.healthy,
+                None => {
+                    let mut verdict = verdicts.get(&key).copied().unwrap_or_default();
+                    let ok = probe(&client, target, lb.port, lb.path.as_deref());
+                    let up = verdict.record(ok, lb.healthy_threshold, lb.unhealthy_threshold);
+                    seen.insert(key, verdict);
+                    up
+                }
+            };
+            if up {
+                healthy.push(target);
+            }
+        }
         for addr in lb.addresses {
             want.insert(addr, healthy.clone());
         }
     }
+    // Targets no load balancer has any more are forgotten.
+    *verdicts = seen;
     let Ok(mut have) = routes.lock() else { return };
     for (addr, via) in &want {
         if have.get(addr) != Some(via) && program(&config.ip_argv, *addr, via).is_ok() {
@@ -151,8 +209,9 @@ impl LbAgent {
         let routes = Arc::new(Mutex::new(Routes::new()));
         let (flag, r, c) = (stop.clone(), routes.clone(), config.clone());
         let thread = std::thread::spawn(move || {
+            let mut verdicts = Verdicts::new();
             while !flag.load(Ordering::Relaxed) {
-                round(&c, &r);
+                round(&c, &r, &mut verdicts);
                 std::thread::sleep(c.interval);
             }
         });
@@ -174,5 +233,28 @@ impl Drop for LbAgent {
         for addr in self.routes().keys() {
             unroute(&self.ip_argv, *addr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn health_flips_only_after_the_thresholds_in_a_row() {
+        let mut v = Verdict::default();
+        // New: unhealthy until two successes in a row.
+        assert!(!v.record(true, 2, 3));
+        assert!(v.record(true, 2, 3));
+        // One or two failures (a slow probe) change nothing; a success resets the count.
+        assert!(v.record(false, 2, 3));
+        assert!(v.record(false, 2, 3));
+        assert!(v.record(true, 2, 3));
+        assert!(v.record(false, 2, 3));
+        assert!(v.record(false, 2, 3));
+        // The third failure in a row takes it out.
+        assert!(!v.record(false, 2, 3));
+        assert!(!v.record(true, 2, 3));
+        assert!(v.record(true, 2, 3));
     }
 }
