@@ -427,12 +427,17 @@ impl LocalCluster {
         let used: Vec<Ipv4Addr> = pods.iter().filter(|p| p.node == node).map(|p| p.ip).collect();
         let n = &self.nodes[node];
         let base = u32::from(n.pod_base);
-        let ip = (2..15).map(|k| Ipv4Addr::from(base + k)).find(|a| !used.contains(a)).context("node full of pods")?;
         let counter = {
             let mut c = self.pod_counter.lock().map_err(|_| anyhow::anyhow!("counter lock poisoned"))?;
             *c += 1;
             *c
         };
+        // Like host-local IPAM, go round the range instead of handing a just-freed address to
+        // the next pod: peers may still hold the old pod's MAC for it.
+        let ip = (0..13)
+            .map(|k| Ipv4Addr::from(base + 2 + (counter + k) % 13))
+            .find(|a| !used.contains(a))
+            .context("node full of pods")?;
         let name = format!("{app}-{counter}");
         let pod_ns = Netns::create(&format!("{}-p{counter}", self.prefix), false)?;
         let node_if = format!("v{counter}");
@@ -441,6 +446,8 @@ impl LocalCluster {
         pod_ns.exec(&["ip", "addr", "add", &format!("{ip}/28"), "dev", "eth0"])?;
         pod_ns.exec(&["ip", "link", "set", "eth0", "up"])?;
         pod_ns.exec(&["ip", "route", "add", "default", "via", &Ipv4Addr::from(base + 1).to_string()])?;
+        // What a CNI's gratuitous ARP does: the node forgets any earlier owner of the address.
+        n.netns.exec(&["ip", "neigh", "flush", "to", &ip.to_string()])?;
         let echo = EchoServer::start(&pod_ns.name, &name)?;
         pods.push(Pod {
             ns: ns.into(),
