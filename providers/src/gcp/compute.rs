@@ -314,6 +314,15 @@ impl Compute {
         }
     }
 
+    /// Waits for a regional operation. Every regional client polls the same
+    /// `regions/*/operations` collection, so one client serves all.
+    async fn wait_regional(&self, method: &str, op: Operation) -> Result<(), ApiFailure> {
+        self.wait(method, op, |n| {
+            self.addresses.get_operation().set_project(&self.project).set_region(&self.region).set_operation(n).send()
+        })
+        .await
+    }
+
     // ---- addresses ----
 
     /// The regional address `name`.
@@ -351,20 +360,14 @@ impl Compute {
         }
         let req = self.addresses.insert().set_project(&self.project).set_region(&self.region).set_body(body);
         let op = self.call("addresses.insert", req.send()).await?;
-        self.wait("addresses.insert", op, |n| {
-            self.addresses.get_operation().set_project(&self.project).set_region(&self.region).set_operation(n).send()
-        })
-        .await
+        self.wait_regional("addresses.insert", op).await
     }
 
     /// Releases an address.
     pub async fn delete_address(&self, name: &str) -> Result<(), ApiFailure> {
         let req = self.addresses.delete().set_project(&self.project).set_region(&self.region).set_address(name);
         let op = self.call("addresses.delete", req.send()).await?;
-        self.wait("addresses.delete", op, |n| {
-            self.addresses.get_operation().set_project(&self.project).set_region(&self.region).set_operation(n).send()
-        })
-        .await
+        self.wait_regional("addresses.delete", op).await
     }
 
     // ---- subnetworks ----
@@ -437,7 +440,7 @@ impl Compute {
         }
         let req = self.forwarding_rules.insert().set_project(&self.project).set_region(&self.region).set_body(body);
         let op = self.call("forwardingRules.insert", req.send()).await?;
-        self.wait_fr("forwardingRules.insert", op).await
+        self.wait_regional("forwardingRules.insert", op).await
     }
 
     /// Turns global access on or off, the one field GCE patches in place that hawser manages.
@@ -451,7 +454,7 @@ impl Compute {
             .set_forwarding_rule(name)
             .set_body(body);
         let op = self.call("forwardingRules.patch", req.send()).await?;
-        self.wait_fr("forwardingRules.patch", op).await
+        self.wait_regional("forwardingRules.patch", op).await
     }
 
     /// Deletes a forwarding rule.
@@ -463,19 +466,7 @@ impl Compute {
             .set_region(&self.region)
             .set_forwarding_rule(name);
         let op = self.call("forwardingRules.delete", req.send()).await?;
-        self.wait_fr("forwardingRules.delete", op).await
-    }
-
-    async fn wait_fr(&self, method: &str, op: Operation) -> Result<(), ApiFailure> {
-        self.wait(method, op, |n| {
-            self.forwarding_rules
-                .get_operation()
-                .set_project(&self.project)
-                .set_region(&self.region)
-                .set_operation(n)
-                .send()
-        })
-        .await
+        self.wait_regional("forwardingRules.delete", op).await
     }
 
     // ---- backend services ----
@@ -519,7 +510,7 @@ impl Compute {
             .set_region(&self.region)
             .set_body(Self::backend_service_body(spec));
         let op = self.call("regionBackendServices.insert", req.send()).await?;
-        self.wait_bs("regionBackendServices.insert", op).await
+        self.wait_regional("regionBackendServices.insert", op).await
     }
 
     /// Changes a backend service in place.
@@ -532,7 +523,7 @@ impl Compute {
             .set_backend_service(&spec.name)
             .set_body(Self::backend_service_body(spec));
         let op = self.call("regionBackendServices.patch", req.send()).await?;
-        self.wait_bs("regionBackendServices.patch", op).await
+        self.wait_regional("regionBackendServices.patch", op).await
     }
 
     /// Deletes a backend service.
@@ -544,19 +535,7 @@ impl Compute {
             .set_region(&self.region)
             .set_backend_service(name);
         let op = self.call("regionBackendServices.delete", req.send()).await?;
-        self.wait_bs("regionBackendServices.delete", op).await
-    }
-
-    async fn wait_bs(&self, method: &str, op: Operation) -> Result<(), ApiFailure> {
-        self.wait(method, op, |n| {
-            self.backend_services
-                .get_operation()
-                .set_project(&self.project)
-                .set_region(&self.region)
-                .set_operation(n)
-                .send()
-        })
-        .await
+        self.wait_regional("regionBackendServices.delete", op).await
     }
 
     // ---- health checks ----
@@ -596,7 +575,7 @@ impl Compute {
             .set_region(&self.region)
             .set_body(Self::health_check_body(spec));
         let op = self.call("regionHealthChecks.insert", req.send()).await?;
-        self.wait_hc("regionHealthChecks.insert", op).await
+        self.wait_regional("regionHealthChecks.insert", op).await
     }
 
     /// Replaces a health check's settings (PUT: a protocol change leaves no stale half behind).
@@ -609,7 +588,7 @@ impl Compute {
             .set_health_check(&spec.name)
             .set_body(Self::health_check_body(spec));
         let op = self.call("regionHealthChecks.update", req.send()).await?;
-        self.wait_hc("regionHealthChecks.update", op).await
+        self.wait_regional("regionHealthChecks.update", op).await
     }
 
     /// Deletes a health check.
@@ -617,19 +596,7 @@ impl Compute {
         let req =
             self.health_checks.delete().set_project(&self.project).set_region(&self.region).set_health_check(name);
         let op = self.call("regionHealthChecks.delete", req.send()).await?;
-        self.wait_hc("regionHealthChecks.delete", op).await
-    }
-
-    async fn wait_hc(&self, method: &str, op: Operation) -> Result<(), ApiFailure> {
-        self.wait(method, op, |n| {
-            self.health_checks
-                .get_operation()
-                .set_project(&self.project)
-                .set_region(&self.region)
-                .set_operation(n)
-                .send()
-        })
-        .await
+        self.wait_regional("regionHealthChecks.delete", op).await
     }
 
     // ---- firewalls ----
