@@ -10,6 +10,8 @@ pub mod aws;
 mod error;
 #[cfg(feature = "gcp")]
 pub mod gcp;
+#[cfg(any(feature = "mock", feature = "aws", feature = "gcp"))]
+pub mod limiter;
 #[cfg(feature = "mock")]
 pub mod mock;
 mod naming;
@@ -25,6 +27,6 @@ pub use naming::{
 pub use provider::{Capabilities, OwnedLoadBalancer, PROVIDER_ANNOTATION_PREFIXES, Provider};
 pub use spec::{
     HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity,
-    SessionAffinity, Target,
+    SessionAffinity, Target, Targets,
 };
 pub use status::{IngressPoint, IpMode, LoadBalancerStatus, PortStatus};

@@ -24,6 +24,10 @@ pub struct OwnedLoadBalancer {
     pub identity: ServiceIdentity,
     /// The cloud's identifier.
     pub id: String,
+    /// What the load balancer is configured as, condensed; compared with [`Provider::fingerprint`]
+    /// of the desired spec to find drift without reading each load balancer. `None` when the
+    /// inventory cannot tell (then only a missing load balancer counts as drift).
+    pub fingerprint: Option<String>,
 }
 
 /// A cloud that builds load balancers.
@@ -49,12 +53,20 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The fingerprint [`Provider::list_owned`] reports for a load balancer that matches `spec`;
+    /// `None` when this cloud's inventory carries none.
+    fn fingerprint(&self, spec: &LoadBalancerSpec) -> Option<String> {
+        let _ = spec;
+        None
+    }
+
     /// Creates or updates the load balancer so that it matches `spec`.
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError>;
 
     /// Deletes every cloud resource owned by `identity`; absent is success.
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError>;
 
-    /// Every load balancer this cluster owns.
+    /// Every load balancer this cluster owns: complete (every page) and batched, so that it costs
+    /// a handful of calls however many Services there are. The periodic drift check runs on it.
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError>;
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -75,6 +76,59 @@ pub struct Target {
     pub zone: Option<String>,
     /// The Node's internal addresses.
     pub addresses: Vec<IpAddr>,
+}
+
+/// The eligible nodes, shared: every Service's spec points at the one list built when the node
+/// set last changed, so memory grows with Services + Nodes, not Services × Nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Targets(Arc<[Target]>);
+
+impl Targets {
+    /// Whether `self` and `other` are the very same shared list (a cheap equality witness).
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Targets {
+    type Target = [Target];
+
+    fn deref(&self) -> &[Target] {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Targets {
+    type Item = &'a Target;
+    type IntoIter = std::slice::Iter<'a, Target>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl From<Vec<Target>> for Targets {
+    fn from(targets: Vec<Target>) -> Self {
+        Self(targets.into())
+    }
+}
+
+impl FromIterator<Target> for Targets {
+    fn from_iter<I: IntoIterator<Item = Target>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl Serialize for Targets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.as_ref().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Target>::deserialize(d).map(Self::from)
+    }
 }
 
 /// How the load balancer probes a node.
@@ -189,14 +243,14 @@ pub enum SessionAffinity {
 }
 
 /// Everything a cloud needs to build the load balancer of one Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LoadBalancerSpec {
     /// Which Service, in which cluster.
     pub identity: ServiceIdentity,
     /// The ports, sorted by port then protocol.
     pub listeners: Vec<Listener>,
     /// The eligible nodes, sorted by name.
-    pub targets: Vec<Target>,
+    pub targets: Targets,
     /// How nodes are probed.
     pub health_check: HealthCheck,
     /// Internet-facing or internal.
@@ -221,13 +275,13 @@ impl LoadBalancerSpec {
     pub fn new(
         identity: ServiceIdentity,
         listeners: Vec<Listener>,
-        targets: Vec<Target>,
+        targets: impl Into<Targets>,
         health_check: HealthCheck,
     ) -> Self {
         Self {
             identity,
             listeners,
-            targets,
+            targets: targets.into(),
             health_check,
             scheme: Scheme::InternetFacing,
             ip_families: vec![IpFamily::IPv4],

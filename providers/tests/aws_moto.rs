@@ -172,7 +172,7 @@ fn spec(uid: &str, instances: &[&String]) -> LoadBalancerSpec {
         listener("http", Protocol::Tcp, 80, 30080),
         listener("https", Protocol::Tcp, 443, 30443),
     ];
-    let targets = instances
+    let targets: Vec<Target> = instances
         .iter()
         .enumerate()
         .map(|(n, i)| Target {
@@ -562,4 +562,50 @@ async fn missing_subnets_and_bad_user_ids_name_the_annotation() {
     assert!(err.to_string().contains("subnet-0000dead, nope"), "{err}");
     let mutating = assert_known_and_count_mutating(&p);
     assert!(!mutating.iter().any(|m| m.contains("LoadBalancer")), "{mutating:?}");
+}
+
+/// The drift check's inventory: every NLB of the cluster in a handful of batched reads
+/// (DescribeLoadBalancers in pages of 400, DescribeTags for 20 at a time), however many there
+/// are, and no write.
+#[tokio::test]
+async fn inventory_of_many_load_balancers_costs_a_fifth_of_a_read_each_or_less() {
+    let Some(moto) = moto() else { return };
+    let p = provider(&moto).await;
+    let w = seed(&p).await;
+    let count = 45;
+    for i in 0..count {
+        let id = ServiceIdentity { name: format!("svc-{i}"), ..identity(&format!("uid-{i}")) };
+        let tags = hawser_providers::ownership_tags(&id, "load-balancer")
+            .into_iter()
+            .map(|(k, v)| aws_sdk_elasticloadbalancingv2::types::Tag::builder().key(k).value(v).build())
+            .collect();
+        p.clients()
+            .elb
+            .create_load_balancer()
+            .name(hawser_providers::aws::naming::load_balancer_name(&id))
+            .r#type(aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum::Network)
+            .subnets(&w.subnets[0])
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .unwrap();
+    }
+    // A restarted operator: nothing cached.
+    let q = provider(&moto).await;
+    let owned = q.list_owned().await.unwrap();
+    assert_eq!(owned.len(), count);
+    let mut names: Vec<String> = owned.iter().map(|o| o.identity.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), count, "every NLB listed once, with its owner");
+    let calls = q.calls();
+    assert!(calls.iter().all(|c| !c.is_mutating()), "the inventory writes nothing: {calls:?}");
+    let per_service = calls.len() as f64 / count as f64;
+    assert!(per_service <= 0.2, "{} reads for {count} load balancers: {calls:?}", calls.len());
+
+    // The next period reads the tags from the cache: one paginated listing.
+    q.clear_calls();
+    assert_eq!(q.list_owned().await.unwrap().len(), count);
+    let ops: Vec<String> = q.calls().into_iter().map(|c| c.operation).collect();
+    assert_eq!(ops, ["DescribeLoadBalancers"]);
 }

@@ -46,6 +46,8 @@ async fn setup() -> (FakeCompute, GcpProvider, GcpConfig) {
     config.endpoint_url = Some(url);
     config.anonymous_credentials = true;
     config.poll_interval = Duration::from_millis(2);
+    config.read_rate = 1000.0;
+    config.write_rate = 1000.0;
     config.poll_max_interval = Duration::from_millis(5);
     let provider = GcpProvider::new(config.clone()).await.unwrap();
     // `nodes` is dual-stack with external IPv6 (where GKE puts dual-stack nodes), `ilb` has
@@ -139,7 +141,7 @@ async fn create_builds_every_resource_as_specified() {
 async fn steady_state_makes_no_mutating_call_even_after_restart() {
     let (fake, p, config) = setup().await;
     let mut s = spec("web", "uid-1");
-    s.targets.push(target("node-c", "europe-west1-b"));
+    s.targets = s.targets.iter().cloned().chain([target("node-c", "europe-west1-b")]).collect();
     let first = p.ensure(&s).await.unwrap();
     fake.clear_mutations();
     p.clear_calls();
@@ -165,7 +167,7 @@ async fn updates_ports_nodes_health_check_ranges_and_tier_in_place_where_possibl
     let ip = p.ensure(&s).await.unwrap().ingress[0].ip;
 
     // Nodes: b leaves, c joins in zone b.
-    s.targets = vec![target("node-a", "europe-west1-b"), target("node-c", "europe-west1-b")];
+    s.targets = vec![target("node-a", "europe-west1-b"), target("node-c", "europe-west1-b")].into();
     s.health_check.path = Some("/services/shop/web".into());
     s.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
     s.listeners.push(Listener { name: String::new(), protocol: Protocol::Tcp, port: 8080, node_port: None });
@@ -444,4 +446,28 @@ fn iam_role_grants_every_permission_the_code_needs() {
     for p in hawser_providers::gcp::IAM_PERMISSIONS {
         assert!(hawser_providers::gcp::IAM_ROLE.contains(&format!("- {p}\n")), "{p} missing from iam-role.yaml");
     }
+}
+
+/// The drift check's inventory: every load balancer of the cluster from one list per resource
+/// kind (all pages), however many there are, and no write.
+#[tokio::test]
+async fn inventory_of_many_load_balancers_costs_a_fifth_of_a_read_each_or_less() {
+    let (fake, p, config) = setup().await;
+    let count = 30;
+    for i in 0..count {
+        let mut s = spec(&format!("svc-{i}"), &format!("uid-{i}"));
+        s.listeners.truncate(1);
+        p.ensure(&s).await.unwrap();
+    }
+    fake.clear_mutations();
+    let restarted = GcpProvider::new(config).await.unwrap();
+    let owned = restarted.list_owned().await.unwrap();
+    let mut names: Vec<String> = owned.iter().map(|o| o.identity.name.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), count, "every load balancer once, with its owner");
+    let calls = restarted.calls();
+    assert!(calls.iter().all(|c| !c.is_mutating()), "{calls:?}");
+    assert_eq!(fake.mutations(), Vec::<String>::new());
+    assert!(calls.len() as f64 / count as f64 <= 0.2, "{} reads for {count} load balancers: {calls:?}", calls.len());
 }

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
@@ -16,7 +15,8 @@ use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::retry::RetryConfig;
 use serde::Serialize;
-use tokio::time::Instant;
+
+pub use crate::limiter::RateLimiter;
 
 use super::config::AwsConfig;
 use super::errors::ApiError;
@@ -138,89 +138,6 @@ impl Intercept for Recorder {
     }
 }
 
-/// A token bucket that also backs off for everybody once AWS throttles anybody.
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    refilled_at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64) -> Self {
-        let burst = rate.max(1.0);
-        Self { rate, burst, tokens: burst, refilled_at: Instant::now() }
-    }
-
-    /// Takes a token; returns how long to wait first when none is left.
-    fn take(&mut self) -> Duration {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.refilled_at).as_secs_f64() * self.rate).min(self.burst);
-        self.refilled_at = now;
-        self.tokens -= 1.0;
-        if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / self.rate) }
-    }
-}
-
-#[derive(Debug)]
-struct LimiterState {
-    read: Bucket,
-    write: Bucket,
-    /// No call starts before this instant: set when AWS throttles.
-    paused_until: Option<Instant>,
-    /// Consecutive throttled answers; doubles the pause each time.
-    strikes: u32,
-}
-
-/// Client-side rate limits per API class (reads, writes), slowed down by throttling answers.
-#[derive(Debug)]
-pub struct RateLimiter(Mutex<LimiterState>);
-
-impl RateLimiter {
-    /// A limiter allowing `read_rate` reads and `write_rate` writes a second.
-    pub fn new(read_rate: f64, write_rate: f64) -> Self {
-        Self(Mutex::new(LimiterState {
-            read: Bucket::new(read_rate),
-            write: Bucket::new(write_rate),
-            paused_until: None,
-            strikes: 0,
-        }))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, LimiterState> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Waits until a call of this class may start.
-    pub async fn acquire(&self, mutating: bool) {
-        let wait = {
-            let mut s = self.lock();
-            let pause = s.paused_until.map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
-            let bucket = if mutating { &mut s.write } else { &mut s.read };
-            pause + bucket.take()
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// AWS throttled a call: everybody pauses, longer each time it happens again.
-    pub fn throttled(&self) -> Duration {
-        let mut s = self.lock();
-        s.strikes = (s.strikes + 1).min(6);
-        let pause = Duration::from_millis(250) * (1u32 << s.strikes);
-        s.paused_until = Some(Instant::now() + pause);
-        pause
-    }
-
-    /// A call went through: the pause shrinks back.
-    pub fn succeeded(&self) {
-        let mut s = self.lock();
-        s.strikes = s.strikes.saturating_sub(1);
-    }
-}
-
 /// Both SDK clients with the call log and the rate limiter.
 #[derive(Debug, Clone)]
 pub struct Clients {
@@ -282,16 +199,17 @@ impl Clients {
         F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        self.limiter.acquire(!operation.starts_with("Describe")).await;
+        let mutating = !operation.starts_with("Describe");
+        self.limiter.acquire(mutating).await;
         match request.await {
             Ok(v) => {
-                self.limiter.succeeded();
+                self.limiter.succeeded(mutating);
                 Ok(v)
             }
             Err(e) => {
                 let err = ApiError::from_sdk(operation, e);
                 if err.is_throttling() {
-                    let pause = self.limiter.throttled();
+                    let pause = self.limiter.throttled(mutating);
                     tracing::warn!(operation, ?pause, "AWS throttled a call; slowing down");
                 }
                 Err(err)
@@ -305,24 +223,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn rate_limit_spaces_calls_and_throttling_pauses_everybody() {
-        let limiter = RateLimiter::new(2.0, 1.0);
-        let start = Instant::now();
-        limiter.acquire(false).await;
-        limiter.acquire(false).await;
-        assert_eq!(start.elapsed(), Duration::ZERO, "a burst of 2 reads is free");
-        limiter.acquire(false).await;
-        assert!(start.elapsed() >= Duration::from_millis(500), "{:?}", start.elapsed());
-
-        let pause = limiter.throttled();
-        let second = limiter.throttled();
-        assert!(second > pause, "repeated throttling pauses longer");
-        let before = Instant::now();
-        limiter.acquire(true).await;
-        assert!(before.elapsed() >= second, "writes wait for the pause too");
-    }
 
     #[test]
     fn actions_are_unique_and_well_formed() {

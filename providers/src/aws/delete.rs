@@ -208,6 +208,7 @@ impl AwsProvider {
                     uid: uid.clone(),
                 },
                 id: arn,
+                fingerprint: None,
             });
         }
         Ok(owned)

@@ -19,6 +19,7 @@ use google_cloud_gax::error::rpc::StatusDetails;
 use super::config::{GcpConfig, relative};
 use super::errors::ApiFailure;
 use super::plan::{AddressSpec, BackendServiceSpec, FirewallSpec, ForwardingRuleSpec, HealthCheckSpec};
+use crate::limiter::RateLimiter;
 use crate::{HealthCheckProtocol, ProviderError};
 
 /// Every IAM permission the provider's calls need. The custom role shipped in `iam-role.yaml`
@@ -154,6 +155,12 @@ fn operation_failure(method: &str, op: &Operation) -> Option<ApiFailure> {
     })
 }
 
+/// Whether a Compute method changes anything: reads are `get*`, `list*` and operation polls.
+fn is_mutating(method: &str) -> bool {
+    let verb = method.rsplit('.').next().unwrap_or(method);
+    !(verb.starts_with("get") || verb.starts_with("list"))
+}
+
 /// The SDK clients and what every call shares.
 #[derive(Clone, Debug)]
 pub struct Compute {
@@ -171,6 +178,7 @@ pub struct Compute {
     subnetworks: Subnetworks,
     /// Every call made.
     pub log: CallLog,
+    limiter: Arc<RateLimiter>,
 }
 
 macro_rules! build_client {
@@ -232,6 +240,7 @@ impl Compute {
             instance_groups: build_client!(InstanceGroups, config),
             subnetworks: build_client!(Subnetworks, config),
             log: CallLog::default(),
+            limiter: Arc::new(RateLimiter::new(config.read_rate, config.write_rate)),
         })
     }
 
@@ -240,8 +249,23 @@ impl Compute {
     where
         F: Future<Output = google_cloud_compute_v1::Result<T>>,
     {
+        let mutating = is_mutating(method);
+        self.limiter.acquire(mutating).await;
         self.log.push(method);
-        fut.await.map_err(|e| reduce(method, &e))
+        match fut.await {
+            Ok(v) => {
+                self.limiter.succeeded(mutating);
+                Ok(v)
+            }
+            Err(e) => {
+                let failure = reduce(method, &e);
+                if failure.is_throttling() {
+                    let pause = self.limiter.throttled(mutating);
+                    tracing::warn!(method, ?pause, "Compute throttled a call; slowing down");
+                }
+                Err(failure)
+            }
+        }
     }
 
     /// Every page of a list call: `fetch` asks for the page after a token (none for the first),

@@ -31,6 +31,11 @@ pub struct GcpConfig {
     /// How long one operation is waited for before the reconcile gives up and retries later
     /// (the operation keeps running in GCE and the next reconcile finds its result by name).
     pub operation_timeout: Duration,
+    /// Read calls a second at most (Compute's default quota is 1,500 reads a minute per project
+    /// and region; the client slows down below this when throttled).
+    pub read_rate: f64,
+    /// Write calls a second at most.
+    pub write_rate: f64,
 }
 
 impl GcpConfig {
@@ -55,6 +60,8 @@ impl GcpConfig {
             poll_interval: Duration::from_secs(1),
             poll_max_interval: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(180),
+            read_rate: 20.0,
+            write_rate: 10.0,
         }
     }
 
@@ -78,6 +85,9 @@ impl GcpConfig {
         }
         if self.poll_interval.is_zero() || self.operation_timeout.is_zero() {
             return Err("GCP operation polling interval and timeout must be positive".into());
+        }
+        if !(self.read_rate > 0.0 && self.write_rate > 0.0) {
+            return Err("GCP read and write rates must be positive calls a second".into());
         }
         Ok(())
     }

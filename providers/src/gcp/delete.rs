@@ -159,6 +159,7 @@ impl GcpProvider {
                     names.address()
                 ),
                 identity,
+                fingerprint: None,
             });
         }
         Ok(found.into_values().collect())

@@ -45,6 +45,11 @@ impl ApiFailure {
         Some(rest.split('\'').next()?.to_owned())
     }
 
+    /// Whether Compute asked us to slow down.
+    pub fn is_throttling(&self) -> bool {
+        matches!(self.classify(), Failure::Other(ProviderError::Throttled { .. }))
+    }
+
     /// Classifies this failure.
     pub fn classify(&self) -> Failure {
         let lower = self.message.to_ascii_lowercase();

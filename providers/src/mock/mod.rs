@@ -10,9 +10,9 @@ mod gate;
 mod pool;
 mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use gate::ApiGate;
 pub use pool::AddressPools;
 pub use state::{CloudState, MockLoadBalancer};
 
+use crate::limiter::{AdaptiveLimiter, LimiterConfig};
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{
     Capabilities, IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, PortStatus,
@@ -33,6 +34,10 @@ use crate::{
 
 /// How many recorded calls are kept; older ones are dropped so a long sandbox run stays small.
 const CALL_LOG_LIMIT: usize = 10_000;
+/// Attempts of one API call that the cloud throttles, as a cloud SDK's standard retry makes.
+const THROTTLE_ATTEMPTS: u32 = 4;
+/// Calls a second the client starts at: about what a cloud's read API allows one account.
+const CLIENT_INITIAL_RATE: f64 = 100.0;
 
 /// Settings of the mock cloud (the operator's `--mock-*` flags).
 #[derive(Debug, Clone)]
@@ -88,6 +93,20 @@ impl RecordedCall {
     }
 }
 
+/// Calls received, counted by operation and outcome since the cloud started (unbounded, unlike
+/// the call log).
+pub type CallCounts = BTreeMap<&'static str, BTreeMap<&'static str, u64>>;
+
+/// The mock cloud in figures (served by the operator at `/mock/summary` for benchmarks).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MockSummary {
+    /// How many load balancers exist.
+    pub load_balancers: usize,
+    /// Every call received, by operation, then outcome.
+    pub calls: CallCounts,
+}
+
 /// The mock cloud's full state as JSON-able data (served by the operator for tests).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -104,7 +123,39 @@ pub struct MockSnapshot {
 struct Inner {
     state: CloudState,
     gate: ApiGate,
-    calls: Vec<RecordedCall>,
+    calls: VecDeque<RecordedCall>,
+    counts: CallCounts,
+    /// The generation of the state file this process last read or wrote: unchanged, the file
+    /// need not be re-read.
+    file_generation: Option<u64>,
+}
+
+impl Inner {
+    fn record(&mut self, operation: &'static str, target: Option<&str>, outcome: &'static str) {
+        if self.calls.len() >= CALL_LOG_LIMIT {
+            self.calls.pop_front();
+        }
+        self.calls.push_back(RecordedCall { operation, target: target.map(str::to_owned), outcome });
+        *self.counts.entry(operation).or_default().entry(outcome).or_default() += 1;
+    }
+
+    /// With a state file, the file is the cloud: re-read it when another process (a restarted
+    /// operator, or a standby that became leader) changed it since this one last looked.
+    fn refresh(&mut self, path: &Path) -> Result<(), String> {
+        let generation = CloudState::generation_of(path);
+        if generation.is_some() && generation == self.file_generation {
+            return Ok(());
+        }
+        self.state = CloudState::load(path)?;
+        self.file_generation = Some(self.state.generation);
+        Ok(())
+    }
+
+    fn persist(&mut self, path: &Path) -> Result<(), String> {
+        self.state.save(path)?;
+        self.file_generation = Some(self.state.generation);
+        Ok(())
+    }
 }
 
 /// The mock cloud provider. Cheap to clone; clones share one cloud.
@@ -113,6 +164,8 @@ pub struct MockCloud {
     config: Arc<MockConfig>,
     pools: Arc<AddressPools>,
     inner: Arc<Mutex<Inner>>,
+    /// The client side: paces calls to what the cloud lets through.
+    limiter: Arc<AdaptiveLimiter>,
 }
 
 impl MockCloud {
@@ -130,21 +183,23 @@ impl MockCloud {
             None => CloudState::default(),
         };
         let gate = ApiGate::new(config.rate_limit, config.error_rate, config.seed);
+        let inner = Inner { state, gate, calls: VecDeque::new(), counts: CallCounts::new(), file_generation: None };
         Ok(Self {
             config: Arc::new(config),
             pools: Arc::new(pools),
-            inner: Arc::new(Mutex::new(Inner { state, gate, calls: Vec::new() })),
+            inner: Arc::new(Mutex::new(inner)),
+            limiter: Arc::new(AdaptiveLimiter::new(LimiterConfig::starting_at(CLIENT_INITIAL_RATE))),
         })
     }
 
     /// Every call received so far (bounded to the most recent ones).
     pub fn calls(&self) -> Vec<RecordedCall> {
-        self.lock().calls.clone()
+        self.lock().calls.iter().cloned().collect()
     }
 
     /// The load balancers in the cloud.
     pub fn load_balancers(&self) -> Vec<MockLoadBalancer> {
-        self.lock().state.load_balancers.values().cloned().collect()
+        self.lock().state.load_balancers().values().cloned().collect()
     }
 
     /// Everything, for the operator's `/mock/state` endpoint.
@@ -152,9 +207,15 @@ impl MockCloud {
         let inner = self.lock();
         MockSnapshot {
             address_pools: self.config.address_pools.iter().map(ToString::to_string).collect(),
-            load_balancers: inner.state.load_balancers.values().cloned().collect(),
-            calls: inner.calls.clone(),
+            load_balancers: inner.state.load_balancers().values().cloned().collect(),
+            calls: inner.calls.iter().cloned().collect(),
         }
+    }
+
+    /// The cloud in figures, cheap at any size: for the operator's `/mock/summary` endpoint.
+    pub fn summary(&self) -> MockSummary {
+        let inner = self.lock();
+        MockSummary { load_balancers: inner.state.load_balancers().len(), calls: inner.counts.clone() }
     }
 
     /// Puts a load balancer that hawser does not own into the cloud (what another tool made).
@@ -167,7 +228,7 @@ impl MockCloud {
             tags,
             addresses: vec![address],
             listeners: Vec::new(),
-            targets: Vec::new(),
+            targets: crate::Targets::default(),
             health_check: crate::HealthCheck {
                 protocol: crate::HealthCheckProtocol::Tcp,
                 port: 80,
@@ -182,7 +243,7 @@ impl MockCloud {
             session_affinity: crate::SessionAffinity::None,
             revision: 1,
         };
-        inner.state.load_balancers.insert(id.clone(), lb);
+        inner.state.insert(lb);
         id
     }
 
@@ -197,7 +258,9 @@ impl MockCloud {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// One API call: latency, rate limit and faults first, then `act` on the state.
+    /// One API call: the client's pacing, latency, the cloud's rate limit and faults first, then
+    /// `act` on the state. A throttled call is retried after the cloud's retry-after, as cloud
+    /// SDKs do, a few times before the throttle reaches the caller.
     async fn call<T>(
         &self,
         operation: &'static str,
@@ -205,95 +268,85 @@ impl MockCloud {
         mutating: bool,
         act: impl FnOnce(&mut CloudState) -> Result<T, ProviderError>,
     ) -> Result<T, ProviderError> {
-        if !self.config.latency.is_zero() {
-            tokio::time::sleep(self.config.latency).await;
-        }
-        let mut inner = self.lock();
-        let admission = inner.gate.admit(mutating);
-        let record = |inner: &mut Inner, outcome| {
-            if inner.calls.len() >= CALL_LOG_LIMIT {
-                inner.calls.remove(0);
+        let mut attempt = 1;
+        let admission = loop {
+            self.limiter.acquire().await;
+            if !self.config.latency.is_zero() {
+                tokio::time::sleep(self.config.latency).await;
             }
-            inner.calls.push(RecordedCall { operation, target: target.map(str::to_owned), outcome });
-        };
-        match admission {
-            Admission::Throttle(wait) => {
-                record(&mut inner, "throttled");
-                return Err(ProviderError::Throttled {
-                    retry_after: Some(wait),
-                    message: format!("{operation}: rate exceeded"),
-                });
-            }
-            Admission::FailBefore => {
-                record(&mut inner, "fault-before");
-                return Err(ProviderError::Transient(format!("{operation}: injected fault (request lost)")));
-            }
-            Admission::Admit | Admission::FailAfter => {}
-        }
-        // With a state file, the file is the cloud: re-read it so that every operator process
-        // sharing it (a restarted one, or a standby that became leader) sees the same cloud.
-        if let Some(path) = &self.config.state_file {
-            match CloudState::load(path) {
-                Ok(state) => inner.state = state,
-                Err(e) => {
-                    record(&mut inner, "error");
-                    return Err(ProviderError::Fatal(e));
+            let admission = {
+                let mut inner = self.lock();
+                let admission = inner.gate.admit(mutating);
+                if let Admission::Throttle(_) = admission {
+                    inner.record(operation, target, "throttled");
                 }
+                admission
+            };
+            match admission {
+                Admission::Throttle(wait) if attempt < THROTTLE_ATTEMPTS => {
+                    self.limiter.throttled(Some(wait));
+                    attempt += 1;
+                }
+                Admission::Throttle(wait) => {
+                    self.limiter.throttled(Some(wait));
+                    return Err(ProviderError::Throttled {
+                        retry_after: Some(wait),
+                        message: format!("{operation}: rate exceeded"),
+                    });
+                }
+                other => break other,
             }
+        };
+        let mut inner = self.lock();
+        if admission == Admission::FailBefore {
+            inner.record(operation, target, "fault-before");
+            return Err(ProviderError::Transient(format!("{operation}: injected fault (request lost)")));
         }
-        let before = mutating.then(|| inner.state.clone());
-        let result = act(&mut inner.state);
-        if let (Some(path), Some(before)) = (&self.config.state_file, before)
-            && result.is_ok()
-            && before != inner.state
-            && let Err(e) = inner.state.save(path)
+        if let Some(path) = &self.config.state_file
+            && let Err(e) = inner.refresh(path)
         {
-            inner.state = before;
-            record(&mut inner, "error");
+            inner.record(operation, target, "error");
             return Err(ProviderError::Fatal(e));
         }
+        let result = act(&mut inner.state);
+        if let Some(path) = &self.config.state_file
+            && mutating
+            && result.is_ok()
+            && let Err(e) = inner.persist(path)
+        {
+            // The file is the cloud: what could not be written did not happen.
+            inner.file_generation = None;
+            let _ = inner.refresh(path);
+            inner.record(operation, target, "error");
+            return Err(ProviderError::Fatal(e));
+        }
+        self.limiter.succeeded();
         match (&result, admission) {
             (Ok(_), Admission::FailAfter) => {
-                record(&mut inner, "fault-after");
+                inner.record(operation, target, "fault-after");
                 Err(ProviderError::Transient(format!("{operation}: injected fault (response lost)")))
             }
             (Ok(_), _) => {
-                record(&mut inner, "ok");
+                inner.record(operation, target, "ok");
                 result
             }
             (Err(_), _) => {
-                record(&mut inner, "error");
+                inner.record(operation, target, "error");
                 result
             }
         }
-    }
-
-    fn find_owned(&self, state: &CloudState, identity: &ServiceIdentity) -> Option<String> {
-        state
-            .load_balancers
-            .values()
-            .find(|lb| {
-                lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&identity.cluster)
-                    && lb.tags.get(OWNERSHIP_TAG_SERVICE_UID) == Some(&identity.uid)
-            })
-            .map(|lb| lb.id.clone())
     }
 
     /// The addresses the load balancer should hold: requested ones where given, else the ones
     /// it has, else newly allocated.
     fn choose_addresses(
         &self,
-        state: &CloudState,
+        state: &mut CloudState,
         spec: &LoadBalancerSpec,
         current: Option<&MockLoadBalancer>,
     ) -> Result<Vec<IpAddr>, ProviderError> {
-        let mut chosen = Vec::new();
-        let mut used = state.used_addresses();
-        if let Some(lb) = current {
-            for a in &lb.addresses {
-                used.remove(a);
-            }
-        }
+        let mut chosen: Vec<IpAddr> = Vec::new();
+        let own = |addr: &IpAddr| current.is_some_and(|lb| lb.addresses.contains(addr));
         for family in &spec.ip_families {
             let requested = spec.requested_addresses.iter().find(|a| IpFamily::of(a) == *family);
             let addr = if let Some(addr) = requested {
@@ -306,10 +359,10 @@ impl MockCloud {
                         ),
                     ));
                 }
-                if used.contains(addr) {
-                    let holder = state.holder_of(addr).map(describe_owner).unwrap_or_default();
+                if let Some(holder) = state.holder_of(addr).filter(|_| !own(addr)) {
                     return Err(ProviderError::Conflict(format!(
-                        "requested address {addr} is already in use by {holder}"
+                        "requested address {addr} is already in use by {}",
+                        describe_owner(holder)
                     )));
                 }
                 *addr
@@ -327,11 +380,14 @@ impl MockCloud {
                         ),
                     ));
                 };
-                self.pools
-                    .allocate(*family, &used)
-                    .ok_or_else(|| ProviderError::Conflict(format!("address pool {pool} is exhausted")))?
+                let taken = |a: &IpAddr| (state.holder_of(a).is_some() && !own(a)) || chosen.contains(a);
+                let addr = self
+                    .pools
+                    .allocate(*family, state.last_allocated(*family), state.used_count() + chosen.len(), taken)
+                    .ok_or_else(|| ProviderError::Conflict(format!("address pool {pool} is exhausted")))?;
+                state.allocated(addr);
+                addr
             };
-            used.insert(addr);
             chosen.push(addr);
         }
         Ok(chosen)
@@ -407,22 +463,23 @@ impl Provider for MockCloud {
         Capabilities { needs_node_ports: false, supports_udp: true }
     }
 
+    fn fingerprint(&self, spec: &LoadBalancerSpec) -> Option<String> {
+        Some(desired_record(String::new(), String::new(), Vec::new(), spec, 0).fingerprint())
+    }
+
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         let identity = &spec.identity;
-        let existing = self
-            .call("DescribeLoadBalancers", None, false, |state| {
-                Ok(self.find_owned(state, identity).and_then(|id| state.load_balancers.get(&id).cloned()))
-            })
-            .await?;
+        let existing =
+            self.call("DescribeLoadBalancers", None, false, |state| Ok(state.owned_by(identity).cloned())).await?;
         let name = Self::name_for(identity);
         match existing {
             None => {
                 self.call("CreateLoadBalancer", Some(&name), true, |state| {
                     // Re-checked inside the call: another ensure may have created it meanwhile.
-                    if let Some(id) = self.find_owned(state, identity) {
-                        return Ok(status_of(&state.load_balancers[&id]));
+                    if let Some(lb) = state.owned_by(identity) {
+                        return Ok(status_of(lb));
                     }
-                    if let Some(foreign) = state.load_balancers.values().find(|lb| lb.name == name) {
+                    if let Some(foreign) = state.named(&name) {
                         return Err(ProviderError::Conflict(format!(
                             "a load balancer named {name} already exists ({}) and is not owned by Service {} of cluster {}; it is left untouched",
                             foreign.id,
@@ -432,31 +489,34 @@ impl Provider for MockCloud {
                     }
                     let addresses = self.choose_addresses(state, spec, None)?;
                     let id = next_id(state);
-                    let lb = desired_record(id.clone(), name.clone(), addresses, spec, 1);
+                    let lb = desired_record(id, name.clone(), addresses, spec, 1);
                     let status = status_of(&lb);
-                    state.load_balancers.insert(id, lb);
+                    state.insert(lb);
                     Ok(status)
                 })
                 .await
             }
             Some(current) => {
-                let state_now = self.lock().state.clone();
-                let addresses = self.choose_addresses(&state_now, spec, Some(&current))?;
-                let wanted =
-                    desired_record(current.id.clone(), current.name.clone(), addresses, spec, current.revision);
+                let wanted = {
+                    let mut inner = self.lock();
+                    let addresses = self.choose_addresses(&mut inner.state, spec, Some(&current))?;
+                    desired_record(current.id.clone(), current.name.clone(), addresses, spec, current.revision)
+                };
                 if wanted == current {
                     return Ok(status_of(&current));
                 }
                 let id = current.id.clone();
                 self.call("ModifyLoadBalancer", Some(&id), true, |state| {
-                    let addresses = self.choose_addresses(state, spec, state.load_balancers.get(&id))?;
-                    let Some(lb) = state.load_balancers.get_mut(&id) else {
+                    let Some(lb) = state.get(&id).cloned() else {
                         return Err(ProviderError::Transient(format!(
                             "load balancer {id} disappeared during the update"
                         )));
                     };
-                    *lb = desired_record(id.clone(), lb.name.clone(), addresses, spec, lb.revision + 1);
-                    Ok(status_of(lb))
+                    let addresses = self.choose_addresses(state, spec, Some(&lb))?;
+                    let updated = desired_record(id.clone(), lb.name, addresses, spec, lb.revision + 1);
+                    let status = status_of(&updated);
+                    state.insert(updated);
+                    Ok(status)
                 })
                 .await
             }
@@ -464,11 +524,12 @@ impl Provider for MockCloud {
     }
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
-        let found =
-            self.call("DescribeLoadBalancers", None, false, |state| Ok(self.find_owned(state, identity))).await?;
+        let found = self
+            .call("DescribeLoadBalancers", None, false, |state| Ok(state.owned_by(identity).map(|lb| lb.id.clone())))
+            .await?;
         let Some(id) = found else { return Ok(()) };
         self.call("DeleteLoadBalancer", Some(&id), true, |state| {
-            state.load_balancers.remove(&id);
+            state.remove(&id);
             Ok(())
         })
         .await
@@ -478,7 +539,7 @@ impl Provider for MockCloud {
         let cluster = self.config.cluster.clone();
         self.call("DescribeLoadBalancers", None, false, |state| {
             Ok(state
-                .load_balancers
+                .load_balancers()
                 .values()
                 .filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
                 .filter_map(|lb| {
@@ -491,6 +552,7 @@ impl Provider for MockCloud {
                             uid: lb.tags.get(OWNERSHIP_TAG_SERVICE_UID)?.clone(),
                         },
                         id: lb.id.clone(),
+                        fingerprint: state.fingerprint_of(&lb.id).map(str::to_owned),
                     })
                 })
                 .collect())

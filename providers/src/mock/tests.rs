@@ -63,7 +63,7 @@ async fn changes_are_applied_in_place_keeping_the_address() {
         port: 53,
         node_port: Some(30053),
     });
-    changed.targets.clear();
+    changed.targets = crate::Targets::default();
     let second = cloud.ensure(&changed).await.unwrap();
     assert_eq!(first.id, second.id);
     assert_eq!(ip(&first), ip(&second));
@@ -141,7 +141,9 @@ async fn delete_releases_the_address_and_is_idempotent() {
     cloud.delete(&s.identity).await.unwrap();
     assert!(cloud.load_balancers().is_empty());
     assert_eq!(mutating(&cloud), vec!["CreateLoadBalancer", "DeleteLoadBalancer"]);
-    assert_eq!(ip(&cloud.ensure(&spec("b", "uid-b")).await.unwrap()), first, "address back in the pool");
+    let mut again = spec("b", "uid-b");
+    again.requested_addresses = vec![first];
+    assert_eq!(ip(&cloud.ensure(&again).await.unwrap()), first, "address back in the pool");
 }
 
 #[tokio::test]
@@ -225,17 +227,40 @@ fn corrupt_state_file_is_a_clear_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn rate_limit_answers_throttled_with_retry_after() {
+async fn a_throttled_call_is_retried_after_the_clouds_retry_after() {
     let mut config = MockConfig::new("demo");
     config.rate_limit = Some(1.0);
     let cloud = MockCloud::new(config).unwrap();
-    cloud.ensure(&spec("a", "uid-a")).await.unwrap_err(); // describe uses the only token; create is throttled
-    let calls = cloud.calls();
-    assert_eq!(calls.last().unwrap().outcome, "throttled");
-    let err = cloud.ensure(&spec("a", "uid-a")).await.unwrap_err();
-    let ProviderError::Throttled { retry_after: Some(wait), .. } = err else { panic!("{err:?}") };
-    tokio::time::advance(wait * 2).await;
-    assert!(cloud.load_balancers().is_empty());
+    let started = tokio::time::Instant::now();
+    // The describe takes the only token: the create is throttled, waits, and goes through.
+    cloud.ensure(&spec("a", "uid-a")).await.unwrap();
+    let outcomes: Vec<_> = cloud.calls().iter().map(|c| (c.operation, c.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        vec![("DescribeLoadBalancers", "ok"), ("CreateLoadBalancer", "throttled"), ("CreateLoadBalancer", "ok")]
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited for a token: {:?}", started.elapsed());
+    assert_eq!(cloud.load_balancers().len(), 1);
+    let summary = cloud.summary();
+    assert_eq!(summary.calls["CreateLoadBalancer"]["throttled"], 1);
+    assert_eq!(summary.load_balancers, 1);
+}
+
+#[tokio::test]
+async fn addresses_stay_distinct_and_freed_ones_are_handed_out_again() {
+    let mut config = MockConfig::new("demo");
+    config.address_pools = vec!["198.18.0.0/29".parse().unwrap()];
+    let cloud = MockCloud::new(config).unwrap();
+    let mut held = Vec::new();
+    for i in 0..6 {
+        held.push(ip(&cloud.ensure(&spec(&format!("s{i}"), &format!("u{i}"))).await.unwrap()));
+    }
+    let distinct: std::collections::BTreeSet<_> = held.iter().collect();
+    assert_eq!(distinct.len(), 6, "a /29 has six hosts, each handed out once: {held:?}");
+    let full = cloud.ensure(&spec("s6", "u6")).await.unwrap_err();
+    assert!(matches!(full, ProviderError::Conflict(ref m) if m.contains("exhausted")), "{full:?}");
+    cloud.delete(&spec("s2", "u2").identity).await.unwrap();
+    assert_eq!(ip(&cloud.ensure(&spec("s6", "u6")).await.unwrap()), held[2], "the freed address is reused");
 }
 
 #[tokio::test]
