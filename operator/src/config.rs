@@ -73,7 +73,8 @@ pub struct Cli {
     /// Let control-plane Nodes receive load-balancer traffic.
     #[arg(long, env = "HAWSER_INCLUDE_CONTROL_PLANE_NODES", default_value_t = false)]
     pub include_control_plane_nodes: bool,
-    /// How often every Service is re-checked against the cloud, to repair drift.
+    /// How often one batched cloud inventory is compared with every Service, to repair drift
+    /// (only the Services whose load balancer changed or vanished are ensured again).
     #[arg(long, env = "HAWSER_RESYNC_PERIOD", default_value = "10m", value_parser = parse_duration)]
     pub resync_period: Duration,
     /// How long Node changes are collected before Services are re-reconciled.

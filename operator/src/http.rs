@@ -19,8 +19,20 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True once the caches are synced (or while standing by as a non-leader).
     pub ready: Arc<AtomicBool>,
-    /// The mock cloud's state as JSON, when the mock provider runs.
-    pub mock_state: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// The mock cloud's views, when the mock provider runs.
+    pub mock: Option<MockViews>,
+}
+
+/// A view of the mock cloud as JSON.
+pub type JsonView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What `/mock/state` and `/mock/summary` serve.
+#[derive(Clone)]
+pub struct MockViews {
+    /// Everything: load balancers and the recent calls (for tests; grows with the cloud).
+    pub state: JsonView,
+    /// Counts only, cheap at any size (for benchmarks).
+    pub summary: JsonView,
 }
 
 /// `/healthz` and `/readyz`.
@@ -32,9 +44,13 @@ pub fn probes(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// `/metrics`, and `/mock/state` with the mock provider.
+/// `/metrics`, and `/mock/state` and `/mock/summary` with the mock provider.
 pub fn metrics(state: HttpState) -> Router {
-    Router::new().route("/metrics", get(metrics_text)).route("/mock/state", get(mock_state)).with_state(state)
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/mock/state", get(|s: State<HttpState>| mock_view(s, |m| &m.state)))
+        .route("/mock/summary", get(|s: State<HttpState>| mock_view(s, |m| &m.summary)))
+        .with_state(state)
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
@@ -50,9 +66,9 @@ async fn metrics_text(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
-async fn mock_state(State(state): State<HttpState>) -> Response {
-    match &state.mock_state {
-        Some(snapshot) => axum::Json(snapshot()).into_response(),
+async fn mock_view(State(state): State<HttpState>, view: fn(&MockViews) -> &JsonView) -> Response {
+    match &state.mock {
+        Some(views) => axum::Json(view(views)()).into_response(),
         None => (StatusCode::NOT_FOUND, "the mock provider is not running").into_response(),
     }
 }

@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod config;
 pub mod desired;
+pub mod drift;
 pub mod http;
 pub mod leader;
 pub mod metered;

@@ -123,6 +123,10 @@ impl Provider for MeteredProvider {
         self.inner.validate(spec)
     }
 
+    fn fingerprint(&self, spec: &LoadBalancerSpec) -> Option<String> {
+        self.inner.fingerprint(spec)
+    }
+
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         self.measured("ensure", self.inner.ensure(spec)).await
     }

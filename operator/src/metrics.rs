@@ -54,6 +54,10 @@ pub struct Metrics {
     pub managed_load_balancers: Gauge,
     /// 1 while this replica leads (or leader election is off).
     pub leader: Gauge,
+    /// Drift checks by outcome (`success` or the error class).
+    pub drift_checks: Family<OutcomeLabels, Counter>,
+    /// Load balancers the drift check found changed or missing in the cloud.
+    pub drifted: Counter,
     registry: Registry,
 }
 
@@ -68,6 +72,8 @@ impl Metrics {
         let throttles = Family::default();
         let managed_load_balancers = Gauge::default();
         let leader = Gauge::default();
+        let drift_checks = Family::default();
+        let drifted = Counter::default();
         registry.register("reconciles", "Service reconciles by outcome", reconciles.clone());
         registry.register(
             "reconcile_duration_seconds",
@@ -87,6 +93,12 @@ impl Metrics {
             managed_load_balancers.clone(),
         );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
+        registry.register("drift_checks", "Periodic cloud inventories by outcome", drift_checks.clone());
+        registry.register(
+            "drifted_load_balancers",
+            "Load balancers found changed or missing in the cloud, and ensured again",
+            drifted.clone(),
+        );
         Self {
             reconciles,
             reconcile_duration,
@@ -95,6 +107,8 @@ impl Metrics {
             throttles,
             managed_load_balancers,
             leader,
+            drift_checks,
+            drifted,
             registry,
         }
     }

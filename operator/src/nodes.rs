@@ -1,8 +1,16 @@
 //! Which Nodes may receive load-balancer traffic.
+//!
+//! Readiness is deliberately not a criterion (KEP-3458, Kubernetes 1.30's
+//! `StableLoadBalancerNodeSet`): a node whose kubelet stops reporting is not a node whose
+//! forwarding stopped, and the load balancer's own health check already takes a node that cannot
+//! serve out of rotation within seconds. Reprogramming every load balancer of the cluster on each
+//! readiness flap costs cloud calls per Service per flap (the storms of kubernetes #111539) and
+//! drops connections that the node could still have served.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use hawser_providers::Target;
+use hawser_providers::{Target, Targets};
 use k8s_openapi::api::core::v1::Node;
 
 /// Label that opts a Node out of every external load balancer (upstream Kubernetes).
@@ -24,8 +32,6 @@ pub struct NodePolicy {
 /// Why a Node is not a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ineligible {
-    /// Its Ready condition is not True.
-    NotReady,
     /// It carries the exclusion label.
     Excluded,
     /// It is being deleted.
@@ -58,12 +64,6 @@ pub fn eligibility(node: &Node, policy: NodePolicy) -> Result<Target, Ineligible
         return Err(Ineligible::BeingRemoved);
     }
     let status = node.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    if !ready {
-        return Err(Ineligible::NotReady);
-    }
     let mut addresses: Vec<IpAddr> = status
         .and_then(|s| s.addresses.as_ref())
         .map(|addrs| addrs.iter().filter(|a| a.type_ == "InternalIP").filter_map(|a| a.address.parse().ok()).collect())
@@ -77,11 +77,66 @@ pub fn eligibility(node: &Node, policy: NodePolicy) -> Result<Target, Ineligible
     })
 }
 
-/// The eligible Nodes as targets, sorted by name.
-pub fn eligible_targets<'a>(nodes: impl IntoIterator<Item = &'a Node>, policy: NodePolicy) -> Vec<Target> {
-    let mut targets: Vec<Target> = nodes.into_iter().filter_map(|n| eligibility(n, policy).ok()).collect();
-    targets.sort();
-    targets
+/// The eligible Nodes, kept up to date one Node event at a time. Only a Node's target (name,
+/// provider ID, zone, internal addresses) is kept, never the Node: that is all a load balancer
+/// needs, and a fraction of the memory. The shared [`Targets`] list is rebuilt only when the
+/// set really changed, and every Service's spec then points at that one list.
+#[derive(Debug, Default)]
+pub struct TargetSet {
+    policy: NodePolicy,
+    eligible: BTreeMap<String, Target>,
+    shared: Targets,
+}
+
+impl TargetSet {
+    /// An empty set choosing Nodes by `policy`.
+    pub fn new(policy: NodePolicy) -> Self {
+        Self { policy, ..Self::default() }
+    }
+
+    /// A Node was added or changed. True when the eligible set changed.
+    pub fn apply(&mut self, node: &Node) -> bool {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        match eligibility(node, self.policy) {
+            Ok(target) if self.eligible.get(&name) == Some(&target) => false,
+            Ok(target) => {
+                self.eligible.insert(name, target);
+                self.publish();
+                true
+            }
+            Err(_) => self.delete(&name),
+        }
+    }
+
+    /// A Node is gone. True when it was eligible.
+    pub fn delete(&mut self, name: &str) -> bool {
+        let removed = self.eligible.remove(name).is_some();
+        if removed {
+            self.publish();
+        }
+        removed
+    }
+
+    /// Replaces everything with the eligible Nodes of a fresh listing (a watch restart), as
+    /// [`eligibility`] made them. True when the set changed.
+    pub fn replace(&mut self, targets: impl IntoIterator<Item = Target>) -> bool {
+        let fresh: BTreeMap<String, Target> = targets.into_iter().map(|t| (t.name.clone(), t)).collect();
+        if fresh == self.eligible {
+            return false;
+        }
+        self.eligible = fresh;
+        self.publish();
+        true
+    }
+
+    /// The eligible Nodes as targets, sorted by name; cheap to clone.
+    pub fn targets(&self) -> Targets {
+        self.shared.clone()
+    }
+
+    fn publish(&mut self) {
+        self.shared = self.eligible.values().cloned().collect();
+    }
 }
 
 #[cfg(test)]
@@ -118,9 +173,6 @@ mod tests {
     fn ineligible_nodes_are_excluded_for_the_right_reason() {
         let cp = json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}});
         let cases = [
-            (json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}), Ineligible::NotReady),
-            (json!({"status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}), Ineligible::NotReady),
-            (json!({"status": {"conditions": []}}), Ineligible::NotReady),
             (json!({"metadata": {"labels": {EXCLUDE_LABEL: "true"}}}), Ineligible::Excluded),
             (json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}), Ineligible::Deleting),
             (
@@ -143,12 +195,53 @@ mod tests {
     }
 
     #[test]
+    fn readiness_does_not_decide_eligibility() {
+        for ready in ["False", "Unknown"] {
+            let n = node(json!({"status": {"conditions": [{"type": "Ready", "status": ready}]}}));
+            assert!(eligibility(&n, NodePolicy::default()).is_ok(), "Ready={ready} stays a target");
+        }
+        let unknown = node(json!({"status": {"conditions": []}}));
+        assert!(eligibility(&unknown, NodePolicy::default()).is_ok(), "no conditions yet stays a target");
+    }
+
+    #[test]
+    fn target_set_changes_only_when_membership_or_a_target_changes() {
+        let mut set = TargetSet::new(NodePolicy::default());
+        assert!(set.apply(&node(json!({"metadata": {"name": "a"}}))), "a new node joins");
+        assert!(set.apply(&node(json!({"metadata": {"name": "b"}}))));
+        let before = set.targets();
+        let flap =
+            node(json!({"metadata": {"name": "a"}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}));
+        assert!(!set.apply(&flap), "a Ready flap changes nothing");
+        let heartbeat = node(json!({"metadata": {"name": "a", "resourceVersion": "99"}}));
+        assert!(!set.apply(&heartbeat), "a heartbeat changes nothing");
+        assert!(set.targets().ptr_eq(&before), "and the shared list is the very same one");
+
+        let excluded = node(json!({"metadata": {"name": "a", "labels": {EXCLUDE_LABEL: ""}}}));
+        assert!(set.apply(&excluded), "the exclusion label takes it out");
+        assert_eq!(set.targets().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        assert!(!set.delete("a"), "already out");
+        let moved = node(
+            json!({"metadata": {"name": "b"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}}),
+        );
+        assert!(set.apply(&moved), "a new address is a new target");
+        assert!(set.delete("b"));
+        assert!(set.targets().is_empty());
+
+        let target =
+            |name: &str| eligibility(&node(json!({"metadata": {"name": name}})), NodePolicy::default()).unwrap();
+        assert!(set.replace([target("c"), target("a")]), "a relist replaces everything");
+        assert!(!set.replace([target("a"), target("c")]), "the same relist changes nothing");
+        assert_eq!(set.targets().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
+    }
+
+    #[test]
     fn eligible_targets_are_sorted_and_filtered() {
-        let b = node(json!({"metadata": {"name": "b"}}));
-        let a = node(json!({"metadata": {"name": "a"}}));
-        let bad = node(json!({"metadata": {"name": "c", "labels": {EXCLUDE_LABEL: ""}}}));
-        let names: Vec<_> =
-            eligible_targets([&b, &bad, &a], NodePolicy::default()).into_iter().map(|t| t.name).collect();
+        let mut set = TargetSet::new(NodePolicy::default());
+        set.apply(&node(json!({"metadata": {"name": "b"}})));
+        set.apply(&node(json!({"metadata": {"name": "c", "labels": {EXCLUDE_LABEL: ""}}})));
+        set.apply(&node(json!({"metadata": {"name": "a"}})));
+        let names: Vec<_> = set.targets().iter().map(|t| t.name.clone()).collect();
         assert_eq!(names, vec!["a", "b"]);
     }
 }

@@ -1,24 +1,27 @@
 //! The Service reconciler: finalizer first, then the cloud, then the status.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hawser_providers::{ErrorClass, InvalidField, LoadBalancerSpec, Provider, ProviderError, ServiceIdentity};
+use hawser_providers::{
+    ErrorClass, InvalidField, LoadBalancerSpec, LoadBalancerStatus, Provider, ProviderError, ServiceIdentity, Targets,
+};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
 use crate::desired::{self, DesiredConfig};
 use crate::metrics::Metrics;
 use crate::names::{CONDITION_TYPE, CONTROLLER_NAME, FINALIZER};
-use crate::nodes::{NodePolicy, eligible_targets};
+use crate::nodes::NodePolicy;
 use crate::retry::RetryPolicy;
 use crate::status::{DesiredCondition, StatusChange, ingress_of, status_patch};
 
@@ -31,8 +34,32 @@ pub struct Settings {
     pub desired: DesiredConfig,
     /// Which Nodes are targets.
     pub node_policy: NodePolicy,
-    /// Re-check period of healthy Services.
+    /// Period of the cloud drift check, and retry delay of Services waiting for the user.
     pub resync_period: Duration,
+}
+
+/// What the last successful ensure of one Service made, remembered so that a reconcile whose
+/// inputs did not change (our own finalizer or status write woke it, a resync, a restarted watch)
+/// costs no cloud call and no write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ensured {
+    /// The Service, as `namespace`/`name`.
+    pub namespace: String,
+    /// See `namespace`.
+    pub name: String,
+    /// Digest of the spec that was ensured.
+    pub spec_digest: u64,
+    /// The provider's fingerprint of that spec, for the drift check.
+    pub fingerprint: Option<String>,
+    /// What the cloud answered.
+    pub status: LoadBalancerStatus,
+}
+
+/// A digest of everything a spec asks of the cloud; equal digests mean nothing to do.
+pub fn spec_digest(spec: &LoadBalancerSpec) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    spec.hash(&mut h);
+    h.finish()
 }
 
 /// Everything a reconcile needs. Time is injectable so tests are deterministic.
@@ -41,8 +68,8 @@ pub struct Context {
     pub client: Client,
     /// The cloud.
     pub provider: Arc<dyn Provider>,
-    /// Cached Nodes.
-    pub nodes: Store<Node>,
+    /// The eligible Nodes, as the node watch last published them.
+    pub targets: watch::Receiver<Targets>,
     /// Settings.
     pub settings: Settings,
     /// Event recorder.
@@ -53,8 +80,8 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// The clock for condition timestamps.
     pub now: fn() -> Timestamp,
-    /// Last spec ensured per Service UID: Normal Events are published only when it changes.
-    ensured: Mutex<HashMap<String, LoadBalancerSpec>>,
+    /// What was last ensured, per Service UID.
+    ensured: Mutex<HashMap<String, Ensured>>,
 }
 
 impl Context {
@@ -62,7 +89,7 @@ impl Context {
     pub fn new(
         client: Client,
         provider: Arc<dyn Provider>,
-        nodes: Store<Node>,
+        targets: watch::Receiver<Targets>,
         settings: Settings,
         recorder: Recorder,
         metrics: Arc<Metrics>,
@@ -71,7 +98,7 @@ impl Context {
         Self {
             client,
             provider,
-            nodes,
+            targets,
             settings,
             recorder,
             metrics,
@@ -81,8 +108,29 @@ impl Context {
         }
     }
 
-    fn ensured(&self) -> std::sync::MutexGuard<'_, HashMap<String, LoadBalancerSpec>> {
+    fn ensured(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ensured>> {
         self.ensured.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A copy of what was last ensured, per Service UID.
+    pub fn ensured_snapshot(&self) -> HashMap<String, Ensured> {
+        self.ensured().clone()
+    }
+
+    /// Forgets what was ensured for `uid` if it is still `seen`: the cloud drifted from it, so the
+    /// next reconcile of that Service ensures again. A record that changed meanwhile is newer
+    /// than the inventory that found the drift, and stays.
+    pub fn forget_drifted(&self, uid: &str, seen: &Ensured) -> bool {
+        let mut ensured = self.ensured();
+        if ensured.get(uid) == Some(seen) {
+            ensured.remove(uid);
+            return true;
+        }
+        false
+    }
+
+    fn set_managed(&self, count: usize) {
+        self.metrics.managed_load_balancers.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 }
 
@@ -187,16 +235,25 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Action, Error> {
-    let targets = eligible_targets(ctx.nodes.state().iter().map(AsRef::as_ref), ctx.settings.node_policy);
-    let desired = desired::build(svc, &targets, &ctx.settings.desired)
+    let targets = ctx.targets.borrow().clone();
+    let desired = desired::build(svc, targets, &ctx.settings.desired)
         .and_then(|spec| ctx.provider.validate(&spec).map(|()| spec));
     let spec = match desired {
         Ok(spec) => spec,
         Err(fields) => return invalid(svc, ctx, api, fields).await,
     };
     let uid = spec.identity.uid.clone();
-    let changed = match ctx.ensured().get(&uid) {
-        Some(previous) => *previous != spec,
+    let digest = spec_digest(&spec);
+    let previous = ctx.ensured().get(&uid).cloned();
+    if let Some(done) = previous.as_ref().filter(|p| p.spec_digest == digest) {
+        // Nothing the cloud must know changed since the last ensure, and the drift check has not
+        // found the cloud changed behind our back: at most the Service's status needs repair.
+        write_status(svc, ctx, api, ready_change(&done.status)).await?;
+        ctx.retry.on_success(&key(svc));
+        return Ok(Action::await_change());
+    }
+    let changed = match &previous {
+        Some(previous) => previous.spec_digest != digest,
         None => !condition_is_true(svc),
     };
     if changed {
@@ -209,31 +266,30 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     }
     match ctx.provider.ensure(&spec).await {
         Ok(status) => {
-            let ingress = ingress_of(&status);
-            let addresses: Vec<String> =
-                ingress.iter().filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone())).collect();
-            let message = format!("Load balancer {} serves {}", status.id, addresses.join(", "));
-            write_status(
-                svc,
-                ctx,
-                api,
-                StatusChange {
-                    ingress: Some(ingress),
-                    condition: Some(Some(DesiredCondition::ready(message.clone()))),
-                },
-            )
-            .await?;
+            let change = ready_change(&status);
+            write_status(svc, ctx, api, change).await?;
             if changed {
+                let message = ready_message(&status);
                 publish(ctx, svc, EventType::Normal, "EnsuredLoadBalancer", "Ensure", message).await;
-                info!(load_balancer = %status.id, addresses = ?addresses, "load balancer ensured");
+                info!(load_balancer = %status.id, "load balancer ensured");
             }
-            {
+            let record = Ensured {
+                namespace: spec.identity.namespace.clone(),
+                name: spec.identity.name.clone(),
+                spec_digest: digest,
+                fingerprint: ctx.provider.fingerprint(&spec),
+                status,
+            };
+            let count = {
                 let mut ensured = ctx.ensured();
-                ensured.insert(uid, spec);
-                ctx.metrics.managed_load_balancers.set(i64::try_from(ensured.len()).unwrap_or(i64::MAX));
-            }
+                ensured.insert(uid, record);
+                ensured.len()
+            };
+            ctx.set_managed(count);
             ctx.retry.on_success(&key(svc));
-            Ok(Action::requeue(ctx.settings.resync_period))
+            // Level-based without polling: Service and Node changes arrive as events, and the
+            // periodic drift check wakes exactly the Services whose load balancer drifted.
+            Ok(Action::await_change())
         }
         Err(ProviderError::InvalidInput(fields)) => invalid(svc, ctx, api, fields).await,
         Err(e) => {
@@ -312,14 +368,29 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
     }
     publish(ctx, svc, EventType::Normal, "DeletedLoadBalancer", "Delete", "Deleted load balancer".to_owned()).await;
     info!("load balancer deleted");
-    {
+    let count = {
         let mut ensured = ctx.ensured();
         ensured.remove(&identity.uid);
-        ctx.metrics.managed_load_balancers.set(i64::try_from(ensured.len()).unwrap_or(i64::MAX));
-    }
+        ensured.len()
+    };
+    ctx.set_managed(count);
     ctx.retry.on_success(&key(svc));
     write_status(svc, ctx, api, StatusChange { ingress: Some(Vec::new()), condition: Some(None) }).await?;
     Ok(Action::await_change())
+}
+
+fn ready_message(status: &LoadBalancerStatus) -> String {
+    let addresses: Vec<String> =
+        status.ingress.iter().filter_map(|i| i.ip.map(|ip| ip.to_string()).or_else(|| i.hostname.clone())).collect();
+    format!("Load balancer {} serves {}", status.id, addresses.join(", "))
+}
+
+/// The status a Service with this load balancer should show.
+fn ready_change(status: &LoadBalancerStatus) -> StatusChange {
+    StatusChange {
+        ingress: Some(ingress_of(status)),
+        condition: Some(Some(DesiredCondition::ready(ready_message(status)))),
+    }
 }
 
 fn condition_is_true(svc: &Service) -> bool {

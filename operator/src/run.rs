@@ -7,29 +7,29 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::{FutureExt, StreamExt};
 use hawser_providers::Provider;
+use hawser_providers::{Target, Targets};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::Config as WatcherConfig;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Config as WatcherConfig, watcher};
 use kube::runtime::{Controller, WatchStreamExt, controller};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{Cli, ProviderKind};
 use crate::desired::DesiredConfig;
-use crate::http::{self, HttpState};
+use crate::drift;
+use crate::http::{self, HttpState, MockViews};
 use crate::leader::LeaderElector;
 use crate::metered::{MeteredProvider, ThrottleGate};
 use crate::metrics::Metrics;
 use crate::names::CONTROLLER_NAME;
-use crate::nodes::{NodePolicy, eligible_targets};
+use crate::nodes::{NodePolicy, TargetSet, eligibility};
 use crate::reconcile::{self, Context, Settings};
 use crate::retry::RetryPolicy;
 
-type MockState = Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>;
-
-async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockState)> {
+async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, Option<MockViews>)> {
     match cli.provider {
         #[cfg(feature = "mock")]
         ProviderKind::Mock => {
@@ -44,9 +44,12 @@ async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockSta
             };
             let cloud =
                 hawser_providers::mock::MockCloud::new(config).map_err(anyhow::Error::msg).context("mock cloud")?;
-            let view = cloud.clone();
-            let state: MockState = Some(Arc::new(move || serde_json::to_value(view.snapshot()).unwrap_or_default()));
-            Ok((Arc::new(cloud), state))
+            let (full, counts) = (cloud.clone(), cloud.clone());
+            let views = MockViews {
+                state: Arc::new(move || serde_json::to_value(full.snapshot()).unwrap_or_default()),
+                summary: Arc::new(move || serde_json::to_value(counts.summary()).unwrap_or_default()),
+            };
+            Ok((Arc::new(cloud), Some(views)))
         }
         #[cfg(not(feature = "mock"))]
         ProviderKind::Mock => bail!("this hawser-operator was built without the mock provider (cargo feature `mock`)"),
@@ -89,7 +92,7 @@ async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, MockSta
 /// Runs the operator until SIGTERM/Ctrl-C, or until leadership is lost.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let (inner, mock_state) = build_provider(&cli).await?;
+    let (inner, mock) = build_provider(&cli).await?;
     let provider: Arc<dyn Provider> =
         Arc::new(MeteredProvider::new(inner, metrics.clone(), Arc::new(ThrottleGate::default())));
     let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
@@ -111,7 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
 
     let ready = Arc::new(AtomicBool::new(false));
-    let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), mock_state };
+    let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), mock };
     let probes = http::serve(cli.health_probe_bind_address, http::probes(state.clone()), stopped())
         .await
         .with_context(|| format!("cannot listen on --health-probe-bind-address {}", cli.health_probe_bind_address))?;
@@ -205,17 +208,27 @@ async fn run_controller(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let node_policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
-    let (nodes, node_writer) = reflector::store::<Node>();
+    let (targets_tx, targets) = watch::channel(Targets::default());
+    let (synced_tx, mut synced) = watch::channel(false);
     let (trigger_tx, trigger_rx) = mpsc::channel::<()>(1);
-    let node_watch = watch_eligible_nodes(
+    let node_task = tokio::spawn(watch_eligible_nodes(
         Api::all(client.clone()),
-        node_writer,
-        nodes.clone(),
         node_policy,
         cli.node_debounce,
-        trigger_tx,
-    );
-    let node_task = tokio::spawn(node_watch);
+        NodeOutputs { targets: targets_tx, synced: synced_tx, trigger: trigger_tx },
+    ));
+    // Services reconciled before the Nodes are known would get load balancers without targets.
+    info!("waiting for the Node list");
+    let shutdown = shutdown.shared();
+    tokio::select! {
+        result = synced.wait_for(|s| *s) => if result.is_err() {
+            bail!("the Node watch stopped before its first list");
+        },
+        () = shutdown.clone() => {
+            node_task.abort();
+            return Ok(());
+        }
+    }
 
     let settings = Settings {
         class: cli.load_balancer_class.clone(),
@@ -233,18 +246,26 @@ async fn run_controller(
     let reporter = Reporter { controller: CONTROLLER_NAME.to_owned(), instance: std::env::var("POD_NAME").ok() };
     let recorder = Recorder::new(client.clone(), reporter);
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), cli.resync_period, None);
-    let ctx = Arc::new(Context::new(client.clone(), provider, nodes.clone(), settings, recorder, metrics, retry));
+    let ctx = Arc::new(Context::new(client.clone(), provider, targets, settings, recorder, metrics, retry));
 
-    let services: Api<Service> = Api::all(client);
-    let controller = Controller::new(services, WatcherConfig::default().any_semantic())
+    let (store, writer) = reflector::store::<Service>();
+    let services = watcher(Api::<Service>::all(client), WatcherConfig::default().any_semantic())
+        .default_backoff()
+        .modify(slim_service)
+        .reflect(writer)
+        .applied_objects();
+    let (drift_tx, drift_rx) = mpsc::channel::<ObjectRef<Service>>(1024);
+    let drift_task = tokio::spawn(drift::run(ctx.clone(), cli.resync_period, drift_tx));
+    let controller = Controller::for_stream(services, store.clone())
         .with_config(controller::Config::default().concurrency(cli.concurrency).debounce(Duration::from_millis(100)));
-    let service_store = controller.store();
-    tokio::spawn(mark_ready(service_store, nodes, ready));
+    tokio::spawn(mark_ready(store, ready));
     let trigger = futures::stream::unfold(trigger_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
+    let drifted = futures::stream::unfold(drift_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     info!(class = %cli.load_balancer_class, provider = ?cli.provider, cluster = %cli.cluster_name, "starting controller");
     controller
         .reconcile_all_on(trigger)
+        .reconcile_on(drifted)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -256,20 +277,30 @@ async fn run_controller(
             }
         })
         .await;
+    drift_task.abort();
     node_task.abort();
     info!("controller stopped");
     Ok(())
 }
 
-async fn mark_ready(services: Store<Service>, nodes: Store<Node>, ready: Arc<AtomicBool>) {
-    // Polled rather than awaited: a waiter parked on the controller's store before its first
-    // list completes is not reliably woken (seen with kube-runtime 5), while a fresh poll always
-    // sees the store's state.
+/// Keeps in the cache only what reconciles read: the managed fields and the last-applied
+/// configuration are often larger than the rest of a Service put together.
+fn slim_service(svc: &mut Service) {
+    svc.metadata.managed_fields = None;
+    if let Some(annotations) = svc.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+async fn mark_ready(services: Store<Service>, ready: Arc<AtomicBool>) {
+    // Polled rather than awaited: a waiter parked on the store before its first list completes
+    // is not reliably woken (seen with kube-runtime 5), while a fresh poll always sees its state.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
-        let synced = |ready: Option<Result<(), _>>| matches!(ready, Some(Ok(())));
-        if synced(services.wait_until_ready().now_or_never()) && synced(nodes.wait_until_ready().now_or_never()) {
+        if matches!(services.wait_until_ready().now_or_never(), Some(Ok(()))) {
             info!("caches synced");
             ready.store(true, Ordering::Relaxed);
             return;
@@ -277,50 +308,77 @@ async fn mark_ready(services: Store<Service>, nodes: Store<Node>, ready: Arc<Ato
     }
 }
 
-/// Keeps the Node cache and wakes every Service when the set of eligible Nodes changes. Node
-/// status heartbeats change nothing that matters, so they wake nothing; bursts (a node pool
-/// scaling) are collected for `debounce` so each Service is reconciled once, not once per Node.
-async fn watch_eligible_nodes(
-    api: Api<Node>,
-    writer: reflector::store::Writer<Node>,
-    store: Store<Node>,
-    policy: NodePolicy,
-    debounce: Duration,
+/// Where the node watch reports.
+struct NodeOutputs {
+    /// The eligible Nodes, whenever they change.
+    targets: watch::Sender<Targets>,
+    /// True once the first complete list is in.
+    synced: watch::Sender<bool>,
+    /// Wakes every Service after a change (debounced).
     trigger: mpsc::Sender<()>,
-) {
-    let mut last = None;
+}
+
+/// Follows the Nodes and publishes the eligible set whenever it changes, waking every Service
+/// when it does. No Node is cached: each event updates one Node's target, and only a change of
+/// membership or of a target (address, zone, provider ID) counts. Readiness and heartbeats
+/// change nothing (see `nodes`), and bursts (a node pool scaling) are collected for `debounce`
+/// so each Service is reconciled once, not once per Node.
+async fn watch_eligible_nodes(api: Api<Node>, policy: NodePolicy, debounce: Duration, out: NodeOutputs) {
+    let mut set = TargetSet::new(policy);
+    let mut relist: Option<Vec<Target>> = None;
+    let mut synced = false;
     let mut pending_since: Option<tokio::time::Instant> = None;
-    let events = watcher(api, WatcherConfig::default()).default_backoff().reflect(writer).touched_objects();
+    let events = watcher(api, WatcherConfig::default()).default_backoff();
     futures::pin_mut!(events);
     loop {
         let timeout = pending_since.map_or(Duration::from_secs(3600), |since| debounce.saturating_sub(since.elapsed()));
         tokio::select! {
-            event = events.next() => match event {
-                Some(Ok(_)) => {
-                    let targets = eligible_targets(store.state().iter().map(AsRef::as_ref), policy);
-                    if last.as_ref() != Some(&targets) {
-                        // The first sync is not a change: Services are reconciled on start anyway.
-                        if last.is_some() && pending_since.is_none() {
-                            pending_since = Some(tokio::time::Instant::now());
-                        }
-                        last = Some(targets);
+            event = events.next() => {
+                let changed = match event {
+                    Some(Ok(watcher::Event::Init)) => {
+                        relist = Some(Vec::new());
+                        false
                     }
+                    Some(Ok(watcher::Event::InitApply(node))) => {
+                        if let (Some(list), Ok(target)) = (relist.as_mut(), eligibility(&node, policy)) {
+                            list.push(target);
+                        }
+                        false
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        let changed = set.replace(relist.take().unwrap_or_default());
+                        if !synced {
+                            // The first complete list is no change: Services are reconciled on start.
+                            synced = true;
+                            out.targets.send_replace(set.targets());
+                            out.synced.send_replace(true);
+                            continue;
+                        }
+                        changed
+                    }
+                    Some(Ok(watcher::Event::Apply(node))) => set.apply(&node),
+                    Some(Ok(watcher::Event::Delete(node))) => set.delete(&node.name_any()),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "node watch");
+                        false
+                    }
+                    None => return,
+                };
+                if changed && synced {
+                    out.targets.send_replace(set.targets());
+                    pending_since.get_or_insert_with(tokio::time::Instant::now);
                 }
-                Some(Err(e)) => warn!(error = %e, "node watch"),
-                None => return,
             },
             () = tokio::time::sleep(timeout), if pending_since.is_some() => {
                 pending_since = None;
-                info!(eligible = last.as_ref().map_or(0, Vec::len), "eligible nodes changed; re-reconciling Services");
-                if trigger.send(()).await.is_err() {
+                info!(eligible = set.targets().len(), "eligible nodes changed; re-reconciling Services");
+                if out.trigger.send(()).await.is_err() {
                     return;
                 }
             }
         }
     }
 }
-
-use kube::runtime::watcher::watcher;
 
 async fn shutdown_signal() {
     let ctrl_c = async {

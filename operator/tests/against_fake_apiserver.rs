@@ -357,3 +357,108 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     drop(c);
     server.stop().await;
 }
+
+/// Cloud calls the mock received, by operation (from `/mock/summary`).
+async fn cloud_calls(op: &Operator) -> std::collections::BTreeMap<String, u64> {
+    let body = wait_for("/mock/summary", || http_get(op.metrics_port, "/mock/summary")).await;
+    let summary: Value = serde_json::from_str(&body).unwrap();
+    summary["calls"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(op, outcomes)| (op.clone(), outcomes.as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum()))
+        .collect()
+}
+
+async fn ensures(op: &Operator) -> u64 {
+    let text = http_get(op.metrics_port, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("hawser_provider_calls_total{") && l.contains("operation=\"ensure\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn one_ensure_per_service_then_resyncs_and_ready_flaps_cost_one_listing_and_nothing() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    for name in ["a", "b", "c"] {
+        services.create(&PostParams::default(), &lb_service(name, "hawser.dev/lb", json!({}))).await.unwrap();
+    }
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &["--resync-period", "1s"]);
+    for name in ["a", "b", "c"] {
+        wait_for("ingress", || async { services.get(name).await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    }
+    // The finalizer patch and the status patch each woke every Service again: no cloud call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ensures(&op).await, 3, "exactly one ensure per Service");
+    let after_create = cloud_calls(&op).await;
+    assert_eq!(after_create.get("CreateLoadBalancer"), Some(&3));
+
+    // Readiness flaps and three resync periods.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for status in ["False", "True", "Unknown", "True"] {
+        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": status}]}});
+        nodes.patch_status("node-a", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = cloud_calls(&op).await;
+    assert_eq!(ensures(&op).await, 3, "no ensure from resyncs or Ready flaps");
+    let mut new_calls: Vec<(String, u64)> = later
+        .iter()
+        .map(|(op, n)| (op.clone(), n - after_create.get(op).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    new_calls.sort();
+    assert_eq!(new_calls.len(), 1, "only listings: {new_calls:?}");
+    let (operation, listings) = &new_calls[0];
+    assert_eq!(operation, "DescribeLoadBalancers");
+    assert!((2..=5).contains(listings), "about one listing a second for the whole cluster: {listings}");
+    drop(op);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_load_balancer_deleted_behind_our_back_is_recreated_within_one_resync() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &["--resync-period", "1s"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    services.create(&PostParams::default(), &lb_service("api", "hawser.dev/lb", json!({}))).await.unwrap();
+    for name in ["web", "api"] {
+        wait_for("ingress", || async { services.get(name).await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    }
+    // Someone deletes web's load balancer in the cloud: edit the cloud's state file.
+    let path = state_file(&dir);
+    let mut cloud: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let doomed = lbs_of(&cloud_state_as_listed(&cloud), "default/web")[0]["id"].as_str().unwrap().to_owned();
+    cloud["loadBalancers"].as_object_mut().unwrap().remove(&doomed);
+    cloud["generation"] = json!(cloud["generation"].as_u64().unwrap() + 1);
+    std::fs::write(&path, serde_json::to_vec_pretty(&cloud).unwrap()).unwrap();
+
+    wait_for("web's load balancer recreated", || async {
+        let state = mock_state(&op).await;
+        let web = lbs_of(&state, "default/web");
+        (web.len() == 1 && web[0]["id"] != doomed.as_str()).then_some(())
+    })
+    .await;
+    let state = mock_state(&op).await;
+    let creates: Vec<String> = state["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["operation"] == "CreateLoadBalancer")
+        .map(|c| c["target"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(creates.len(), 3, "web, api, and web again; api untouched: {creates:?}");
+    drop(op);
+    server.stop().await;
+}
+
+/// The state file keeps load balancers by id; `lbs_of` reads them as `/mock/state` lists them.
+fn cloud_state_as_listed(file: &Value) -> Value {
+    json!({"loadBalancers": file["loadBalancers"].as_object().unwrap().values().cloned().collect::<Vec<_>>()})
+}

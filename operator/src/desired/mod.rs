@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hawser_providers::{
     Capabilities, HealthCheck, HealthCheckProtocol, InvalidField, IpFamily, Listener, LoadBalancerSpec, Protocol,
-    Scheme, ServiceIdentity, SessionAffinity, Target,
+    Scheme, ServiceIdentity, SessionAffinity, Targets,
 };
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
@@ -49,7 +49,7 @@ pub struct DesiredConfig {
 }
 
 /// Builds the spec, or returns every problem found.
-pub fn build(svc: &Service, targets: &[Target], cfg: &DesiredConfig) -> Result<LoadBalancerSpec, Vec<InvalidField>> {
+pub fn build(svc: &Service, targets: Targets, cfg: &DesiredConfig) -> Result<LoadBalancerSpec, Vec<InvalidField>> {
     let meta = &svc.metadata;
     let empty = BTreeMap::new();
     let annotations = meta.annotations.as_ref().unwrap_or(&empty);
@@ -143,7 +143,7 @@ pub fn build(svc: &Service, targets: &[Target], cfg: &DesiredConfig) -> Result<L
             uid: meta.uid.clone().unwrap_or_default(),
         },
         listeners,
-        targets: targets.to_vec(),
+        targets,
         health_check,
         scheme: parsed.scheme.unwrap_or(Scheme::InternetFacing),
         ip_families,

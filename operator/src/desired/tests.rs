@@ -4,6 +4,7 @@ use serde_json::json;
 
 use super::*;
 use crate::testutil::merge;
+use hawser_providers::Target;
 
 fn cfg() -> DesiredConfig {
     DesiredConfig {
@@ -30,16 +31,21 @@ fn service(patch: serde_json::Value) -> Service {
     serde_json::from_value(base).unwrap()
 }
 
-fn targets() -> Vec<Target> {
-    vec![Target { name: "n1".into(), provider_id: None, zone: None, addresses: vec!["10.0.0.2".parse().unwrap()] }]
+fn targets() -> Targets {
+    Targets::from(vec![Target {
+        name: "n1".into(),
+        provider_id: None,
+        zone: None,
+        addresses: vec!["10.0.0.2".parse().unwrap()],
+    }])
 }
 
 fn ok(patch: serde_json::Value) -> LoadBalancerSpec {
-    build(&service(patch), &targets(), &cfg()).unwrap()
+    build(&service(patch), targets(), &cfg()).unwrap()
 }
 
 fn errs(patch: serde_json::Value, cfg: &DesiredConfig) -> Vec<InvalidField> {
-    build(&service(patch), &targets(), cfg).unwrap_err()
+    build(&service(patch), targets(), cfg).unwrap_err()
 }
 
 #[test]
@@ -79,9 +85,9 @@ fn health_check_target_follows_traffic_policy_and_mode() {
     assert_eq!((hc.port, hc.path.as_deref()), (10266, Some("/services/shop/web")));
 
     let kp = DesiredConfig { health_check_mode: HealthCheckMode::KubeProxy, ..cfg() };
-    let hc = build(&service(json!({})), &targets(), &kp).unwrap().health_check;
+    let hc = build(&service(json!({})), targets(), &kp).unwrap().health_check;
     assert_eq!((hc.port, hc.path.as_deref()), (10256, Some("/healthz")));
-    let hc = build(&service(local), &targets(), &kp).unwrap().health_check;
+    let hc = build(&service(local), targets(), &kp).unwrap().health_check;
     assert_eq!((hc.port, hc.path.as_deref()), (31999, Some("/healthz")));
 
     let e = errs(json!({"spec": {"externalTrafficPolicy": "Local"}}), &kp);

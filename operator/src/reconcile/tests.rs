@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hawser_providers::Target;
 use hawser_providers::mock::{MockCloud, MockConfig, RecordedCall};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector;
-use kube::runtime::watcher;
 use serde_json::{Value, json};
 
 use super::*;
@@ -48,6 +47,13 @@ fn event(reason: &'static str, type_: &'static str) -> Expect {
     })
 }
 
+/// The same Event again from the same recorder: it counts the series up instead of creating one.
+fn event_again() -> Expect {
+    expect(Method::PATCH, "/apis/events.k8s.io/v1/namespaces/shop/events/", |body| {
+        assert!(body["series"]["count"].as_u64().is_some_and(|n| n >= 2), "{body}");
+    })
+}
+
 /// Answers the expected requests in order; fails on anything else, including any request after them.
 async fn verify(mut handle: Handle, script: Vec<Expect>) {
     for step in script {
@@ -55,7 +61,9 @@ async fn verify(mut handle: Handle, script: Vec<Expect>) {
             panic!("{} {} was expected but the reconcile ended without it", step.method, step.path);
         };
         assert_eq!(request.method(), step.method, "unexpected {} {}", request.method(), request.uri());
-        assert_eq!(request.uri().path(), step.path, "unexpected {} {}", request.method(), request.uri());
+        let path = request.uri().path();
+        let matches = if step.path.ends_with('/') { path.starts_with(&step.path) } else { path == step.path };
+        assert!(matches, "unexpected {} {}, expected {}", request.method(), request.uri(), step.path);
         let bytes = request.into_body().collect_bytes().await.unwrap();
         let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         (step.check)(&body);
@@ -98,13 +106,9 @@ struct Harness {
 fn harness(cloud: MockCloud) -> Harness {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
-    let mut writer = reflector::store::Writer::<Node>::default();
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": "node-a"},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}], "addresses": [{"type": "InternalIP", "address": "10.0.0.2"}]}
-    }))
-    .unwrap();
-    writer.apply_watcher_event(&watcher::Event::Apply(node));
+    let node =
+        Target { name: "node-a".into(), provider_id: None, zone: None, addresses: vec!["10.0.0.2".parse().unwrap()] };
+    let (_, targets) = watch::channel(Targets::from(vec![node]));
     let settings = Settings {
         class: "hawser.dev/lb".into(),
         desired: DesiredConfig {
@@ -120,15 +124,8 @@ fn harness(cloud: MockCloud) -> Harness {
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "hawser-operator".into(), instance: None });
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), Duration::from_secs(600), Some(1));
-    let mut ctx = Context::new(
-        client,
-        Arc::new(cloud.clone()),
-        writer.as_reader(),
-        settings,
-        recorder,
-        Arc::new(Metrics::new()),
-        retry,
-    );
+    let mut ctx =
+        Context::new(client, Arc::new(cloud.clone()), targets, settings, recorder, Arc::new(Metrics::new()), retry);
     ctx.now = || "2026-11-26T10:00:00Z".parse().unwrap();
     Harness { ctx: Arc::new(ctx), cloud, handle: Some(handle) }
 }
@@ -200,7 +197,7 @@ async fn ensure_writes_ingress_condition_and_events_then_a_second_reconcile_writ
         event("EnsuredLoadBalancer", "Normal"),
     ];
     let action = h.run(with_finalizer(json!({})), script).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(600)));
+    assert_eq!(action, Action::await_change(), "no polling: changes and the drift check wake it");
     assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer"]);
     let lb = &h.cloud.load_balancers()[0];
     assert_eq!(lb.targets[0].name, "node-a");
@@ -375,4 +372,136 @@ async fn failed_cloud_delete_keeps_the_finalizer() {
     let err = h.run(svc, script).await.unwrap_err();
     assert_eq!(err.class(), Some(ErrorClass::Transient), "no finalizer patch was sent: the verifier saw none");
     assert_eq!(cloud.load_balancers().len(), 1);
+}
+
+impl Harness {
+    /// Starts answering `script`, which may span several reconciles of this same context (and
+    /// its memory of what was ensured); `finish` checks that nothing else was asked.
+    fn expect_all(&mut self, script: Vec<Expect>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(verify(self.handle.take().unwrap(), script))
+    }
+
+    async fn reconcile(&self, svc: Arc<Service>) -> Result<Action, Error> {
+        tokio::time::timeout(Duration::from_secs(10), reconcile(svc, self.ctx.clone())).await.expect("reconcile hung")
+    }
+
+    async fn finish(mut self, verifier: tokio::task::JoinHandle<()>) {
+        self.ctx = dummy_ctx();
+        verifier.await.unwrap();
+    }
+}
+
+/// The requests of a first ensure; the status it wrote lands in `written`.
+fn first_ensure(written: Arc<std::sync::Mutex<Value>>) -> Vec<Expect> {
+    vec![
+        event("EnsuringLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", move |body| {
+            *written.lock().unwrap() = body.clone();
+        }),
+        event("EnsuredLoadBalancer", "Normal"),
+    ]
+}
+
+#[tokio::test]
+async fn our_own_writes_waking_the_service_cost_no_cloud_call() {
+    let mut h = harness(cloud());
+    let written = Arc::new(std::sync::Mutex::new(Value::Null));
+    let verifier = h.expect_all(first_ensure(written.clone()));
+    h.reconcile(with_finalizer(json!({}))).await.unwrap();
+    let calls = h.cloud.calls().len();
+    assert_eq!(calls, 2, "one describe, one create");
+
+    // The status write (and then a resync or a watch restart) wakes the Service again.
+    let svc = with_finalizer(written.lock().unwrap().clone());
+    for _ in 0..3 {
+        assert_eq!(h.reconcile(svc.clone()).await.unwrap(), Action::await_change());
+    }
+    assert_eq!(h.cloud.calls().len(), calls, "not even a cloud read");
+    h.finish(verifier).await;
+}
+
+#[tokio::test]
+async fn a_cleared_status_is_written_again_from_memory_without_a_cloud_call() {
+    let mut h = harness(cloud());
+    let written = Arc::new(std::sync::Mutex::new(Value::Null));
+    let mut script = first_ensure(written.clone());
+    script.push(expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+        assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ip"], "203.0.113.1", "{body}");
+    }));
+    let verifier = h.expect_all(script);
+    h.reconcile(with_finalizer(json!({}))).await.unwrap();
+    let calls = h.cloud.calls().len();
+    h.reconcile(with_finalizer(json!({"status": {}}))).await.unwrap();
+    assert_eq!(h.cloud.calls().len(), calls);
+    h.finish(verifier).await;
+}
+
+#[tokio::test]
+async fn a_changed_service_is_ensured_once_with_one_write() {
+    let mut h = harness(cloud());
+    let written = Arc::new(std::sync::Mutex::new(Value::Null));
+    let mut script = first_ensure(written.clone());
+    script.extend([
+        event_again(),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ports"][1]["port"], 443, "{body}");
+        }),
+        event_again(),
+    ]);
+    let verifier = h.expect_all(script);
+    h.reconcile(with_finalizer(json!({}))).await.unwrap();
+    let mut changed = written.lock().unwrap().clone();
+    merge(
+        &mut changed,
+        json!({"metadata": {"generation": 2}, "spec": {"ports": [
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]}}),
+    );
+    h.reconcile(with_finalizer(changed)).await.unwrap();
+    assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer", "ModifyLoadBalancer"]);
+    h.finish(verifier).await;
+}
+
+#[tokio::test]
+async fn the_drift_check_wakes_only_the_service_whose_load_balancer_vanished() {
+    let mut h = harness(cloud());
+    let written = Arc::new(std::sync::Mutex::new(Value::Null));
+    let mut script = first_ensure(written.clone());
+    // The drift is told to the user, then the load balancer is made again: only the status,
+    // with its new address, is written.
+    script.extend([
+        event("LoadBalancerDrifted", "Warning"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ip"], "203.0.113.2", "{body}");
+        }),
+    ]);
+    let verifier = h.expect_all(script);
+    let svc = with_finalizer(json!({}));
+    h.reconcile(svc.clone()).await.unwrap();
+    let (wake, mut woken) = tokio::sync::mpsc::channel(8);
+
+    let reads_before = h.cloud.calls().len();
+    assert!(crate::drift::check_once(&h.ctx, &wake).await);
+    assert!(woken.try_recv().is_err(), "nothing drifted, nobody woken");
+    assert_eq!(h.cloud.calls().len(), reads_before + 1, "one listing for the whole cluster");
+
+    // Someone deletes the load balancer in the cloud console.
+    h.cloud
+        .delete(&ServiceIdentity {
+            cluster: "demo".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            uid: "uid-1".into(),
+        })
+        .await
+        .unwrap();
+    assert!(crate::drift::check_once(&h.ctx, &wake).await);
+    let woken_ref = woken.try_recv().unwrap();
+    assert_eq!((woken_ref.name.as_str(), woken_ref.namespace.as_deref()), ("web", Some("shop")));
+    let svc = with_finalizer(written.lock().unwrap().clone());
+    h.reconcile(svc).await.unwrap();
+    assert_eq!(h.cloud.load_balancers().len(), 1, "recreated");
+    assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer", "DeleteLoadBalancer", "CreateLoadBalancer"]);
+    h.finish(verifier).await;
 }
