@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::desired::HealthCheckMode;
+use crate::gc::GcMode;
 use crate::names::DEFAULT_LOAD_BALANCER_CLASS;
 
 /// Which cloud to build load balancers in.
@@ -77,6 +78,18 @@ pub struct Cli {
     /// (only the Services whose load balancer changed or vanished are ensured again).
     #[arg(long, env = "HAWSER_RESYNC_PERIOD", default_value = "10m", value_parser = parse_duration)]
     pub resync_period: Duration,
+    /// Orphaned load balancers (Service gone, or no longer of this class, without our
+    /// finalizer): delete them after the grace period (`on`), only log and count them
+    /// (`report`), or do not look (`off`).
+    #[arg(long, env = "HAWSER_GC", value_enum, default_value = "on")]
+    pub gc: GcMode,
+    /// Time between two searches for orphaned load balancers (the first runs once the caches
+    /// have synced).
+    #[arg(long, env = "HAWSER_GC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+    /// How long a load balancer must stay orphaned before it is deleted.
+    #[arg(long, env = "HAWSER_GC_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
+    pub gc_grace_period: Duration,
     /// How long Node changes are collected before Services are re-reconciled.
     #[arg(long, env = "HAWSER_NODE_DEBOUNCE", default_value = "2s", value_parser = parse_duration)]
     pub node_debounce: Duration,

@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod config;
 pub mod desired;
 pub mod drift;
+pub mod gc;
 pub mod http;
 pub mod leader;
 pub mod metered;

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub drift_checks: Family<OutcomeLabels, Counter>,
     /// Load balancers the drift check found changed or missing in the cloud.
     pub drifted: Counter,
+    /// Orphaned load balancers found by the last collector pass.
+    pub orphans: Gauge,
+    /// Orphaned load balancers deleted.
+    pub gc_deletions: Counter,
+    /// Collector passes by outcome.
+    pub gc_passes: Family<OutcomeLabels, Counter>,
     registry: Registry,
 }
 
@@ -74,6 +80,9 @@ impl Metrics {
         let leader = Gauge::default();
         let drift_checks = Family::default();
         let drifted = Counter::default();
+        let orphans = Gauge::default();
+        let gc_deletions = Counter::default();
+        let gc_passes = Family::default();
         registry.register("reconciles", "Service reconciles by outcome", reconciles.clone());
         registry.register(
             "reconcile_duration_seconds",
@@ -99,6 +108,9 @@ impl Metrics {
             "Load balancers found changed or missing in the cloud, and ensured again",
             drifted.clone(),
         );
+        registry.register("orphans", "Owned load balancers whose Service is gone or released", orphans.clone());
+        registry.register("gc_deletions", "Orphaned load balancers deleted", gc_deletions.clone());
+        registry.register("gc_passes", "Orphan collector passes by outcome", gc_passes.clone());
         Self {
             reconciles,
             reconcile_duration,
@@ -109,6 +121,9 @@ impl Metrics {
             leader,
             drift_checks,
             drifted,
+            orphans,
+            gc_deletions,
+            gc_passes,
             registry,
         }
     }

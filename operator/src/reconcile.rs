@@ -191,7 +191,8 @@ pub fn is_ours(svc: &Service, class: &str) -> bool {
         .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.as_deref() == Some(class))
 }
 
-fn has_finalizer(svc: &Service) -> bool {
+/// Whether the Service carries hawser's finalizer.
+pub fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == FINALIZER)
 }
 

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::{Cli, ProviderKind};
 use crate::desired::DesiredConfig;
 use crate::drift;
+use crate::gc::{self, GcSettings};
 use crate::http::{self, HttpState, MockViews};
 use crate::leader::LeaderElector;
 use crate::metered::{MeteredProvider, ThrottleGate};
@@ -256,6 +257,13 @@ async fn run_controller(
         .applied_objects();
     let (drift_tx, drift_rx) = mpsc::channel::<ObjectRef<Service>>(1024);
     let drift_task = tokio::spawn(drift::run(ctx.clone(), cli.resync_period, drift_tx));
+    let gc_settings = GcSettings {
+        mode: cli.gc,
+        interval: cli.gc_interval,
+        grace: cli.gc_grace_period,
+        class: cli.load_balancer_class.clone(),
+    };
+    let gc_task = tokio::spawn(gc::run(ctx.provider.clone(), store.clone(), gc_settings, ctx.metrics.clone()));
     let controller = Controller::for_stream(services, store.clone())
         .with_config(controller::Config::default().concurrency(cli.concurrency).debounce(Duration::from_millis(100)));
     tokio::spawn(mark_ready(store, ready));
@@ -278,6 +286,7 @@ async fn run_controller(
         })
         .await;
     drift_task.abort();
+    gc_task.abort();
     node_task.abort();
     info!("controller stopped");
     Ok(())

@@ -462,3 +462,55 @@ async fn a_load_balancer_deleted_behind_our_back_is_recreated_within_one_resync(
 fn cloud_state_as_listed(file: &Value) -> Value {
     json!({"loadBalancers": file["loadBalancers"].as_object().unwrap().values().cloned().collect::<Vec<_>>()})
 }
+
+#[tokio::test]
+async fn a_force_deleted_services_load_balancer_is_collected_and_foreign_ones_never_are() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = state_file(&dir);
+    // Already in the cloud: another cluster's load balancer, and one without ownership tags
+    // that happens to carry a hawser-like name.
+    let foreign = json!({
+        "generation": 1,
+        "nextId": 2,
+        "loadBalancers": {
+            "mock-lb-other": {"id": "mock-lb-other", "name": "hawser-0123456789abcdef", "tags": {
+                "hawser.dev/cluster": "another-cluster", "hawser.dev/service": "default/web",
+                "hawser.dev/service-uid": "gone", "hawser.dev/resource": "load-balancer"},
+                "addresses": ["203.0.113.200"], "listeners": [], "targets": [],
+                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthy_threshold": 3, "unhealthy_threshold": 3},
+                "scheme": "internet-facing", "sourceRanges": [], "sessionAffinity": {"type": "None"}, "revision": 1},
+            "mock-lb-untagged": {"id": "mock-lb-untagged", "name": "hawser-fedcba9876543210", "tags": {},
+                "addresses": ["203.0.113.201"], "listeners": [], "targets": [],
+                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthy_threshold": 3, "unhealthy_threshold": 3},
+                "scheme": "internet-facing", "sourceRanges": [], "sessionAffinity": {"type": "None"}, "revision": 1}
+        }
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&foreign).unwrap()).unwrap();
+    let gc = ["--gc-interval", "500ms", "--gc-grace-period", "1s"];
+    let op = start_operator(server.kubeconfig_path(), &path, &gc);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    for name in ["web", "keep"] {
+        services.create(&PostParams::default(), &lb_service(name, "hawser.dev/lb", json!({}))).await.unwrap();
+        wait_for("ingress", || async { services.get(name).await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    }
+
+    // A deletion "looks stuck", so someone strips the finalizer and deletes the Service.
+    let strip = json!({"metadata": {"finalizers": null}});
+    services.patch("web", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for("web's orphaned load balancer collected", || async {
+        lbs_of(&mock_state(&op).await, "default/web").iter().all(|lb| lb["id"] == "mock-lb-other").then_some(())
+    })
+    .await;
+    let state = mock_state(&op).await;
+    let ids: Vec<&str> =
+        state["loadBalancers"].as_array().unwrap().iter().map(|lb| lb["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"mock-lb-other") && ids.contains(&"mock-lb-untagged"), "foreign ones untouched: {ids:?}");
+    assert_eq!(lbs_of(&state, "default/keep").len(), 1, "the live Service keeps its load balancer");
+    assert_eq!(ids.len(), 3);
+    let deletions = metric(&op, "hawser_gc_deletions_total").await.unwrap();
+    assert!(deletions.ends_with(" 1"), "{deletions}");
+    drop(op);
+    server.stop().await;
+}

@@ -17,7 +17,7 @@ use common::{free_port, wait_for};
 use fake_compute::FakeCompute;
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -52,6 +52,27 @@ fn ingress_ips(svc: &Service) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The real operator with the GCP provider against the fake Compute server at `url`.
+fn start_operator(server: &FakeApiServer, url: &str, extra: &[&str]) -> Operator {
+    Operator(
+        Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+            .args(["--provider", "gcp", "--cluster-name", "demo", "--node-debounce", "200ms"])
+            .args(["--gcp-project", "proj", "--gcp-region", "europe-west1", "--gcp-network", "vpc"])
+            .args(["--gcp-subnetwork", "nodes", "--gcp-node-tags", "gke-demo-node"])
+            .args(["--gcp-endpoint-url", url, "--gcp-anonymous-credentials"])
+            .args(["--gcp-operation-poll-interval", "5ms"])
+            .args(extra)
+            .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
+            .arg(format!("--health-probe-bind-address=127.0.0.1:{}", free_port()))
+            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .expect("hawser-operator starts"),
+    )
+}
+
 #[tokio::test]
 async fn dual_stack_service_gets_a_gcp_load_balancer_and_leaves_nothing_behind() {
     let config = Config { service_cidr_v6: Some("fd00:96::/108".parse().unwrap()), ..Config::default() };
@@ -67,22 +88,7 @@ async fn dual_stack_service_gets_a_gcp_load_balancer_and_leaves_nothing_behind()
         json!({"stackType": "IPV4_IPV6", "ipv6AccessType": "EXTERNAL"}),
     );
 
-    let _op = Operator(
-        Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
-            .args(["--provider", "gcp", "--cluster-name", "demo", "--node-debounce", "200ms"])
-            .args(["--gcp-project", "proj", "--gcp-region", "europe-west1", "--gcp-network", "vpc"])
-            .args(["--gcp-subnetwork", "nodes", "--gcp-node-tags", "gke-demo-node"])
-            .args(["--gcp-endpoint-url", &url, "--gcp-anonymous-credentials"])
-            .args(["--gcp-operation-poll-interval", "5ms"])
-            .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
-            .arg(format!("--health-probe-bind-address=127.0.0.1:{}", free_port()))
-            .env("KUBECONFIG", server.kubeconfig_path())
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
-            .spawn()
-            .expect("hawser-operator starts"),
-    );
+    let _op = start_operator(&server, &url, &[]);
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let svc: Service = serde_json::from_value(json!({
@@ -125,5 +131,37 @@ async fn dual_stack_service_gets_a_gcp_load_balancer_and_leaves_nothing_behind()
     services.delete("web", &DeleteParams::default()).await.unwrap();
     wait_for("web gone", || async { services.get_opt("web").await.ok().filter(Option::is_none).map(|_| ()) }).await;
     assert_eq!(compute.names_with_prefix("hawser-"), Vec::<String>::new(), "nothing left in the cloud");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_force_deleted_services_load_balancer_is_collected() {
+    let server = FakeApiServer::start(Config::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    node(&client, "node-a", "europe-west1-b").await;
+    let compute = FakeCompute::default();
+    let url = compute.start().await;
+    compute.seed(&format!("{REGION}/subnetworks"), "nodes", json!({"stackType": "IPV4_ONLY"}));
+    let _op = start_operator(&server, &url, &["--gc-interval", "500ms", "--gc-grace-period", "1s"]);
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.unwrap();
+    wait_for("web's address", || async { services.get("web").await.ok().filter(|s| ingress_ips(s).len() == 1) }).await;
+    assert!(!compute.names_with_prefix("hawser-").is_empty());
+
+    // The finalizer stripped by hand, then the Service deleted: nothing cleans up but the collector.
+    let strip = json!({"metadata": {"finalizers": null}});
+    services.patch("web", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for("the orphaned load balancer collected", || async {
+        compute.names_with_prefix("hawser-").is_empty().then_some(())
+    })
+    .await;
     server.stop().await;
 }

@@ -1,0 +1,262 @@
+//! The orphan collector: load balancers this cluster owns in the cloud whose Service is gone,
+//! or no longer hawser's, are deleted after a grace period.
+//!
+//! The finalizer covers the normal path. This covers the others: a finalizer stripped by hand
+//! (`kubectl patch … finalizers: null`) to unstick a deletion, a Service recreated under the same
+//! name (a new UID does not protect the old load balancer), or a type or class changed while the
+//! operator was not running. Only resources carrying this cluster's ownership tags are ever
+//! candidates (`list_owned` finds nothing else), nothing happens before the Service cache has
+//! synced, and a failed inventory deletes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use hawser_providers::{OwnedLoadBalancer, Provider};
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::reconcile::{has_finalizer, is_ours};
+
+/// What the collector does with orphans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GcMode {
+    /// Delete them after the grace period.
+    On,
+    /// Log and count them, delete nothing.
+    Report,
+    /// Do not look for them.
+    Off,
+}
+
+/// Why a load balancer has no owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphaned {
+    /// No Service with the owner's UID exists.
+    ServiceGone,
+    /// The Service exists but is no longer a LoadBalancer of our class, and carries no finalizer
+    /// of ours that would clean up.
+    NotOurs,
+}
+
+impl Orphaned {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ServiceGone => "service gone",
+            Self::NotOurs => "service no longer of this class",
+        }
+    }
+}
+
+/// What a Service in the cache says about the load balancers it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Ours, or on its way out through our finalizer: the reconciler looks after it.
+    Alive,
+    /// Neither ours nor holding our finalizer.
+    Released,
+}
+
+/// Each cached Service's UID and what it says, for [`find_orphans`].
+pub fn owners<'a>(services: impl IntoIterator<Item = &'a Service>, class: &str) -> HashMap<String, Owner> {
+    services
+        .into_iter()
+        .filter_map(|svc| {
+            let owner = if is_ours(svc, class) || has_finalizer(svc) { Owner::Alive } else { Owner::Released };
+            Some((svc.uid()?, owner))
+        })
+        .collect()
+}
+
+/// The load balancers of the inventory whose owner is gone or released.
+pub fn find_orphans<'a>(
+    inventory: &'a [OwnedLoadBalancer],
+    owners: &HashMap<String, Owner>,
+) -> Vec<(&'a OwnedLoadBalancer, Orphaned)> {
+    inventory
+        .iter()
+        .filter_map(|lb| match owners.get(&lb.identity.uid) {
+            None => Some((lb, Orphaned::ServiceGone)),
+            Some(Owner::Released) => Some((lb, Orphaned::NotOurs)),
+            Some(Owner::Alive) => None,
+        })
+        .collect()
+}
+
+/// Remembers since when each orphan has been seen, and says which are due for deletion.
+#[derive(Debug)]
+pub struct Collector {
+    grace: Duration,
+    first_seen: HashMap<String, Instant>,
+}
+
+impl Collector {
+    /// A collector that waits `grace` before deleting.
+    pub fn new(grace: Duration) -> Self {
+        Self { grace, first_seen: HashMap::new() }
+    }
+
+    /// Of the orphans seen `now`, those seen orphaned for at least the grace period. An orphan
+    /// missing from this pass (deleted, or adopted again) is forgotten: its clock starts over.
+    pub fn due<'a>(
+        &mut self,
+        orphans: &[(&'a OwnedLoadBalancer, Orphaned)],
+        now: Instant,
+    ) -> Vec<(&'a OwnedLoadBalancer, Orphaned)> {
+        self.first_seen.retain(|id, _| orphans.iter().any(|(lb, _)| &lb.id == id));
+        orphans
+            .iter()
+            .filter(|(lb, _)| {
+                let since = *self.first_seen.entry(lb.id.clone()).or_insert(now);
+                now.duration_since(since) >= self.grace
+            })
+            .copied()
+            .collect()
+    }
+}
+
+/// What the collector needs.
+pub struct GcSettings {
+    /// On, report or off.
+    pub mode: GcMode,
+    /// Time between passes.
+    pub interval: Duration,
+    /// How long an orphan waits before it is deleted.
+    pub grace: Duration,
+    /// The loadBalancerClass served.
+    pub class: String,
+}
+
+/// Runs the collector: a first pass once the Service cache has synced, then every interval.
+pub async fn run(provider: Arc<dyn Provider>, services: Store<Service>, settings: GcSettings, metrics: Arc<Metrics>) {
+    if settings.mode == GcMode::Off {
+        return;
+    }
+    // Before the cache is complete a live Service may look absent: never act on that.
+    while !matches!(services.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut collector = Collector::new(settings.grace);
+    loop {
+        pass(provider.as_ref(), &services, &settings, &metrics, &mut collector).await;
+        tokio::time::sleep(settings.interval).await;
+    }
+}
+
+async fn pass(
+    provider: &dyn Provider,
+    services: &Store<Service>,
+    settings: &GcSettings,
+    metrics: &Metrics,
+    collector: &mut Collector,
+) {
+    let inventory = match provider.list_owned().await {
+        Ok(inventory) => inventory,
+        Err(e) => {
+            metrics.gc_passes.get_or_create(&OutcomeLabels { outcome: e.class().as_str().to_owned() }).inc();
+            warn!(error = %e, "orphan collection: cloud inventory failed; deleting nothing");
+            return;
+        }
+    };
+    // Read after the listing: a Service created meanwhile is in the cache, and protects its
+    // load balancer even if that was made after the listing.
+    let owners = owners(services.state().iter().map(AsRef::as_ref), &settings.class);
+    let orphans = find_orphans(&inventory, &owners);
+    metrics.orphans.set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
+    metrics.gc_passes.get_or_create(&OutcomeLabels { outcome: "success".to_owned() }).inc();
+    for (lb, why) in collector.due(&orphans, Instant::now()) {
+        let service = lb.identity.service_key();
+        if settings.mode == GcMode::Report {
+            warn!(load_balancer = %lb.id, %service, uid = %lb.identity.uid, reason = why.as_str(), "orphaned load balancer (--gc=report: not deleting)");
+            continue;
+        }
+        match provider.delete(&lb.identity).await {
+            Ok(()) => {
+                metrics.gc_deletions.inc();
+                info!(load_balancer = %lb.id, %service, uid = %lb.identity.uid, reason = why.as_str(), "deleted orphaned load balancer");
+            }
+            Err(e) => {
+                warn!(load_balancer = %lb.id, %service, error = %e, "could not delete orphaned load balancer; trying again next pass")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use hawser_providers::ServiceIdentity;
+    use serde_json::json;
+
+    use super::*;
+
+    fn lb(uid: &str) -> OwnedLoadBalancer {
+        OwnedLoadBalancer {
+            identity: ServiceIdentity {
+                cluster: "demo".into(),
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: uid.into(),
+            },
+            id: format!("lb-{uid}"),
+            fingerprint: None,
+        }
+    }
+
+    fn service(uid: &str, spec: serde_json::Value, finalizers: &[&str]) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": uid, "finalizers": finalizers},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn ours() -> serde_json::Value {
+        json!({"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb"})
+    }
+
+    #[test]
+    fn orphans_are_load_balancers_whose_owner_uid_is_gone_or_released() {
+        let services = [
+            service("alive", ours(), &["hawser.dev/cleanup"]),
+            service("new-uid-same-name", ours(), &[]),
+            service("released", json!({"type": "ClusterIP"}), &[]),
+            service("releasing", json!({"type": "ClusterIP"}), &["hawser.dev/cleanup"]),
+            service("other-class", json!({"type": "LoadBalancer", "loadBalancerClass": "x.io/lb"}), &[]),
+        ];
+        let owners = owners(services.iter(), "hawser.dev/lb");
+        let inventory = [lb("alive"), lb("old-uid"), lb("released"), lb("releasing"), lb("other-class")];
+        let found: Vec<(&str, Orphaned)> =
+            find_orphans(&inventory, &owners).into_iter().map(|(l, why)| (l.identity.uid.as_str(), why)).collect();
+        assert_eq!(
+            found,
+            vec![
+                ("old-uid", Orphaned::ServiceGone),
+                ("released", Orphaned::NotOurs),
+                ("other-class", Orphaned::NotOurs)
+            ],
+            "a same-named Service with a new UID does not protect the old load balancer; our finalizer does"
+        );
+    }
+
+    #[test]
+    fn an_orphan_is_due_only_after_the_grace_period_and_its_clock_restarts_when_it_goes() {
+        let start = Instant::now();
+        let (a, b) = (lb("a"), lb("b"));
+        let mut c = Collector::new(Duration::from_secs(60));
+        let both = [(&a, Orphaned::ServiceGone), (&b, Orphaned::ServiceGone)];
+        assert!(c.due(&both, start).is_empty(), "first seen: not yet");
+        assert!(c.due(&both, start + Duration::from_secs(59)).is_empty());
+        // b is adopted again (or deleted by someone else): it leaves the orphans.
+        let only_a = [(&a, Orphaned::ServiceGone)];
+        let due = c.due(&only_a, start + Duration::from_secs(60));
+        assert_eq!(due.iter().map(|(l, _)| l.id.as_str()).collect::<Vec<_>>(), ["lb-a"]);
+        assert!(c.due(&both, start + Duration::from_secs(61)).len() == 1, "b's clock started over");
+        assert_eq!(c.due(&both, start + Duration::from_secs(121)).len(), 2);
+    }
+}
