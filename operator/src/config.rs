@@ -31,10 +31,35 @@ pub enum LogFormat {
     Text,
 }
 
+/// How `audit` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned table.
+    Table,
+    /// A JSON array of rows.
+    Json,
+}
+
+/// What to do instead of running the controller.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Compare every load balancer this cluster owns in the cloud with every Service of the
+    /// class, read-only; exit status 1 when a row needs attention (orphan, missing, drifted,
+    /// invalid), 2 when the audit itself failed.
+    Audit {
+        /// Table or JSON.
+        #[arg(long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+}
+
 /// hawser-operator: gives LoadBalancer Services of one class a real cloud load balancer.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "hawser-operator", version, about)]
 pub struct Cli {
+    /// Run the controller (default), or a one-off command with the same provider flags.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// The cloud to build load balancers in.
     #[arg(long, env = "HAWSER_PROVIDER", value_enum)]
     pub provider: ProviderKind,

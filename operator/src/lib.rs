@@ -5,6 +5,7 @@
 //! the I/O (reconcile, leader election, HTTP), so most of it is tested without any API.
 
 pub mod annotations;
+pub mod audit;
 pub mod config;
 pub mod desired;
 pub mod drift;

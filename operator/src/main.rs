@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use hawser_operator::config::Cli;
+use hawser_operator::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -11,6 +11,16 @@ async fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     hawser_operator::telemetry::init(cli.log_format);
+    if let Some(Command::Audit { output }) = cli.command {
+        return match hawser_operator::run::audit(cli, output).await {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::from(1),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "audit failed");
+                ExitCode::from(2)
+            }
+        };
+    }
     match hawser_operator::run::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -17,7 +17,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::{Cli, ProviderKind};
+use crate::audit;
+use crate::config::{Cli, OutputFormat, ProviderKind};
 use crate::desired::DesiredConfig;
 use crate::drift;
 use crate::gc::{self, GcSettings};
@@ -233,14 +234,7 @@ async fn run_controller(
 
     let settings = Settings {
         class: cli.load_balancer_class.clone(),
-        desired: DesiredConfig {
-            cluster: cli.cluster_name.clone(),
-            health_check_mode: cli.health_check_mode,
-            node_health_port: cli.node_health_port,
-            provider_name: provider.name(),
-            provider_annotations: provider.annotations(),
-            capabilities: provider.capabilities(),
-        },
+        desired: desired_config(cli, provider.as_ref()),
         node_policy,
         resync_period: cli.resync_period,
     };
@@ -290,6 +284,44 @@ async fn run_controller(
     node_task.abort();
     info!("controller stopped");
     Ok(())
+}
+
+/// What the desired-state builder needs from the flags and the provider.
+fn desired_config(cli: &Cli, provider: &dyn Provider) -> DesiredConfig {
+    DesiredConfig {
+        cluster: cli.cluster_name.clone(),
+        health_check_mode: cli.health_check_mode,
+        node_health_port: cli.node_health_port,
+        provider_name: provider.name(),
+        provider_annotations: provider.annotations(),
+        capabilities: provider.capabilities(),
+    }
+}
+
+/// `hawser-operator audit`: prints the rows; true when one needs attention.
+pub async fn audit(cli: Cli, output: OutputFormat) -> anyhow::Result<bool> {
+    let (provider, _) = build_provider(&cli).await?;
+    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
+    let services = Api::<Service>::all(client.clone()).list(&Default::default()).await.context("listing Services")?;
+    let nodes = Api::<Node>::all(client).list(&Default::default()).await.context("listing Nodes")?;
+    let mut targets = TargetSet::new(policy);
+    targets.replace(nodes.items.iter().filter_map(|n| eligibility(n, policy).ok()));
+    let inventory = provider.list_owned().await.context("listing the load balancers in the cloud")?;
+    let cfg = desired_config(&cli, provider.as_ref());
+    let rows = audit::audit(
+        &services.items,
+        &targets.targets(),
+        &inventory,
+        provider.as_ref(),
+        &cfg,
+        &cli.load_balancer_class,
+    );
+    match output {
+        OutputFormat::Table => print!("{}", audit::table(&rows)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).context("encoding the rows")?),
+    }
+    Ok(rows.iter().any(|r| r.verdict.is_problem()))
 }
 
 /// Keeps in the cache only what reconciles read: the managed fields and the last-applied

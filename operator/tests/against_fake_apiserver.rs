@@ -514,3 +514,60 @@ async fn a_force_deleted_services_load_balancer_is_collected_and_foreign_ones_ne
     drop(op);
     server.stop().await;
 }
+
+/// `hawser-operator audit` against the same cluster and cloud: exit status and printed rows.
+/// (Awaited, not blocked on: the fake apiserver serves from this test's runtime.)
+async fn audit(kubeconfig: &Path, state: &Path, output: &str) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+        .args(["--provider", "mock", "--cluster-name", "demo", "--mock-state-file"])
+        .arg(state)
+        .args(["audit", "--output", output])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("hawser-operator audit runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() != Some(2), "audit failed: {stderr}");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn audit_lists_every_service_and_load_balancer_and_fails_when_something_is_wrong() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_file(&dir);
+    let op = start_operator(server.kubeconfig_path(), &state, &["--gc", "off"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    for name in ["web", "api"] {
+        services.create(&PostParams::default(), &lb_service(name, "hawser.dev/lb", json!({}))).await.unwrap();
+        wait_for("ingress", || async { services.get(name).await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    }
+    services.create(&PostParams::default(), &lb_service("other", "example.com/lb", json!({}))).await.unwrap();
+    let (code, json_out) = audit(server.kubeconfig_path(), &state, "json").await;
+    assert_eq!(code, 0, "all is well: {json_out}");
+    let rows: Vec<Value> = serde_json::from_str(&json_out).unwrap();
+    let verdicts: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["service"].as_str().unwrap(), r["verdict"].as_str().unwrap())).collect();
+    assert_eq!(verdicts, [("default/api", "ok"), ("default/web", "ok")], "another class is not audited");
+
+    // The operator is down; meanwhile api is force-deleted and a new Service appears.
+    drop(op);
+    let strip = json!({"metadata": {"finalizers": null}});
+    services.patch("api", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
+    services.delete("api", &DeleteParams::default()).await.unwrap();
+    services.create(&PostParams::default(), &lb_service("new", "hawser.dev/lb", json!({}))).await.unwrap();
+    let (code, table) = audit(server.kubeconfig_path(), &state, "table").await;
+    assert_eq!(code, 1, "something needs attention:\n{table}");
+    let verdict = |service: &str| {
+        let line = table.lines().find(|l| l.starts_with(service)).unwrap_or_default();
+        line.split_whitespace().nth(3).unwrap_or_default().to_owned()
+    };
+    assert!(table.starts_with("SERVICE"), "{table}");
+    assert_eq!(
+        [verdict("default/api"), verdict("default/new"), verdict("default/web")],
+        ["orphan", "missing", "ok"],
+        "{table}"
+    );
+    server.stop().await;
+}
