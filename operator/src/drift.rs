@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use hawser_providers::OwnedLoadBalancer;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::events::{EventType, Note};
 use crate::metrics::OutcomeLabels;
 use crate::reconcile::{Context, Ensured};
 
@@ -93,13 +93,8 @@ async fn tell_the_user(ctx: &Context, uid: &str, seen: &Ensured, drift: Drift) {
         Drift::Missing => "is gone from the cloud; creating it again",
         Drift::Changed => "was changed outside hawser; restoring it",
     };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "LoadBalancerDrifted".to_owned(),
-        note: Some(format!("Load balancer {} {what}", seen.status.id)),
-        action: "DriftCheck".to_owned(),
-        secondary: None,
-    };
+    let note = format!("Load balancer {} {what}", seen.status.id);
+    let event = Note { type_: EventType::Warning, reason: "LoadBalancerDrifted", action: "DriftCheck", note: &note };
     let service = ObjectReference {
         api_version: Some("v1".to_owned()),
         kind: Some("Service".to_owned()),
@@ -108,7 +103,7 @@ async fn tell_the_user(ctx: &Context, uid: &str, seen: &Ensured, drift: Drift) {
         uid: Some(uid.to_owned()),
         ..ObjectReference::default()
     };
-    if let Err(e) = ctx.recorder.publish(&event, &service).await {
+    if let Err(e) = ctx.events.publish(&event, &service).await {
         warn!(error = %e, "could not publish event");
     }
 }

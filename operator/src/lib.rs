@@ -9,6 +9,7 @@ pub mod audit;
 pub mod config;
 pub mod desired;
 pub mod drift;
+pub mod events;
 pub mod gc;
 pub mod http;
 pub mod leader;

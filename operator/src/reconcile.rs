@@ -12,13 +12,13 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
 use crate::desired::{self, DesiredConfig};
+use crate::events::{EventPublisher, EventType, Note};
 use crate::metrics::Metrics;
 use crate::names::{CONDITION_TYPE, CONTROLLER_NAME, FINALIZER};
 use crate::nodes::NodePolicy;
@@ -72,8 +72,8 @@ pub struct Context {
     pub targets: watch::Receiver<Targets>,
     /// Settings.
     pub settings: Settings,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Publishes Events.
+    pub events: EventPublisher,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Retry delays by error class.
@@ -91,7 +91,7 @@ impl Context {
         provider: Arc<dyn Provider>,
         targets: watch::Receiver<Targets>,
         settings: Settings,
-        recorder: Recorder,
+        events: EventPublisher,
         metrics: Arc<Metrics>,
         retry: RetryPolicy,
     ) -> Self {
@@ -100,7 +100,7 @@ impl Context {
             provider,
             targets,
             settings,
-            recorder,
+            events,
             metrics,
             retry,
             now: Timestamp::now,
@@ -415,9 +415,8 @@ async fn write_status(svc: &Service, ctx: &Context, api: &Api<Service>, change: 
 }
 
 async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, action: &str, note: String) {
-    let event =
-        Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &svc.object_ref(&())).await {
+    let event = Note { type_, reason, action, note: &note };
+    if let Err(e) = ctx.events.publish(&event, &svc.object_ref(&())).await {
         // An Event is advice to the user; failing to write one must not fail the reconcile.
         warn!(error = %e, reason, "could not publish event");
     }

@@ -9,7 +9,6 @@ use futures::{FutureExt, StreamExt};
 use hawser_providers::Provider;
 use hawser_providers::{Target, Targets};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Config as WatcherConfig, watcher};
 use kube::runtime::{Controller, WatchStreamExt, controller};
@@ -21,6 +20,7 @@ use crate::audit;
 use crate::config::{Cli, OutputFormat, ProviderKind};
 use crate::desired::DesiredConfig;
 use crate::drift;
+use crate::events::EventPublisher;
 use crate::gc::{self, GcSettings};
 use crate::http::{self, HttpState, MockViews};
 use crate::leader::LeaderElector;
@@ -238,10 +238,9 @@ async fn run_controller(
         node_policy,
         resync_period: cli.resync_period,
     };
-    let reporter = Reporter { controller: CONTROLLER_NAME.to_owned(), instance: std::env::var("POD_NAME").ok() };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let events = EventPublisher::new(client.clone(), CONTROLLER_NAME, std::env::var("POD_NAME").ok());
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), cli.resync_period, None);
-    let ctx = Arc::new(Context::new(client.clone(), provider, targets, settings, recorder, metrics, retry));
+    let ctx = Arc::new(Context::new(client.clone(), provider, targets, settings, events, metrics, retry));
 
     let (store, writer) = reflector::store::<Service>();
     let services = watcher(Api::<Service>::all(client), WatcherConfig::default().any_semantic())

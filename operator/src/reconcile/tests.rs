@@ -9,7 +9,6 @@ use hawser_providers::Target;
 use hawser_providers::mock::{MockCloud, MockConfig, RecordedCall};
 use http::{Method, Request, Response};
 use kube::client::Body;
-use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 
 use super::*;
@@ -47,7 +46,7 @@ fn event(reason: &'static str, type_: &'static str) -> Expect {
     })
 }
 
-/// The same Event again from the same recorder: it counts the series up instead of creating one.
+/// The same Event again (same reason and message): it counts the series up instead of creating one.
 fn event_again() -> Expect {
     expect(Method::PATCH, "/apis/events.k8s.io/v1/namespaces/shop/events/", |body| {
         assert!(body["series"]["count"].as_u64().is_some_and(|n| n >= 2), "{body}");
@@ -122,10 +121,10 @@ fn harness(cloud: MockCloud) -> Harness {
         node_policy: NodePolicy::default(),
         resync_period: Duration::from_secs(600),
     };
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "hawser-operator".into(), instance: None });
+    let events = EventPublisher::new(client.clone(), "hawser-operator", None);
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), Duration::from_secs(600), Some(1));
     let mut ctx =
-        Context::new(client, Arc::new(cloud.clone()), targets, settings, recorder, Arc::new(Metrics::new()), retry);
+        Context::new(client, Arc::new(cloud.clone()), targets, settings, events, Arc::new(Metrics::new()), retry);
     ctx.now = || "2026-11-26T10:00:00Z".parse().unwrap();
     Harness { ctx: Arc::new(ctx), cloud, handle: Some(handle) }
 }
@@ -441,8 +440,9 @@ async fn a_changed_service_is_ensured_once_with_one_write() {
     let mut h = harness(cloud());
     let written = Arc::new(std::sync::Mutex::new(Value::Null));
     let mut script = first_ensure(written.clone());
+    // "Ensuring … 2 listener(s)" is news; "Load balancer … serves 203.0.113.1" is a repeat.
     script.extend([
-        event_again(),
+        event("EnsuringLoadBalancer", "Normal"),
         expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
             assert_eq!(body["status"]["loadBalancer"]["ingress"][0]["ports"][1]["port"], 443, "{body}");
         }),

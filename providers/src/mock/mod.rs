@@ -36,8 +36,11 @@ use crate::{
 const CALL_LOG_LIMIT: usize = 10_000;
 /// Attempts of one API call that the cloud throttles, as a cloud SDK's standard retry makes.
 const THROTTLE_ATTEMPTS: u32 = 4;
-/// Calls a second the client starts at: about what a cloud's read API allows one account.
-const CLIENT_INITIAL_RATE: f64 = 100.0;
+/// The client's pacing: it starts at a generous rate and learns the cloud's limit from throttles;
+/// the burst absorbs the calls that concurrent reconciles happen to issue at the same moment.
+fn client_limiter() -> LimiterConfig {
+    LimiterConfig { burst: 10.0, max_rate: 10_000.0, ..LimiterConfig::starting_at(200.0) }
+}
 
 /// Settings of the mock cloud (the operator's `--mock-*` flags).
 #[derive(Debug, Clone)]
@@ -188,7 +191,7 @@ impl MockCloud {
             config: Arc::new(config),
             pools: Arc::new(pools),
             inner: Arc::new(Mutex::new(inner)),
-            limiter: Arc::new(AdaptiveLimiter::new(LimiterConfig::starting_at(CLIENT_INITIAL_RATE))),
+            limiter: Arc::new(AdaptiveLimiter::new(client_limiter())),
         })
     }
 
