@@ -121,9 +121,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "HAWSER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Mock cloud: the CIDRs load-balancer addresses come from (at most one per IP family).
-    #[arg(long, env = "HAWSER_MOCK_ADDRESS_POOL", default_value = "203.0.113.0/24", value_delimiter = ',')]
-    pub mock_address_pool: Vec<IpNet>,
+    /// Mock cloud: the CIDRs load-balancer addresses come from, comma-separated, at most one
+    /// per IP family (a bare address is a pool of one).
+    #[arg(long, env = "HAWSER_MOCK_ADDRESS_POOL", default_value = "203.0.113.0/24", value_parser = parse_pools)]
+    pub mock_address_pool: Pools,
     /// Mock cloud: latency added to every API call.
     #[arg(long, env = "HAWSER_MOCK_LATENCY", default_value = "0s", value_parser = parse_duration)]
     pub mock_latency: Duration,
@@ -178,6 +179,40 @@ pub struct Cli {
     pub gcp_operation_poll_interval: Duration,
 }
 
+/// Address pools of the mock cloud, checked when the flags are parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pools(pub Vec<IpNet>);
+
+/// `203.0.113.0/24,2001:db8::/120`; a bare address is a /32 or /128; one pool per family.
+fn parse_pools(s: &str) -> Result<Pools, String> {
+    let mut pools: Vec<IpNet> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let net = match item.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => match item.parse::<std::net::IpAddr>() {
+                Ok(addr) => IpNet::from(addr),
+                Err(_) => {
+                    return Err(format!(
+                        "{item:?} is not a CIDR; give one such as 203.0.113.0/24 (or a single address)"
+                    ));
+                }
+            },
+        };
+        if let Some(other) =
+            pools.iter().find(|p| matches!((p, &net), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))))
+        {
+            return Err(format!(
+                "{other} and {net} are both pools of one IP family; give at most one IPv4 and one IPv6 pool"
+            ));
+        }
+        pools.push(net);
+    }
+    if pools.is_empty() {
+        return Err("give at least one CIDR, such as 203.0.113.0/24".to_owned());
+    }
+    Ok(Pools(pools))
+}
+
 /// `:8080` means every address; `127.0.0.1:8080` one.
 fn parse_bind(s: &str) -> Result<SocketAddr, String> {
     let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
@@ -229,7 +264,7 @@ mod tests {
         assert_eq!(cli.concurrency, 8);
         assert_eq!(cli.metrics_bind_address.to_string(), "0.0.0.0:8080");
         assert_eq!(cli.health_probe_bind_address.to_string(), "0.0.0.0:8081");
-        assert_eq!(cli.mock_address_pool, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(cli.mock_address_pool, Pools(vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]));
         assert_eq!(cli.health_check_mode, HealthCheckMode::Hawser);
         assert!(!cli.leader_elect);
         assert_eq!(cli.node_health_port, 10266, "the dataplane's default --health-port");
@@ -259,6 +294,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("like 15s"), "{err}");
+    }
+
+    #[test]
+    fn address_pools_take_cidrs_or_single_addresses_one_per_family() {
+        let pools = parse_pools("203.0.113.5, 2001:db8::/120").unwrap();
+        assert_eq!(pools.0, vec!["203.0.113.5/32".parse::<IpNet>().unwrap(), "2001:db8::/120".parse().unwrap()]);
+        let err = parse_pools("203.0.113.0/24,198.51.100.0/24").unwrap_err();
+        assert!(err.contains("at most one IPv4 and one IPv6"), "{err}");
+        let err = parse_pools("banana").unwrap_err();
+        assert!(err.contains("such as 203.0.113.0/24"), "{err}");
+        assert!(parse_pools(" , ").is_err());
     }
 
     #[test]

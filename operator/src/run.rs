@@ -37,7 +37,7 @@ async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, Option<
         ProviderKind::Mock => {
             let config = hawser_providers::mock::MockConfig {
                 cluster: cli.cluster_name.clone(),
-                address_pools: cli.mock_address_pool.clone(),
+                address_pools: cli.mock_address_pool.0.clone(),
                 latency: cli.mock_latency,
                 rate_limit: cli.mock_rate_limit,
                 error_rate: cli.mock_error_rate,
