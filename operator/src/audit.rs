@@ -143,12 +143,10 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use hawser_providers::Target;
     use hawser_providers::mock::{MockCloud, MockConfig};
     use serde_json::json;
 
     use super::*;
-    use crate::desired::HealthCheckMode;
 
     fn svc(name: &str, uid: &str, extra: serde_json::Value) -> Service {
         let mut v = json!({
@@ -160,25 +158,13 @@ mod tests {
     }
 
     fn cfg(cloud: &MockCloud) -> DesiredConfig {
-        DesiredConfig {
-            cluster: "demo".into(),
-            health_check_mode: HealthCheckMode::Hawser,
-            node_health_port: 10266,
-            provider_name: "mock",
-            provider_annotations: &[],
-            capabilities: cloud.capabilities(),
-        }
+        DesiredConfig { capabilities: cloud.capabilities(), ..crate::testutil::mock_desired_config() }
     }
 
     #[tokio::test]
     async fn every_row_gets_the_verdict_a_user_would_give_it() {
         let cloud = MockCloud::new(MockConfig::new("demo")).unwrap();
-        let targets = Targets::from(vec![Target {
-            name: "n1".into(),
-            provider_id: None,
-            zone: None,
-            addresses: vec!["10.0.0.2".parse().unwrap()],
-        }]);
+        let targets = crate::testutil::one_target();
         let cfg = cfg(&cloud);
         let ok = svc("ok", "u-ok", json!({}));
         let drifted = svc("drifted", "u-drifted", json!({}));

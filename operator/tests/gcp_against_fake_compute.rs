@@ -13,7 +13,7 @@ mod fake_compute;
 
 use std::process::{Child, Command, Stdio};
 
-use common::{free_port, wait_for};
+use common::{free_port, ingress_ips, wait_for};
 use fake_compute::FakeCompute;
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -41,15 +41,6 @@ async fn node(client: &Client, name: &str, zone: &str) {
     }))
     .unwrap();
     Api::<Node>::all(client.clone()).create(&PostParams::default(), &node).await.unwrap();
-}
-
-fn ingress_ips(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .map(|i| i.iter().filter_map(|e| e.ip.clone()).collect())
-        .unwrap_or_default()
 }
 
 /// The real operator with the GCP provider against the fake Compute server at `url`.

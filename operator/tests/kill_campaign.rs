@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[allow(dead_code)] // shared with the other tests; this one needs only `free_port`
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::free_port;
+use common::{free_port, ingress_ips};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -128,15 +127,6 @@ fn cloud(state: &Path) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
     by_owner
 }
 
-fn ingress(svc: &Service) -> Vec<String> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .map(|i| i.iter().filter_map(|e| e.ip.clone()).collect())
-        .unwrap_or_default()
-}
-
 /// What is still wrong, or `None` once converged.
 async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -156,11 +146,11 @@ async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
         owners.insert(uid.clone());
         match cloud.get(&uid) {
             Some((ids, addresses)) if ids.len() == 1 => {
-                if ingress(svc) != *addresses {
+                if ingress_ips(svc) != *addresses {
                     wrong.push(format!(
                         "{} shows {:?}, its load balancer has {addresses:?}",
                         svc.name_any(),
-                        ingress(svc)
+                        ingress_ips(svc)
                     ));
                 }
             }

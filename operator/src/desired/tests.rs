@@ -7,14 +7,7 @@ use crate::testutil::merge;
 use hawser_providers::Target;
 
 fn cfg() -> DesiredConfig {
-    DesiredConfig {
-        cluster: "demo".into(),
-        health_check_mode: HealthCheckMode::Hawser,
-        node_health_port: 10266,
-        provider_name: "mock",
-        provider_annotations: &[],
-        capabilities: Capabilities { needs_node_ports: false, supports_udp: true },
-    }
+    crate::testutil::mock_desired_config()
 }
 
 fn service(patch: serde_json::Value) -> Service {

@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hawser_providers::Target;
 use hawser_providers::mock::{MockCloud, MockConfig, RecordedCall};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::desired::HealthCheckMode;
 use crate::testutil::merge;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -105,19 +103,10 @@ struct Harness {
 fn harness(cloud: MockCloud) -> Harness {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
-    let node =
-        Target { name: "node-a".into(), provider_id: None, zone: None, addresses: vec!["10.0.0.2".parse().unwrap()] };
-    let (_, targets) = watch::channel(Targets::from(vec![node]));
+    let (_, targets) = watch::channel(crate::testutil::one_target());
     let settings = Settings {
         class: "hawser.dev/lb".into(),
-        desired: DesiredConfig {
-            cluster: "demo".into(),
-            health_check_mode: HealthCheckMode::Hawser,
-            node_health_port: 10266,
-            provider_name: "mock",
-            provider_annotations: &[],
-            capabilities: cloud.capabilities(),
-        },
+        desired: DesiredConfig { capabilities: cloud.capabilities(), ..crate::testutil::mock_desired_config() },
         node_policy: NodePolicy::default(),
         resync_period: Duration::from_secs(600),
     };

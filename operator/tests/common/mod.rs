@@ -1,5 +1,8 @@
 //! Helpers shared by the operator's integration tests.
 
+// Each test file compiles this module on its own and uses only some of it.
+#![allow(dead_code)]
+
 use std::time::Duration;
 
 /// How long a test waits for something the operator should do before it fails.
@@ -20,4 +23,14 @@ pub async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut probe: i
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The IPs in a Service's `status.loadBalancer.ingress`.
+pub fn ingress_ips(svc: &k8s_openapi::api::core::v1::Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .map(|i| i.iter().filter_map(|e| e.ip.clone()).collect())
+        .unwrap_or_default()
 }
