@@ -127,6 +127,13 @@ fn cloud(state: &Path) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
     by_owner
 }
 
+/// hawser's condition on the Service: status, reason, message.
+fn condition(svc: &Service) -> Option<(String, String, String)> {
+    let conditions = svc.status.as_ref()?.conditions.as_ref()?;
+    let c = conditions.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerReady")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
 /// What is still wrong, or `None` once converged.
 async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -155,7 +162,7 @@ async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
                 }
             }
             Some((ids, _)) => wrong.push(format!("{} has {} load balancers", svc.name_any(), ids.len())),
-            None => wrong.push(format!("{} has no load balancer", svc.name_any())),
+            None => wrong.push(format!("{} has no load balancer (condition {:?})", svc.name_any(), condition(svc))),
         }
     }
     for (owner, (ids, _)) in &cloud {

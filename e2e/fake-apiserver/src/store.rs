@@ -613,6 +613,27 @@ mod tests {
     }
 
     #[test]
+    fn the_last_finalizer_removed_by_a_json_patch_leaves_no_empty_list_behind() {
+        let s = store();
+        s.create(CM, "default", json!({"metadata": {"name": "a", "finalizers": ["x.io/f"]}})).unwrap();
+        let remove = br#"[{"op":"test","path":"/metadata/finalizers/0","value":"x.io/f"},{"op":"remove","path":"/metadata/finalizers/0"}]"#;
+        let out = s
+            .patch(CM, "default", "a", Subresource::Main, |orig| {
+                crate::patch::apply(crate::patch::PatchKind::Json, "ConfigMap", "a", orig, remove)
+            })
+            .unwrap();
+        assert!(out["metadata"].get("finalizers").is_none(), "as the apiserver's omitempty does: {out}");
+        // So adding one again the way kube-rs does (test against null first) works.
+        let add = br#"[{"op":"test","path":"/metadata/finalizers","value":null},{"op":"add","path":"/metadata/finalizers","value":["x.io/f"]}]"#;
+        let out = s
+            .patch(CM, "default", "a", Subresource::Main, |orig| {
+                crate::patch::apply(crate::patch::PatchKind::Json, "ConfigMap", "a", orig, add)
+            })
+            .unwrap();
+        assert_eq!(out["metadata"]["finalizers"], json!(["x.io/f"]));
+    }
+
+    #[test]
     fn continue_tokens_page_through_in_order() {
         let s = store();
         for n in ["c", "a", "b"] {

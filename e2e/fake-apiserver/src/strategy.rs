@@ -61,7 +61,7 @@ pub fn normalize(def: &ResourceDef, mut obj: Value) -> ApiResult<Value> {
     }
     map.insert("kind".into(), json!(def.kind));
     map.insert("apiVersion".into(), json!(api_version));
-    match (def.group, def.plural) {
+    let obj = match (def.group, def.plural) {
         ("", "namespaces") => roundtrip::<Namespace>(def, obj),
         ("", "services") => roundtrip::<Service>(def, obj),
         ("", "nodes") => roundtrip::<Node>(def, obj),
@@ -71,7 +71,22 @@ pub fn normalize(def: &ResourceDef, mut obj: Value) -> ApiResult<Value> {
         ("events.k8s.io", _) => roundtrip::<EventsEvent>(def, obj),
         ("coordination.k8s.io", _) => roundtrip::<Lease>(def, obj),
         _ => Ok(obj),
+    }?;
+    Ok(omit_empty_metadata(obj))
+}
+
+/// The apiserver encodes ObjectMeta with Go's `omitempty`: a list or map left empty (the last
+/// finalizer removed by a JSON patch, say) is not stored as `[]` or `{}` but disappears, so a
+/// later JSON-patch `test` of that path against `null` passes, as clients rely on.
+fn omit_empty_metadata(mut obj: Value) -> Value {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|_, v| match v {
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
     }
+    obj
 }
 
 fn invalid(def: &ResourceDef, obj: &Value, errors: Vec<FieldError>) -> ApiError {
