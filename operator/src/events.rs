@@ -21,6 +21,20 @@ use kube::{Api, Client};
 const SERIES_WINDOW: Duration = Duration::from_secs(6 * 60);
 /// Entries kept before old ones are dropped.
 const REMEMBERED: usize = 4096;
+/// The apiserver refuses an Event whose note is longer than this many bytes.
+const NOTE_LIMIT: usize = 1024;
+
+/// `note`, cut at a character boundary so that the apiserver accepts it.
+fn within_limit(note: &str) -> String {
+    if note.len() <= NOTE_LIMIT {
+        return note.to_owned();
+    }
+    let mut end = NOTE_LIMIT - "…".len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
 
 /// Normal or Warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,7 +136,7 @@ impl EventPublisher {
             event_time: Some(MicroTime(now)),
             action: Some(note.action.to_owned()),
             reason: Some(note.reason.to_owned()),
-            note: Some(note.note.to_owned()),
+            note: Some(within_limit(note.note)),
             type_: Some(note.type_.as_str().to_owned()),
             regarding: Some(regarding.clone()),
             reporting_controller: Some(self.controller.clone()),
@@ -152,6 +166,14 @@ impl EventPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_apiserver_accepts() {
+        assert_eq!(within_limit("short"), "short");
+        let long = "é".repeat(2000);
+        let cut = within_limit(&long);
+        assert!(cut.len() <= NOTE_LIMIT && cut.ends_with('…'), "{}", cut.len());
+    }
 
     #[tokio::test]
     async fn what_is_remembered_stays_bounded_at_any_number_of_services() {
