@@ -32,6 +32,13 @@ use crate::{
     ServiceIdentity,
 };
 
+/// The SDK crates the provider is built on, for code that talks to AWS directly (tests, tools).
+pub mod sdk {
+    pub use aws_credential_types as credentials;
+    pub use aws_sdk_ec2 as ec2;
+    pub use aws_sdk_elasticloadbalancingv2 as elb;
+}
+
 /// The least-privilege IAM policy the provider needs (`providers/src/aws/iam-policy.json`).
 pub const IAM_POLICY: &str = include_str!("iam-policy.json");
 
