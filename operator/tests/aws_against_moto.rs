@@ -10,24 +10,15 @@ mod common;
 #[path = "../../providers/tests/aws/moto.rs"]
 mod moto;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{free_port, wait_for};
+use common::{Operator, free_port, wait_for};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use hawser_providers::Provider;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn a_force_deleted_services_nlb_is_collected() {
@@ -79,11 +70,13 @@ async fn a_force_deleted_services_nlb_is_collected() {
     let strip = json!({"metadata": {"finalizers": null}});
     services.patch("web", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
     services.delete("web", &DeleteParams::default()).await.unwrap();
-    wait_for("the orphaned NLB collected", || async { aws.list_owned().await.unwrap().is_empty().then_some(()) }).await;
-    let groups = aws.clients().ec2.describe_security_groups().send().await.unwrap();
-    assert!(
-        groups.security_groups().iter().all(|g| !g.group_name().unwrap_or_default().starts_with("hawser-")),
-        "the frontend security group went with it"
-    );
+    // The NLB goes first and its frontend security group last, so wait for both.
+    wait_for("the orphaned NLB and its security group collected", || async {
+        let groups = aws.clients().ec2.describe_security_groups().send().await.unwrap();
+        let group_left =
+            groups.security_groups().iter().any(|g| g.group_name().unwrap_or_default().starts_with("hawser-"));
+        (aws.list_owned().await.unwrap().is_empty() && !group_left).then_some(())
+    })
+    .await;
     server.stop().await;
 }

@@ -11,9 +11,9 @@ mod common;
 #[path = "../../providers/tests/gcp/fake_compute.rs"]
 mod fake_compute;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{free_port, ingress_ips, wait_for};
+use common::{Operator, free_port, ingress_ips, wait_for};
 use fake_compute::FakeCompute;
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -22,15 +22,6 @@ use kube::{Api, Client};
 use serde_json::json;
 
 const REGION: &str = "projects/proj/regions/europe-west1";
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn node(client: &Client, name: &str, zone: &str) {
     let node: Node = serde_json::from_value(json!({

@@ -13,10 +13,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, ingress_ips};
+use common::{Operator, free_port, ingress_ips};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -27,16 +27,6 @@ use serde_json::{Value, json};
 
 const ROUNDS: usize = 100;
 const NAMES: usize = 8;
-
-/// The operator as a child process; dropping it is a SIGKILL.
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start(kubeconfig: &Path, state: &Path, faults: Option<u64>) -> Operator {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hawser-operator"));

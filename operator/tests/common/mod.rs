@@ -34,3 +34,13 @@ pub fn ingress_ips(svc: &k8s_openapi::api::core::v1::Service) -> Vec<String> {
         .map(|i| i.iter().filter_map(|e| e.ip.clone()).collect())
         .unwrap_or_default()
 }
+
+/// The operator (or another child process) under test, SIGKILLed when dropped.
+pub struct Operator(pub std::process::Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
