@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hawser_providers::{
-    Capabilities, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider, ProviderError,
-    ServiceIdentity,
+    Capabilities, ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider,
+    ProviderError, ServiceIdentity,
 };
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -129,6 +129,14 @@ impl Provider for MeteredProvider {
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         self.measured("ensure", self.inner.ensure(spec)).await
+    }
+
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.measured("plan", self.inner.plan(spec)).await
+    }
+
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.measured("plan_delete", self.inner.plan_delete(identity)).await
     }
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {

@@ -7,6 +7,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+mod changes;
 mod error;
 #[cfg(feature = "gcp")]
 pub mod gcp;
@@ -19,6 +20,7 @@ mod provider;
 mod spec;
 mod status;
 
+pub use changes::{Action, Change, ChangePlan, Conflict, FieldChange, listed, membership, shown};
 pub use error::{ErrorClass, InvalidField, ProviderError};
 pub use naming::{
     OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_RESOURCE, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID, ownership_tags,

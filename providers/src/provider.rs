@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::{InvalidField, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity};
+use crate::{ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity};
 
 /// Annotation prefixes that belong to one cloud each. A Service may carry several clouds'
 /// annotations (one manifest for EKS and GKE); each provider reads only its own.
@@ -62,6 +62,14 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Creates or updates the load balancer so that it matches `spec`.
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError>;
+
+    /// The changes [`Provider::ensure`] would make for `spec`, found by reading the cloud only.
+    /// A resource with hawser's name that hawser does not own is a conflict in the plan, not an
+    /// error; a spec the cloud cannot realise is [`ProviderError::InvalidInput`], as for ensure.
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError>;
+
+    /// The changes [`Provider::delete`] would make for `identity`, found by reading only.
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError>;
 
     /// Deletes every cloud resource owned by `identity`; absent is success.
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError>;

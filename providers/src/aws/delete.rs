@@ -89,27 +89,8 @@ impl AwsProvider {
             Err(e) => return Err(e),
         }
 
-        // 2. Target groups: the attached ones plus any a crash left detached, found by name
-        //    prefix and confirmed by tags.
-        let prefix = naming::target_group_prefix(id);
-        let mut pages = self.clients.elb.describe_target_groups().page_size(400).into_paginator().send();
-        let mut candidates = Vec::new();
-        loop {
-            let Some(page) = pages.next().await else { break };
-            let page = page.map_err(|e| ApiError::from_sdk("DescribeTargetGroups", e))?;
-            candidates.extend(
-                page.target_groups()
-                    .iter()
-                    .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(&prefix)))
-                    .filter_map(|t| t.target_group_arn().map(str::to_owned)),
-            );
-        }
-        let tags = self.elb_tags(&candidates).await?;
-        for arn in candidates {
-            if tags.get(&arn).is_some_and(|t| Self::owned_by(t, id)) {
-                target_groups.insert(arn);
-            }
-        }
+        // 2. Target groups: the attached ones plus any a crash left detached.
+        target_groups.extend(self.detached_target_groups(id).await?.into_iter().map(|(arn, _)| arn));
         let owned_attached: Vec<String> = target_groups.into_iter().collect();
         let attached_tags = self.elb_tags(&owned_attached).await?;
         for arn in &owned_attached {
@@ -170,6 +151,30 @@ impl AwsProvider {
             .await?;
         }
         Ok(())
+    }
+
+    /// The target groups of `id` found by name prefix and confirmed by tags, as `(arn, name)`:
+    /// how the ones a crash left detached from any load balancer are found.
+    pub(super) async fn detached_target_groups(
+        &self,
+        id: &ServiceIdentity,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
+        let prefix = naming::target_group_prefix(id);
+        let mut pages = self.clients.elb.describe_target_groups().page_size(400).into_paginator().send();
+        let mut candidates = Vec::new();
+        loop {
+            let Some(page) = pages.next().await else { break };
+            let page = page.map_err(|e| ApiError::from_sdk("DescribeTargetGroups", e))?;
+            candidates.extend(
+                page.target_groups()
+                    .iter()
+                    .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(&prefix)))
+                    .filter_map(|t| Some((t.target_group_arn()?.to_owned(), t.target_group_name()?.to_owned()))),
+            );
+        }
+        let arns: Vec<String> = candidates.iter().map(|(arn, _)| arn.clone()).collect();
+        let tags = self.elb_tags(&arns).await?;
+        Ok(candidates.into_iter().filter(|(arn, _)| tags.get(arn).is_some_and(|t| Self::owned_by(t, id))).collect())
     }
 
     /// Every NLB of this cluster: one paginated read, and tags read (and cached) only for

@@ -266,7 +266,7 @@ impl AwsProvider {
 
     /// VPC, subnets and node security groups: cached, as they change rarely and reading them
     /// on every reconcile is what makes controllers slow at scale.
-    async fn environment(
+    pub(super) async fn environment(
         &self,
         spec: &LoadBalancerSpec,
         opts: &AwsOptions,
@@ -503,7 +503,7 @@ impl AwsProvider {
     }
 
     /// The owned target groups attached to the load balancer, with attributes and targets.
-    async fn observe_target_groups(
+    pub(super) async fn observe_target_groups(
         &self,
         id: &ServiceIdentity,
         lb_arn: &str,

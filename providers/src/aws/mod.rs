@@ -13,6 +13,7 @@ mod ensure;
 pub mod errors;
 pub mod naming;
 pub mod plan;
+mod preview;
 #[cfg(test)]
 mod testutil;
 
@@ -28,8 +29,8 @@ use plan::Environment;
 
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{
-    Capabilities, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider, ProviderError,
-    ServiceIdentity,
+    Capabilities, ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider,
+    ProviderError, ServiceIdentity,
 };
 
 /// The SDK crates the provider is built on, for code that talks to AWS directly (tests, tools).
@@ -157,6 +158,14 @@ impl Provider for AwsProvider {
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         self.ensure_inner(spec).await
+    }
+
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.plan_inner(spec).await
+    }
+
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.plan_delete_inner(identity).await
     }
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {

@@ -105,7 +105,7 @@ impl GcpProvider {
 
     /// An IPv6 load balancer takes its address from the subnetwork's IPv6 range, external or
     /// internal as the load balancer is: say so plainly instead of letting an insert fail.
-    async fn check_ipv6_subnetwork(&self, plan: &Plan) -> Result<(), ProviderError> {
+    pub(super) async fn check_ipv6_subnetwork(&self, plan: &Plan) -> Result<(), ProviderError> {
         let Some(url) = plan.subnetwork() else {
             return Err(ProviderError::Fatal("an IPv6 plan without a subnetwork".into()));
         };
@@ -182,7 +182,7 @@ impl GcpProvider {
     }
 
     /// A requested address must be a static address of the project, of the load balancer's kind.
-    async fn check_requested_address(&self, plan: &Plan, wanted: IpAddr) -> Result<IpAddr, ProviderError> {
+    pub(super) async fn check_requested_address(&self, plan: &Plan, wanted: IpAddr) -> Result<IpAddr, ProviderError> {
         let all = self.compute.list_addresses().await.map_err(ApiFailure::into_error)?;
         let Some(found) = all.iter().find(|a| address_ip(a.address.as_deref()) == Some(wanted)) else {
             let region = &self.config.region;

@@ -15,6 +15,7 @@ mod ensure;
 pub mod errors;
 pub mod naming;
 pub mod plan;
+mod preview;
 #[cfg(test)]
 mod testutil;
 
@@ -26,8 +27,8 @@ pub use compute::{CallLog, Compute, IAM_PERMISSIONS, RecordedCall};
 pub use config::GcpConfig;
 
 use crate::{
-    Capabilities, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider, ProviderError,
-    ServiceIdentity,
+    Capabilities, ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider,
+    ProviderError, ServiceIdentity,
 };
 
 /// The custom IAM role the provider needs (`gcloud iam roles create --file`).
@@ -80,6 +81,14 @@ impl Provider for GcpProvider {
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         self.ensure_inner(spec).await
+    }
+
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.plan_inner(spec).await
+    }
+
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.plan_delete_inner(identity).await
     }
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {

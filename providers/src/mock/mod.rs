@@ -7,6 +7,7 @@
 //! the load-balancer IP, and the hawser dataplane forwards them.
 
 mod gate;
+mod plan;
 mod pool;
 mod state;
 
@@ -28,8 +29,8 @@ pub use state::{CloudState, MockLoadBalancer};
 use crate::limiter::{AdaptiveLimiter, LimiterConfig};
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{
-    Capabilities, IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, PortStatus,
-    Protocol, Provider, ProviderError, ServiceIdentity, ownership_tags, stable_hash,
+    Capabilities, ChangePlan, IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
+    PortStatus, Protocol, Provider, ProviderError, ServiceIdentity, ownership_tags, stable_hash,
 };
 
 /// How many recorded calls are kept; older ones are dropped so a long sandbox run stays small.
@@ -524,6 +525,14 @@ impl Provider for MockCloud {
                 .await
             }
         }
+    }
+
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.plan_inner(spec).await
+    }
+
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.plan_delete_inner(identity).await
     }
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {

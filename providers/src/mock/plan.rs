@@ -1,0 +1,191 @@
+//! The mock cloud's plan: what [`MockCloud::ensure`] and [`MockCloud::delete`] would change,
+//! found with one read.
+
+use std::net::IpAddr;
+
+use super::state::{CloudState, MockLoadBalancer};
+use super::{MockCloud, describe_owner, desired_record};
+use crate::changes::{Action, Change, ChangePlan, listed, membership, shown};
+use crate::{IpFamily, Listener, LoadBalancerSpec, ProviderError, ServiceIdentity, SessionAffinity};
+
+const KIND: &str = "load balancer";
+
+fn listener(l: &Listener) -> String {
+    match l.node_port {
+        Some(np) => format!("{}/{} (node port {np})", l.port, l.protocol.as_str()),
+        None => format!("{}/{}", l.port, l.protocol.as_str()),
+    }
+}
+
+fn affinity(a: SessionAffinity) -> String {
+    match a {
+        SessionAffinity::None => "None".to_owned(),
+        SessionAffinity::ClientIp { timeout } => format!("ClientIP ({}s)", timeout.as_secs()),
+    }
+}
+
+fn differs<T: PartialEq>(change: Change, field: &str, old: &T, new: &T, show: impl Fn(&T) -> Option<String>) -> Change {
+    if old == new { change } else { change.field(field, show(old), show(new)) }
+}
+
+impl MockCloud {
+    pub(super) async fn plan_inner(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.call("DescribeLoadBalancers", None, false, |state| self.plan_in(state, spec)).await
+    }
+
+    pub(super) async fn plan_delete_inner(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.call("DescribeLoadBalancers", None, false, |state| {
+            let mut plan = ChangePlan::default();
+            if let Some(lb) = state.owned_by(identity) {
+                plan.push(
+                    Change::new(Action::Delete, KIND, &lb.id)
+                        .field("addresses", listed(&lb.addresses), None)
+                        .because("its addresses are released"),
+                );
+            }
+            Ok(plan)
+        })
+        .await
+    }
+
+    /// The addresses ensure would end with, or why it could not, without allocating any:
+    /// `None` in the list stands for "the next free address of the pool".
+    fn preview_addresses(
+        &self,
+        state: &CloudState,
+        spec: &LoadBalancerSpec,
+        current: Option<&MockLoadBalancer>,
+        plan: &mut ChangePlan,
+    ) -> Result<Vec<Result<IpAddr, String>>, ProviderError> {
+        let own = |addr: &IpAddr| current.is_some_and(|lb| lb.addresses.contains(addr));
+        let mut out = Vec::new();
+        for family in &spec.ip_families {
+            if let Some(addr) = spec.requested_addresses.iter().find(|a| IpFamily::of(a) == *family) {
+                if !self.pools.contains(addr) {
+                    return Err(ProviderError::invalid(
+                        "hawser.dev/address",
+                        format!(
+                            "{addr} is not in the mock cloud's address pools ({}); request an address inside them",
+                            self.pools.describe()
+                        ),
+                    ));
+                }
+                if let Some(holder) = state.holder_of(addr).filter(|_| !own(addr)) {
+                    plan.conflict("address", addr.to_string(), format!("already in use by {}", describe_owner(holder)));
+                }
+                out.push(Ok(*addr));
+            } else if let Some(existing) =
+                current.and_then(|lb| lb.addresses.iter().find(|a| IpFamily::of(a) == *family))
+            {
+                out.push(Ok(*existing));
+            } else {
+                let Some(pool) = self.pools.for_family(*family) else {
+                    return Err(ProviderError::invalid(
+                        "spec.ipFamilies",
+                        format!(
+                            "the mock cloud has no {family:?} address pool (pools: {}); use a family it has",
+                            self.pools.describe()
+                        ),
+                    ));
+                };
+                out.push(Err(format!("a free address from {pool}")));
+            }
+        }
+        Ok(out)
+    }
+
+    fn plan_in(&self, state: &CloudState, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        let mut plan = ChangePlan::default();
+        let name = Self::name_for(&spec.identity);
+        let current = state.owned_by(&spec.identity);
+        if current.is_none()
+            && let Some(foreign) = state.named(&name)
+        {
+            plan.conflict(
+                KIND,
+                &name,
+                format!(
+                    "{} already exists with this name and is not owned by Service {} of cluster {}; hawser leaves it \
+                     untouched — delete or rename it",
+                    foreign.id,
+                    spec.identity.service_key(),
+                    spec.identity.cluster
+                ),
+            );
+        }
+        let addresses = self.preview_addresses(state, spec, current, &mut plan)?;
+        let shown_addresses = |list: &[Result<IpAddr, String>]| {
+            listed(list.iter().map(|a| match a {
+                Ok(ip) => ip.to_string(),
+                Err(pending) => pending.clone(),
+            }))
+        };
+        let wanted = desired_record(
+            String::new(),
+            name.clone(),
+            addresses.iter().filter_map(|a| a.as_ref().ok().copied()).collect(),
+            spec,
+            0,
+        );
+        let Some(current) = current else {
+            let targets: Vec<&str> = spec.targets.iter().map(|t| t.name.as_str()).collect();
+            let mut create = Change::new(Action::Create, KIND, &name)
+                .field("addresses", None, shown_addresses(&addresses))
+                .field("listeners", None, listed(spec.listeners.iter().map(listener)))
+                .field("scheme", None, shown(spec.scheme.as_str()));
+            if let Some((_, new)) = membership("nodes", [], targets) {
+                create = create.field("targets", None, new);
+            }
+            plan.push(create);
+            return Ok(plan);
+        };
+        let current_addresses: Vec<Result<IpAddr, String>> = current.addresses.iter().copied().map(Ok).collect();
+        let mut update = Change::new(Action::Update, KIND, &current.id);
+        update = differs(update, "addresses", &current_addresses, &addresses, |a| shown_addresses(a));
+        update =
+            differs(update, "listeners", &current.listeners, &wanted.listeners, |l| listed(l.iter().map(listener)));
+        if let Some((old, new)) = membership(
+            "nodes",
+            current.targets.iter().map(|t| t.name.as_str()),
+            wanted.targets.iter().map(|t| t.name.as_str()),
+        ) {
+            update = update.field("targets", old, new);
+        } else if current.targets != wanted.targets {
+            update = update.field("targets", shown("provider IDs"), shown("changed provider IDs"));
+        }
+        let (old_hc, new_hc) = (&current.health_check, &wanted.health_check);
+        update =
+            differs(update, "healthCheck.protocol", &old_hc.protocol, &new_hc.protocol, |p| shown(format!("{p:?}")));
+        update = differs(update, "healthCheck.port", &old_hc.port, &new_hc.port, |p| shown(p));
+        update = differs(update, "healthCheck.path", &old_hc.path, &new_hc.path, Clone::clone);
+        update = differs(update, "healthCheck.interval", &old_hc.interval, &new_hc.interval, |d| {
+            shown(format!("{}s", d.as_secs()))
+        });
+        update = differs(update, "healthCheck.timeout", &old_hc.timeout, &new_hc.timeout, |d| {
+            shown(format!("{}s", d.as_secs()))
+        });
+        update = differs(
+            update,
+            "healthCheck.healthyThreshold",
+            &old_hc.healthy_threshold,
+            &new_hc.healthy_threshold,
+            |n| shown(n),
+        );
+        update = differs(
+            update,
+            "healthCheck.unhealthyThreshold",
+            &old_hc.unhealthy_threshold,
+            &new_hc.unhealthy_threshold,
+            |n| shown(n),
+        );
+        update = differs(update, "scheme", &current.scheme, &wanted.scheme, |s| shown(s.as_str()));
+        update = differs(update, "sourceRanges", &current.source_ranges, &wanted.source_ranges, |r| listed(r));
+        update = differs(update, "sessionAffinity", &current.session_affinity, &wanted.session_affinity, |a| {
+            shown(affinity(*a))
+        });
+        update =
+            differs(update, "tags", &current.tags, &wanted.tags, |t| listed(t.iter().map(|(k, v)| format!("{k}={v}"))));
+        plan.push_if_changed(update);
+        Ok(plan)
+    }
+}
