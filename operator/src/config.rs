@@ -40,6 +40,15 @@ pub enum OutputFormat {
     Json,
 }
 
+/// How `plan` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanOutput {
+    /// One block per Service: `+ create`, `~ update`, `! replace`, `- delete`.
+    Text,
+    /// A JSON array, one object per Service.
+    Json,
+}
+
 /// What to do instead of running the controller.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
@@ -50,6 +59,27 @@ pub enum Command {
         /// Table or JSON.
         #[arg(long, value_enum, default_value = "table")]
         output: OutputFormat,
+    },
+    /// Print the cloud changes hawser would make for Services, without making them (read-only):
+    /// for the Services of a manifest as `kubectl apply` would leave them (`-f FILE`, `-f -` for
+    /// stdin), or for existing Services (`NAMESPACE/NAME`). Exit status 0 when planned, 1 when a
+    /// Service is invalid or blocked by a resource hawser does not own, 2 when planning failed.
+    Plan {
+        /// A manifest with one or more Services (YAML or JSON; `-` reads stdin).
+        #[arg(short = 'f', long = "filename", value_name = "FILE", conflicts_with = "services")]
+        file: Option<PathBuf>,
+        /// Existing Services, as `namespace/name` (or `name` in --namespace).
+        #[arg(value_name = "NAMESPACE/NAME", required_unless_present = "file")]
+        services: Vec<String>,
+        /// The namespace of Services that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Plan what deleting the Services would do.
+        #[arg(long)]
+        delete: bool,
+        /// Text or JSON.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: PlanOutput,
     },
 }
 
@@ -99,6 +129,12 @@ pub struct Cli {
     /// Let control-plane Nodes receive load-balancer traffic.
     #[arg(long, env = "HAWSER_INCLUDE_CONTROL_PLANE_NODES", default_value_t = false)]
     pub include_control_plane_nodes: bool,
+    /// Plan instead of change: every reconcile reads the cloud and logs, publishes as an Event
+    /// and serves at /plans what it would change, and writes nothing (no cloud change, no
+    /// finalizer, no status; the orphan collector only reports). For trying hawser on Services
+    /// another controller still serves, or a new version on a live cluster.
+    #[arg(long, env = "HAWSER_DRY_RUN", default_value_t = false)]
+    pub dry_run: bool,
     /// How often one batched cloud inventory is compared with every Service, to repair drift
     /// (only the Services whose load balancer changed or vanished are ensured again).
     #[arg(long, env = "HAWSER_RESYNC_PERIOD", default_value = "10m", value_parser = parse_duration)]

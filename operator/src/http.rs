@@ -1,4 +1,4 @@
-//! The operator's HTTP endpoints: probes, metrics and (mock cloud) state.
+//! The operator's HTTP endpoints: probes, metrics, the dry run's plans and (mock cloud) state.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// The mock cloud's views, when the mock provider runs.
     pub mock: Option<MockViews>,
+    /// With `--dry-run`: every Service's last plan.
+    pub plans: Option<JsonView>,
 }
 
 /// A view of the mock cloud as JSON.
@@ -44,12 +46,14 @@ pub fn probes(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// `/metrics`, and `/mock/state` and `/mock/summary` with the mock provider.
+/// `/metrics`, `/plans` with `--dry-run`, and `/mock/state` and `/mock/summary` with the mock
+/// provider.
 pub fn metrics(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/mock/state", get(|s: State<HttpState>| mock_view(s, |m| &m.state)))
         .route("/mock/summary", get(|s: State<HttpState>| mock_view(s, |m| &m.summary)))
+        .route("/plans", get(plans))
         .with_state(state)
 }
 
@@ -70,6 +74,13 @@ async fn mock_view(State(state): State<HttpState>, view: fn(&MockViews) -> &Json
     match &state.mock {
         Some(views) => axum::Json(view(views)()).into_response(),
         None => (StatusCode::NOT_FOUND, "the mock provider is not running").into_response(),
+    }
+}
+
+async fn plans(State(state): State<HttpState>) -> Response {
+    match &state.plans {
+        Some(view) => axum::Json(view()).into_response(),
+        None => (StatusCode::NOT_FOUND, "plans are kept only with --dry-run").into_response(),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod metered;
 pub mod metrics;
 pub mod names;
 pub mod nodes;
+pub mod plan;
 pub mod reconcile;
 pub mod retry;
 pub mod run;

@@ -21,6 +21,17 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Plan { file, services, namespace, delete, output }) = cli.command.clone() {
+        let request = hawser_operator::run::PlanRequest { file, services, namespace, delete, output };
+        return match hawser_operator::run::plan(cli, request).await {
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::from(1),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "plan failed");
+                ExitCode::from(2)
+            }
+        };
+    }
     match hawser_operator::run::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

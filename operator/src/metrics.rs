@@ -64,6 +64,10 @@ pub struct Metrics {
     pub gc_deletions: Counter,
     /// Collector passes by outcome.
     pub gc_passes: Family<OutcomeLabels, Counter>,
+    /// `--dry-run`: cloud changes the last plans would make, over every Service.
+    pub dry_run_changes: Gauge,
+    /// `--dry-run`: Services whose last plan has a change (or a conflict).
+    pub dry_run_services: Gauge,
     registry: Registry,
 }
 
@@ -83,6 +87,18 @@ impl Metrics {
         let orphans = Gauge::default();
         let gc_deletions = Counter::default();
         let gc_passes = Family::default();
+        let dry_run_changes = Gauge::default();
+        let dry_run_services = Gauge::default();
+        registry.register(
+            "dry_run_planned_changes",
+            "With --dry-run: cloud changes hawser would make, over every Service",
+            dry_run_changes.clone(),
+        );
+        registry.register(
+            "dry_run_services_with_changes",
+            "With --dry-run: Services whose load balancer hawser would change",
+            dry_run_services.clone(),
+        );
         registry.register("reconciles", "Service reconciles by outcome", reconciles.clone());
         registry.register(
             "reconcile_duration_seconds",
@@ -124,6 +140,8 @@ impl Metrics {
             orphans,
             gc_deletions,
             gc_passes,
+            dry_run_changes,
+            dry_run_services,
             registry,
         }
     }

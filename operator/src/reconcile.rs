@@ -82,6 +82,8 @@ pub struct Context {
     pub now: fn() -> Timestamp,
     /// What was last ensured, per Service UID.
     ensured: Mutex<HashMap<String, Ensured>>,
+    /// `--dry-run`: plan instead of change, and keep the plans here.
+    pub dry_run: Option<Arc<crate::plan::PlanBook>>,
 }
 
 impl Context {
@@ -105,6 +107,7 @@ impl Context {
             retry,
             now: Timestamp::now,
             ensured: Mutex::default(),
+            dry_run: None,
         }
     }
 
@@ -202,6 +205,13 @@ fn key(svc: &Service) -> String {
 
 /// Reconciles one Service.
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(book) = ctx.dry_run.clone() {
+        let started = tokio::time::Instant::now();
+        let result = crate::plan::reconcile_dry(svc, ctx.clone(), &book).await;
+        ctx.metrics
+            .reconciled(result.as_ref().map_or_else(Error::outcome, |_| "success"), started.elapsed().as_secs_f64());
+        return result;
+    }
     let class = ctx.settings.class.clone();
     if !is_ours(&svc, &class) && !has_finalizer(&svc) {
         // Not ours and never was: not even a read.

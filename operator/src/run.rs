@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::audit;
-use crate::config::{Cli, OutputFormat, ProviderKind};
+use crate::config::{Cli, OutputFormat, PlanOutput, ProviderKind};
 use crate::desired::DesiredConfig;
 use crate::drift;
 use crate::events::EventPublisher;
@@ -28,6 +28,8 @@ use crate::metered::{MeteredProvider, ThrottleGate};
 use crate::metrics::Metrics;
 use crate::names::CONTROLLER_NAME;
 use crate::nodes::{NodePolicy, TargetSet, eligibility};
+use crate::plan;
+use crate::plan::{PlanBook, ServicePlan};
 use crate::reconcile::{self, Context, Settings};
 use crate::retry::RetryPolicy;
 
@@ -116,7 +118,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     });
 
     let ready = Arc::new(AtomicBool::new(false));
-    let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), mock };
+    let book = cli.dry_run.then(|| Arc::new(PlanBook::default()));
+    let plans: Option<http::JsonView> = book.clone().map(|b| {
+        let view: http::JsonView = Arc::new(move || serde_json::to_value(b.snapshot()).unwrap_or_default());
+        view
+    });
+    let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), mock, plans };
     let probes = http::serve(cli.health_probe_bind_address, http::probes(state.clone()), stopped())
         .await
         .with_context(|| format!("cannot listen on --health-probe-bind-address {}", cli.health_probe_bind_address))?;
@@ -178,7 +185,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
-    let result = run_controller(&cli, client, provider, metrics.clone(), ready.clone(), async move {
+    if book.is_some() {
+        warn!("dry run: planning only; no cloud change, no finalizer and no status will be written");
+    }
+    let result = run_controller(&cli, client, provider, metrics.clone(), ready.clone(), book, async move {
         tokio::select! {
             () = stopped() => {}
             () = lost => warn!("leadership lost; stopping reconciles"),
@@ -207,6 +217,7 @@ async fn run_controller(
     provider: Arc<dyn Provider>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    dry_run: Option<Arc<PlanBook>>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let node_policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
@@ -240,7 +251,10 @@ async fn run_controller(
     };
     let events = EventPublisher::new(client.clone(), CONTROLLER_NAME, std::env::var("POD_NAME").ok());
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), cli.resync_period, None);
-    let ctx = Arc::new(Context::new(client.clone(), provider, targets, settings, events, metrics, retry));
+    let mut ctx = Context::new(client.clone(), provider, targets, settings, events, metrics, retry);
+    let dry = dry_run.is_some();
+    ctx.dry_run = dry_run;
+    let ctx = Arc::new(ctx);
 
     let (store, writer) = reflector::store::<Service>();
     let services = watcher(Api::<Service>::all(client), WatcherConfig::default().any_semantic())
@@ -249,9 +263,15 @@ async fn run_controller(
         .reflect(writer)
         .applied_objects();
     let (drift_tx, drift_rx) = mpsc::channel::<ObjectRef<Service>>(1024);
-    let drift_task = tokio::spawn(drift::run(ctx.clone(), cli.resync_period, drift_tx));
+    // A dry run ensures nothing, so there is nothing to drift from.
+    let drift_task = tokio::spawn(if dry {
+        futures::future::pending().boxed()
+    } else {
+        drift::run(ctx.clone(), cli.resync_period, drift_tx).boxed()
+    });
     let gc_settings = GcSettings {
-        mode: cli.gc,
+        // A dry run deletes nothing: orphans are reported.
+        mode: if dry && cli.gc == gc::GcMode::On { gc::GcMode::Report } else { cli.gc },
         interval: cli.gc_interval,
         grace: cli.gc_grace_period,
         class: cli.load_balancer_class.clone(),
@@ -321,6 +341,109 @@ pub async fn audit(cli: Cli, output: OutputFormat) -> anyhow::Result<bool> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).context("encoding the rows")?),
     }
     Ok(rows.iter().any(|r| r.verdict.is_problem()))
+}
+
+/// What `hawser-operator plan` is asked.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// A manifest (`-`: stdin).
+    pub file: Option<std::path::PathBuf>,
+    /// Existing Services, `namespace/name` or `name`.
+    pub services: Vec<String>,
+    /// The namespace of those that name none.
+    pub namespace: String,
+    /// Plan their deletion.
+    pub delete: bool,
+    /// Text or JSON.
+    pub output: PlanOutput,
+}
+
+/// `hawser-operator plan`: prints the plans; true when a Service is invalid or blocked.
+pub async fn plan(cli: Cli, request: PlanRequest) -> anyhow::Result<bool> {
+    let manifests = match &request.file {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the manifest from stdin")?;
+                text
+            } else {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+            };
+            let (services, skipped) = plan::services_in(&text)?;
+            for what in skipped {
+                eprintln!("skipped {what}: not a Service");
+            }
+            if services.is_empty() {
+                bail!("the manifest has no Service");
+            }
+            Some(services)
+        }
+        None => None,
+    };
+    let (provider, _) = build_provider(&cli).await?;
+    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
+    let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await.context("listing Nodes")?;
+    let mut targets = TargetSet::new(policy);
+    targets.replace(nodes.items.iter().filter_map(|n| eligibility(n, policy).ok()));
+    let targets = targets.targets();
+    let cfg = desired_config(&cli, provider.as_ref());
+    let class = &cli.load_balancer_class;
+    let mut wanted: Vec<(Option<Service>, String, String)> = Vec::new();
+    match manifests {
+        Some(services) => {
+            for svc in services {
+                let namespace = svc.namespace().unwrap_or_else(|| request.namespace.clone());
+                let name = svc.name_any();
+                wanted.push((Some(svc), namespace, name));
+            }
+        }
+        None => {
+            for s in &request.services {
+                let (namespace, name) = s.split_once('/').unwrap_or((request.namespace.as_str(), s.as_str()));
+                if namespace.is_empty() || name.is_empty() || name.contains('/') {
+                    bail!("{s:?} is not a Service; give namespace/name or name");
+                }
+                wanted.push((None, namespace.to_owned(), name.to_owned()));
+            }
+        }
+    }
+    let mut plans: Vec<ServicePlan> = Vec::new();
+    for (manifest, namespace, name) in wanted {
+        let live = Api::<Service>::namespaced(client.clone(), &namespace)
+            .get_opt(&name)
+            .await
+            .with_context(|| format!("reading Service {namespace}/{name}"))?;
+        if manifest.is_none() && live.is_none() {
+            bail!("Service {namespace}/{name} does not exist; to plan a new one, give its manifest with -f");
+        }
+        let manifest = manifest.map(|mut m| {
+            m.metadata.namespace = Some(namespace.clone());
+            m
+        });
+        let planned = plan::plan_service(
+            manifest.as_ref(),
+            live.as_ref(),
+            request.delete,
+            &targets,
+            provider.as_ref(),
+            &cfg,
+            class,
+        )
+        .await
+        .with_context(|| format!("planning Service {namespace}/{name}"))?;
+        plans.push(planned);
+    }
+    match request.output {
+        PlanOutput::Text => {
+            for p in &plans {
+                print!("{}", p.text());
+            }
+        }
+        PlanOutput::Json => println!("{}", serde_json::to_string_pretty(&plans).context("encoding the plans")?),
+    }
+    Ok(plans.iter().any(ServicePlan::is_blocked))
 }
 
 /// Keeps in the cache only what reconciles read: the managed fields and the last-applied
