@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod binaries;
+pub mod external;
 pub mod kind;
 pub mod lbagent;
 pub mod local;

@@ -19,7 +19,8 @@
 //! listens on the node's address exactly where the load balancer probes it, and nft and
 //! conntrack act on the node. That namespace cannot reach the host's loopback, so the fake
 //! apiserver listens on the host's end of the router link; its certificate covers the address
-//! it listens on.
+//! it listens on. With [`LocalOptions::kubeconfig`], an existing API server replaces the fake
+//! one ([`crate::external`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -39,6 +40,7 @@ use serde_json::{Value, json};
 
 use crate::backend::{Backend, BackendPod, NodeInfo};
 use crate::binaries;
+use crate::external::{self, ExternalApiServer};
 use crate::lbagent::{LbAgent, LbAgentConfig};
 use crate::netns::{self, Netns, sh, sh_quiet, veth};
 use crate::traffic::{Client, EchoServer, HTTP_PORT};
@@ -63,11 +65,14 @@ pub struct LocalOptions {
     pub dir: Option<PathBuf>,
     /// Extra operator flags.
     pub operator_args: Vec<String>,
+    /// An existing API server's kubeconfig to use instead of starting the fake one (the
+    /// suite's `HAWSER_E2E_KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        Self { nodes: 2, slot: None, prefix: None, dir: None, operator_args: Vec::new() }
+        Self { nodes: 2, slot: None, prefix: None, dir: None, operator_args: Vec::new(), kubeconfig: None }
     }
 }
 
@@ -96,6 +101,16 @@ struct LocalNode {
     pod_base: Ipv4Addr,
     netns: Netns,
     dataplane: Child,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The Kubernetes API the cluster uses.
+enum ApiServer {
+    /// Held for its lifetime: its tasks serve the cluster.
+    Fake {
+        _server: FakeApiServer,
+    },
+    External(ExternalApiServer),
 }
 
 /// A running local cluster; everything it made goes on drop, also when a test panics.
@@ -116,7 +131,7 @@ pub struct LocalCluster {
     nodes: Vec<LocalNode>,
     client_ns: Netns,
     router: Netns,
-    apiserver: Option<FakeApiServer>,
+    apiserver: Option<ApiServer>,
     _lock: Flock<File>,
 }
 
@@ -214,15 +229,24 @@ impl LocalCluster {
         client_ns.exec(&["ip", "link", "set", "eth0", "up"])?;
         client_ns.exec(&["ip", "route", "add", "default", "via", &ip(slot, 2, 1).to_string()])?;
 
-        let kubeconfig = dir.join("kubeconfig");
-        let apiserver = FakeApiServer::start(Config {
-            listen: SocketAddr::new(IpAddr::V4(host_ip), 0),
-            kubeconfig_path: Some(kubeconfig.clone()),
-            ..Config::default()
-        })
-        .await
-        .context("starting the fake apiserver")?;
-        let client = apiserver.client().await.context("client of the fake apiserver")?;
+        let (apiserver, client, kubeconfig) = match &opts.kubeconfig {
+            Some(path) => {
+                let (server, client) = ExternalApiServer::acquire(path).await?;
+                (ApiServer::External(server), client, path.clone())
+            }
+            None => {
+                let kubeconfig = dir.join("kubeconfig");
+                let fake = FakeApiServer::start(Config {
+                    listen: SocketAddr::new(IpAddr::V4(host_ip), 0),
+                    kubeconfig_path: Some(kubeconfig.clone()),
+                    ..Config::default()
+                })
+                .await
+                .context("starting the fake apiserver")?;
+                let client = fake.client().await.context("client of the fake apiserver")?;
+                (ApiServer::Fake { _server: fake }, client, kubeconfig)
+            }
+        };
 
         let dataplane = binaries::binary("hawser-dataplane")?;
         let mut nodes = Vec::new();
@@ -244,6 +268,10 @@ impl LocalCluster {
             ns.exec(&["ip", "addr", "add", &format!("{gw}/28"), "dev", "cbr0"])?;
             ns.exec(&["ip", "link", "set", "cbr0", "up"])?;
             router.exec(&["ip", "route", "add", &format!("{pod_base}/28"), "via", &address.to_string()])?;
+            let forwarders = match &apiserver {
+                ApiServer::External(server) => server.forward_into(&ns)?,
+                ApiServer::Fake { .. } => Vec::new(),
+            };
 
             register_node(&client, &name, address).await?;
             let argv: Vec<String> = [
@@ -264,7 +292,7 @@ impl LocalCluster {
             .map(String::from)
             .to_vec();
             let child = spawn_logged(&argv, &[("KUBECONFIG", &kubeconfig)], &dir.join(format!("{name}.log")))?;
-            nodes.push(LocalNode { name, address, pod_base, netns: ns, dataplane: child });
+            nodes.push(LocalNode { name, address, pod_base, netns: ns, dataplane: child, forwarders });
         }
 
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -353,7 +381,7 @@ impl LocalCluster {
         &self.dir
     }
 
-    /// The kubeconfig of the fake apiserver.
+    /// The kubeconfig of the API server (the fake one's, or the one given).
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }
@@ -516,6 +544,7 @@ impl Drop for LocalCluster {
         for n in &mut self.nodes {
             let _ = n.dataplane.kill();
             let _ = n.dataplane.wait();
+            n.forwarders.drain(..).for_each(|f| f.abort());
         }
         if let Ok(mut pods) = self.pods.lock() {
             pods.clear();
@@ -524,14 +553,20 @@ impl Drop for LocalCluster {
         // host link takes its address and routes with it.
         self.nodes.clear();
         sh_quiet(&["ip", "link", "del", &format!("{}-h", self.prefix)]);
-        // The apiserver's tasks end with the runtime; nothing outside this process to undo.
-        self.apiserver.take();
+        // The fake apiserver's tasks end with the runtime; nothing outside this process to
+        // undo. An existing one keeps what it was given unless it is removed.
+        if let Some(ApiServer::External(server)) = self.apiserver.take() {
+            server.sweep_blocking();
+        }
     }
 }
 
 async fn register_node(client: &kube::Client, name: &str, address: Ipv4Addr) -> anyhow::Result<()> {
     let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", external::LABEL: "true"},
+        },
         "status": {
             "addresses": [{"type": "InternalIP", "address": address.to_string()}, {"type": "Hostname", "address": name}],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
@@ -557,6 +592,12 @@ async fn slice_controller(client: kube::Client, pods: Arc<Mutex<Vec<Pod>>>) {
                 else {
                     continue;
                 };
+                // Only the harness's own namespaces: an existing cluster has others.
+                let ours =
+                    written.keys().any(|(n, _)| *n == ns) || pods.lock().is_ok_and(|p| p.iter().any(|p| p.ns == ns));
+                if !ours {
+                    continue;
+                }
                 let Some(desired) = desired_slice(&svc, &ns, &name, &app, &pods) else { continue };
                 let key = (ns.clone(), name.clone());
                 if written.get(&key) == Some(&desired) {

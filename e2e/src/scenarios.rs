@@ -52,12 +52,15 @@ where
 /// A fresh namespace for one scenario (unique on a shared kind cluster too).
 async fn namespace(kube: &kube::Client, scenario: &str) -> anyhow::Result<String> {
     let name = format!("e2e-{scenario}-{}-{}", std::process::id(), NS_COUNTER.fetch_add(1, Ordering::Relaxed));
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {crate::external::LABEL: "true"}}}))?;
     Api::<Namespace>::all(kube.clone()).create(&PostParams::default(), &ns).await?;
     Ok(name)
 }
 
-/// Best-effort removal of a scenario's namespace (matters on kind; the local cluster goes whole).
+/// Best-effort removal of a scenario's namespace (matters on kind; the local cluster's fake
+/// apiserver goes whole, and on an existing one it removes what is left, see
+/// [`crate::external`]).
 async fn cleanup(kube: &kube::Client, ns: &str) {
     let _ = Api::<Namespace>::all(kube.clone()).delete(ns, &DeleteParams::default()).await;
 }

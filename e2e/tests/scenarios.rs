@@ -1,5 +1,6 @@
 //! Every end-to-end scenario, one test each, on the local backend (CI) or, with
-//! `HAWSER_E2E_BACKEND=kind`, on the cluster of `KUBECONFIG` (see `e2e/kind/`).
+//! `HAWSER_E2E_BACKEND=kind`, on the cluster of `KUBECONFIG` (see `e2e/kind/`). The local
+//! backend uses the fake apiserver, or the API server of `HAWSER_E2E_KUBECONFIG`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -27,7 +28,9 @@ async fn local() -> Option<LocalCluster> {
         return None;
     }
     binaries::build_once().expect("building hawser-operator and hawser-dataplane");
-    Some(LocalCluster::start(LocalOptions::default()).await.expect("starting the local cluster"))
+    let kubeconfig = std::env::var_os("HAWSER_E2E_KUBECONFIG").filter(|v| !v.is_empty()).map(Into::into);
+    let opts = LocalOptions { kubeconfig, ..LocalOptions::default() };
+    Some(LocalCluster::start(opts).await.expect("starting the local cluster"))
 }
 
 async fn finish(name: &str, r: Result<anyhow::Result<()>, tokio::time::error::Elapsed>) {

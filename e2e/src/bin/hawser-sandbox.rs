@@ -109,6 +109,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         prefix: Some("hws".into()),
         dir: Some(a.state_dir.clone()),
         operator_args: Vec::new(),
+        kubeconfig: None,
     })
     .await?;
     let pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
