@@ -480,3 +480,97 @@ async fn inventory_of_many_load_balancers_costs_a_fifth_of_a_read_each_or_less()
     let ops: Vec<String> = q.calls().into_iter().map(|c| c.operation).collect();
     assert_eq!(ops, ["DescribeLoadBalancers"]);
 }
+
+/// Every change of a plan as `action kind name`, for comparing with what ensure then does.
+fn plan_lines(plan: &hawser_providers::ChangePlan) -> Vec<String> {
+    plan.changes.iter().map(|c| format!("{} {} {}", c.action.as_str(), c.kind, c.name)).collect()
+}
+
+#[tokio::test]
+async fn plan_foretells_ensure_and_delete_and_writes_nothing() {
+    let Some(moto) = moto() else { return };
+    let p = provider(&moto).await;
+    let w = seed(&p).await;
+    let (a, b, c) = (&w.instances[0], &w.instances[1], &w.instances[2]);
+
+    // Before anything exists: everything is to create, and planning writes nothing.
+    let mut s = spec("uid-p", &[a, b]);
+    p.clear_calls();
+    let plan = p.plan(&s).await.unwrap();
+    assert!(assert_known_and_count_mutating(&p).is_empty(), "planning wrote");
+    let lines = plan_lines(&plan);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("create target group")).count(), 3, "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("create listener")).count(), 3, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("create load balancer")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("create security group")), "{lines:?}");
+    assert!(!plan.replaces());
+    assert!(p.list_owned().await.unwrap().is_empty());
+
+    // After ensure, the plan is empty: plan and ensure agree on what "done" is.
+    p.ensure(&s).await.unwrap();
+    let plan = p.plan(&s).await.unwrap();
+    assert!(plan.is_empty(), "a just-ensured spec plans changes:\n{plan}");
+
+    // A change: 443 dropped, 8080/UDP added, b leaves and c joins, a slower health check.
+    s.listeners.retain(|l| l.port != 443);
+    s.listeners.push(Listener { name: "game".into(), protocol: Protocol::Udp, port: 8080, node_port: Some(30090) });
+    s.targets = spec("uid-p", &[a, c]).targets;
+    s.health_check.interval = Duration::from_secs(30);
+    p.clear_calls();
+    let plan = p.plan(&s).await.unwrap();
+    assert!(assert_known_and_count_mutating(&p).is_empty(), "planning wrote");
+    let text = plan.to_string();
+    let lines = plan_lines(&plan);
+    assert!(lines.iter().any(|l| l.starts_with("create listener 8080/UDP")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("delete listener 443/TCP")), "{text}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("delete target group")).count(), 1, "{text}");
+    assert!(text.contains("healthCheck.intervalSeconds: 10 → 30"), "{text}");
+    assert!(text.contains(&format!("+{c}")) && text.contains(&format!("-{b}")), "{text}");
+    assert!(!plan.replaces(), "{text}");
+    p.clear_calls();
+    p.ensure(&s).await.unwrap();
+    let done = assert_known_and_count_mutating(&p);
+    assert!(done.contains(&"CreateListener".to_owned()) && done.contains(&"DeleteListener".to_owned()), "{done:?}");
+    assert!(p.plan(&s).await.unwrap().is_empty(), "plan after the update is empty");
+
+    // A scheme change replaces the load balancer: said, with why.
+    let mut internal = s.clone();
+    internal.scheme = Scheme::Internal;
+    internal.provider_annotations.insert("hawser.dev/aws-subnets".into(), format!("{},{}", w.subnets[0], w.subnets[1]));
+    let plan = p.plan(&internal).await.unwrap();
+    assert!(plan.replaces(), "{plan}");
+    let replace = plan.changes.iter().find(|c| c.action == hawser_providers::Action::Replace).unwrap();
+    assert_eq!(replace.kind, "load balancer");
+    assert!(replace.reason.as_deref().unwrap_or_default().contains("scheme"), "{plan}");
+    assert!(plan.to_string().contains("scheme: internet-facing → internal"), "{plan}");
+
+    // Deleting: the load balancer, its target groups and its security group.
+    p.clear_calls();
+    let plan = p.plan_delete(&identity("uid-p")).await.unwrap();
+    assert!(assert_known_and_count_mutating(&p).is_empty(), "planning wrote");
+    let lines = plan_lines(&plan);
+    assert!(lines[0].starts_with("delete load balancer"), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("delete target group")).count(), 3, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("delete security group")), "{lines:?}");
+    p.delete(&identity("uid-p")).await.unwrap();
+    assert!(p.plan_delete(&identity("uid-p")).await.unwrap().is_empty(), "nothing left to delete");
+
+    // A same-named NLB without our tags: a conflict in the plan, not an error.
+    let foreign_name = hawser_providers::aws::naming::load_balancer_name(&identity("uid-foreign"));
+    p.clients()
+        .elb
+        .create_load_balancer()
+        .name(&foreign_name)
+        .r#type(aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum::Network)
+        .subnets(&w.subnets[0])
+        .send()
+        .await
+        .unwrap();
+    let plan = p.plan(&spec("uid-foreign", &[a])).await.unwrap();
+    assert_eq!(plan.conflicts.len(), 1, "{plan}");
+    assert_eq!(
+        (plan.conflicts[0].kind.as_str(), plan.conflicts[0].name.as_str()),
+        ("load balancer", foreign_name.as_str())
+    );
+    assert!(!plan_lines(&plan).iter().any(|l| l.contains("load balancer")), "no change planned to it: {plan}");
+}

@@ -471,3 +471,80 @@ async fn inventory_of_many_load_balancers_costs_a_fifth_of_a_read_each_or_less()
     assert_eq!(fake.mutations(), Vec::<String>::new());
     assert!(calls.len() as f64 / count as f64 <= 0.2, "{} reads for {count} load balancers: {calls:?}", calls.len());
 }
+
+/// Every change of a plan as `action kind`, for comparing with what ensure then does.
+fn plan_lines(plan: &hawser_providers::ChangePlan) -> Vec<String> {
+    plan.changes.iter().map(|c| format!("{} {}", c.action.as_str(), c.kind)).collect()
+}
+
+#[tokio::test]
+async fn plan_foretells_ensure_and_delete_and_writes_nothing() {
+    let (fake, p, _) = setup().await;
+    let mut s = spec("web", "uid-1");
+
+    let plan = p.plan(&s).await.unwrap();
+    assert_eq!(fake.mutations(), Vec::<String>::new(), "planning wrote");
+    let lines = plan_lines(&plan);
+    for kind in ["address", "health check", "backend service", "forwarding rule", "firewall", "instance group"] {
+        assert!(lines.contains(&format!("create {kind}")), "{kind} missing:\n{plan}");
+    }
+    assert!(plan.to_string().contains("IPAddress: (none) → (the new address)"), "{plan}");
+
+    p.ensure(&s).await.unwrap();
+    let plan = p.plan(&s).await.unwrap();
+    assert!(plan.is_empty(), "a just-ensured spec plans changes:\n{plan}");
+
+    // In place: nodes, the health-check path, source ranges and a new port.
+    s.targets = vec![target("node-a", "europe-west1-b"), target("node-c", "europe-west1-b")].into();
+    s.health_check.path = Some("/services/shop/web".into());
+    s.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+    s.listeners.push(Listener { name: String::new(), protocol: Protocol::Tcp, port: 8080, node_port: None });
+    fake.clear_mutations();
+    let plan = p.plan(&s).await.unwrap();
+    assert_eq!(fake.mutations(), Vec::<String>::new(), "planning wrote");
+    let text = plan.to_string();
+    assert!(text.contains("requestPath: /healthz → /services/shop/web"), "{text}");
+    assert!(text.contains("sourceRanges: 0.0.0.0/0 → 198.51.100.0/24"), "{text}");
+    assert!(text.contains("+node-c"), "{text}");
+    assert!(text.contains("ports: 53, 80, 443 → 53, 80, 443, 8080"), "{text}");
+    let rule = plan.changes.iter().find(|c| c.kind == "forwarding rule").unwrap();
+    assert_eq!(rule.action, hawser_providers::Action::Replace, "GCE recreates a rule for new ports: {text}");
+    assert!(!plan.changes.iter().any(|c| c.kind == "address"), "the address is kept: {text}");
+    let emptied = plan.changes.iter().filter(|c| c.kind == "instance group" && c.name.starts_with("europe-west1-c/"));
+    assert_eq!(emptied.count(), 1, "the emptied zone's group once: {text}");
+    p.ensure(&s).await.unwrap();
+    assert!(p.plan(&s).await.unwrap().is_empty(), "plan after the update is empty");
+
+    // A tier change re-reserves the address: a replacement, and the IP changes.
+    s.provider_annotations.insert("hawser.dev/gcp-network-tier".into(), "Standard".into());
+    let plan = p.plan(&s).await.unwrap();
+    assert!(plan.replaces(), "{plan}");
+    let address = plan.changes.iter().find(|c| c.kind == "address").unwrap();
+    assert_eq!(address.action, hawser_providers::Action::Replace, "{plan}");
+    assert!(plan.to_string().contains("networkTier: PREMIUM → STANDARD"), "{plan}");
+
+    // Deleting: every resource of the Service, and the shared ones with the last Service.
+    fake.clear_mutations();
+    let plan = p.plan_delete(&s.identity).await.unwrap();
+    assert_eq!(fake.mutations(), Vec::<String>::new(), "planning wrote");
+    let lines = plan_lines(&plan);
+    for kind in ["forwarding rule", "backend service", "health check", "instance group", "firewall", "address"] {
+        assert!(lines.contains(&format!("delete {kind}")), "{kind} missing:\n{plan}");
+    }
+    p.delete(&s.identity).await.unwrap();
+    assert!(p.plan_delete(&s.identity).await.unwrap().is_empty());
+
+    // A same-named rule someone else made is a conflict in the plan.
+    let name = {
+        p.ensure(&s).await.unwrap();
+        let fr = one(&fake, &format!("{REGION}/forwardingRules"), "-tcp");
+        let n = fr["name"].as_str().unwrap().to_owned();
+        p.delete(&s.identity).await.unwrap();
+        n
+    };
+    let hand_made = json!({"description": "made by hand", "IPAddress": "192.0.2.1", "IPProtocol": "TCP"});
+    fake.seed(&format!("{REGION}/forwardingRules"), &name, hand_made);
+    let plan = p.plan(&s).await.unwrap();
+    assert_eq!(plan.conflicts.len(), 1, "{plan}");
+    assert_eq!((plan.conflicts[0].kind.as_str(), plan.conflicts[0].name.as_str()), ("forwarding rule", name.as_str()));
+}

@@ -223,6 +223,7 @@ impl GcpProvider {
         }
 
         // Backend services.
+        let mut emptied = BTreeSet::new();
         for desired in &plan.backend_services {
             match c.get_backend_service(&desired.name).await.map_err(get)? {
                 None => out.push(created(
@@ -245,7 +246,9 @@ impl GcpProvider {
                     ));
                     let wanted: BTreeSet<&String> = desired.groups.iter().collect();
                     for gone in observed.groups.iter().filter(|g| !wanted.contains(g)) {
-                        if let Some(zone) = gone.split('/').nth(3) {
+                        if let Some(zone) = gone.split('/').nth(3)
+                            && emptied.insert(zone.to_owned())
+                        {
                             let members = c.list_instances(zone, &group).await.map_err(get)?;
                             if !members.is_empty() {
                                 out.push(
