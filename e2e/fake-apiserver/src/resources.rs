@@ -33,8 +33,8 @@ impl ResourceDef {
     }
 }
 
-/// Every served resource, in discovery order. Core/v1 and events.k8s.io/v1 events are stored
-/// separately (a real apiserver converts between them; this one does not).
+/// Every served resource, in discovery order. events.k8s.io/v1 Events are stored with the core
+/// ones and converted (see [`crate::events`]), as the apiserver does.
 pub const RESOURCES: &[ResourceDef] = &[
     ResourceDef {
         group: "",

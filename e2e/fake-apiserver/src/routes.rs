@@ -14,10 +14,13 @@ use tokio::sync::watch;
 use crate::audit::{self, AuditLog, Users};
 use crate::discovery;
 use crate::error::{ApiError, ApiResult};
+use crate::events;
 use crate::patch::{self, PatchKind};
 use crate::resources::{RESOURCES, lookup};
 use crate::selectors::{FieldSelector, LabelSelector, Selector};
 use crate::store::{Preconditions, Store, Subresource};
+use crate::table::{self, IncludeObject, TableRequest};
+use crate::view::View;
 use crate::watch::{self as watches, WatchParams};
 
 /// Largest request body accepted.
@@ -180,11 +183,23 @@ fn query(req: &Request) -> ApiResult<HashMap<String, String>> {
         .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
 }
 
-fn selector(q: &HashMap<String, String>) -> ApiResult<Selector> {
+fn selector(q: &HashMap<String, String>, resource: usize) -> ApiResult<Selector> {
     Ok(Selector {
         labels: LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))?,
-        fields: FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?,
+        fields: FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str), &RESOURCES[resource])?,
     })
+}
+
+/// What a read asked to see: its API's version, as a Table when `Accept` negotiates one.
+fn view_for(req: &Request, q: &HashMap<String, String>, resource: usize) -> ApiResult<View> {
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let table = match table::negotiate(accept) {
+        Some(version) => {
+            Some(TableRequest { version, include: IncludeObject::parse(q.get("includeObject").map(String::as_str))? })
+        }
+        None => None,
+    };
+    Ok(View { resource, table })
 }
 
 fn flag(q: &HashMap<String, String>, key: &str) -> bool {
@@ -231,12 +246,16 @@ async fn resource_request(app: AppState, req: Request, t: Target) -> ApiResult<R
         Some(_) => return Err(ApiError::path_not_found(&path)),
     };
     let store = app.store.clone();
+    // Events of both APIs live in one store; `view` shows them in the version asked for.
+    let stored = events::storage_of(t.resource);
+    let view = view_for(&req, &q, t.resource)?;
     match (&t.name, &method) {
         (None, &Method::GET) => {
-            let sel = selector(&q)?;
+            let sel = selector(&q, t.resource)?;
             if flag(&q, "watch") {
                 let params = WatchParams {
-                    resource: t.resource,
+                    resource: stored,
+                    view,
                     namespace: t.namespace.clone(),
                     selector: sel,
                     resource_version: q.get("resourceVersion").cloned(),
@@ -255,7 +274,7 @@ async fn resource_request(app: AppState, req: Request, t: Target) -> ApiResult<R
                 .map(|l| l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit \"{l}\""))))
                 .transpose()?;
             let page =
-                store.list(t.resource, t.namespace.as_deref(), &sel, limit, q.get("continue").map(String::as_str))?;
+                store.list(stored, t.namespace.as_deref(), &sel, limit, q.get("continue").map(String::as_str))?;
             let mut metadata = json!({"resourceVersion": page.resource_version.to_string()});
             if let Some(c) = page.continue_token {
                 metadata["continue"] = json!(c);
@@ -263,41 +282,27 @@ async fn resource_request(app: AppState, req: Request, t: Target) -> ApiResult<R
             if let Some(n) = page.remaining {
                 metadata["remainingItemCount"] = json!(n);
             }
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({
-                    "kind": def.list_kind(),
-                    "apiVersion": def.api_version(),
-                    "metadata": metadata,
-                    "items": page.items,
-                }),
-            ))
+            Ok(json_response(StatusCode::OK, &view.list(&page.items, metadata)))
         }
         (None, &Method::POST) => {
             if def.namespaced && t.namespace.is_none() {
                 return Err(ApiError::method_not_allowed(method.as_str(), &path));
             }
             let (_, obj) = body_json(req, true).await?;
-            let created = store.create(t.resource, &ns, obj)?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            let created = store.create(stored, &ns, events::to_storage(t.resource, obj, true)?)?;
+            Ok(json_response(StatusCode::CREATED, &view.object(&created)))
         }
         (None, &Method::DELETE) => {
-            let sel = selector(&q)?;
-            let deleted = store.delete_collection(t.resource, t.namespace.as_deref(), &sel)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({
-                    "kind": def.list_kind(),
-                    "apiVersion": def.api_version(),
-                    "metadata": {"resourceVersion": store.current_resource_version().to_string()},
-                    "items": deleted,
-                }),
-            ))
+            let sel = selector(&q, t.resource)?;
+            let deleted = store.delete_collection(stored, t.namespace.as_deref(), &sel)?;
+            let metadata = json!({"resourceVersion": store.current_resource_version().to_string()});
+            Ok(json_response(StatusCode::OK, &View { table: None, ..view }.list(&deleted, metadata)))
         }
-        (Some(name), &Method::GET) => Ok(json_response(StatusCode::OK, &store.get(t.resource, &ns, name)?)),
+        (Some(name), &Method::GET) => Ok(json_response(StatusCode::OK, &view.single(&store.get(stored, &ns, name)?))),
         (Some(name), &Method::PUT) => {
             let (_, obj) = body_json(req, true).await?;
-            Ok(json_response(StatusCode::OK, &store.update(t.resource, &ns, name, obj, sub)?))
+            let updated = store.update(stored, &ns, name, events::to_storage(t.resource, obj, false)?, sub)?;
+            Ok(json_response(StatusCode::OK, &view.object(&updated)))
         }
         (Some(name), &Method::PATCH) => {
             let content_type =
@@ -306,9 +311,12 @@ async fn resource_request(app: AppState, req: Request, t: Target) -> ApiResult<R
             let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
                 .await
                 .map_err(|e| ApiError::bad_request(format!("reading body: {e}")))?;
-            let patched = store
-                .patch(t.resource, &ns, name, sub, |current| patch::apply(kind, def.kind, name, current, &body))?;
-            Ok(json_response(StatusCode::OK, &patched))
+            // The patch applies to the object as the client's API shows it.
+            let patched = store.patch(stored, &ns, name, sub, |current| {
+                let shown = view.object(current);
+                events::to_storage(t.resource, patch::apply(kind, def.kind, name, &shown, &body)?, false)
+            })?;
+            Ok(json_response(StatusCode::OK, &view.object(&patched)))
         }
         (Some(name), &Method::DELETE) if sub == Subresource::Main => {
             let (_, opts) = body_json(req, false).await?;
@@ -324,7 +332,7 @@ async fn resource_request(app: AppState, req: Request, t: Target) -> ApiResult<R
                     .and_then(Value::as_str)
                     .map(str::to_string),
             };
-            Ok(json_response(StatusCode::OK, &store.delete(t.resource, &ns, name, &pre)?))
+            Ok(json_response(StatusCode::OK, &view.object(&store.delete(stored, &ns, name, &pre)?)))
         }
         _ => Err(ApiError::method_not_allowed(method.as_str(), &path)),
     }

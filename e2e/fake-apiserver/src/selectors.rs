@@ -3,7 +3,9 @@
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
+use crate::events;
 use crate::meta;
+use crate::resources::ResourceDef;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum LabelReq {
@@ -109,15 +111,62 @@ fn parse_label_req(part: &str) -> ApiResult<LabelReq> {
     Ok(LabelReq::Exists(part.to_string()))
 }
 
-/// A parsed `fieldSelector`. Only `metadata.name` and `metadata.namespace` are supported, with
-/// `=`, `==` and `!=`; anything else is rejected with 400 like the apiserver does for unknown
-/// field labels.
+/// A parsed `fieldSelector`, with `=`, `==` and `!=`. Every resource can be selected by
+/// `metadata.name` and `metadata.namespace`; Events also by the fields kube-apiserver makes
+/// selectable (`involvedObject.*`, `reason`, `type`, `source`, `reportingComponent`, and on
+/// events.k8s.io their `regarding.*`/`reportingController` spellings). Anything else is
+/// rejected with 400 like the apiserver does for unknown field labels. Requirements hold the
+/// core/v1 label, since that is the form Events are stored in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
+/// Field labels of core/v1 Events, as `pkg/registry/core/event` lists them.
+const CORE_EVENT_FIELDS: &[&str] = &[
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+];
+
+/// The stored form's label for `field` when selecting `def`, if it is selectable.
+fn canonical_field(def: &ResourceDef, field: &str) -> Option<&'static str> {
+    if let Some(f) = ["metadata.name", "metadata.namespace"].into_iter().find(|f| *f == field) {
+        return Some(f);
+    }
+    match (def.group, def.plural) {
+        ("", "events") => CORE_EVENT_FIELDS.iter().copied().find(|f| *f == field),
+        ("events.k8s.io", "events") => events::FIELD_LABELS.iter().find(|(f, _)| *f == field).map(|(_, core)| *core),
+        _ => None,
+    }
+}
+
+/// The value of a (canonical) field label on a stored object.
+fn field_value<'a>(obj: &'a Value, field: &str) -> &'a str {
+    let at = |pointer: &str| obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+    match field {
+        "metadata.name" => meta::name(obj),
+        "metadata.namespace" => meta::namespace(obj),
+        "source" => match at("/source/component") {
+            "" => at("/reportingComponent"),
+            component => component,
+        },
+        other => match other.strip_prefix("involvedObject.") {
+            Some(sub) => obj.get("involvedObject").and_then(|o| o.get(sub)).and_then(Value::as_str).unwrap_or(""),
+            None => obj.get(other).and_then(Value::as_str).unwrap_or(""),
+        },
+    }
+}
+
 impl FieldSelector {
-    /// Parses e.g. `metadata.name=node-1,metadata.namespace!=kube-system`.
-    pub fn parse(s: &str) -> ApiResult<Self> {
+    /// Parses e.g. `metadata.name=node-1,metadata.namespace!=kube-system` for a resource.
+    pub fn parse(s: &str, def: &ResourceDef) -> ApiResult<Self> {
         let mut reqs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (field, equal, value) = if let Some((f, v)) = part.split_once("!=") {
@@ -130,22 +179,17 @@ impl FieldSelector {
                 return Err(ApiError::bad_request(format!("invalid selector: '{part}'; can't understand '{part}'")));
             };
             let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field} (this fake apiserver supports metadata.name and metadata.namespace)"
-                )));
-            }
-            reqs.push((field.to_string(), equal, value.trim().to_string()));
+            let canonical = canonical_field(def, field).ok_or_else(|| {
+                ApiError::bad_request(format!("field label not supported: {field} (for {})", def.plural))
+            })?;
+            reqs.push((canonical.to_string(), equal, value.trim().to_string()));
         }
         Ok(Self(reqs))
     }
 
-    /// Whether the object satisfies every requirement.
+    /// Whether the (stored) object satisfies every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
-        self.0.iter().all(|(field, equal, value)| {
-            let actual = if field == "metadata.name" { meta::name(obj) } else { meta::namespace(obj) };
-            (actual == value) == *equal
-        })
+        self.0.iter().all(|(field, equal, value)| (field_value(obj, field) == value) == *equal)
     }
 }
 
@@ -199,10 +243,36 @@ mod tests {
 
     #[test]
     fn field_selector() {
+        let cm = &crate::resources::RESOURCES[crate::resources::lookup("", "v1", "configmaps").unwrap()];
         let o = obj(json!({}));
-        assert!(FieldSelector::parse("metadata.name=a").unwrap().matches(&o));
-        assert!(!FieldSelector::parse("metadata.name!=a").unwrap().matches(&o));
-        assert!(FieldSelector::parse("metadata.namespace==ns").unwrap().matches(&o));
-        assert_eq!(FieldSelector::parse("spec.nodeName=x").unwrap_err().code, 400);
+        assert!(FieldSelector::parse("metadata.name=a", cm).unwrap().matches(&o));
+        assert!(!FieldSelector::parse("metadata.name!=a", cm).unwrap().matches(&o));
+        assert!(FieldSelector::parse("metadata.namespace==ns", cm).unwrap().matches(&o));
+        assert_eq!(FieldSelector::parse("spec.nodeName=x", cm).unwrap_err().code, 400);
+        assert_eq!(FieldSelector::parse("involvedObject.name=x", cm).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn event_field_selectors_in_both_spellings() {
+        let core = &crate::resources::RESOURCES[crate::resources::lookup("", "v1", "events").unwrap()];
+        let v1 = &crate::resources::RESOURCES[crate::resources::lookup("events.k8s.io", "v1", "events").unwrap()];
+        let ev = json!({
+            "metadata": {"name": "e", "namespace": "ns"},
+            "involvedObject": {"kind": "Service", "name": "demo", "namespace": "ns", "uid": "u1"},
+            "reason": "EnsuredLoadBalancer", "type": "Normal", "reportingComponent": "hawser",
+        });
+        let yes = |s: &str, d| FieldSelector::parse(s, d).unwrap().matches(&ev);
+        assert!(yes(
+            "involvedObject.name=demo,involvedObject.namespace=ns,involvedObject.kind=Service,involvedObject.uid=u1",
+            core
+        ));
+        assert!(!yes("involvedObject.name=other", core));
+        assert!(yes("source=hawser,type=Normal,reason=EnsuredLoadBalancer,reportingComponent=hawser", core));
+        assert!(yes("regarding.name=demo,regarding.kind=Service,reportingController=hawser", v1));
+        assert!(!yes("regarding.uid=u2", v1));
+        // Each API takes only its own spelling, as kube-apiserver does.
+        assert!(FieldSelector::parse("involvedObject.name=demo", v1).is_err());
+        assert!(FieldSelector::parse("regarding.name=demo", core).is_err());
+        assert!(FieldSelector::parse("source=hawser", v1).is_err());
     }
 }

@@ -129,6 +129,12 @@ fn validate_common(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
     errors
 }
 
+/// The checks an object must pass in its own API version before it is stored.
+pub fn validate(def: &ResourceDef, obj: &Value) -> ApiResult<()> {
+    let errors = validate_common(def, obj);
+    if errors.is_empty() { Ok(()) } else { Err(invalid(def, obj, errors)) }
+}
+
 /// Defaults, validation and allocation for a new object.
 pub fn prepare_create(def: &ResourceDef, obj: &mut Value, alloc: &mut ServiceAllocator) -> ApiResult<()> {
     let errors = validate_common(def, obj);

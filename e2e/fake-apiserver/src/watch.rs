@@ -14,12 +14,15 @@ use crate::error::{ApiError, ApiResult};
 use crate::resources::RESOURCES;
 use crate::selectors::Selector;
 use crate::store::{ChangeType, Store};
+use crate::view::View;
 
 /// What a watch request asked for.
 #[derive(Debug, Clone)]
 pub struct WatchParams {
-    /// Index into [`RESOURCES`].
+    /// Index into [`RESOURCES`] of the stored resource watched.
     pub resource: usize,
+    /// How the objects are shown (API version the client used, Table or not).
+    pub view: View,
     /// Namespace to watch; `None` for all.
     pub namespace: Option<String>,
     /// Label and field selector.
@@ -68,16 +71,24 @@ pub fn start(store: Arc<Store>, params: WatchParams, mut shutdown: watch::Receiv
         let p = params;
         let ns = p.namespace.as_deref();
         let matches = |object: &Value, namespace: &str| ns.is_none_or(|n| n == namespace) && p.selector.matches(object);
+        let mut first = true;
+        let mut show = |object: &Value| {
+            let shown = p.view.watched(object, first);
+            first = false;
+            shown
+        };
         let mut last = match from {
             Some(rv) if !p.send_initial_events => rv,
             _ => {
                 let (items, rv) = store.snapshot(p.resource, ns, &p.selector);
                 for item in &items {
-                    if tx.send(line("ADDED", item)).await.is_err() {
+                    if tx.send(line("ADDED", &show(item))).await.is_err() {
                         return;
                     }
                 }
-                if p.send_initial_events && p.allow_bookmarks && tx.send(bookmark(p.resource, rv, true)).await.is_err()
+                if p.send_initial_events
+                    && p.allow_bookmarks
+                    && tx.send(bookmark(p.view.resource, rv, true)).await.is_err()
                 {
                     return;
                 }
@@ -107,7 +118,7 @@ pub fn start(store: Arc<Store>, params: WatchParams, mut shutdown: watch::Receiv
                     ChangeType::Modified if before => "DELETED",
                     _ => continue,
                 };
-                if tx.send(line(event_type, &c.object)).await.is_err() {
+                if tx.send(line(event_type, &show(&c.object))).await.is_err() {
                     return;
                 }
             }
@@ -123,7 +134,7 @@ pub fn start(store: Arc<Store>, params: WatchParams, mut shutdown: watch::Receiv
                 () = timeout => return,
                 () = tokio::time::sleep_until(next_bookmark), if p.allow_bookmarks => {
                     next_bookmark = Instant::now() + p.bookmark_interval;
-                    if tx.send(bookmark(p.resource, last, false)).await.is_err() {
+                    if tx.send(bookmark(p.view.resource, last, false)).await.is_err() {
                         return;
                     }
                 }
