@@ -10,5 +10,6 @@ pub mod kind;
 pub mod lbagent;
 pub mod local;
 pub mod netns;
+pub mod reaper;
 pub mod scenarios;
 pub mod traffic;

@@ -132,7 +132,8 @@ pub struct LocalCluster {
     client_ns: Netns,
     router: Netns,
     apiserver: Option<ApiServer>,
-    _lock: Flock<File>,
+    // Last: released once everything else is gone.
+    _lock: Option<SlotLock>,
 }
 
 fn ip(s: u8, third: u8, fourth: u8) -> Ipv4Addr {
@@ -143,24 +144,102 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Takes the lock of a slot, so that concurrent clusters (tests, the sandbox) never share
-/// addresses or names; the lock goes with the process, so a crashed run frees it.
-fn lock_slot(slot: Option<u8>) -> anyhow::Result<(u8, Flock<File>)> {
-    let dir = Path::new("/run/hawser-e2e");
-    std::fs::create_dir_all(dir).context("creating /run/hawser-e2e")?;
+const LOCK_DIR: &str = "/run/hawser-e2e";
+
+/// An address slot taken, so that concurrent clusters (tests, the sandbox) never share
+/// addresses or names. The lock goes with the process, so a crashed holder frees it; a released
+/// one also removes its file.
+#[derive(Debug)]
+pub struct SlotLock {
+    slot: u8,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl SlotLock {
+    /// The slot held.
+    pub fn slot(&self) -> u8 {
+        self.slot
+    }
+}
+
+impl Drop for SlotLock {
+    fn drop(&mut self) {
+        // Still locked here: whoever opened this file meanwhile finds it unlinked and retries.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A slot another process holds.
+#[derive(Debug)]
+pub struct SlotBusy {
+    /// The slot.
+    pub slot: u8,
+    /// The holder's pid, as it wrote it into the lock file.
+    pub holder: Option<u32>,
+}
+
+impl std::fmt::Display for SlotBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "address slot {} is in use", self.slot)?;
+        if let Some(pid) = self.holder {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            write!(f, " by pid {pid}")?;
+            if !comm.trim().is_empty() {
+                write!(f, " ({})", comm.trim())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SlotBusy {}
+
+/// Takes slot `slot`, or the first free one of 1..=60 for `None`; a taken `Some` slot fails with
+/// [`SlotBusy`].
+pub fn lock_slot(slot: Option<u8>) -> anyhow::Result<SlotLock> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::MetadataExt as _;
     let candidates: Vec<u8> = match slot {
         Some(s) => vec![s],
         None => (1..=60).collect(),
     };
     for s in candidates {
-        let file = File::create(dir.join(format!("slot-{s}.lock")))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok((s, lock)),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
-            Err((_, e)) => bail!("locking slot {s}: {e}"),
+        let path = Path::new(LOCK_DIR).join(format!("slot-{s}.lock"));
+        // A released holder unlinks the file under the lock: retry until the file locked is the
+        // one at the path.
+        std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
+        for _ in 0..100 {
+            let file = match File::options().read(true).write(true).create(true).truncate(false).open(&path) {
+                Ok(f) => f,
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            };
+            let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if slot.is_none() {
+                        break;
+                    }
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    return Err(SlotBusy { slot: s, holder: text.trim().parse().ok() }.into());
+                }
+                Err((_, e)) => bail!("locking {}: {e}", path.display()),
+            };
+            let same = match (lock.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            lock.set_len(0)?;
+            lock.rewind()?;
+            write!(lock, "{}", std::process::id())?;
+            return Ok(SlotLock { slot: s, path, _lock: lock });
         }
     }
-    bail!("every address slot is in use (or slot {slot:?} is: is another sandbox running?)")
+    bail!("every address slot of 1..=60 is in use")
 }
 
 /// Removes what a crashed earlier holder of this prefix left: namespaces (with their processes
@@ -180,6 +259,7 @@ fn spawn_logged(argv: &[String], envs: &[(&str, &Path)], log: &Path) -> anyhow::
     for (k, v) in envs {
         c.env(k, v);
     }
+    crate::reaper::adopt(&mut c)?;
     c.spawn().with_context(|| format!("starting {argv:?}"))
 }
 
@@ -187,13 +267,22 @@ impl LocalCluster {
     /// Builds the topology, starts the apiserver, the dataplanes, the operator and the load
     /// balancer agent, and registers the Nodes.
     pub async fn start(opts: LocalOptions) -> anyhow::Result<Self> {
+        let lock = lock_slot(opts.slot)?;
+        let mut cluster = Self::start_locked(opts, &lock).await?;
+        cluster._lock = Some(lock);
+        Ok(cluster)
+    }
+
+    /// [`Self::start`] in a slot the caller has taken (and keeps until the cluster is gone);
+    /// `opts.slot` is ignored.
+    pub async fn start_locked(opts: LocalOptions, lock: &SlotLock) -> anyhow::Result<Self> {
         if opts.nodes == 0 || opts.nodes > 15 {
             bail!("1 to 15 nodes, not {}", opts.nodes);
         }
         for b in binaries::BINARIES {
             binaries::binary(b)?;
         }
-        let (slot, lock) = lock_slot(opts.slot)?;
+        let slot = lock.slot();
         let prefix = opts.prefix.clone().unwrap_or_else(|| format!("hwe{slot}"));
         clean_stale(&prefix);
         let (tempdir, dir) = match &opts.dir {
@@ -314,7 +403,7 @@ impl LocalCluster {
             client_ns,
             router,
             apiserver: Some(apiserver),
-            _lock: lock,
+            _lock: None,
         };
         cluster.start_operator(&[])?;
         cluster.lb = Some(LbAgent::start(LbAgentConfig {

@@ -1,8 +1,11 @@
 //! `hawser-sandbox`: the local sandbox as one command. Starts the fake apiserver, network-
 //! namespace nodes running the real `hawser-dataplane`, the real `hawser-operator` with the
 //! mock cloud, a demo backend and a LoadBalancer Service; prints the load-balancer address and a
-//! `curl` that works from this machine; on Ctrl-C removes every namespace, process, nft table,
-//! route and file it made (and, on the next start, whatever a crash left behind).
+//! `curl` that works from this machine; on Ctrl-C or SIGTERM (also while starting) removes every
+//! namespace, process, nft table, route and file it made. It holds address slot 0 throughout: a
+//! second sandbox refuses and touches nothing, and what a crashed run left is removed only once
+//! the lock proves that run gone. Its children die with it even when it is SIGKILLed
+//! ([`hawser_e2e::reaper`]).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use hawser_e2e::backend::Backend as _;
-use hawser_e2e::local::{LocalCluster, LocalOptions};
+use hawser_e2e::local::{self, LocalCluster, LocalOptions, SlotBusy, SlotLock};
 use hawser_e2e::netns;
 use hawser_e2e::traffic::{Client, Outcome};
 use k8s_openapi::api::core::v1::Service;
@@ -97,23 +100,44 @@ async fn demo(cluster: &LocalCluster, replicas: usize) -> anyhow::Result<IpAddr>
     .await
 }
 
-async fn run(a: Args) -> anyhow::Result<()> {
-    netns::prerequisites().map_err(|why| anyhow::anyhow!("the sandbox needs root on Linux: {why}"))?;
-    std::fs::create_dir_all(&a.state_dir)?;
-    let pids_file = a.state_dir.join("pids");
-    kill_recorded(&pids_file);
-    remove_files(&a.state_dir);
-    let cluster = LocalCluster::start(LocalOptions {
-        nodes: a.nodes,
-        slot: Some(0),
-        prefix: Some("hws".into()),
-        dir: Some(a.state_dir.clone()),
-        operator_args: Vec::new(),
-        kubeconfig: None,
+/// The sandbox's prefix of namespace and host link names.
+const PREFIX: &str = "hws";
+
+/// Takes slot 0, or says clearly which sandbox has it.
+fn lock() -> anyhow::Result<SlotLock> {
+    local::lock_slot(Some(0)).map_err(|e| match e.downcast::<SlotBusy>() {
+        Ok(SlotBusy { holder: Some(pid), .. }) => anyhow::anyhow!(
+            "another sandbox is running (pid {pid}); it was left alone. Stop it first: Ctrl-C where it runs, or kill -INT {pid}"
+        ),
+        Ok(busy) => anyhow::anyhow!("another sandbox is running ({busy}); it was left alone. Stop it first"),
+        Err(e) => e,
     })
+}
+
+/// Removes whatever an earlier run that crashed left; only called with the slot's lock held,
+/// which proves that run is gone.
+fn clean_leftovers(state_dir: &Path) {
+    kill_recorded(&state_dir.join("pids"));
+    local::clean_stale(PREFIX);
+    remove_files(state_dir);
+}
+
+async fn start(a: &Args, lock: &SlotLock) -> anyhow::Result<(LocalCluster, IpAddr)> {
+    std::fs::create_dir_all(&a.state_dir)?;
+    let cluster = LocalCluster::start_locked(
+        LocalOptions {
+            nodes: a.nodes,
+            slot: Some(0),
+            prefix: Some(PREFIX.into()),
+            dir: Some(a.state_dir.clone()),
+            operator_args: Vec::new(),
+            kubeconfig: None,
+        },
+        lock,
+    )
     .await?;
     let pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
-    std::fs::write(&pids_file, pids.join("\n"))?;
+    std::fs::write(a.state_dir.join("pids"), pids.join("\n"))?;
     cluster.route_pool_from_host()?;
     let addr = demo(&cluster, a.replicas).await?;
     // Only print what works: the same request the user is told to make, from this machine.
@@ -125,33 +149,66 @@ async fn run(a: Args) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let kubeconfig = cluster.kubeconfig().display().to_string();
-    println!(
-        "hawser sandbox: {} nodes, {} demo backends, Service default/demo (class hawser.dev/lb)",
-        a.nodes, a.replicas
-    );
-    println!();
-    println!("  load-balancer address: {addr}");
-    println!("  try:        curl http://{addr}/hostname     (answers demo-1, demo-2, ...)");
-    println!("  Service:    KUBECONFIG={kubeconfig} kubectl get service demo -o yaml");
-    println!("  mock cloud: curl -s http://{}/mock/state", cluster.metrics_addr());
-    println!("  logs:       {}/*.log", cluster.dir().display());
-    println!();
-    println!("Ctrl-C stops it and removes everything it made.");
-    wait_for_stop().await;
-    println!("stopping; cleaning up");
-    drop(cluster);
-    remove_files(&a.state_dir);
-    let _ = std::fs::remove_dir(&a.state_dir);
-    Ok(())
+    Ok((cluster, addr))
 }
 
-async fn wait_for_stop() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
+async fn run(a: Args) -> anyhow::Result<()> {
+    netns::prerequisites().map_err(|why| anyhow::anyhow!("the sandbox needs root on Linux: {why}"))?;
+    // Nothing is touched before the lock is ours: a running sandbox is left alone.
+    let lock = lock()?;
+    // From here on Ctrl-C and SIGTERM stop the sandbox in order, also while it starts.
+    let mut stop = std::pin::pin!(stop_signal()?);
+    clean_leftovers(&a.state_dir);
+    let started = tokio::select! {
+        started = start(&a, &lock) => Some(started),
+        () = &mut stop => None,
+    };
+    let result = match started {
+        None => {
+            println!("stopping; cleaning up");
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        Some(Ok((cluster, addr))) => {
+            let kubeconfig = cluster.kubeconfig().display().to_string();
+            println!(
+                "hawser sandbox: {} nodes, {} demo backends, Service default/demo (class hawser.dev/lb)",
+                a.nodes, a.replicas
+            );
+            println!();
+            println!("  load-balancer address: {addr}");
+            println!("  try:        curl http://{addr}/hostname     (answers demo-1, demo-2, ...)");
+            println!("  Service:    KUBECONFIG={kubeconfig} kubectl get service demo -o yaml");
+            println!("  mock cloud: curl -s http://{}/mock/state", cluster.metrics_addr());
+            println!("  logs:       {}/*.log", cluster.dir().display());
+            println!();
+            println!("Ctrl-C stops it and removes everything it made.");
+            stop.await;
+            println!("stopping; cleaning up");
+            drop(cluster);
+            Ok(())
+        }
+    };
+    // Whatever a failed or interrupted start left, still under the lock (the children it
+    // started are gone with their namespaces or with the cluster).
+    local::clean_stale(PREFIX);
+    remove_files(&a.state_dir);
+    let _ = std::fs::remove_dir(&a.state_dir);
+    drop(lock);
+    result
+}
+
+/// Resolves on the first SIGINT or SIGTERM; both are caught from the moment this returns.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 #[tokio::main]
