@@ -148,21 +148,31 @@ fn applied(manifest: &Service, live: Option<&Service>, cfg: &DesiredConfig, note
                  derive from the UID the API server gives it"
                     .to_owned(),
             );
-            if cfg.capabilities.needs_node_ports
-                && let Some(spec) = svc.spec.as_mut()
-                && spec.allocate_load_balancer_node_ports != Some(false)
-            {
-                let mut placeholder = 30_000;
-                for port in spec.ports.iter_mut().flatten().filter(|p| p.node_port.is_none()) {
-                    port.node_port = Some(placeholder);
-                    placeholder += 1;
-                }
-                if placeholder > 30_000 {
-                    notes.push(
-                        "node ports are allocated by the API server; the plan uses placeholders from 30000".to_owned(),
-                    );
-                }
+        }
+    }
+    // Ports that get their node port only when applied.
+    if let Some(spec) = svc.spec.as_mut()
+        && spec.type_.as_deref() == Some("LoadBalancer")
+        && spec.allocate_load_balancer_node_ports != Some(false)
+    {
+        let taken: Vec<i32> = spec.ports.iter().flatten().filter_map(|p| p.node_port).collect();
+        let mut placeholders = (30_000..).filter(|n| !taken.contains(n));
+        let mut allocated = 0;
+        for port in spec.ports.iter_mut().flatten().filter(|p| p.node_port.is_none()) {
+            allocated += 1;
+            if cfg.capabilities.needs_node_ports {
+                port.node_port = placeholders.next();
             }
+        }
+        if allocated > 0 {
+            notes.push(if cfg.capabilities.needs_node_ports {
+                format!(
+                    "the API server allocates the node port of {allocated} port(s) when the manifest is applied; the \
+                     plan uses placeholders from 30000"
+                )
+            } else {
+                format!("the API server allocates the node port of {allocated} port(s) when the manifest is applied")
+            });
         }
     }
     svc

@@ -335,7 +335,9 @@ pub async fn audit(cli: Cli, output: OutputFormat) -> anyhow::Result<bool> {
         provider.as_ref(),
         &cfg,
         &cli.load_balancer_class,
-    );
+    )
+    .await
+    .context("planning the Services the inventory cannot vouch for")?;
     match output {
         OutputFormat::Table => print!("{}", audit::table(&rows)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).context("encoding the rows")?),

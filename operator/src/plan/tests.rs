@@ -84,6 +84,7 @@ async fn a_new_service_plans_a_load_balancer_to_create() {
     let targets = create.fields.iter().find(|f| f.field == "targets").unwrap();
     assert_eq!(targets.new.as_deref(), Some("1 nodes (+node-a)"));
     assert!(plan.notes.iter().any(|n| n.contains("placeholder UID")), "{:?}", plan.notes);
+    assert!(plan.notes.iter().any(|n| n.contains("allocates the node port of 1 port")), "{:?}", plan.notes);
     assert!(cloud.load_balancers().is_empty());
 }
 
@@ -182,4 +183,20 @@ fn a_plan_book_reports_only_changed_plans() {
     assert_eq!(book.totals(), (0, 0));
     book.forget("shop/web");
     assert!(book.snapshot().is_empty());
+}
+
+#[tokio::test]
+async fn node_ports_a_cloud_needs_get_placeholders_that_avoid_the_kept_ones() {
+    let cloud = MockCloud::new(MockConfig::new("demo")).unwrap();
+    let mut cfg = cfg(&cloud);
+    cfg.capabilities.needs_node_ports = true;
+    let live = svc(json!({"spec": {"ports": [{"port": 80, "protocol": "TCP", "nodePort": 30000}]}}));
+    let manifest = svc(json!({"spec": {"ports": [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]}}));
+    let plan = plan_service(Some(&manifest), Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg, CLASS)
+        .await
+        .unwrap();
+    assert_eq!(plan.intent, Intent::Ensure, "{}", plan.text());
+    let listeners = plan.changes[0].fields.iter().find(|f| f.field == "listeners").unwrap();
+    assert_eq!(listeners.new.as_deref(), Some("80/TCP (node port 30000), 443/TCP (node port 30001)"));
+    assert!(plan.notes.iter().any(|n| n.contains("placeholders from 30000")), "{:?}", plan.notes);
 }
