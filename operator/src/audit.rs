@@ -1,10 +1,11 @@
 //! `hawser-operator audit`: every cloud load balancer this cluster owns next to every Service of
 //! our class, with a verdict per row. Read-only: one list of Services and Nodes, one cloud
-//! inventory, nothing written anywhere.
+//! inventory, a read-only plan of each Service the inventory cannot vouch for, nothing written
+//! anywhere.
 
 use std::collections::HashMap;
 
-use hawser_providers::{OwnedLoadBalancer, Provider, Targets};
+use hawser_providers::{OwnedLoadBalancer, Provider, ProviderError, Targets};
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use serde::Serialize;
@@ -27,6 +28,9 @@ pub enum Verdict {
     Drifted,
     /// The Service's configuration is invalid: hawser builds nothing for it.
     Invalid,
+    /// A cloud resource has the name hawser would give this Service's but not hawser's
+    /// ownership tags: hawser cannot build the load balancer and never touches that resource.
+    ForeignNameConflict,
 }
 
 impl Verdict {
@@ -51,15 +55,17 @@ pub struct Row {
     pub detail: String,
 }
 
-/// Compares the Services with the cloud inventory. Pure: the caller lists both.
-pub fn audit(
+/// Compares the Services with the cloud inventory; the caller lists both. A Service whose load
+/// balancer the inventory cannot vouch for (no fingerprint, or a different one) is planned,
+/// read-only, to say which fields differ or what is in the way.
+pub async fn audit(
     services: &[Service],
     targets: &Targets,
     inventory: &[OwnedLoadBalancer],
     provider: &dyn Provider,
     cfg: &DesiredConfig,
     class: &str,
-) -> Vec<Row> {
+) -> Result<Vec<Row>, ProviderError> {
     let by_uid: HashMap<&str, &OwnedLoadBalancer> = inventory.iter().map(|lb| (lb.identity.uid.as_str(), lb)).collect();
     let mut rows = Vec::new();
     for svc in services.iter().filter(|s| is_ours(s, class)) {
@@ -72,13 +78,38 @@ pub fn audit(
             (Err(fields), _) => {
                 (Verdict::Invalid, fields.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
             }
-            (Ok(_), None) => (Verdict::Missing, "no load balancer in the cloud".to_owned()),
-            (Ok(spec), Some(lb)) => match (provider.fingerprint(&spec), lb.fingerprint.as_deref()) {
-                (Some(want), Some(have)) if want != have => {
-                    (Verdict::Drifted, "the load balancer's configuration differs from the Service's".to_owned())
+            (Ok(spec), lb) => {
+                let vouched =
+                    lb.is_some_and(|lb| lb.fingerprint.is_some() && lb.fingerprint == provider.fingerprint(&spec));
+                if vouched {
+                    (Verdict::Ok, String::new())
+                } else {
+                    let plan = match provider.plan(&spec).await {
+                        Ok(plan) => plan,
+                        Err(ProviderError::InvalidInput(fields)) => {
+                            let detail = fields.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                            rows.push(Row { service, uid, load_balancer, verdict: Verdict::Invalid, detail });
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if !plan.conflicts.is_empty() {
+                        let detail = plan
+                            .conflicts
+                            .iter()
+                            .map(|c| format!("{} {}: {}", c.kind, c.name, c.message))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        (Verdict::ForeignNameConflict, detail)
+                    } else if lb.is_none() {
+                        (Verdict::Missing, "no load balancer in the cloud".to_owned())
+                    } else if plan.changes.is_empty() {
+                        (Verdict::Ok, String::new())
+                    } else {
+                        (Verdict::Drifted, plan.changed_fields().join("; "))
+                    }
                 }
-                _ => (Verdict::Ok, String::new()),
-            },
+            }
         };
         rows.push(Row { service, uid, load_balancer, verdict, detail });
     }
@@ -97,7 +128,7 @@ pub fn audit(
         });
     }
     rows.sort_by(|a, b| (&a.service, &a.uid).cmp(&(&b.service, &b.uid)));
-    rows
+    Ok(rows)
 }
 
 /// The rows as an aligned table.
@@ -182,8 +213,14 @@ mod tests {
         cloud.ensure(&desired::build(&gone, targets.clone(), &cfg).unwrap()).await.unwrap();
         let inventory = cloud.list_owned().await.unwrap();
 
-        let services = [ok, drifted, missing, invalid, other];
-        let rows = audit(&services, &targets, &inventory, &cloud, &cfg, "hawser.dev/lb");
+        // taken's name is held by a load balancer someone else made.
+        let taken = svc("taken", "u-taken", json!({}));
+        let spec = desired::build(&taken, targets.clone(), &cfg).unwrap();
+        let name = MockCloud::name_for(&spec.identity);
+        cloud.insert_foreign(&name, "203.0.113.250".parse().unwrap(), Default::default());
+
+        let services = [ok, drifted, missing, invalid, other, taken];
+        let rows = audit(&services, &targets, &inventory, &cloud, &cfg, "hawser.dev/lb").await.unwrap();
         let verdicts: Vec<(&str, Verdict)> = rows.iter().map(|r| (r.service.as_str(), r.verdict)).collect();
         assert_eq!(
             verdicts,
@@ -193,11 +230,18 @@ mod tests {
                 ("shop/invalid", Verdict::Invalid),
                 ("shop/missing", Verdict::Missing),
                 ("shop/ok", Verdict::Ok),
+                ("shop/taken", Verdict::ForeignNameConflict),
             ],
             "another class's Service is not ours to audit"
         );
         let invalid_row = rows.iter().find(|r| r.verdict == Verdict::Invalid).unwrap();
         assert!(invalid_row.detail.contains("hawser.dev/scheme"), "{}", invalid_row.detail);
+        let drifted_row = rows.iter().find(|r| r.verdict == Verdict::Drifted).unwrap();
+        assert!(drifted_row.detail.contains(": listeners"), "names the field: {}", drifted_row.detail);
+        let taken_row = rows.iter().find(|r| r.verdict == Verdict::ForeignNameConflict).unwrap();
+        assert!(taken_row.detail.contains(&name) && taken_row.detail.contains("not owned"), "{}", taken_row.detail);
+        let writes = cloud.calls().iter().filter(|c| c.is_mutating()).count();
+        assert_eq!(writes, 3, "the audit wrote nothing (the 3 ensures are the test's own)");
         let text = table(&rows);
         assert!(text.starts_with("SERVICE"), "{text}");
         assert!(text.lines().any(|l| l.contains("shop/gone") && l.contains("orphan")), "{text}");

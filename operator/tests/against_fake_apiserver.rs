@@ -571,3 +571,123 @@ async fn audit_lists_every_service_and_load_balancer_and_fails_when_something_is
     );
     server.stop().await;
 }
+
+/// `hawser-operator plan ARGS` against the same cluster and cloud: exit status, stdout, stderr.
+async fn plan(kubeconfig: &Path, state: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+        .args(["--provider", "mock", "--cluster-name", "demo", "--mock-state-file"])
+        .arg(state)
+        .arg("plan")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("hawser-operator plan runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn plan_prints_what_a_manifest_would_change_and_changes_nothing() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_file(&dir);
+    let op = start_operator(server.kubeconfig_path(), &state, &["--gc", "off"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    wait_for("ingress", || async { services.get("web").await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    // An invalid Service: the controller's Warning Event is what plan must say too.
+    let bad = json!({"hawser.dev/scheme": "public"});
+    services.create(&PostParams::default(), &lb_service("bad", "hawser.dev/lb", bad)).await.unwrap();
+    let warning = wait_for("the Warning Event", || async {
+        events_for(&client, "bad").await.into_iter().find(|e| e.1 == "InvalidConfiguration").map(|e| e.2)
+    })
+    .await;
+    drop(op);
+    let cloud_before = std::fs::read(&state).unwrap();
+
+    // The same Services as a manifest someone is about to apply: web moves to 8443, and a new one.
+    let manifest = dir.path().join("services.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: LoadBalancer\n  \
+         loadBalancerClass: hawser.dev/lb\n  selector: {app: web}\n  ports: [{name: http, port: 8443, targetPort: 8080}]\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: default}\nspec:\n  type: LoadBalancer\n  \
+         loadBalancerClass: hawser.dev/lb\n  ports: [{port: 443}]\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+    )
+    .unwrap();
+    let (code, out, err) = plan(server.kubeconfig_path(), &state, &["-f", manifest.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "planned: {out}{err}");
+    assert!(err.contains("skipped ConfigMap x"), "{err}");
+    let web = out.split("Service default/shop").next().unwrap();
+    assert!(web.contains("Service default/web: 0 to create, 1 to update"), "{out}");
+    assert!(web.contains("~ update   load balancer mock-lb-"), "{out}");
+    // 8443 is a new entry of spec.ports: its node port is allocated when applied.
+    assert!(web.contains("listeners: 80/TCP (node port 30000) → 8443/TCP"), "{out}");
+    assert!(web.contains("note: the API server allocates the node port of 1 port(s)"), "{out}");
+    let shop = out.split("Service default/shop").nth(1).unwrap();
+    assert!(shop.contains("1 to create") && shop.contains("+ create   load balancer hawser-"), "{out}");
+    assert!(shop.contains("listeners: (none) → 443/TCP"), "{out}");
+    assert_eq!(std::fs::read(&state).unwrap(), cloud_before, "plan changed the cloud");
+
+    // An existing Service as it is: nothing to do; its deletion; JSON.
+    let (code, out, _) = plan(server.kubeconfig_path(), &state, &["default/web"]).await;
+    assert_eq!((code, out.trim()), (0, "Service default/web: no changes"));
+    let (code, out, _) = plan(server.kubeconfig_path(), &state, &["web", "--delete", "-o", "json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let plans: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(plans[0]["intent"], "delete");
+    assert_eq!(plans[0]["changes"][0]["action"], "delete");
+    assert_eq!(plans[0]["changes"][0]["kind"], "load balancer");
+
+    // Invalid: exit 1, and every message of the Warning Event.
+    let (code, out, _) = plan(server.kubeconfig_path(), &state, &["default/bad"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("invalid: {warning}")), "the Event's {warning:?} missing from\n{out}");
+    let (code, _, err) = plan(server.kubeconfig_path(), &state, &["default/nope"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("default/nope does not exist"), "{err}");
+    assert_eq!(std::fs::read(&state).unwrap(), cloud_before, "plan changed the cloud");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dry_run_plans_logs_and_serves_every_service_and_writes_nothing() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = state_file(&dir);
+    let op = start_operator(server.kubeconfig_path(), &state, &["--dry-run"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    services.create(&PostParams::default(), &lb_service("web", "hawser.dev/lb", json!({}))).await.unwrap();
+    let plans: Value = wait_for("the plan at /plans", || async {
+        let body = http_get(op.metrics_port, "/plans").await?;
+        let plans: Value = serde_json::from_str(&body).ok()?;
+        (plans.as_array()?.len() == 1).then_some(plans)
+    })
+    .await;
+    assert_eq!(plans[0]["service"], "default/web");
+    assert_eq!(plans[0]["intent"], "ensure");
+    assert_eq!(plans[0]["changes"][0]["action"], "create");
+    let event = wait_for("the DryRunPlanned Event", || async {
+        events_for(&client, "web").await.into_iter().find(|e| e.1 == "DryRunPlanned")
+    })
+    .await;
+    assert!(event.2.starts_with("Dry run, nothing changed: Service default/web: 1 to create"), "{}", event.2);
+    let gauge = metric(&op, "hawser_dry_run_services_with_changes").await.unwrap();
+    assert!(gauge.ends_with(" 1"), "{gauge}");
+
+    let cloud = mock_state(&op).await;
+    assert!(cloud["loadBalancers"].as_array().unwrap().is_empty(), "a dry run created a load balancer");
+    let writes: Vec<&Value> =
+        cloud["calls"].as_array().unwrap().iter().filter(|c| c["operation"] != "DescribeLoadBalancers").collect();
+    assert!(writes.is_empty(), "a dry run made cloud writes: {writes:?}");
+    let web = services.get("web").await.unwrap();
+    assert!(web.metadata.finalizers.is_none(), "a dry run added a finalizer");
+    assert!(ingress_ip(&web).is_none() && condition(&web).is_none(), "a dry run wrote the status");
+    drop(op);
+    server.stop().await;
+}
