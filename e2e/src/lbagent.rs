@@ -112,8 +112,8 @@ fn parse_state(state: &Value) -> Vec<Wanted> {
                 } else {
                     None
                 },
-                healthy_threshold: threshold(hc, "healthy_threshold"),
-                unhealthy_threshold: threshold(hc, "unhealthy_threshold"),
+                healthy_threshold: threshold(hc, "healthyThreshold"),
+                unhealthy_threshold: threshold(hc, "unhealthyThreshold"),
             }
         })
         .collect()

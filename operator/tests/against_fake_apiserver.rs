@@ -478,11 +478,11 @@ async fn a_force_deleted_services_load_balancer_is_collected_and_foreign_ones_ne
                 "hawser.dev/cluster": "another-cluster", "hawser.dev/service": "default/web",
                 "hawser.dev/service-uid": "gone", "hawser.dev/resource": "load-balancer"},
                 "addresses": ["203.0.113.200"], "listeners": [], "targets": [],
-                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthy_threshold": 3, "unhealthy_threshold": 3},
+                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthyThreshold": 3, "unhealthyThreshold": 3},
                 "scheme": "internet-facing", "sourceRanges": [], "sessionAffinity": {"type": "None"}, "revision": 1},
             "mock-lb-untagged": {"id": "mock-lb-untagged", "name": "hawser-fedcba9876543210", "tags": {},
                 "addresses": ["203.0.113.201"], "listeners": [], "targets": [],
-                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthy_threshold": 3, "unhealthy_threshold": 3},
+                "healthCheck": {"protocol": "TCP", "port": 80, "path": null, "interval": 10, "timeout": 5, "healthyThreshold": 3, "unhealthyThreshold": 3},
                 "scheme": "internet-facing", "sourceRanges": [], "sessionAffinity": {"type": "None"}, "revision": 1}
         }
     });

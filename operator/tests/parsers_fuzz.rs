@@ -197,9 +197,9 @@ fn a_damaged_mock_state_file_is_refused_naming_the_file_never_a_panic() {
     let valid = serde_json::to_vec_pretty(&json!({
         "generation": 3, "nextId": 1,
         "loadBalancers": {"mock-lb-1": {"id": "mock-lb-1", "name": "hawser-1", "tags": {"hawser.dev/cluster": "c"},
-            "addresses": ["203.0.113.1"], "listeners": [{"name": "", "protocol": "TCP", "port": 80, "node_port": null}],
+            "addresses": ["203.0.113.1"], "listeners": [{"name": "", "protocol": "TCP", "port": 80, "nodePort": null}],
             "targets": [], "healthCheck": {"protocol": "HTTP", "port": 10266, "path": "/healthz", "interval": 10,
-            "timeout": 5, "healthy_threshold": 2, "unhealthy_threshold": 3},
+            "timeout": 5, "healthyThreshold": 2, "unhealthyThreshold": 3},
             "scheme": "internet-facing", "sourceRanges": [], "sessionAffinity": {"type": "None"}, "revision": 1}}
     }))
     .unwrap();

@@ -52,8 +52,10 @@ impl Protocol {
     }
 }
 
-/// One port the load balancer listens on.
+/// One port the load balancer listens on. Serialized in camelCase like Kubernetes objects (the
+/// mock cloud's state file and `/mock/state`); the snake_case keys of older state files still read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Listener {
     /// The Service port's name (may be empty for a single-port Service).
     pub name: String,
@@ -62,15 +64,18 @@ pub struct Listener {
     /// The port clients connect to.
     pub port: u16,
     /// The node port behind it, when the Service has one.
+    #[serde(alias = "node_port")]
     pub node_port: Option<u16>,
 }
 
 /// A node that may receive traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Target {
     /// The Node's name.
     pub name: String,
     /// The Node's `spec.providerID` (e.g. `aws:///us-east-1a/i-0abc`, `gce://p/zone/name`).
+    #[serde(alias = "provider_id")]
     pub provider_id: Option<String>,
     /// The Node's zone (`topology.kubernetes.io/zone`).
     pub zone: Option<String>,
@@ -143,6 +148,7 @@ pub enum HealthCheckProtocol {
 
 /// The health check every target is probed with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
     /// HTTP or TCP.
     pub protocol: HealthCheckProtocol,
@@ -157,8 +163,10 @@ pub struct HealthCheck {
     #[serde(with = "secs")]
     pub timeout: Duration,
     /// Consecutive successes before a target is healthy.
+    #[serde(alias = "healthy_threshold")]
     pub healthy_threshold: u32,
     /// Consecutive failures before a target is unhealthy.
+    #[serde(alias = "unhealthy_threshold")]
     pub unhealthy_threshold: u32,
 }
 

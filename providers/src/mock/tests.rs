@@ -215,6 +215,44 @@ async fn processes_sharing_a_state_file_share_one_cloud() {
     assert!(leader.list_owned().await.unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn state_is_camel_case_and_snake_case_files_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.json");
+    let mut config = MockConfig::new("demo");
+    config.state_file = Some(path.clone());
+    let cloud = MockCloud::new(config.clone()).unwrap();
+    let mut s = spec("a", "uid-a");
+    s.targets = crate::Targets::from(vec![Target {
+        name: "node-a".into(),
+        provider_id: Some("mock:///node-a".into()),
+        zone: None,
+        addresses: vec!["10.0.0.2".parse().unwrap()],
+    }]);
+    cloud.ensure(&s).await.unwrap();
+    let snapshot = serde_json::to_value(cloud.snapshot()).unwrap();
+    let lb = &snapshot["loadBalancers"][0];
+    assert_eq!(lb["listeners"][0]["nodePort"], 30080);
+    assert_eq!(lb["targets"][0]["providerId"], "mock:///node-a");
+    assert_eq!(
+        (lb["healthCheck"]["healthyThreshold"].as_u64(), lb["healthCheck"]["unhealthyThreshold"].as_u64()),
+        (Some(u64::from(s.health_check.healthy_threshold)), Some(u64::from(s.health_check.unhealthy_threshold)))
+    );
+    let file = std::fs::read_to_string(&path).unwrap();
+    for old in ["node_port", "provider_id", "healthy_threshold", "unhealthy_threshold"] {
+        assert!(!file.contains(old), "{old} in {file}");
+    }
+    // A file written before the keys were camelCase reads the same.
+    let snake = file
+        .replace("nodePort", "node_port")
+        .replace("providerId", "provider_id")
+        .replace("unhealthyThreshold", "unhealthy_threshold")
+        .replace("healthyThreshold", "healthy_threshold");
+    std::fs::write(&path, snake).unwrap();
+    let reread = MockCloud::new(config).unwrap();
+    assert_eq!(serde_json::to_value(reread.snapshot()).unwrap()["loadBalancers"], snapshot["loadBalancers"]);
+}
+
 #[test]
 fn corrupt_state_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
