@@ -119,6 +119,28 @@ fn validate_common(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
                         "must contain at least 1 address",
                     ));
                 }
+                if let Some(node) = ep.get("nodeName").and_then(Value::as_str)
+                    && let Some(mut e) = crate::meta::validate_name(node, crate::meta::NameRule::Subdomain)
+                {
+                    let field = format!("endpoints[{i}].nodeName");
+                    e.message = e.message.replacen("metadata.name", &field, 1);
+                    e.field = field;
+                    errors.push(e);
+                }
+            }
+        }
+        ("", "services") => {
+            let ingress = obj.pointer("/status/loadBalancer/ingress").and_then(Value::as_array);
+            for (i, ing) in ingress.into_iter().flatten().enumerate() {
+                if let Some(ip) = ing.get("ip").and_then(Value::as_str)
+                    && ip.parse::<std::net::IpAddr>().is_err()
+                {
+                    errors.push(FieldError::invalid(
+                        format!("status.loadBalancer.ingress[{i}].ip"),
+                        format!("\"{ip}\""),
+                        "must be a valid IP address",
+                    ));
+                }
             }
         }
         ("events.k8s.io", "events") if obj.get("eventTime").is_none_or(Value::is_null) => {

@@ -386,6 +386,35 @@ async fn invalid_services_get_422_with_causes() {
 }
 
 #[tokio::test]
+async fn invalid_ingress_addresses_and_slice_node_names_get_422() {
+    let (server, client) = start().await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    svcs.create(&PostParams::default(), &svc("lb", lb_spec())).await.unwrap();
+    let bad = json!({"status": {"loadBalancer": {"ingress": [{"ip": "nope"}]}}});
+    let s = status(svcs.patch_status("lb", &PatchParams::default(), &Patch::Merge(&bad)).await);
+    assert_eq!(s.code, 422);
+    assert!(s.message.contains("status.loadBalancer.ingress[0].ip: Invalid value: \"nope\""), "{}", s.message);
+    let good = json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}});
+    svcs.patch_status("lb", &PatchParams::default(), &Patch::Merge(&good)).await.unwrap();
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let slice = |node: &str| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": "s"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.1.1"], "nodeName": node}],
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+        }))
+        .unwrap()
+    };
+    let s = status(slices.create(&PostParams::default(), &slice("Bad_Name")).await);
+    assert_eq!(s.code, 422);
+    assert!(s.message.contains("endpoints[0].nodeName: Invalid value"), "{}", s.message);
+    slices.create(&PostParams::default(), &slice("node-1")).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn list_pages_with_limit_and_continue() {
     let (server, client) = start().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
