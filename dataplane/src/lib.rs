@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod render;
+pub mod telemetry;

@@ -12,6 +12,7 @@ use hawser_dataplane::metrics::{self, Metrics};
 use hawser_dataplane::model::{DEFAULT_LOAD_BALANCER_CLASS, ModelConfig};
 use hawser_dataplane::nft::{Applier, NftCommand};
 use hawser_dataplane::render::RenderConfig;
+use hawser_dataplane::telemetry;
 use tracing::{error, info};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -75,18 +76,6 @@ fn argv(command: &str) -> Vec<String> {
     command.split_whitespace().map(str::to_owned).collect()
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours for a person at a terminal; never into a log file or a pipe.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 async fn serve(addr: SocketAddr, router: axum::Router, what: &'static str) -> anyhow::Result<()> {
     let listener = health::listen(addr).with_context(|| format!("binding {what} server on {addr}"))?;
     let addr = listener.local_addr().unwrap_or(addr);
@@ -113,12 +102,21 @@ async fn shutdown_signal() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     // The kube client uses rustls; pick its ring backend before any client is built.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    init_logs(args.log_format);
+    telemetry::init(matches!(args.log_format, LogFormat::Json));
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %telemetry::causes(&e), "hawser-dataplane failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
         let mut applier = Applier::new(NftCommand::with_argv(argv(&args.nft_command)));
         applier.cleanup().context("deleting hawser tables")?;

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => ExitCode::from(1),
             Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "audit failed");
+                tracing::error!(error = %hawser_operator::telemetry::causes(&e), "audit failed");
                 ExitCode::from(2)
             }
         };
@@ -27,7 +27,7 @@ async fn main() -> ExitCode {
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => ExitCode::from(1),
             Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "plan failed");
+                tracing::error!(error = %hawser_operator::telemetry::causes(&e), "plan failed");
                 ExitCode::from(2)
             }
         };
@@ -35,7 +35,7 @@ async fn main() -> ExitCode {
     match hawser_operator::run::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "hawser-operator failed");
+            tracing::error!(error = %hawser_operator::telemetry::causes(&e), "hawser-operator failed");
             ExitCode::FAILURE
         }
     }

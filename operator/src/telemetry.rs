@@ -15,3 +15,50 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.init(),
     }
 }
+
+/// An error and its causes, each said once: `what failed: why: the root cause`. Many errors
+/// (kube's among them) already carry their cause in their own message; printing every link of
+/// the chain as well would repeat the same text two or three times on one line.
+pub fn causes(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "failed to read kubeconfig: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let root = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = anyhow::Error::new(Wrapping(root)).context("no Kubernetes configuration");
+        assert_eq!(causes(&error), "no Kubernetes configuration: failed to read kubeconfig: no such file");
+        let plain = anyhow::anyhow!("root").context("middle").context("top");
+        assert_eq!(causes(&plain), "top: middle: root");
+    }
+}

@@ -691,3 +691,21 @@ async fn dry_run_plans_logs_and_serves_every_service_and_writes_nothing() {
     drop(op);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_start_says_each_cause_once_on_one_line() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+        .args(["--provider", "mock", "--cluster-name", "demo"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let fatal: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(fatal.len(), 1, "{stderr}");
+    assert!(fatal[0].contains("hawser-operator failed"), "{stderr}");
+    assert_eq!(fatal[0].matches("/nonexistent/kubeconfig").count(), 1, "the cause repeated: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr}");
+}
