@@ -28,7 +28,10 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.is_file() {
-        bail!("{} not found; build it first: cargo build -p {name}", path.display());
+        bail!(
+            "{} not found; build it first with the tests' build: cargo test --workspace --all-features --no-run",
+            path.display()
+        );
     }
     Ok(path)
 }
