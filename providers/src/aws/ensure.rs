@@ -125,13 +125,7 @@ impl AwsProvider {
         };
 
         // 2. Target groups.
-        let observed_tgs = match &lb {
-            Some(l) => self.observe_target_groups(id, &l.arn).await?,
-            None => Vec::new(),
-        };
-        let tg_plan = plan::diff_target_groups(&desired.target_groups, &observed_tgs);
-        let mut tg_arns: BTreeMap<String, String> =
-            observed_tgs.iter().map(|t| (t.name.clone(), t.arn.clone())).collect();
+        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, lb.as_ref(), &desired).await?;
         let mut registered: BTreeMap<String, BTreeSet<String>> =
             observed_tgs.iter().map(|t| (t.arn.clone(), t.targets.clone())).collect();
         for name in &tg_plan.create {
@@ -448,29 +442,9 @@ impl AwsProvider {
         frontend: &str,
         id: &ServiceIdentity,
     ) -> Result<(), ProviderError> {
-        if env.node_security_groups.is_empty() {
-            return Ok(());
-        }
-        let out = self
-            .clients
-            .call(
-                "DescribeSecurityGroups",
-                self.clients
-                    .ec2
-                    .describe_security_groups()
-                    .set_group_ids(Some(env.node_security_groups.iter().cloned().collect()))
-                    .send(),
-            )
-            .await?;
         let wanted = plan::node_rules(desired, frontend);
         let description = node_rule_description(id);
-        for g in out.security_groups() {
-            let Some(group) = g.group_id() else { continue };
-            // Only rules whose source is this Service's frontend group are ours to change.
-            let ours: BTreeSet<Rule> = rules_of(g.ip_permissions())
-                .into_iter()
-                .filter(|r| r.source == Source::Group(frontend.to_owned()))
-                .collect();
+        for (group, ours) in self.node_rules_from(&env.node_security_groups, frontend).await? {
             let (authorize, revoke) = plan::diff_rules(&wanted, &ours);
             if !revoke.is_empty() {
                 self.clients
@@ -479,7 +453,7 @@ impl AwsProvider {
                         self.clients
                             .ec2
                             .revoke_security_group_ingress()
-                            .group_id(group)
+                            .group_id(&group)
                             .set_ip_permissions(Some(permissions(&revoke, &description)))
                             .send(),
                     )
@@ -492,7 +466,7 @@ impl AwsProvider {
                         self.clients
                             .ec2
                             .authorize_security_group_ingress()
-                            .group_id(group)
+                            .group_id(&group)
                             .set_ip_permissions(Some(permissions(&authorize, &description)))
                             .send(),
                     )
@@ -500,6 +474,57 @@ impl AwsProvider {
             }
         }
         Ok(())
+    }
+
+    /// Each node security group with its rules whose source is the frontend group: the only
+    /// rules on those groups that are ours to change.
+    pub(super) async fn node_rules_from(
+        &self,
+        node_groups: &BTreeSet<String>,
+        frontend: &str,
+    ) -> Result<Vec<(String, BTreeSet<Rule>)>, ProviderError> {
+        if node_groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .clients
+            .call(
+                "DescribeSecurityGroups",
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .set_group_ids(Some(node_groups.iter().cloned().collect()))
+                    .send(),
+            )
+            .await?;
+        Ok(out
+            .security_groups()
+            .iter()
+            .filter_map(|g| {
+                let ours = rules_of(g.ip_permissions())
+                    .into_iter()
+                    .filter(|r| r.source == Source::Group(frontend.to_owned()))
+                    .collect();
+                Some((g.group_id()?.to_owned(), ours))
+            })
+            .collect())
+    }
+
+    /// The owned target groups of the load balancer (none without one) and what to change in
+    /// them; with each group's ARN by name.
+    pub(super) async fn target_group_plan(
+        &self,
+        id: &ServiceIdentity,
+        lb: Option<&ObservedLoadBalancer>,
+        desired: &Desired,
+    ) -> Result<(Vec<ObservedTargetGroup>, plan::TargetGroupPlan, BTreeMap<String, String>), ProviderError> {
+        let observed = match lb {
+            Some(l) => self.observe_target_groups(id, &l.arn).await?,
+            None => Vec::new(),
+        };
+        let tg_plan = plan::diff_target_groups(&desired.target_groups, &observed);
+        let arns = observed.iter().map(|t| (t.name.clone(), t.arn.clone())).collect();
+        Ok((observed, tg_plan, arns))
     }
 
     /// The owned target groups attached to the load balancer, with attributes and targets.

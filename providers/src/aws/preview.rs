@@ -7,7 +7,6 @@ use aws_sdk_ec2::types::Filter;
 
 use super::AwsProvider;
 use super::annotations as ann;
-use super::ensure::rules_of;
 use super::naming;
 use super::plan::{
     self, HealthSettings, LoadBalancerAction, ObservedListener, ObservedTargetGroup, Rule, Source, TagDiff,
@@ -138,13 +137,7 @@ impl AwsProvider {
         };
 
         // 2. Target groups.
-        let observed_tgs = match &lb {
-            Some(l) => self.observe_target_groups(id, &l.arn).await?,
-            None => Vec::new(),
-        };
-        let tg_plan = plan::diff_target_groups(&desired.target_groups, &observed_tgs);
-        let mut tg_arns: BTreeMap<String, String> =
-            observed_tgs.iter().map(|t| (t.name.clone(), t.arn.clone())).collect();
+        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, lb.as_ref(), &desired).await?;
         let mut tg_changes: BTreeMap<String, Change> = BTreeMap::new();
         for name in &tg_plan.create {
             let Some(d) = desired.target_groups.iter().find(|t| &t.name == name) else { continue };
@@ -316,27 +309,8 @@ impl AwsProvider {
         frontend: &str,
         out: &mut ChangePlan,
     ) -> Result<(), ProviderError> {
-        if node_groups.is_empty() {
-            return Ok(());
-        }
         let wanted = plan::node_rules(desired, frontend);
-        let found = self
-            .clients
-            .call(
-                "DescribeSecurityGroups",
-                self.clients
-                    .ec2
-                    .describe_security_groups()
-                    .set_group_ids(Some(node_groups.iter().cloned().collect()))
-                    .send(),
-            )
-            .await?;
-        for g in found.security_groups() {
-            let Some(group) = g.group_id() else { continue };
-            let ours: BTreeSet<Rule> = rules_of(g.ip_permissions())
-                .into_iter()
-                .filter(|r| r.source == Source::Group(frontend.to_owned()))
-                .collect();
+        for (group, ours) in self.node_rules_from(node_groups, frontend).await? {
             if ours != wanted {
                 out.push(Change::new(Action::Update, "security group", group).field(
                     format!("ingress from {frontend}"),

@@ -341,6 +341,28 @@ impl MockCloud {
         }
     }
 
+    /// A requested address the pools do not hold.
+    fn outside_pools(&self, addr: &IpAddr) -> ProviderError {
+        ProviderError::invalid(
+            "hawser.dev/address",
+            format!(
+                "{addr} is not in the mock cloud's address pools ({}); request an address inside them",
+                self.pools.describe()
+            ),
+        )
+    }
+
+    /// A family the pools do not serve.
+    fn no_pool(&self, family: IpFamily) -> ProviderError {
+        ProviderError::invalid(
+            "spec.ipFamilies",
+            format!(
+                "the mock cloud has no {family:?} address pool (pools: {}); use a family it has",
+                self.pools.describe()
+            ),
+        )
+    }
+
     /// The addresses the load balancer should hold: requested ones where given, else the ones
     /// it has, else newly allocated.
     fn choose_addresses(
@@ -355,13 +377,7 @@ impl MockCloud {
             let requested = spec.requested_addresses.iter().find(|a| IpFamily::of(a) == *family);
             let addr = if let Some(addr) = requested {
                 if !self.pools.contains(addr) {
-                    return Err(ProviderError::invalid(
-                        "hawser.dev/address",
-                        format!(
-                            "{addr} is not in the mock cloud's address pools ({}); request an address inside them",
-                            self.pools.describe()
-                        ),
-                    ));
+                    return Err(self.outside_pools(addr));
                 }
                 if let Some(holder) = state.holder_of(addr).filter(|_| !own(addr)) {
                     return Err(ProviderError::Conflict(format!(
@@ -376,13 +392,7 @@ impl MockCloud {
                 *existing
             } else {
                 let Some(pool) = self.pools.for_family(*family) else {
-                    return Err(ProviderError::invalid(
-                        "spec.ipFamilies",
-                        format!(
-                            "the mock cloud has no {family:?} address pool (pools: {}); use a family it has",
-                            self.pools.describe()
-                        ),
-                    ));
+                    return Err(self.no_pool(*family));
                 };
                 let taken = |a: &IpAddr| (state.holder_of(a).is_some() && !own(a)) || chosen.contains(a);
                 let addr = self

@@ -62,13 +62,7 @@ impl MockCloud {
         for family in &spec.ip_families {
             if let Some(addr) = spec.requested_addresses.iter().find(|a| IpFamily::of(a) == *family) {
                 if !self.pools.contains(addr) {
-                    return Err(ProviderError::invalid(
-                        "hawser.dev/address",
-                        format!(
-                            "{addr} is not in the mock cloud's address pools ({}); request an address inside them",
-                            self.pools.describe()
-                        ),
-                    ));
+                    return Err(self.outside_pools(addr));
                 }
                 if let Some(holder) = state.holder_of(addr).filter(|_| !own(addr)) {
                     plan.conflict("address", addr.to_string(), format!("already in use by {}", describe_owner(holder)));
@@ -80,13 +74,7 @@ impl MockCloud {
                 out.push(Ok(*existing));
             } else {
                 let Some(pool) = self.pools.for_family(*family) else {
-                    return Err(ProviderError::invalid(
-                        "spec.ipFamilies",
-                        format!(
-                            "the mock cloud has no {family:?} address pool (pools: {}); use a family it has",
-                            self.pools.describe()
-                        ),
-                    ));
+                    return Err(self.no_pool(*family));
                 };
                 out.push(Err(format!("a free address from {pool}")));
             }
