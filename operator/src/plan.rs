@@ -129,10 +129,13 @@ fn applied(manifest: &Service, live: Option<&Service>, cfg: &DesiredConfig, note
             svc.metadata.uid = live.metadata.uid.clone();
             let live_spec = live.spec.clone().unwrap_or_default();
             if let Some(spec) = svc.spec.as_mut() {
+                // The API server defaults a port's protocol to TCP; a manifest often leaves it out.
+                let protocol =
+                    |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
                 for port in spec.ports.iter_mut().flatten() {
                     if port.node_port.is_none() {
                         port.node_port = live_spec.ports.iter().flatten().find_map(|l| {
-                            (l.port == port.port && l.protocol == port.protocol).then_some(l.node_port).flatten()
+                            (l.port == port.port && protocol(l) == protocol(port)).then_some(l.node_port).flatten()
                         });
                     }
                 }

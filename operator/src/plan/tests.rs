@@ -191,7 +191,8 @@ async fn node_ports_a_cloud_needs_get_placeholders_that_avoid_the_kept_ones() {
     let mut cfg = cfg(&cloud);
     cfg.capabilities.needs_node_ports = true;
     let live = svc(json!({"spec": {"ports": [{"port": 80, "protocol": "TCP", "nodePort": 30000}]}}));
-    let manifest = svc(json!({"spec": {"ports": [{"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}]}}));
+    // The manifest leaves the protocol out, as most do; the API server defaulted it to TCP.
+    let manifest = svc(json!({"spec": {"ports": [{"port": 80, "protocol": null}, {"port": 443, "protocol": null}]}}));
     let plan = plan_service(Some(&manifest), Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg, CLASS)
         .await
         .unwrap();
