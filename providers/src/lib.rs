@@ -23,10 +23,10 @@ mod status;
 pub use changes::{Action, Change, ChangePlan, Conflict, FieldChange, listed, membership, shown};
 pub use error::{ErrorClass, InvalidField, ProviderError};
 pub use naming::{
-    OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_RESOURCE, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID, ownership_tags,
-    stable_hash,
+    OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_GROUP, OWNERSHIP_TAG_RESOURCE, OWNERSHIP_TAG_SERVICE,
+    OWNERSHIP_TAG_SERVICE_UID, ownership_tags, stable_hash,
 };
-pub use provider::{Capabilities, OwnedLoadBalancer, PROVIDER_ANNOTATION_PREFIXES, Provider};
+pub use provider::{Capabilities, GroupLimits, OwnedLoadBalancer, PROVIDER_ANNOTATION_PREFIXES, Provider};
 pub use spec::{
     HealthCheck, HealthCheckProtocol, IpFamily, Listener, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity,
     SessionAffinity, Target, Targets,

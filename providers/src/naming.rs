@@ -14,6 +14,8 @@ pub const OWNERSHIP_TAG_SERVICE: &str = "hawser.dev/service";
 pub const OWNERSHIP_TAG_SERVICE_UID: &str = "hawser.dev/service-uid";
 /// Tag naming what the resource is to hawser (e.g. `load-balancer`, `target-group`).
 pub const OWNERSHIP_TAG_RESOURCE: &str = "hawser.dev/resource";
+/// Tag naming the load-balancer group (`namespace/name`) a shared resource belongs to.
+pub const OWNERSHIP_TAG_GROUP: &str = "hawser.dev/load-balancer-group";
 
 /// The ownership tags every cloud resource of `identity` carries.
 pub fn ownership_tags(identity: &ServiceIdentity, resource: &str) -> BTreeMap<String, String> {

@@ -15,6 +15,16 @@ pub struct Capabilities {
     pub needs_node_ports: bool,
     /// UDP listeners are supported.
     pub supports_udp: bool,
+    /// Services can share one load balancer (`hawser.dev/load-balancer-group`); `None` where
+    /// this provider does not do that yet.
+    pub groups: Option<GroupLimits>,
+}
+
+/// What one shared load balancer can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Listeners (port and protocol; TCP_UDP counts once) on one load balancer.
+    pub max_listeners: usize,
 }
 
 /// A load balancer this cluster owns, as found in the cloud.
@@ -44,6 +54,12 @@ pub trait Provider: Send + Sync + 'static {
 
     /// The `hawser.dev/<cloud>-*` annotations this provider understands.
     fn annotations(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Of those, the ones that configure the whole load balancer rather than one Service's part
+    /// of it: every member of a load-balancer group must give them the same values.
+    fn group_annotations(&self) -> &'static [&'static str] {
         &[]
     }
 

@@ -275,6 +275,10 @@ pub struct LoadBalancerSpec {
     pub tags: BTreeMap<String, String>,
     /// `hawser.dev/<cloud>-*` annotations, for the provider to parse and validate itself.
     pub provider_annotations: BTreeMap<String, String>,
+    /// The load-balancer group (`hawser.dev/load-balancer-group`) whose load balancer this
+    /// Service shares with the group's other members, in its namespace; `None`: its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl LoadBalancerSpec {
@@ -298,6 +302,7 @@ impl LoadBalancerSpec {
             requested_addresses: Vec::new(),
             tags: BTreeMap::new(),
             provider_annotations: BTreeMap::new(),
+            group: None,
         }
     }
 }

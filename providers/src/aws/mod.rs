@@ -145,7 +145,7 @@ impl Provider for AwsProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { needs_node_ports: true, supports_udp: true }
+        Capabilities { needs_node_ports: true, supports_udp: true, groups: None }
     }
 
     fn annotations(&self) -> &'static [&'static str] {

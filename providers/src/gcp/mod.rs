@@ -68,7 +68,7 @@ impl Provider for GcpProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { needs_node_ports: false, supports_udp: true }
+        Capabilities { needs_node_ports: false, supports_udp: true, groups: None }
     }
 
     fn annotations(&self) -> &'static [&'static str] {

@@ -7,6 +7,7 @@
 //! the load-balancer IP, and the hawser dataplane forwards them.
 
 mod gate;
+mod group;
 mod plan;
 mod pool;
 mod state;
@@ -24,15 +25,17 @@ use serde::Serialize;
 pub use gate::Admission;
 use gate::ApiGate;
 pub use pool::AddressPools;
-pub use state::{CloudState, MockLoadBalancer};
+pub use state::{CloudState, MemberPart, MockLoadBalancer};
 
 use crate::limiter::{AdaptiveLimiter, LimiterConfig};
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{
-    Capabilities, ChangePlan, IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
-    PortStatus, Protocol, Provider, ProviderError, ServiceIdentity, ownership_tags, stable_hash,
+    Capabilities, ChangePlan, GroupLimits, IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus,
+    OwnedLoadBalancer, PortStatus, Protocol, Provider, ProviderError, ServiceIdentity, ownership_tags, stable_hash,
 };
 
+/// Listeners one load balancer carries (as an NLB: 50), which bounds a load-balancer group.
+pub const MAX_LISTENERS: usize = 50;
 /// How many recorded calls are kept; older ones are dropped so a long sandbox run stays small.
 const CALL_LOG_LIMIT: usize = 10_000;
 /// Attempts of one API call that the cloud throttles, as a cloud SDK's standard retry makes.
@@ -246,6 +249,8 @@ impl MockCloud {
             source_ranges: Vec::new(),
             session_affinity: crate::SessionAffinity::None,
             revision: 1,
+            group: None,
+            members: BTreeMap::new(),
         };
         inner.state.insert(lb);
         id
@@ -441,12 +446,14 @@ fn desired_record(
         source_ranges: spec.source_ranges.clone(),
         session_affinity: spec.session_affinity,
         revision,
+        group: None,
+        members: BTreeMap::new(),
     }
 }
 
-fn status_of(lb: &MockLoadBalancer) -> LoadBalancerStatus {
-    let ports: Vec<PortStatus> = lb
-        .listeners
+/// The ports of `listeners` as a status reports them (TCP_UDP as both).
+fn ports_of(listeners: &[crate::Listener]) -> Vec<PortStatus> {
+    listeners
         .iter()
         .flat_map(|l| {
             let protos: &[Protocol] = match l.protocol {
@@ -456,7 +463,11 @@ fn status_of(lb: &MockLoadBalancer) -> LoadBalancerStatus {
             };
             protos.iter().map(|p| PortStatus { port: l.port, protocol: *p })
         })
-        .collect();
+        .collect()
+}
+
+fn status_of(lb: &MockLoadBalancer) -> LoadBalancerStatus {
+    let ports = ports_of(&lb.listeners);
     LoadBalancerStatus {
         id: lb.id.clone(),
         ingress: lb
@@ -474,17 +485,114 @@ impl Provider for MockCloud {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { needs_node_ports: false, supports_udp: true }
+        Capabilities {
+            needs_node_ports: false,
+            supports_udp: true,
+            groups: Some(GroupLimits { max_listeners: MAX_LISTENERS }),
+        }
     }
 
     fn fingerprint(&self, spec: &LoadBalancerSpec) -> Option<String> {
+        if spec.group.is_some() {
+            return group::fingerprint_of_member(spec);
+        }
         Some(desired_record(String::new(), String::new(), Vec::new(), spec, 0).fingerprint())
     }
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
+        if spec.group.is_some() {
+            return self.ensure_member(spec).await;
+        }
         let identity = &spec.identity;
-        let existing =
-            self.call("DescribeLoadBalancers", None, false, |state| Ok(state.owned_by(identity).cloned())).await?;
+        let (existing, group) = self
+            .call("DescribeLoadBalancers", None, false, |state| {
+                Ok((state.owned_by(identity).cloned(), state.member_of(identity).cloned()))
+            })
+            .await?;
+        let status = self.ensure_own(spec, existing).await?;
+        // A Service leaving a group: its part goes once its own load balancer serves it.
+        if let Some(lb) = group {
+            self.leave_group(&lb, identity).await?;
+        }
+        Ok(status)
+    }
+
+    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        self.plan_inner(spec).await
+    }
+
+    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
+        self.plan_delete_inner(identity).await
+    }
+
+    async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
+        let (own, group) = self
+            .call("DescribeLoadBalancers", None, false, |state| {
+                Ok((state.owned_by(identity).map(|lb| lb.id.clone()), state.member_of(identity).cloned()))
+            })
+            .await?;
+        if let Some(id) = own {
+            self.call("DeleteLoadBalancer", Some(&id), true, |state| {
+                state.remove(&id);
+                Ok(())
+            })
+            .await?;
+        }
+        if let Some(lb) = group {
+            self.leave_group(&lb, identity).await?;
+        }
+        Ok(())
+    }
+
+    async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
+        let cluster = self.config.cluster.clone();
+        self.call("DescribeLoadBalancers", None, false, |state| {
+            let mut owned = Vec::new();
+            for lb in state.load_balancers().values().filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
+            {
+                // A group's load balancer: one entry per member, each owning its part.
+                for (uid, part) in &lb.members {
+                    let Some((namespace, name)) = part.service.split_once('/') else { continue };
+                    owned.push(OwnedLoadBalancer {
+                        identity: ServiceIdentity {
+                            cluster: cluster.clone(),
+                            namespace: namespace.to_owned(),
+                            name: name.to_owned(),
+                            uid: uid.clone(),
+                        },
+                        id: lb.id.clone(),
+                        fingerprint: lb.member_fingerprint(uid),
+                    });
+                }
+                let Some((namespace, name)) = lb.tags.get(OWNERSHIP_TAG_SERVICE).and_then(|s| s.split_once('/')) else {
+                    continue;
+                };
+                let Some(uid) = lb.tags.get(OWNERSHIP_TAG_SERVICE_UID) else { continue };
+                owned.push(OwnedLoadBalancer {
+                    identity: ServiceIdentity {
+                        cluster: cluster.clone(),
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                        uid: uid.clone(),
+                    },
+                    id: lb.id.clone(),
+                    fingerprint: state.fingerprint_of(&lb.id).map(str::to_owned),
+                });
+            }
+            Ok(owned)
+        })
+        .await
+    }
+}
+
+impl MockCloud {
+    /// Ensures the Service's own load balancer, `existing` as just described.
+    async fn ensure_own(
+        &self,
+        spec: &LoadBalancerSpec,
+        existing: Option<MockLoadBalancer>,
+    ) -> Result<LoadBalancerStatus, ProviderError> {
+        let identity = &spec.identity;
         let name = Self::name_for(identity);
         match existing {
             None => {
@@ -535,51 +643,6 @@ impl Provider for MockCloud {
                 .await
             }
         }
-    }
-
-    async fn plan(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
-        self.plan_inner(spec).await
-    }
-
-    async fn plan_delete(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
-        self.plan_delete_inner(identity).await
-    }
-
-    async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
-        let found = self
-            .call("DescribeLoadBalancers", None, false, |state| Ok(state.owned_by(identity).map(|lb| lb.id.clone())))
-            .await?;
-        let Some(id) = found else { return Ok(()) };
-        self.call("DeleteLoadBalancer", Some(&id), true, |state| {
-            state.remove(&id);
-            Ok(())
-        })
-        .await
-    }
-
-    async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
-        let cluster = self.config.cluster.clone();
-        self.call("DescribeLoadBalancers", None, false, |state| {
-            Ok(state
-                .load_balancers()
-                .values()
-                .filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
-                .filter_map(|lb| {
-                    let (namespace, name) = lb.tags.get(OWNERSHIP_TAG_SERVICE)?.split_once('/')?;
-                    Some(OwnedLoadBalancer {
-                        identity: ServiceIdentity {
-                            cluster: cluster.clone(),
-                            namespace: namespace.to_owned(),
-                            name: name.to_owned(),
-                            uid: lb.tags.get(OWNERSHIP_TAG_SERVICE_UID)?.clone(),
-                        },
-                        id: lb.id.clone(),
-                        fingerprint: state.fingerprint_of(&lb.id).map(str::to_owned),
-                    })
-                })
-                .collect())
-        })
-        .await
     }
 }
 

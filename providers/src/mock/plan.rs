@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use super::group::{group_key, group_lb_name, part_of};
 use super::state::{CloudState, MockLoadBalancer};
 use super::{MockCloud, describe_owner, desired_record};
 use crate::changes::{Action, Change, ChangePlan, listed, membership, shown};
@@ -24,13 +25,48 @@ fn affinity(a: SessionAffinity) -> String {
     }
 }
 
+fn show_addresses(list: &[Result<IpAddr, String>]) -> Option<String> {
+    listed(list.iter().map(|a| match a {
+        Ok(ip) => ip.to_string(),
+        Err(pending) => pending.clone(),
+    }))
+}
+
+/// The change to the group load balancer `identity` is a member of, when it leaves.
+fn plan_leaving(state: &CloudState, identity: &ServiceIdentity, why: &str, plan: &mut ChangePlan) {
+    let Some(lb) = state.member_of(identity) else { return };
+    let service = identity.service_key();
+    let group = lb.group.clone().unwrap_or_default();
+    if lb.members.keys().all(|uid| *uid == identity.uid) {
+        plan.push(
+            Change::new(Action::Delete, KIND, &lb.id)
+                .field("addresses", listed(&lb.addresses), None)
+                .because(format!("{service} is the last member of group {group} and {why}")),
+        );
+    } else {
+        plan.push(
+            Change::new(Action::Update, KIND, &lb.id)
+                .field("members", shown(lb.members.len()), shown(lb.members.len() - 1))
+                .because(format!("{service} leaves group {group}: {why}")),
+        );
+    }
+}
+
 fn differs<T: PartialEq>(change: Change, field: &str, old: &T, new: &T, show: impl Fn(&T) -> Option<String>) -> Change {
     if old == new { change } else { change.field(field, show(old), show(new)) }
 }
 
 impl MockCloud {
     pub(super) async fn plan_inner(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
-        self.call("DescribeLoadBalancers", None, false, |state| self.plan_in(state, spec)).await
+        self.call("DescribeLoadBalancers", None, false, |state| {
+            if spec.group.is_some() {
+                return self.plan_member_in(state, spec);
+            }
+            let mut plan = self.plan_in(state, spec)?;
+            plan_leaving(state, &spec.identity, "it leaves the group for a load balancer of its own", &mut plan);
+            Ok(plan)
+        })
+        .await
     }
 
     pub(super) async fn plan_delete_inner(&self, identity: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
@@ -43,9 +79,86 @@ impl MockCloud {
                         .because("its addresses are released"),
                 );
             }
+            plan_leaving(state, identity, "the Service goes", &mut plan);
             Ok(plan)
         })
         .await
+    }
+
+    /// A member's part of its group's load balancer, and the end of its own load balancer.
+    fn plan_member_in(&self, state: &CloudState, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
+        let mut plan = ChangePlan::default();
+        let (Some(group), cluster) = (group_key(spec), &self.config.cluster) else { return Ok(plan) };
+        let service = spec.identity.service_key();
+        let wanted = part_of(spec);
+        match state.of_group(cluster, &group) {
+            None => {
+                let name = group_lb_name(cluster, &group);
+                if let Some(foreign) = state.named(&name) {
+                    plan.conflict(
+                        KIND,
+                        &name,
+                        format!(
+                            "{} already exists with this name and is not the load balancer of group {group}; hawser \
+                             leaves it untouched — delete or rename it",
+                            foreign.id
+                        ),
+                    );
+                }
+                let addresses = self.preview_addresses(state, spec, None, &mut plan)?;
+                let targets: Vec<&str> = spec.targets.iter().map(|t| t.name.as_str()).collect();
+                plan.push(
+                    Change::new(Action::Create, KIND, &name)
+                        .because(format!("for group {group}, with {service} as its first member"))
+                        .field("addresses", None, show_addresses(&addresses))
+                        .field(
+                            format!("members[{service}].listeners"),
+                            None,
+                            listed(spec.listeners.iter().map(listener)),
+                        )
+                        .field("targets", None, membership("nodes", [], targets).and_then(|(_, new)| new)),
+                );
+            }
+            Some(lb) => {
+                let mut update = Change::new(Action::Update, KIND, &lb.id);
+                let current = lb.members.get(&spec.identity.uid);
+                let field = |f: &str| format!("members[{service}].{f}");
+                let old_listeners = current.map(|c| c.listeners.clone()).unwrap_or_default();
+                update = differs(update, &field("listeners"), &old_listeners, &wanted.listeners, |l| {
+                    listed(l.iter().map(listener))
+                });
+                if let Some(c) = current {
+                    update = differs(update, &field("healthCheck"), &c.health_check, &wanted.health_check, |h| {
+                        shown(format!("{:?} port {} {}", h.protocol, h.port, h.path.clone().unwrap_or_default()))
+                    });
+                    update =
+                        differs(update, &field("sourceRanges"), &c.source_ranges, &wanted.source_ranges, |r| listed(r));
+                    update = differs(
+                        update,
+                        &field("sessionAffinity"),
+                        &c.session_affinity,
+                        &wanted.session_affinity,
+                        |a| shown(affinity(*a)),
+                    );
+                }
+                if let Some((old, new)) = membership(
+                    "nodes",
+                    lb.targets.iter().map(|t| t.name.as_str()),
+                    spec.targets.iter().map(|t| t.name.as_str()),
+                ) {
+                    update = update.field("targets", old, new);
+                }
+                plan.push_if_changed(update);
+            }
+        }
+        if let Some(own) = state.owned_by(&spec.identity) {
+            plan.push(
+                Change::new(Action::Delete, KIND, &own.id)
+                    .field("addresses", listed(&own.addresses), None)
+                    .because(format!("the Service moves into group {group} and takes the group's address")),
+            );
+        }
+        Ok(plan)
     }
 
     /// The addresses ensure would end with, or why it could not, without allocating any:
@@ -102,12 +215,7 @@ impl MockCloud {
             );
         }
         let addresses = self.preview_addresses(state, spec, current, &mut plan)?;
-        let shown_addresses = |list: &[Result<IpAddr, String>]| {
-            listed(list.iter().map(|a| match a {
-                Ok(ip) => ip.to_string(),
-                Err(pending) => pending.clone(),
-            }))
-        };
+        let shown_addresses = show_addresses;
         let wanted = desired_record(
             String::new(),
             name.clone(),

@@ -37,6 +37,29 @@ pub struct MockLoadBalancer {
     pub session_affinity: SessionAffinity,
     /// Bumped on every modification.
     pub revision: u64,
+    /// For the load balancer of a load-balancer group: the group, as `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// For the load balancer of a group: each member Service's part, by its UID. The
+    /// `listeners` above are then all members' listeners together.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, MemberPart>,
+}
+
+/// One Service's part of a group's load balancer: what belongs to it alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberPart {
+    /// The Service, as `namespace/name`.
+    pub service: String,
+    /// Its listeners.
+    pub listeners: Vec<Listener>,
+    /// How nodes are probed for it.
+    pub health_check: HealthCheck,
+    /// Clients allowed to its ports (empty: all).
+    pub source_ranges: Vec<ipnet::IpNet>,
+    /// Client stickiness on its ports.
+    pub session_affinity: SessionAffinity,
 }
 
 impl MockLoadBalancer {
@@ -49,6 +72,20 @@ impl MockLoadBalancer {
         (self.scheme, &self.source_ranges, self.session_affinity).hash(&mut h);
         format!("{:016x}", h.finish())
     }
+
+    /// The fingerprint of the member `uid`'s part, with what its members share; the drift check
+    /// compares it with what that member was ensured as.
+    pub fn member_fingerprint(&self, uid: &str) -> Option<String> {
+        let part = self.members.get(uid)?;
+        Some(member_fingerprint(part, &self.targets, self.scheme, self.group.as_deref()))
+    }
+}
+
+/// See [`MockLoadBalancer::member_fingerprint`].
+pub fn member_fingerprint(part: &MemberPart, targets: &Targets, scheme: Scheme, group: Option<&str>) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    (part, targets, scheme, group).hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// Everything the mock cloud holds. Mutations go through [`CloudState::insert`] and
@@ -71,6 +108,10 @@ pub struct CloudState {
 struct Index {
     /// (cluster, Service UID) → id, from the ownership tags.
     by_owner: HashMap<(String, String), String>,
+    /// (cluster, member Service UID) → id of the group load balancer it is part of.
+    by_member: HashMap<(String, String), String>,
+    /// (cluster, `namespace/group`) → id of the group's load balancer.
+    by_group: HashMap<(String, String), String>,
     /// Name → id.
     by_name: HashMap<String, String>,
     /// Address → id.
@@ -96,6 +137,16 @@ impl CloudState {
     pub fn owned_by(&self, identity: &ServiceIdentity) -> Option<&MockLoadBalancer> {
         let id = self.index.by_owner.get(&(identity.cluster.clone(), identity.uid.clone()))?;
         self.load_balancers.get(id)
+    }
+
+    /// The load balancer of load-balancer group `group` (`namespace/name`) of `cluster`.
+    pub fn of_group(&self, cluster: &str, group: &str) -> Option<&MockLoadBalancer> {
+        self.load_balancers.get(self.index.by_group.get(&(cluster.to_owned(), group.to_owned()))?)
+    }
+
+    /// The group load balancer `identity` is a member of, if any.
+    pub fn member_of(&self, identity: &ServiceIdentity) -> Option<&MockLoadBalancer> {
+        self.load_balancers.get(self.index.by_member.get(&(identity.cluster.clone(), identity.uid.clone()))?)
     }
 
     /// The load balancer named `name`.
@@ -141,6 +192,12 @@ impl CloudState {
         if let Some(owner) = owner_key(&lb) {
             self.index.by_owner.remove(&owner);
         }
+        if let (Some(cluster), Some(group)) = (lb.tags.get(OWNERSHIP_TAG_CLUSTER), &lb.group) {
+            self.index.by_group.remove(&(cluster.clone(), group.clone()));
+            for uid in lb.members.keys() {
+                self.index.by_member.remove(&(cluster.clone(), uid.clone()));
+            }
+        }
         self.index.by_name.remove(&lb.name);
         self.index.fingerprints.remove(&lb.id);
         for a in &lb.addresses {
@@ -152,6 +209,12 @@ impl CloudState {
     fn index_one(&mut self, lb: &MockLoadBalancer) {
         if let Some(owner) = owner_key(lb) {
             self.index.by_owner.insert(owner, lb.id.clone());
+        }
+        if let (Some(cluster), Some(group)) = (lb.tags.get(OWNERSHIP_TAG_CLUSTER), &lb.group) {
+            self.index.by_group.insert((cluster.clone(), group.clone()), lb.id.clone());
+            for uid in lb.members.keys() {
+                self.index.by_member.insert((cluster.clone(), uid.clone()), lb.id.clone());
+            }
         }
         self.index.by_name.insert(lb.name.clone(), lb.id.clone());
         self.index.fingerprints.insert(lb.id.clone(), lb.fingerprint());

@@ -343,3 +343,112 @@ fn bad_config_is_refused_clearly() {
     config.rate_limit = Some(0.0);
     assert!(MockCloud::new(config).unwrap_err().contains("positive"));
 }
+
+fn member(name: &str, uid: &str, port: u16) -> LoadBalancerSpec {
+    let mut s = spec(name, uid);
+    s.listeners[0].port = port;
+    s.group = Some("edge".into());
+    s
+}
+
+#[tokio::test]
+async fn members_of_a_group_share_one_load_balancer_and_address_each_with_its_own_ports() {
+    let cloud = cloud();
+    let web = cloud.ensure(&member("web", "uid-web", 80)).await.unwrap();
+    let api = cloud.ensure(&member("api", "uid-api", 443)).await.unwrap();
+    assert_eq!(cloud.load_balancers().len(), 1, "one load balancer for the group");
+    assert_eq!((web.id.clone(), ip(&web)), (api.id.clone(), ip(&api)), "one address");
+    assert_eq!(web.ingress[0].ports, vec![PortStatus { port: 80, protocol: Protocol::Tcp }], "only its own ports");
+    assert_eq!(api.ingress[0].ports, vec![PortStatus { port: 443, protocol: Protocol::Tcp }]);
+    let lb = &cloud.load_balancers()[0];
+    assert_eq!(lb.group.as_deref(), Some("default/edge"));
+    assert_eq!(lb.tags["hawser.dev/load-balancer-group"], "default/edge");
+    assert!(!lb.tags.contains_key("hawser.dev/service-uid"), "shared: no single owner");
+    assert_eq!(lb.listeners.iter().map(|l| l.port).collect::<Vec<_>>(), vec![80, 443]);
+    assert_eq!(mutating(&cloud), vec!["CreateLoadBalancer", "ModifyLoadBalancer"]);
+
+    // Steady: nothing written; the plan agrees.
+    cloud.ensure(&member("web", "uid-web", 80)).await.unwrap();
+    assert_eq!(mutating(&cloud).len(), 2);
+    assert!(cloud.plan(&member("web", "uid-web", 80)).await.unwrap().is_empty());
+
+    // An update of one member changes only its part.
+    let mut web2 = member("web", "uid-web", 8080);
+    web2.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let plan = cloud.plan(&web2).await.unwrap();
+    assert!(plan.to_string().contains("members[default/web].listeners: 80/TCP (node port 30080) → 8080/TCP"), "{plan}");
+    cloud.ensure(&web2).await.unwrap();
+    let lb = &cloud.load_balancers()[0];
+    assert_eq!(lb.members["uid-api"], group::part_of(&member("api", "uid-api", 443)), "api untouched");
+    assert_eq!(lb.members["uid-web"].source_ranges, web2.source_ranges);
+
+    // The inventory has one entry per member, with the fingerprint the drift check expects.
+    let owned = cloud.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 2);
+    for o in &owned {
+        let expected = if o.identity.uid == "uid-web" { web2.clone() } else { member("api", "uid-api", 443) };
+        assert_eq!(o.fingerprint, cloud.fingerprint(&expected), "{}", o.identity.uid);
+        assert_eq!(o.identity.service_key(), expected.identity.service_key());
+    }
+
+    // Members leave one by one; the address stays until the last goes.
+    cloud.delete(&web2.identity).await.unwrap();
+    let left = cloud.load_balancers();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].addresses, vec![ip(&api)]);
+    assert_eq!(left[0].listeners.iter().map(|l| l.port).collect::<Vec<_>>(), vec![443]);
+    let plan = cloud.plan_delete(&member("api", "uid-api", 443).identity).await.unwrap();
+    assert!(plan.to_string().contains("last member of group default/edge"), "{plan}");
+    cloud.delete(&member("api", "uid-api", 443).identity).await.unwrap();
+    assert!(cloud.load_balancers().is_empty(), "the last member takes the load balancer with it");
+}
+
+#[tokio::test]
+async fn moving_into_a_group_and_out_never_leaves_the_service_without_an_address() {
+    let cloud = cloud();
+    let own = cloud.ensure(&spec("web", "uid-web")).await.unwrap();
+    cloud.ensure(&member("api", "uid-api", 443)).await.unwrap();
+
+    // Into the group: the plan says the own load balancer goes after; ensure does that.
+    let joining = member("web", "uid-web", 80);
+    let plan = cloud.plan(&joining).await.unwrap();
+    let text = plan.to_string();
+    assert!(text.contains(&format!("- delete   load balancer {}", own.id)), "{text}");
+    assert!(text.contains("moves into group default/edge"), "{text}");
+    let calls_before = cloud.calls().len();
+    let joined = cloud.ensure(&joining).await.unwrap();
+    let ops: Vec<&str> =
+        cloud.calls()[calls_before..].iter().filter(|c| c.is_mutating()).map(|c| c.operation).collect();
+    assert_eq!(ops, vec!["ModifyLoadBalancer", "DeleteLoadBalancer"], "joined first, old one deleted after");
+    assert_ne!(joined.id, own.id);
+    assert_eq!(cloud.load_balancers().len(), 1);
+
+    // Out again: its own load balancer first, then its part goes.
+    let leaving = spec("web", "uid-web");
+    let plan = cloud.plan(&leaving).await.unwrap();
+    assert!(plan.to_string().contains("leaves group default/edge"), "{plan}");
+    let calls_before = cloud.calls().len();
+    let alone = cloud.ensure(&leaving).await.unwrap();
+    let ops: Vec<&str> =
+        cloud.calls()[calls_before..].iter().filter(|c| c.is_mutating()).map(|c| c.operation).collect();
+    assert_eq!(ops, vec!["CreateLoadBalancer", "ModifyLoadBalancer"]);
+    assert_ne!(ip(&alone), ip(&joined), "its own load balancer has its own address");
+    let lbs = cloud.load_balancers();
+    assert_eq!(lbs.len(), 2);
+    let group_lb = lbs.iter().find(|lb| lb.group.is_some()).unwrap();
+    assert_eq!(group_lb.members.keys().collect::<Vec<_>>(), vec!["uid-api"]);
+    assert!(cloud.plan(&leaving).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_group_survives_a_restart_through_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = MockConfig { state_file: Some(dir.path().join("cloud.json")), ..MockConfig::new("demo") };
+    let first = MockCloud::new(config.clone()).unwrap();
+    let web = first.ensure(&member("web", "uid-web", 80)).await.unwrap();
+    first.ensure(&member("api", "uid-api", 443)).await.unwrap();
+    let again = MockCloud::new(config).unwrap();
+    assert_eq!(again.ensure(&member("web", "uid-web", 80)).await.unwrap(), web, "adopted, nothing duplicated");
+    assert!(mutating(&again).is_empty());
+    assert_eq!(again.load_balancers().len(), 1);
+}
