@@ -29,6 +29,8 @@ pub const HEALTH_CHECK_HEALTHY_THRESHOLD: &str = "hawser.dev/health-check-health
 pub const HEALTH_CHECK_UNHEALTHY_THRESHOLD: &str = "hawser.dev/health-check-unhealthy-threshold";
 /// User tags for every cloud resource, `k=v,k2=v2`.
 pub const TAGS: &str = "hawser.dev/tags";
+/// The load-balancer group whose load balancer the Service shares, in its namespace.
+pub const LOAD_BALANCER_GROUP: &str = "hawser.dev/load-balancer-group";
 
 /// The annotations every cloud understands.
 pub const COMMON: &[&str] = &[
@@ -40,6 +42,7 @@ pub const COMMON: &[&str] = &[
     HEALTH_CHECK_HEALTHY_THRESHOLD,
     HEALTH_CHECK_UNHEALTHY_THRESHOLD,
     TAGS,
+    LOAD_BALANCER_GROUP,
 ];
 
 /// Accepted health-check interval, in seconds (the range every supported cloud accepts).
@@ -70,6 +73,8 @@ pub struct CommonAnnotations {
     pub unhealthy_threshold: Option<u32>,
     /// `hawser.dev/tags`.
     pub tags: BTreeMap<String, String>,
+    /// `hawser.dev/load-balancer-group`.
+    pub group: Option<String>,
     /// This provider's `hawser.dev/<cloud>-*` annotations, unparsed.
     pub provider: BTreeMap<String, String>,
 }
@@ -98,6 +103,7 @@ pub fn parse(
             HEALTH_CHECK_HEALTHY_THRESHOLD => parse_threshold(value).map(|t| out.healthy_threshold = Some(t)),
             HEALTH_CHECK_UNHEALTHY_THRESHOLD => parse_threshold(value).map(|t| out.unhealthy_threshold = Some(t)),
             TAGS => parse_tags(value).map(|t| out.tags = t),
+            LOAD_BALANCER_GROUP => parse_group(value).map(|g| out.group = Some(g)),
             k if provider_known.contains(&k) => {
                 out.provider.insert(key.clone(), value.to_owned());
                 Ok(())
@@ -210,6 +216,23 @@ fn parse_threshold(value: &str) -> Result<u32, String> {
     match value.parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(format!("{value:?} is not accepted; give a whole number from {min} to {max}")),
+    }
+}
+
+/// A group name: a DNS label, as it goes into cloud names and tags.
+fn parse_group(value: &str) -> Result<String, String> {
+    let label = !value.is_empty()
+        && value.len() <= 63
+        && value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if label {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a group name; use 1-63 lowercase letters, digits and '-', starting and ending with a \
+             letter or digit (a DNS label)"
+        ))
     }
 }
 

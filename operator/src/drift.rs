@@ -122,6 +122,7 @@ mod tests {
             spec_digest: 1,
             fingerprint: fingerprint.map(str::to_owned),
             status: LoadBalancerStatus { id: format!("lb-{uid}"), ingress: Vec::new() },
+            group: None,
         };
         (uid.to_owned(), record)
     }

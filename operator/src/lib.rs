@@ -11,6 +11,7 @@ pub mod desired;
 pub mod drift;
 pub mod events;
 pub mod gc;
+pub mod groups;
 pub mod http;
 pub mod leader;
 pub mod metered;

@@ -119,6 +119,10 @@ impl Provider for MeteredProvider {
         self.inner.annotations()
     }
 
+    fn group_annotations(&self) -> &'static [&'static str] {
+        self.inner.group_annotations()
+    }
+
     fn validate(&self, spec: &LoadBalancerSpec) -> Result<(), Vec<InvalidField>> {
         self.inner.validate(spec)
     }

@@ -50,8 +50,10 @@ pub struct Metrics {
     pub provider_call_duration: Family<CallLabels, Histogram, fn() -> Histogram>,
     /// Times the cloud throttled us.
     pub throttles: Family<ProviderLabels, Counter>,
-    /// Load balancers currently managed.
+    /// Services whose load balancer is ensured.
     pub managed_load_balancers: Gauge,
+    /// Cloud load balancers behind them (fewer where Services share one in a group).
+    pub load_balancers: Gauge,
     /// 1 while this replica leads (or leader election is off).
     pub leader: Gauge,
     /// Drift checks by outcome (`success` or the error class).
@@ -81,6 +83,7 @@ impl Metrics {
         let provider_call_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let throttles = Family::default();
         let managed_load_balancers = Gauge::default();
+        let load_balancers = Gauge::default();
         let leader = Gauge::default();
         let drift_checks = Family::default();
         let drifted = Counter::default();
@@ -114,8 +117,13 @@ impl Metrics {
         registry.register("provider_throttles", "Times the cloud API throttled hawser", throttles.clone());
         registry.register(
             "managed_load_balancers",
-            "Cloud load balancers hawser manages",
+            "Services whose cloud load balancer hawser manages",
             managed_load_balancers.clone(),
+        );
+        registry.register(
+            "load_balancers",
+            "Cloud load balancers serving the managed Services (fewer where groups share one)",
+            load_balancers.clone(),
         );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
         registry.register("drift_checks", "Periodic cloud inventories by outcome", drift_checks.clone());
@@ -134,6 +142,7 @@ impl Metrics {
             provider_call_duration,
             throttles,
             managed_load_balancers,
+            load_balancers,
             leader,
             drift_checks,
             drifted,

@@ -13,12 +13,14 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, warn};
 
 use crate::desired::{self, DesiredConfig};
 use crate::events::{EventPublisher, EventType, Note};
+use crate::groups::{self, GroupConflict, Member};
 use crate::metrics::Metrics;
 use crate::names::{CONDITION_TYPE, CONTROLLER_NAME, FINALIZER};
 use crate::nodes::NodePolicy;
@@ -53,6 +55,8 @@ pub struct Ensured {
     pub fingerprint: Option<String>,
     /// What the cloud answered.
     pub status: LoadBalancerStatus,
+    /// The load-balancer group (`namespace/name`) it was ensured in, if any.
+    pub group: Option<String>,
 }
 
 /// A digest of everything a spec asks of the cloud; equal digests mean nothing to do.
@@ -84,6 +88,12 @@ pub struct Context {
     ensured: Mutex<HashMap<String, Ensured>>,
     /// `--dry-run`: plan instead of change, and keep the plans here.
     pub dry_run: Option<Arc<crate::plan::PlanBook>>,
+    /// The Service cache, for the members of load-balancer groups.
+    pub services: Option<Store<Service>>,
+    /// Wakes Services: a group's other members when one of them changed or left.
+    pub wake: Option<mpsc::Sender<ObjectRef<Service>>>,
+    /// One lock per load-balancer group: its members are admitted and ensured one at a time.
+    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Context {
@@ -108,6 +118,9 @@ impl Context {
             now: Timestamp::now,
             ensured: Mutex::default(),
             dry_run: None,
+            services: None,
+            wake: None,
+            group_locks: Mutex::default(),
         }
     }
 
@@ -132,8 +145,43 @@ impl Context {
         false
     }
 
-    fn set_managed(&self, count: usize) {
-        self.metrics.managed_load_balancers.set(i64::try_from(count).unwrap_or(i64::MAX));
+    fn set_managed(&self) {
+        let ensured = self.ensured();
+        let clouds: std::collections::HashSet<&str> = ensured.values().map(|e| e.status.id.as_str()).collect();
+        self.metrics.managed_load_balancers.set(i64::try_from(ensured.len()).unwrap_or(i64::MAX));
+        self.metrics.load_balancers.set(i64::try_from(clouds.len()).unwrap_or(i64::MAX));
+    }
+
+    fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.group_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(group.to_owned()).or_default().clone()
+    }
+
+    /// The other Services of `group` (`namespace/name`) in the cache, with what is needed to
+    /// tell which may share its load balancer.
+    fn group_members(&self, group: &str, except_uid: &str) -> Vec<Arc<Service>> {
+        let Some(store) = &self.services else { return Vec::new() };
+        let Some((namespace, name)) = group.split_once('/') else { return Vec::new() };
+        store
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(namespace)
+                    && s.uid().as_deref() != Some(except_uid)
+                    && s.metadata.deletion_timestamp.is_none()
+                    && is_ours(s, &self.settings.class)
+                    && group_of(s).as_deref() == Some(name)
+            })
+            .collect()
+    }
+
+    /// Wakes the other members of `group`: a port or a place may have been freed.
+    fn wake_group(&self, group: &str, except_uid: &str) {
+        let Some(wake) = &self.wake else { return };
+        for member in self.group_members(group, except_uid) {
+            let _ = wake.try_send(ObjectRef::from_obj(member.as_ref()));
+        }
     }
 }
 
@@ -254,12 +302,26 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         Err(fields) => return invalid(svc, ctx, api, fields).await,
     };
     let uid = spec.identity.uid.clone();
+    let group = spec.group.as_ref().map(|g| format!("{}/{g}", spec.identity.namespace));
+    // A group's members are admitted and ensured one at a time, each against the others as the
+    // cache holds them; admission runs even when nothing of this Service changed, as another
+    // member's change may have taken its place.
+    let lock = group.as_ref().map(|g| ctx.group_lock(g));
+    let _guard = match &lock {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    };
+    if let Some(group) = &group
+        && let Err(conflict) = admit(svc, &spec, group, ctx)
+    {
+        return refused(svc, &spec, group, conflict, ctx, api).await;
+    }
     let digest = spec_digest(&spec);
     let previous = ctx.ensured().get(&uid).cloned();
     if let Some(done) = previous.as_ref().filter(|p| p.spec_digest == digest) {
         // Nothing the cloud must know changed since the last ensure, and the drift check has not
         // found the cloud changed behind our back: at most the Service's status needs repair.
-        write_status(svc, ctx, api, ready_change(&done.status)).await?;
+        write_status(svc, ctx, api, ready_change(&done.status, group.as_deref())).await?;
         ctx.retry.on_success(&key(svc));
         return Ok(Action::await_change());
     }
@@ -277,27 +339,31 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     }
     match ctx.provider.ensure(&spec).await {
         Ok(status) => {
-            let change = ready_change(&status);
+            let change = ready_change(&status, group.as_deref());
             write_status(svc, ctx, api, change).await?;
             if changed {
-                let message = ready_message(&status);
+                let message = ready_message(&status, group.as_deref());
                 publish(ctx, svc, EventType::Normal, "EnsuredLoadBalancer", "Ensure", message).await;
                 info!(load_balancer = %status.id, "load balancer ensured");
             }
+            let before = previous.as_ref().and_then(|p| p.group.clone());
+            announce_group_move(svc, ctx, before.as_deref(), group.as_deref()).await;
             let record = Ensured {
                 namespace: spec.identity.namespace.clone(),
                 name: spec.identity.name.clone(),
                 spec_digest: digest,
                 fingerprint: ctx.provider.fingerprint(&spec),
                 status,
+                group: group.clone(),
             };
-            let count = {
-                let mut ensured = ctx.ensured();
-                ensured.insert(uid, record);
-                ensured.len()
-            };
-            ctx.set_managed(count);
+            ctx.ensured().insert(uid.clone(), record);
+            ctx.set_managed();
             ctx.retry.on_success(&key(svc));
+            // The other members may have been waiting for a port this one gave up, or for the
+            // group this one left.
+            for g in [before, group].into_iter().flatten() {
+                ctx.wake_group(&g, &uid);
+            }
             // Level-based without polling: Service and Node changes arrive as events, and the
             // periodic drift check wakes exactly the Services whose load balancer drifted.
             Ok(Action::await_change())
@@ -323,6 +389,77 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             .await?;
             Err(e.into())
         }
+    }
+}
+
+/// The group (`hawser.dev/load-balancer-group`) a Service names, as written.
+pub fn group_of(svc: &Service) -> Option<String> {
+    svc.annotations().get(crate::annotations::LOAD_BALANCER_GROUP).map(|g| g.trim().to_owned())
+}
+
+/// Whether the Service may share `group`'s load balancer with the members in the cache.
+fn admit(svc: &Service, spec: &LoadBalancerSpec, group: &str, ctx: &Context) -> Result<(), GroupConflict> {
+    let Some(limits) = ctx.settings.desired.capabilities.groups else { return Ok(()) };
+    let targets = ctx.targets.borrow().clone();
+    let others = ctx.group_members(group, &spec.identity.uid);
+    // Members whose own configuration is invalid take no part.
+    let specs: Vec<(Arc<Service>, LoadBalancerSpec)> = others
+        .into_iter()
+        .filter_map(|o| desired::build(&o, targets.clone(), &ctx.settings.desired).ok().map(|s| (o, s)))
+        .collect();
+    let mut members: Vec<Member<'_>> = specs.iter().map(|(service, spec)| Member { service, spec }).collect();
+    members.push(Member { service: svc, spec });
+    groups::admit(&spec.identity.uid, group, &members, limits, ctx.provider.group_annotations())
+}
+
+/// A member that cannot share its group's load balancer: the user is told which Service and
+/// setting it clashes with, and it has no address: whatever it held in the cloud (its part of
+/// the group's load balancer, after its own change or a member's before it made it clash, or the
+/// load balancer of its own it was moving from) is withdrawn, once per refusal. The other members
+/// are not touched.
+async fn refused(
+    svc: &Service,
+    spec: &LoadBalancerSpec,
+    group: &str,
+    conflict: GroupConflict,
+    ctx: &Context,
+    api: &Api<Service>,
+) -> Result<Action, Error> {
+    let message = format!("cannot join load-balancer group {group}: {conflict}");
+    // The condition is written only after the withdrawal succeeded: once it says this, there is
+    // nothing left to withdraw and the refusal costs no cloud call.
+    let already = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_TYPE))
+        .is_some_and(|c| c.reason == "GroupConflict" && c.message == message);
+    if !already {
+        publish(ctx, svc, EventType::Warning, "GroupConflict", "Admit", message.clone()).await;
+        warn!(%group, with = %conflict.with, setting = %conflict.setting, "refused from its load-balancer group");
+        ctx.provider.delete(&spec.identity).await?;
+        ctx.ensured().remove(&spec.identity.uid);
+        ctx.set_managed();
+    }
+    let condition = DesiredCondition::not_ready("GroupConflict", message);
+    write_status(svc, ctx, api, StatusChange { ingress: Some(Vec::new()), condition: Some(Some(condition)) }).await?;
+    Err(Error::Invalid(vec![InvalidField::new(conflict.setting, conflict.message)]))
+}
+
+/// Tells the user when a Service joined or left a load-balancer group.
+async fn announce_group_move(svc: &Service, ctx: &Context, before: Option<&str>, now: Option<&str>) {
+    if let Some(now) = now
+        && before != Some(now)
+        && !groups::is_serving_in(svc, now)
+    {
+        let note = format!("Joined load-balancer group {now}: the Service now shares its load balancer and address");
+        publish(ctx, svc, EventType::Normal, "JoinedLoadBalancerGroup", "Ensure", note).await;
+    }
+    if let Some(before) = before
+        && now != Some(before)
+    {
+        let note = format!("Left load-balancer group {before}");
+        publish(ctx, svc, EventType::Normal, "LeftLoadBalancerGroup", "Ensure", note).await;
     }
 }
 
@@ -379,28 +516,29 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
     }
     publish(ctx, svc, EventType::Normal, "DeletedLoadBalancer", "Delete", "Deleted load balancer".to_owned()).await;
     info!("load balancer deleted");
-    let count = {
-        let mut ensured = ctx.ensured();
-        ensured.remove(&identity.uid);
-        ensured.len()
-    };
-    ctx.set_managed(count);
+    let left = ctx.ensured().remove(&identity.uid).and_then(|e| e.group);
+    ctx.set_managed();
+    if let Some(group) = left.or_else(|| group_of(svc).map(|g| format!("{}/{g}", identity.namespace))) {
+        ctx.wake_group(&group, &identity.uid);
+    }
     ctx.retry.on_success(&key(svc));
     write_status(svc, ctx, api, StatusChange { ingress: Some(Vec::new()), condition: Some(None) }).await?;
     Ok(Action::await_change())
 }
 
-fn ready_message(status: &LoadBalancerStatus) -> String {
+fn ready_message(status: &LoadBalancerStatus, group: Option<&str>) -> String {
     let addresses: Vec<String> =
         status.ingress.iter().filter_map(|i| i.ip.map(|ip| ip.to_string()).or_else(|| i.hostname.clone())).collect();
-    format!("Load balancer {} serves {}", status.id, addresses.join(", "))
+    // A group member's message carries the group: it marks the member as serving in it.
+    let of_group = group.map(groups::serving_marker).unwrap_or_else(|| " ".to_owned());
+    format!("Load balancer {}{of_group}serves {}", status.id, addresses.join(", "))
 }
 
 /// The status a Service with this load balancer should show.
-fn ready_change(status: &LoadBalancerStatus) -> StatusChange {
+fn ready_change(status: &LoadBalancerStatus, group: Option<&str>) -> StatusChange {
     StatusChange {
         ingress: Some(ingress_of(status)),
-        condition: Some(Some(DesiredCondition::ready(ready_message(status)))),
+        condition: Some(Some(DesiredCondition::ready(ready_message(status, group)))),
     }
 }
 

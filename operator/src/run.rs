@@ -251,18 +251,20 @@ async fn run_controller(
     };
     let events = EventPublisher::new(client.clone(), CONTROLLER_NAME, std::env::var("POD_NAME").ok());
     let retry = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(300), cli.resync_period, None);
+    let (store, writer) = reflector::store::<Service>();
+    let (drift_tx, drift_rx) = mpsc::channel::<ObjectRef<Service>>(1024);
     let mut ctx = Context::new(client.clone(), provider, targets, settings, events, metrics, retry);
     let dry = dry_run.is_some();
     ctx.dry_run = dry_run;
+    ctx.services = Some(store.clone());
+    ctx.wake = Some(drift_tx.clone());
     let ctx = Arc::new(ctx);
 
-    let (store, writer) = reflector::store::<Service>();
     let services = watcher(Api::<Service>::all(client), WatcherConfig::default().any_semantic())
         .default_backoff()
         .modify(slim_service)
         .reflect(writer)
         .applied_objects();
-    let (drift_tx, drift_rx) = mpsc::channel::<ObjectRef<Service>>(1024);
     // A dry run ensures nothing, so there is nothing to drift from.
     let drift_task = tokio::spawn(if dry {
         futures::future::pending().boxed()

@@ -13,7 +13,11 @@ pub fn mock_desired_config() -> DesiredConfig {
         node_health_port: 10266,
         provider_name: "mock",
         provider_annotations: &[],
-        capabilities: Capabilities { needs_node_ports: false, supports_udp: true },
+        capabilities: Capabilities {
+            needs_node_ports: false,
+            supports_udp: true,
+            groups: Some(hawser_providers::GroupLimits { max_listeners: 50 }),
+        },
     }
 }
 

@@ -138,7 +138,7 @@ fn config(provider: &'static str, known: &'static [&'static str], node_ports: bo
         node_health_port: 10266,
         provider_name: provider,
         provider_annotations: known,
-        capabilities: Capabilities { needs_node_ports: node_ports, supports_udp: true },
+        capabilities: Capabilities { needs_node_ports: node_ports, supports_udp: true, groups: None },
     }
 }
 

@@ -129,6 +129,15 @@ pub fn build(svc: &Service, targets: Targets, cfg: &DesiredConfig) -> Result<Loa
         _ => SessionAffinity::None,
     };
 
+    if parsed.group.is_some() && cfg.capabilities.groups.is_none() {
+        errors.push(InvalidField::new(
+            annotations::LOAD_BALANCER_GROUP,
+            format!(
+                "the {} provider does not share load balancers between Services yet; remove the annotation",
+                cfg.provider_name
+            ),
+        ));
+    }
     if meta.uid.is_none() {
         errors.push(InvalidField::new("metadata.uid", "the Service has no UID yet"));
     }
@@ -152,6 +161,7 @@ pub fn build(svc: &Service, targets: Targets, cfg: &DesiredConfig) -> Result<Loa
         requested_addresses,
         tags: parsed.tags,
         provider_annotations: parsed.provider,
+        group: parsed.group,
     })
 }
 

@@ -151,8 +151,10 @@ fn same_port_on_tcp_and_udp_becomes_one_tcp_udp_listener() {
 #[test]
 fn invalid_services_report_every_problem_with_its_field() {
     let plain = cfg();
-    let aws_like =
-        DesiredConfig { capabilities: Capabilities { needs_node_ports: true, supports_udp: false }, ..cfg() };
+    let aws_like = DesiredConfig {
+        capabilities: Capabilities { needs_node_ports: true, supports_udp: false, groups: None },
+        ..cfg()
+    };
     let cases: Vec<(serde_json::Value, &DesiredConfig, &str, &str)> = vec![
         (json!({"spec": {"ports": []}}), &aws_like, "spec.ports", "at least one port"),
         (
@@ -204,6 +206,18 @@ fn invalid_services_report_every_problem_with_its_field() {
             &plain,
             "hawser.dev/scheme",
             "\"internal\"",
+        ),
+        (
+            json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": "Edge_1"}}}),
+            &plain,
+            "hawser.dev/load-balancer-group",
+            "a DNS label",
+        ),
+        (
+            json!({"spec": {"ports": [{"port": 80, "nodePort": 30000}]}, "metadata": {"annotations": {"hawser.dev/load-balancer-group": "edge"}}}),
+            &aws_like,
+            "hawser.dev/load-balancer-group",
+            "does not share load balancers between Services yet",
         ),
         (
             json!({"metadata": {"annotations": {"hawser.dev/mock-thing": "x"}}}),
