@@ -670,3 +670,93 @@ pub async fn rolling_replacement(b: &impl Backend) -> anyhow::Result<()> {
     cleanup(&kube, &ns).await;
     Ok(())
 }
+
+/// Two Services in one load-balancer group share one address, each port reaching its own
+/// backends; a third asking for a port the group already serves is refused while the others
+/// keep serving; members leave one by one, the address stays until the last goes, and then the
+/// group's load balancer is gone.
+pub async fn load_balancer_group(b: &impl Backend) -> anyhow::Result<()> {
+    let kube = b.kube();
+    let ns = namespace(&kube, "group").await?;
+    b.deploy(&ns, "alpha", 1).await?;
+    b.deploy(&ns, "beta", 1).await?;
+    let group = json!({"hawser.dev/load-balancer-group": "shared"});
+    let member = |app: &str, port: u16| json!({"selector": {"app": app}, "ports": [{"name": "http", "protocol": "TCP", "port": port, "targetPort": 8080}]});
+    create_service(&kube, &ns, "alpha", member("alpha", 80), group.clone()).await?;
+    create_service(&kube, &ns, "beta", member("beta", 8000), group.clone()).await?;
+    let addr = wait_ingress(&kube, &ns, "alpha").await?;
+    ensure!(wait_ingress(&kube, &ns, "beta").await? == addr, "the members do not share one address");
+    let pods = |app: &'static str| {
+        let ns = ns.clone();
+        async move { anyhow::Ok(b.backends(&ns, app).await?.into_iter().map(|p| p.name).collect::<BTreeSet<_>>()) }
+    };
+    let client = b.client();
+    let on_80 = wait_reply(&client, addr, 80, "/hostname").await?;
+    let on_8000 = wait_reply(&client, addr, 8000, "/hostname").await?;
+    ensure!(pods("alpha").await?.contains(&on_80), "port 80 answered by {on_80}, not alpha's backend");
+    ensure!(pods("beta").await?.contains(&on_8000), "port 8000 answered by {on_8000}, not beta's backend");
+    let state = b.mock_state().await?;
+    let shared: Vec<&Value> = state["loadBalancers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|lb| lb["group"] == format!("{ns}/shared"))
+        .collect();
+    ensure!(shared.len() == 1, "{} load balancers for the group", shared.len());
+
+    // A third wants port 80 too: refused, and the others keep serving.
+    create_service(&kube, &ns, "clash", member("beta", 80), group.clone()).await?;
+    until("clash refused with GroupConflict", CONVERGE, || async {
+        let svc = get_service(&kube, &ns, "clash").await?;
+        let reason = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerReady"))
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        match reason {
+            Some((r, m)) if r == "GroupConflict" && m.contains("alpha") => Ok(()),
+            other => bail!("condition {other:?}"),
+        }
+    })
+    .await?;
+    ensure!(ingress_of(&get_service(&kube, &ns, "clash").await?).is_empty(), "a refused member has an address");
+    ensure!(pods("alpha").await?.contains(&wait_reply(&client, addr, 80, "/hostname").await?), "alpha disturbed");
+
+    // alpha leaves: the address stays; clash takes port 80 over, answered by beta's backend.
+    services(&kube, &ns).delete("alpha", &DeleteParams::default()).await?;
+    until("clash admitted on the group's address", CONVERGE, || async {
+        let svc = get_service(&kube, &ns, "clash").await?;
+        ensure!(ingress_of(&svc) == vec![addr], "clash has {:?}", ingress_of(&svc));
+        Ok(())
+    })
+    .await?;
+    let beta = pods("beta").await?;
+    until("port 80 served by clash (beta's backend)", CONVERGE, || async {
+        let who = wait_reply(&client, addr, 80, "/hostname").await?;
+        ensure!(beta.contains(&who), "port 80 answered by {who}");
+        Ok(())
+    })
+    .await?;
+    ensure!(beta.contains(&wait_reply(&client, addr, 8000, "/hostname").await?), "beta lost its port");
+
+    // The last members go: then the group's load balancer and its address are gone.
+    for name in ["beta", "clash"] {
+        services(&kube, &ns).delete(name, &DeleteParams::default()).await?;
+    }
+    until("the group's load balancer gone", CONVERGE, || async {
+        let state = b.mock_state().await?;
+        let left = state["loadBalancers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|lb| lb["group"] == format!("{ns}/shared"))
+            .count();
+        ensure!(left == 0, "{left} still there");
+        Ok(())
+    })
+    .await?;
+    wait_no_reply(&client, addr, 80).await?;
+    cleanup(&kube, &ns).await;
+    Ok(())
+}

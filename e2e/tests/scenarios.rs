@@ -71,4 +71,5 @@ scenario!(
     invalid_annotation,
     operator_restart_no_duplicate,
     rolling_replacement,
+    load_balancer_group,
 );

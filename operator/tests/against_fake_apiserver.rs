@@ -709,3 +709,80 @@ async fn a_failed_start_says_each_cause_once_on_one_line() {
     assert_eq!(fatal[0].matches("/nonexistent/kubeconfig").count(), 1, "the cause repeated: {stderr}");
     assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr}");
 }
+
+fn grouped(name: &str, group: &str, port: i32) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {"hawser.dev/load-balancer-group": group}},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": name},
+                 "ports": [{"name": "p", "port": port, "targetPort": 8080}]}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_group_shares_one_address_refuses_a_clash_untouched_and_goes_with_its_last_member() {
+    let (server, client) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let op = start_operator(server.kubeconfig_path(), &state_file(&dir), &["--gc", "off"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    for (name, port) in [("web", 80), ("api", 443)] {
+        services.create(&PostParams::default(), &grouped(name, "edge", port)).await.unwrap();
+        wait_for("ingress", || async { services.get(name).await.ok().filter(|s| ingress_ip(s).is_some()) }).await;
+    }
+    let web = services.get("web").await.unwrap();
+    let api = services.get("api").await.unwrap();
+    assert_eq!(ingress_ip(&web), ingress_ip(&api), "one address for the group");
+    let ports = |s: &Service| -> Vec<i32> {
+        s.status.as_ref().unwrap().load_balancer.as_ref().unwrap().ingress.as_ref().unwrap()[0]
+            .ports
+            .as_ref()
+            .map(|p| p.iter().map(|p| p.port).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!((ports(&web), ports(&api)), (vec![80], vec![443]), "each lists only its own ports");
+    assert_eq!(lbs_of(&mock_state(&op).await, "default/web").len(), 0, "no load balancer of its own");
+    let state = mock_state(&op).await;
+    assert_eq!(state["loadBalancers"].as_array().unwrap().len(), 1);
+    let joined = events_for(&client, "web").await;
+    assert!(joined.iter().any(|e| e.1 == "JoinedLoadBalancerGroup"), "{joined:?}");
+    let gauge = metric(&op, "hawser_load_balancers ").await.unwrap();
+    assert!(gauge.ends_with(" 1"), "two Services, one cloud load balancer: {gauge}");
+
+    // A third wants port 80 too: refused, told why, and the others keep working untouched.
+    let writes_before =
+        state["calls"].as_array().unwrap().iter().filter(|c| c["operation"] != "DescribeLoadBalancers").count();
+    services.create(&PostParams::default(), &grouped("clash", "edge", 80)).await.unwrap();
+    let warning = wait_for("the GroupConflict Warning", || async {
+        events_for(&client, "clash").await.into_iter().find(|e| e.1 == "GroupConflict").map(|e| e.2)
+    })
+    .await;
+    assert!(warning.contains("port 80/TCP is already served by default/web"), "{warning}");
+    let clash = wait_for("the GroupConflict condition", || async {
+        services.get("clash").await.ok().filter(|s| condition(s).is_some_and(|c| c.1 == "GroupConflict"))
+    })
+    .await;
+    assert!(ingress_ip(&clash).is_none(), "no address for a refused member");
+    let state = mock_state(&op).await;
+    let writes =
+        state["calls"].as_array().unwrap().iter().filter(|c| c["operation"] != "DescribeLoadBalancers").count();
+    assert_eq!(writes, writes_before, "refusing made no cloud call");
+
+    // web leaves: the address stays for api, and clash, waiting for port 80, now gets it.
+    services.delete("web", &DeleteParams::default()).await.unwrap();
+    let clash = wait_for("clash admitted once port 80 is free", || async {
+        services.get("clash").await.ok().filter(|s| ingress_ip(s).is_some())
+    })
+    .await;
+    assert_eq!(ingress_ip(&clash), ingress_ip(&api), "the group's address");
+    assert_eq!(ingress_ip(&services.get("api").await.unwrap()), ingress_ip(&api), "api kept its address");
+
+    for name in ["api", "clash"] {
+        services.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for("the group's load balancer gone with its last member", || async {
+        mock_state(&op).await["loadBalancers"].as_array().unwrap().is_empty().then_some(())
+    })
+    .await;
+    drop(op);
+    server.stop().await;
+}

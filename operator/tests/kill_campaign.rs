@@ -1,9 +1,11 @@
 //! The kill campaign: 100 rounds of random changes to Services (create, delete, switch to
-//! ClusterIP and back, change ports, strip the finalizer and delete) while the real operator is
-//! SIGKILLed at a random moment each round and a third of the mock cloud's calls fail (half of
-//! the failed writes after they took effect). Then a clean operator must converge: every Service
-//! of ours has exactly one load balancer and its address in its status, no load balancer is left
-//! without a live owner, and no Service is stuck deleting.
+//! ClusterIP and back, change ports, join or leave a load-balancer group, strip the finalizer and
+//! delete) while the real operator is SIGKILLed at a random moment each round and a third of the
+//! mock cloud's calls fail (half of the failed writes after they took effect). Then a clean
+//! operator must converge: every Service of ours has exactly one place (its own load balancer,
+//! or its part of its group's) and that address in its status, or is refused from its group for
+//! a port another member really serves; no load balancer or part is left without a live owner,
+//! no group has two load balancers or one port twice, and no Service is stuck deleting.
 //!
 //! `HAWSER_KILL_CAMPAIGN_SEED` replays a run; the seed in use is printed.
 
@@ -27,6 +29,7 @@ use serde_json::{Value, json};
 
 const ROUNDS: usize = 100;
 const NAMES: usize = 8;
+const GROUP_ANNOTATION: &str = "hawser.dev/load-balancer-group";
 
 fn start(kubeconfig: &Path, state: &Path, faults: Option<u64>) -> Operator {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hawser-operator"));
@@ -70,7 +73,7 @@ async fn change(services: &Api<Service>, name: &str, rng: &mut SmallRng) {
         return;
     };
     let merge = |v: Value| Patch::Merge(v);
-    let _ = match rng.random_range(0..5) {
+    let _ = match rng.random_range(0..6) {
         0 => services.delete(name, &DeleteParams::default()).await.map(|_| ()),
         1 if is_ours(&svc) => services
             .patch(
@@ -99,22 +102,72 @@ async fn change(services: &Api<Service>, name: &str, rng: &mut SmallRng) {
                 services.patch(name, &PatchParams::default(), &merge(json!({"metadata": {"finalizers": null}}))).await;
             services.delete(name, &DeleteParams::default()).await.map(|_| ())
         }
+        // Join the group, or leave it.
+        4 => {
+            let group = if svc.annotations().contains_key(GROUP_ANNOTATION) { Value::Null } else { json!("edge") };
+            let patch = json!({"metadata": {"annotations": {GROUP_ANNOTATION: group}}});
+            services.patch(name, &PatchParams::default(), &merge(patch)).await.map(|_| ())
+        }
         _ => services.delete(name, &DeleteParams::default()).await.map(|_| ()),
     };
 }
 
-/// The mock cloud as the state file holds it: owner UID → (load balancer ids, addresses).
-fn cloud(state: &Path) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
-    let Ok(bytes) = std::fs::read(state) else { return BTreeMap::new() };
+/// Where one Service is served in the mock cloud: a load balancer (its own, or its group's)
+/// with its addresses, and the ports of the Service's part of it.
+#[derive(Debug, Clone)]
+struct Place {
+    lb: String,
+    group: Option<String>,
+    addresses: Vec<String>,
+    ports: BTreeSet<i64>,
+}
+
+/// The mock cloud as the state file holds it: owner UID → its places; and every problem of a
+/// group's load balancer itself (two for one group, one port twice).
+fn cloud(state: &Path) -> (BTreeMap<String, Vec<Place>>, Vec<String>) {
+    let Ok(bytes) = std::fs::read(state) else { return (BTreeMap::new(), Vec::new()) };
     let file: Value = serde_json::from_slice(&bytes).unwrap();
-    let mut by_owner: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    let mut by_owner: BTreeMap<String, Vec<Place>> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let mut groups = BTreeSet::new();
+    let ports_of = |listeners: &Value| -> BTreeSet<i64> {
+        listeners.as_array().unwrap().iter().map(|l| l["port"].as_i64().unwrap()).collect()
+    };
     for lb in file["loadBalancers"].as_object().unwrap().values() {
+        let id = lb["id"].as_str().unwrap().to_owned();
+        let addresses: Vec<String> =
+            lb["addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+        if let Some(group) = lb["group"].as_str() {
+            if !groups.insert(group.to_owned()) {
+                wrong.push(format!("group {group} has two load balancers"));
+            }
+            let members = lb["members"].as_object().cloned().unwrap_or_default();
+            if members.is_empty() {
+                wrong.push(format!("group load balancer {id} has no member"));
+            }
+            let mut seen = BTreeSet::new();
+            for (uid, part) in members {
+                let ports = ports_of(&part["listeners"]);
+                for p in &ports {
+                    if !seen.insert(*p) {
+                        wrong.push(format!("port {p} twice on group load balancer {id}"));
+                    }
+                }
+                let place =
+                    Place { lb: id.clone(), group: Some(group.to_owned()), addresses: addresses.clone(), ports };
+                by_owner.entry(uid).or_default().push(place);
+            }
+            continue;
+        }
         let owner = lb["tags"]["hawser.dev/service-uid"].as_str().unwrap_or("untagged").to_owned();
-        let entry = by_owner.entry(owner).or_default();
-        entry.0.push(lb["id"].as_str().unwrap().to_owned());
-        entry.1.extend(lb["addresses"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()));
+        let place = Place { lb: id, group: None, addresses, ports: ports_of(&lb["listeners"]) };
+        by_owner.entry(owner).or_default().push(place);
     }
-    by_owner
+    (by_owner, wrong)
+}
+
+fn ports(svc: &Service) -> BTreeSet<i64> {
+    svc.spec.as_ref().and_then(|s| s.ports.as_ref()).into_iter().flatten().map(|p| i64::from(p.port)).collect()
 }
 
 /// hawser's condition on the Service: status, reason, message.
@@ -128,8 +181,7 @@ fn condition(svc: &Service) -> Option<(String, String, String)> {
 async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let all = services.list(&ListParams::default()).await.ok()?.items;
-    let cloud = cloud(state);
-    let mut wrong = Vec::new();
+    let (cloud, mut wrong) = cloud(state);
     let mut owners = BTreeSet::new();
     for svc in &all {
         let uid = svc.uid().unwrap();
@@ -141,23 +193,43 @@ async fn problems(client: &Client, state: &Path) -> Option<Vec<String>> {
             continue;
         }
         owners.insert(uid.clone());
-        match cloud.get(&uid) {
-            Some((ids, addresses)) if ids.len() == 1 => {
-                if ingress_ips(svc) != *addresses {
+        let group = svc.annotations().get(GROUP_ANNOTATION).map(|g| format!("default/{g}"));
+        match cloud.get(&uid).map(Vec::as_slice) {
+            Some([place]) => {
+                if ingress_ips(svc) != place.addresses {
                     wrong.push(format!(
-                        "{} shows {:?}, its load balancer has {addresses:?}",
+                        "{} shows {:?}, its load balancer has {:?}",
                         svc.name_any(),
-                        ingress_ips(svc)
+                        ingress_ips(svc),
+                        place.addresses
                     ));
                 }
+                if place.group != group {
+                    wrong.push(format!("{} is served in {:?} but asks for {group:?}", svc.name_any(), place.group));
+                }
             }
-            Some((ids, _)) => wrong.push(format!("{} has {} load balancers", svc.name_any(), ids.len())),
-            None => wrong.push(format!("{} has no load balancer (condition {:?})", svc.name_any(), condition(svc))),
+            Some(places) if !places.is_empty() => {
+                let lbs: Vec<&str> = places.iter().map(|p| p.lb.as_str()).collect();
+                wrong.push(format!("{} has {} places: {lbs:?}", svc.name_any(), places.len()));
+            }
+            _ => {
+                // Refused from its group: fine only while another member really serves one of
+                // its ports there.
+                let refused = condition(svc).is_some_and(|c| c.1 == "GroupConflict");
+                let clash = group.is_some()
+                    && cloud.iter().any(|(other, places)| {
+                        *other != uid && places.iter().any(|p| p.group == group && !p.ports.is_disjoint(&ports(svc)))
+                    });
+                if !(refused && clash) {
+                    wrong.push(format!("{} has no load balancer (condition {:?})", svc.name_any(), condition(svc)));
+                }
+            }
         }
     }
-    for (owner, (ids, _)) in &cloud {
+    for (owner, places) in &cloud {
         if !owners.contains(owner) {
-            wrong.push(format!("load balancers {ids:?} of {owner} have no live owner"));
+            let lbs: Vec<&str> = places.iter().map(|p| p.lb.as_str()).collect();
+            wrong.push(format!("load balancers {lbs:?} of {owner} have no live owner"));
         }
     }
     (!wrong.is_empty()).then_some(wrong)
