@@ -90,9 +90,11 @@ fn key(svc: &Service) -> String {
     format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
 }
 
-/// Precedence: serving in the group first, then the oldest, then by name.
-fn precedence(m: &Member<'_>, group: &str) -> (bool, Option<Time>, String) {
-    (!is_serving_in(m.service, group), m.service.metadata.creation_timestamp.clone(), m.service.name_any())
+/// Precedence: serving in the group first, then the oldest (a Service not created yet, as
+/// `plan -f` sees one, is the youngest), then by name.
+fn precedence(m: &Member<'_>, group: &str) -> (bool, bool, Option<Time>, String) {
+    let created = m.service.metadata.creation_timestamp.clone();
+    (!is_serving_in(m.service, group), created.is_none(), created, m.service.name_any())
 }
 
 /// Whether `candidate` (a UID) may join: every member of the group, the candidate among them,

@@ -15,7 +15,8 @@ use tracing::{info, warn};
 
 use crate::desired::{self, DesiredConfig};
 use crate::events::{EventType, Note};
-use crate::reconcile::{Context, Error, has_finalizer, is_ours, spec_digest};
+use crate::groups::{self, GroupConflict, Member};
+use crate::reconcile::{Context, Error, group_of, has_finalizer, is_ours, spec_digest};
 
 /// The UID a Service gets until the API server gives it its own (`plan -f` of a new Service).
 pub const NEW_SERVICE_UID: &str = "00000000-0000-0000-0000-000000000000";
@@ -181,59 +182,107 @@ fn applied(manifest: &Service, live: Option<&Service>, cfg: &DesiredConfig, note
     svc
 }
 
-/// What hawser would do for a Service: `manifest` is the Service as it would be applied (`None`:
-/// as it is), `live` the Service the API server holds (`None`: it does not exist), `delete` asks
-/// what deleting it would do.
-pub async fn plan_service(
-    manifest: Option<&Service>,
-    live: Option<&Service>,
-    delete: bool,
-    targets: &Targets,
-    provider: &dyn Provider,
-    cfg: &DesiredConfig,
-    class: &str,
-) -> Result<ServicePlan, ProviderError> {
-    let Some(shown) = manifest.or(live) else {
-        return Err(ProviderError::Fatal("no Service to plan".to_owned()));
-    };
-    let service = key(shown);
-    let managed = |svc: &Service| is_ours(svc, class) || has_finalizer(svc);
-    let deleting = manifest.is_none() && live.is_some_and(|l| l.metadata.deletion_timestamp.is_some());
-    if delete || deleting {
-        return match live {
-            Some(live) if managed(live) => {
-                let plan = provider.plan_delete(&identity(live, &cfg.cluster)).await?;
-                Ok(ServicePlan::new(service, live.uid(), Intent::Delete, plan, Vec::new()))
-            }
-            Some(live) => Ok(ignored(service, live.uid(), class)),
-            None => Ok(ignored(service, None, class)),
+/// What a plan reads besides the Service itself.
+#[derive(Clone, Copy)]
+pub struct Planner<'a> {
+    /// The eligible nodes.
+    pub targets: &'a Targets,
+    /// The cloud, read only.
+    pub provider: &'a dyn Provider,
+    /// The desired-state builder's inputs.
+    pub cfg: &'a DesiredConfig,
+    /// The loadBalancerClass served.
+    pub class: &'a str,
+    /// The other Services hawser knows, for the members of a load-balancer group.
+    pub others: &'a [Service],
+}
+
+impl Planner<'_> {
+    /// What hawser would do for a Service: `manifest` is the Service as it would be applied
+    /// (`None`: as it is), `live` the Service the API server holds (`None`: it does not exist),
+    /// `delete` asks what deleting it would do.
+    pub async fn plan(
+        &self,
+        manifest: Option<&Service>,
+        live: Option<&Service>,
+        delete: bool,
+    ) -> Result<ServicePlan, ProviderError> {
+        let Self { targets, provider, cfg, class, .. } = *self;
+        let Some(shown) = manifest.or(live) else {
+            return Err(ProviderError::Fatal("no Service to plan".to_owned()));
         };
-    }
-    let mut notes = Vec::new();
-    let wanted = match manifest {
-        Some(m) => applied(m, live, cfg, &mut notes),
-        None => shown.clone(),
-    };
-    if is_ours(&wanted, class) {
-        let built =
-            desired::build(&wanted, targets.clone(), cfg).and_then(|spec| provider.validate(&spec).map(|()| spec));
-        let spec = match built {
-            Ok(spec) => spec,
-            Err(problems) => return Ok(invalid(service, wanted.uid(), problems)),
-        };
-        return match provider.plan(&spec).await {
-            Ok(plan) => Ok(ServicePlan::new(service, live.and_then(ResourceExt::uid), Intent::Ensure, plan, notes)),
-            Err(ProviderError::InvalidInput(problems)) => Ok(invalid(service, wanted.uid(), problems)),
-            Err(e) => Err(e),
-        };
-    }
-    match live {
-        Some(live) if managed(live) => {
-            notes.push(format!("the Service stops being a LoadBalancer of class {class}: its load balancer goes"));
-            let plan = provider.plan_delete(&identity(live, &cfg.cluster)).await?;
-            Ok(ServicePlan::new(service, live.uid(), Intent::Delete, plan, notes))
+        let service = key(shown);
+        let managed = |svc: &Service| is_ours(svc, class) || has_finalizer(svc);
+        let deleting = manifest.is_none() && live.is_some_and(|l| l.metadata.deletion_timestamp.is_some());
+        if delete || deleting {
+            return match live {
+                Some(live) if managed(live) => {
+                    let plan = provider.plan_delete(&identity(live, &cfg.cluster)).await?;
+                    Ok(ServicePlan::new(service, live.uid(), Intent::Delete, plan, Vec::new()))
+                }
+                Some(live) => Ok(ignored(service, live.uid(), class)),
+                None => Ok(ignored(service, None, class)),
+            };
         }
-        _ => Ok(ignored(service, live.and_then(ResourceExt::uid), class)),
+        let mut notes = Vec::new();
+        let wanted = match manifest {
+            Some(m) => applied(m, live, cfg, &mut notes),
+            None => shown.clone(),
+        };
+        if is_ours(&wanted, class) {
+            let built =
+                desired::build(&wanted, targets.clone(), cfg).and_then(|spec| provider.validate(&spec).map(|()| spec));
+            let spec = match built {
+                Ok(spec) => spec,
+                Err(problems) => return Ok(invalid(service, wanted.uid(), problems)),
+            };
+            if let Err(conflict) = self.admit(&wanted, &spec) {
+                let mut plan =
+                    invalid(service, wanted.uid(), vec![InvalidField::new(conflict.setting, conflict.message)]);
+                plan.summary = format!(
+                    "refused from load-balancer group {} (clashes with {}); hawser makes no cloud change for it",
+                    spec.group.as_deref().unwrap_or_default(),
+                    conflict.with
+                );
+                return Ok(plan);
+            }
+            return match provider.plan(&spec).await {
+                Ok(plan) => Ok(ServicePlan::new(service, live.and_then(ResourceExt::uid), Intent::Ensure, plan, notes)),
+                Err(ProviderError::InvalidInput(problems)) => Ok(invalid(service, wanted.uid(), problems)),
+                Err(e) => Err(e),
+            };
+        }
+        match live {
+            Some(live) if managed(live) => {
+                notes.push(format!("the Service stops being a LoadBalancer of class {class}: its load balancer goes"));
+                let plan = provider.plan_delete(&identity(live, &cfg.cluster)).await?;
+                Ok(ServicePlan::new(service, live.uid(), Intent::Delete, plan, notes))
+            }
+            _ => Ok(ignored(service, live.and_then(ResourceExt::uid), class)),
+        }
+    }
+
+    /// Whether `svc` would be admitted to its load-balancer group, beside the other members
+    /// among [`Planner::others`], as the controller decides it.
+    fn admit(&self, svc: &Service, spec: &hawser_providers::LoadBalancerSpec) -> Result<(), GroupConflict> {
+        let (Some(group), Some(limits)) = (spec.group.as_deref(), self.cfg.capabilities.groups) else { return Ok(()) };
+        let namespace = &spec.identity.namespace;
+        let specs: Vec<(&Service, hawser_providers::LoadBalancerSpec)> = self
+            .others
+            .iter()
+            .filter(|o| {
+                o.namespace().as_deref() == Some(namespace.as_str())
+                    && o.name_any() != spec.identity.name
+                    && o.metadata.deletion_timestamp.is_none()
+                    && is_ours(o, self.class)
+                    && group_of(o).as_deref() == Some(group)
+            })
+            .filter_map(|o| desired::build(o, self.targets.clone(), self.cfg).ok().map(|s| (o, s)))
+            .collect();
+        let mut members: Vec<Member<'_>> = specs.iter().map(|(service, spec)| Member { service, spec }).collect();
+        members.push(Member { service: svc, spec });
+        let key = format!("{namespace}/{group}");
+        groups::admit(&spec.identity.uid, &key, &members, limits, self.provider.group_annotations())
     }
 }
 
@@ -355,9 +404,19 @@ pub async fn reconcile_dry(svc: Arc<Service>, ctx: Arc<Context>, book: &PlanBook
         return Ok(Action::await_change());
     }
     let targets = ctx.targets.borrow().clone();
-    let plan = plan_service(None, Some(&svc), false, &targets, ctx.provider.as_ref(), &ctx.settings.desired, &class)
-        .await
-        .map_err(Error::Provider)?;
+    let others: Vec<Service> = ctx
+        .services
+        .as_ref()
+        .map(|store| store.state().iter().map(|s| s.as_ref().clone()).collect())
+        .unwrap_or_default();
+    let planner = Planner {
+        targets: &targets,
+        provider: ctx.provider.as_ref(),
+        cfg: &ctx.settings.desired,
+        class: &class,
+        others: &others,
+    };
+    let plan = planner.plan(None, Some(&svc), false).await.map_err(Error::Provider)?;
     if book.record(key.clone(), digest, plan.clone()) {
         let text = plan.text();
         info!(service = %key, summary = %plan.summary, plan = %text, "dry run: planned, not applied");

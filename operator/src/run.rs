@@ -413,6 +413,21 @@ pub async fn plan(cli: Cli, request: PlanRequest) -> anyhow::Result<bool> {
             }
         }
     }
+    // The Services as they would be after the manifest is applied, for load-balancer groups.
+    let mut others: Vec<Service> =
+        Api::<Service>::all(client.clone()).list(&Default::default()).await.context("listing Services")?.items;
+    for (manifest, namespace, name) in &wanted {
+        let Some(manifest) = manifest else { continue };
+        let mut applied = manifest.clone();
+        applied.metadata.namespace = Some(namespace.clone());
+        let same = |s: &Service| s.namespace().as_deref() == Some(namespace.as_str()) && s.name_any() == *name;
+        applied.metadata.uid = match others.iter().position(same) {
+            Some(i) => others.remove(i).metadata.uid,
+            None => Some(format!("new:{namespace}/{name}")),
+        };
+        others.push(applied);
+    }
+    let planner = plan::Planner { targets: &targets, provider: provider.as_ref(), cfg: &cfg, class, others: &others };
     let mut plans: Vec<ServicePlan> = Vec::new();
     for (manifest, namespace, name) in wanted {
         let live = Api::<Service>::namespaced(client.clone(), &namespace)
@@ -426,17 +441,10 @@ pub async fn plan(cli: Cli, request: PlanRequest) -> anyhow::Result<bool> {
             m.metadata.namespace = Some(namespace.clone());
             m
         });
-        let planned = plan::plan_service(
-            manifest.as_ref(),
-            live.as_ref(),
-            request.delete,
-            &targets,
-            provider.as_ref(),
-            &cfg,
-            class,
-        )
-        .await
-        .with_context(|| format!("planning Service {namespace}/{name}"))?;
+        let planned = planner
+            .plan(manifest.as_ref(), live.as_ref(), request.delete)
+            .await
+            .with_context(|| format!("planning Service {namespace}/{name}"))?;
         plans.push(planned);
     }
     match request.output {

@@ -19,6 +19,11 @@ fn svc(extra: serde_json::Value) -> Service {
     serde_json::from_value(v).unwrap()
 }
 
+/// A planner with no other Services.
+fn planner<'a>(targets: &'a Targets, provider: &'a dyn Provider, cfg: &'a DesiredConfig) -> Planner<'a> {
+    Planner { targets, provider, cfg, class: CLASS, others: &[] }
+}
+
 fn cfg(cloud: &MockCloud) -> DesiredConfig {
     DesiredConfig { capabilities: cloud.capabilities(), ..crate::testutil::mock_desired_config() }
 }
@@ -43,10 +48,10 @@ async fn a_changed_port_is_planned_field_by_field_and_nothing_changes() {
     let writes = mutating_calls(&cloud).len();
     let manifest = svc(json!({"metadata": {"uid": null}, "spec": {"ports": [{"port": 8443, "protocol": "TCP"}]}}));
 
-    let plan =
-        plan_service(Some(&manifest), Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg(&cloud), CLASS)
-            .await
-            .unwrap();
+    let plan = planner(&crate::testutil::one_target(), &cloud, &cfg(&cloud))
+        .plan(Some(&manifest), Some(&live), false)
+        .await
+        .unwrap();
 
     assert_eq!(plan.intent, Intent::Ensure);
     assert_eq!(plan.uid.as_deref(), Some("u-web"), "the manifest is planned as the live Service, same UID");
@@ -60,9 +65,8 @@ async fn a_changed_port_is_planned_field_by_field_and_nothing_changes() {
     assert_eq!(cloud.load_balancers(), before, "planning changed the cloud");
     assert_eq!(mutating_calls(&cloud).len(), writes, "planning made a write call");
 
-    let same = plan_service(None, Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg(&cloud), CLASS)
-        .await
-        .unwrap();
+    let same =
+        planner(&crate::testutil::one_target(), &cloud, &cfg(&cloud)).plan(None, Some(&live), false).await.unwrap();
     assert!(!same.has_changes(), "an unchanged Service plans nothing: {}", same.text());
     assert_eq!(same.summary, "no changes");
 }
@@ -71,9 +75,8 @@ async fn a_changed_port_is_planned_field_by_field_and_nothing_changes() {
 async fn a_new_service_plans_a_load_balancer_to_create() {
     let cloud = MockCloud::new(MockConfig::new("demo")).unwrap();
     let manifest = svc(json!({"metadata": {"uid": null}}));
-    let plan = plan_service(Some(&manifest), None, false, &crate::testutil::one_target(), &cloud, &cfg(&cloud), CLASS)
-        .await
-        .unwrap();
+    let plan =
+        planner(&crate::testutil::one_target(), &cloud, &cfg(&cloud)).plan(Some(&manifest), None, false).await.unwrap();
     assert_eq!(plan.intent, Intent::Ensure);
     assert_eq!(plan.uid, None);
     assert_eq!(plan.changes.len(), 1);
@@ -96,20 +99,19 @@ async fn leaving_the_class_or_deleting_plans_the_deletion() {
     let targets = crate::testutil::one_target();
 
     let cluster_ip = svc(json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}}));
-    let plan =
-        plan_service(Some(&cluster_ip), Some(&live), false, &targets, &cloud, &cfg(&cloud), CLASS).await.unwrap();
+    let plan = planner(&targets, &cloud, &cfg(&cloud)).plan(Some(&cluster_ip), Some(&live), false).await.unwrap();
     assert_eq!(plan.intent, Intent::Delete);
     assert_eq!(plan.changes.len(), 1);
     assert_eq!((plan.changes[0].action, plan.changes[0].name.as_str()), (ChangeAction::Delete, id.as_str()));
     assert!(plan.notes[0].contains("stops being a LoadBalancer"), "{:?}", plan.notes);
 
-    let deleted = plan_service(None, Some(&live), true, &targets, &cloud, &cfg(&cloud), CLASS).await.unwrap();
+    let deleted = planner(&targets, &cloud, &cfg(&cloud)).plan(None, Some(&live), true).await.unwrap();
     assert_eq!(deleted.intent, Intent::Delete);
     assert_eq!(deleted.changes[0].action, ChangeAction::Delete);
     assert_eq!(cloud.load_balancers().len(), 1, "nothing was deleted");
 
     let other = svc(json!({"spec": {"loadBalancerClass": "other.io/lb"}, "metadata": {"uid": "u-other", "name": "x"}}));
-    let plan = plan_service(None, Some(&other), false, &targets, &cloud, &cfg(&cloud), CLASS).await.unwrap();
+    let plan = planner(&targets, &cloud, &cfg(&cloud)).plan(None, Some(&other), false).await.unwrap();
     assert_eq!(plan.intent, Intent::Ignore);
     assert!(!plan.has_changes());
 }
@@ -119,7 +121,7 @@ async fn invalid_annotations_give_the_messages_of_the_warning_event() {
     let cloud = MockCloud::new(MockConfig::new("demo")).unwrap();
     let bad = svc(json!({"metadata": {"annotations": {"hawser.dev/scheme": "public"}}}));
     let targets = crate::testutil::one_target();
-    let plan = plan_service(None, Some(&bad), false, &targets, &cloud, &cfg(&cloud), CLASS).await.unwrap();
+    let plan = planner(&targets, &cloud, &cfg(&cloud)).plan(None, Some(&bad), false).await.unwrap();
     assert_eq!(plan.intent, Intent::Invalid);
     assert!(plan.is_blocked());
     let expected = desired::build(&bad, targets, &cfg(&cloud)).unwrap_err();
@@ -135,9 +137,8 @@ async fn a_foreign_load_balancer_with_our_name_blocks_the_plan() {
     let spec = desired::build(&live, crate::testutil::one_target(), &cfg(&cloud)).unwrap();
     let name = MockCloud::name_for(&spec.identity);
     cloud.insert_foreign(&name, "198.51.100.7".parse().unwrap(), BTreeMap::new());
-    let plan = plan_service(None, Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg(&cloud), CLASS)
-        .await
-        .unwrap();
+    let plan =
+        planner(&crate::testutil::one_target(), &cloud, &cfg(&cloud)).plan(None, Some(&live), false).await.unwrap();
     assert_eq!(plan.conflicts.len(), 1, "{}", plan.text());
     assert_eq!(plan.conflicts[0].name, name);
     assert!(plan.is_blocked());
@@ -193,11 +194,41 @@ async fn node_ports_a_cloud_needs_get_placeholders_that_avoid_the_kept_ones() {
     let live = svc(json!({"spec": {"ports": [{"port": 80, "protocol": "TCP", "nodePort": 30000}]}}));
     // The manifest leaves the protocol out, as most do; the API server defaulted it to TCP.
     let manifest = svc(json!({"spec": {"ports": [{"port": 80, "protocol": null}, {"port": 443, "protocol": null}]}}));
-    let plan = plan_service(Some(&manifest), Some(&live), false, &crate::testutil::one_target(), &cloud, &cfg, CLASS)
-        .await
-        .unwrap();
+    let plan =
+        planner(&crate::testutil::one_target(), &cloud, &cfg).plan(Some(&manifest), Some(&live), false).await.unwrap();
     assert_eq!(plan.intent, Intent::Ensure, "{}", plan.text());
     let listeners = plan.changes[0].fields.iter().find(|f| f.field == "listeners").unwrap();
     assert_eq!(listeners.new.as_deref(), Some("80/TCP (node port 30000), 443/TCP (node port 30001)"));
     assert!(plan.notes.iter().any(|n| n.contains("placeholders from 30000")), "{:?}", plan.notes);
+}
+
+#[tokio::test]
+async fn a_member_that_would_be_refused_from_its_group_is_planned_as_refused() {
+    let cloud = MockCloud::new(MockConfig::new("demo")).unwrap();
+    let group = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": "edge"}}});
+    let mut first = svc(group.clone());
+    first.metadata.name = Some("first".into());
+    first.metadata.uid = Some("u-first".into());
+    first.metadata.creation_timestamp = serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap();
+    let second = svc(group);
+    let targets = crate::testutil::one_target();
+    let cfg = cfg(&cloud);
+    let others = [first];
+    let with_first = Planner { targets: &targets, provider: &cloud, cfg: &cfg, class: CLASS, others: &others };
+    let plan = with_first.plan(None, Some(&second), false).await.unwrap();
+    assert_eq!(plan.intent, Intent::Invalid, "{}", plan.text());
+    assert!(
+        plan.summary.contains("refused from load-balancer group edge (clashes with shop/first)"),
+        "{}",
+        plan.summary
+    );
+    assert!(
+        plan.text().contains("invalid: spec.ports: port 80/TCP is already served by shop/first"),
+        "{}",
+        plan.text()
+    );
+    assert!(cloud.calls().is_empty(), "refused before any cloud call");
+
+    let alone = planner(&targets, &cloud, &cfg).plan(None, Some(&second), false).await.unwrap();
+    assert_eq!(alone.intent, Intent::Ensure, "alone in its group, it would be admitted");
 }
