@@ -2,7 +2,8 @@
 //! debounced syncs (model → render → one nft transaction → conntrack cleanup → health).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::{Stream, StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -15,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::conntrack::{ConntrackCommand, stale_udp_flows};
 use crate::health::HealthState;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SyncKind};
 use crate::model::{ClusterModel, ModelConfig, NodeModel, build_model, is_our_service};
 use crate::nft::{Applier, NftCommand, NftError};
 use crate::render::{RenderConfig, render_from};
@@ -59,7 +60,15 @@ struct Stores {
     node: Store<Node>,
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> (Store<K>, impl Stream<Item = ()> + Send)
+/// Wakes the sync loop and counts watch events, so that a resync can tell whether anything
+/// happened since the last successful sync.
+#[derive(Default)]
+struct Changes {
+    notify: Notify,
+    events: AtomicU64,
+}
+
+fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Changes>) -> (Store<K>, impl Stream<Item = ()> + Send)
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -67,7 +76,10 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher(api, config).default_backoff().reflect(writer).map(move |event| {
         match event {
-            Ok(_) => changed.notify_one(),
+            Ok(_) => {
+                changed.events.fetch_add(1, Ordering::SeqCst);
+                changed.notify.notify_one();
+            }
             // Errors are retried by the backoff; the store keeps its last state.
             Err(e) => warn!(error = %e, "watch error"),
         }
@@ -84,7 +96,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(Changes::default());
     let node_selector = format!("metadata.name={}", config.model.node_name);
     let (services, s1) = watch(Api::<Service>::all(client.clone()), watcher::Config::default(), changed.clone());
     let (slices, s2) = watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), changed.clone());
@@ -110,7 +122,7 @@ async fn sync_loop(
     config: &AgentConfig,
     health: &HealthState,
     metrics: &Metrics,
-    changed: &Notify,
+    changed: &Changes,
 ) -> Result<(), AgentError> {
     for (name, ready) in [
         ("services", stores.services.wait_until_ready().await),
@@ -126,6 +138,8 @@ async fn sync_loop(
     let mut last_sync = Instant::now() - config.min_sync_interval;
     let mut last_full = Instant::now();
     let mut failures = 0u32;
+    // Watch events counted when the last successful sync read the stores.
+    let mut synced_events: Option<u64> = None;
     loop {
         let wait = config.min_sync_interval.saturating_sub(last_sync.elapsed());
         tokio::time::sleep(wait).await;
@@ -137,6 +151,18 @@ async fn sync_loop(
 
         let node = stores.node.state().into_iter().next();
         health.record_node(NodeModel::from_node(&config.model.node_name, node.as_deref()));
+        let events = changed.events.load(Ordering::SeqCst);
+        metrics
+            .sync_pending_changes
+            .set(events.saturating_sub(synced_events.unwrap_or(0)).try_into().unwrap_or(i64::MAX));
+        if synced_events == Some(events) && applier.applied().is_some() {
+            // Nothing happened since the last successful sync: the kernel already has it.
+            health.record_idle_sync(Instant::now());
+            metrics.last_sync_timestamp.set(unix_now());
+            wait_for_change(changed, config.resync_period).await;
+            continue;
+        }
+        let started = Instant::now();
         let services: Vec<Arc<Service>> = stores
             .services
             .state()
@@ -150,17 +176,22 @@ async fn sync_loop(
         }
         let ruleset = render_from(&model, &config.render, applier.applied());
         let (elements, rules) = (ruleset.element_count(), ruleset.rule_count());
-        let started = Instant::now();
+        let full = applier.applied().is_none();
         let (back, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = applier.sync(ruleset);
             (applier, outcome)
         })
         .await?;
         applier = back;
-        metrics.sync_duration.observe(started.elapsed().as_secs_f64());
+        metrics.sync_duration.get_or_create(&SyncKind::of(full)).observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(report) => {
                 failures = 0;
+                synced_events = Some(events);
+                metrics
+                    .sync_pending_changes
+                    .set(changed.events.load(Ordering::SeqCst).saturating_sub(events).try_into().unwrap_or(i64::MAX));
+                metrics.last_sync_timestamp.set(unix_now());
                 if report.full {
                     metrics.full_syncs.inc();
                     last_full = Instant::now();
@@ -185,11 +216,19 @@ async fn sync_loop(
                 continue;
             }
         }
-        tokio::select! {
-            () = changed.notified() => {}
-            () = tokio::time::sleep(config.resync_period) => {}
-        }
+        wait_for_change(changed, config.resync_period).await;
     }
+}
+
+async fn wait_for_change(changed: &Changes, resync_period: Duration) {
+    tokio::select! {
+        () = changed.notify.notified() => {}
+        () = tokio::time::sleep(resync_period) => {}
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn log_failure(metrics: &Metrics, e: &NftError, retry_in: Duration) {

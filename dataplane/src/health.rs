@@ -102,6 +102,11 @@ impl HealthState {
         snap.services = services;
     }
 
+    /// Records a sync that found nothing to change: the rules are still in sync.
+    pub fn record_idle_sync(&self, at: Instant) {
+        self.write().last_sync = Some(at);
+    }
+
     /// Records the own Node's state.
     pub fn record_node(&self, node: NodeModel) {
         self.write().node = node;

@@ -7,17 +7,37 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Label of `sync_duration_seconds`: `full` replaces the tables, `partial` changes what changed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SyncKind {
+    /// `full` or `partial`.
+    pub kind: &'static str,
+}
+
+impl SyncKind {
+    /// The label for a full (`true`) or partial sync.
+    pub fn of(full: bool) -> Self {
+        Self { kind: if full { "full" } else { "partial" } }
+    }
+}
+
 /// The agent's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
-    /// Duration of a sync (model, render, diff, apply), seconds.
-    pub sync_duration: Histogram,
+    /// Duration of a whole sync, from the model update to the kernel's acknowledgement, seconds.
+    pub sync_duration: Family<SyncKind, Histogram>,
+    /// Watch events (changed Services) not yet in the kernel.
+    pub sync_pending_changes: Gauge,
+    /// Unix time of the last successful sync, seconds.
+    pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Syncs that failed.
     pub sync_failures: Counter,
     /// Full resyncs done.
@@ -36,7 +56,11 @@ impl Metrics {
     /// Registers all metrics under the `hawser_dataplane` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("hawser_dataplane");
-        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let sync_duration = Family::<SyncKind, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let sync_pending_changes = Gauge::default();
+        let last_sync_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let sync_failures = Counter::default();
         let full_syncs = Counter::default();
         let services = Gauge::default();
@@ -45,8 +69,14 @@ impl Metrics {
         let nft_rules = Gauge::default();
         registry.register(
             "sync_duration_seconds",
-            "Time to model, render, diff and apply one sync",
+            "Time of one sync, from the model update to the kernel's acknowledgement",
             sync_duration.clone(),
+        );
+        registry.register("sync_pending_changes", "Changed Services not yet programmed", sync_pending_changes.clone());
+        registry.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last successful sync",
+            last_sync_timestamp.clone(),
         );
         registry.register("sync_failures", "Syncs that failed", sync_failures.clone());
         registry.register("full_syncs", "Full resyncs", full_syncs.clone());
@@ -54,7 +84,18 @@ impl Metrics {
         registry.register("endpoints", "Endpoints programmed (per Service port)", endpoints.clone());
         registry.register("nft_elements", "nftables map elements programmed", nft_elements.clone());
         registry.register("nft_rules", "nftables rules programmed", nft_rules.clone());
-        Self { registry, sync_duration, sync_failures, full_syncs, services, endpoints, nft_elements, nft_rules }
+        Self {
+            registry,
+            sync_duration,
+            sync_pending_changes,
+            last_sync_timestamp,
+            sync_failures,
+            full_syncs,
+            services,
+            endpoints,
+            nft_elements,
+            nft_rules,
+        }
     }
 
     /// The text exposition.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, node, slice};
 use hawser_dataplane::health::{HealthState, listen, router};
-use hawser_dataplane::metrics::Metrics;
+use hawser_dataplane::metrics::{Metrics, SyncKind};
 use hawser_dataplane::model::{ModelConfig, NodeModel, build_model};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,11 +110,17 @@ async fn health_endpoints_flip_with_endpoints_node_state_and_sync_age() {
 fn metrics_are_exposed_with_the_prefix() {
     let m = Metrics::new();
     m.sync_failures.inc();
-    m.sync_duration.observe(0.01);
+    m.sync_duration.get_or_create(&SyncKind::of(false)).observe(0.01);
+    m.sync_duration.get_or_create(&SyncKind::of(true)).observe(0.2);
+    m.sync_pending_changes.set(3);
+    m.last_sync_timestamp.set(1.5e9);
     m.nft_elements.set(42);
     let text = m.encode().unwrap();
     assert!(text.contains("hawser_dataplane_sync_failures_total 1"), "{text}");
-    assert!(text.contains("hawser_dataplane_sync_duration_seconds_count 1"));
+    assert!(text.contains("hawser_dataplane_sync_duration_seconds_count{kind=\"partial\"} 1"), "{text}");
+    assert!(text.contains("hawser_dataplane_sync_duration_seconds_count{kind=\"full\"} 1"), "{text}");
+    assert!(text.contains("hawser_dataplane_sync_pending_changes 3"), "{text}");
+    assert!(text.contains("hawser_dataplane_last_sync_timestamp_seconds 1500000000"), "{text}");
     assert!(text.contains("hawser_dataplane_nft_elements 42"));
 }
 
