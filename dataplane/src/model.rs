@@ -287,57 +287,177 @@ pub fn is_our_service(svc: &Service, class: &str) -> bool {
         .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.as_deref() == Some(class))
 }
 
+/// What the model reads from one Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortInput {
+    /// `name`.
+    pub name: Option<String>,
+    /// `protocol`.
+    pub protocol: Option<String>,
+    /// `port`.
+    pub port: i32,
+    /// `nodePort`.
+    pub node_port: Option<i32>,
+}
+
+/// What the model reads from a Service of our class: a watch event is projected to this and
+/// the object itself is dropped, so the agent never keeps whole Services.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceInput {
+    /// `spec.ports`.
+    pub ports: Vec<ServicePortInput>,
+    /// `status.loadBalancer.ingress[].ip`, unparsed (invalid ones are warned about when modelled).
+    pub ingress_ips: Vec<String>,
+    /// `spec.externalTrafficPolicy`.
+    pub external_traffic_policy: Option<String>,
+    /// `spec.sessionAffinity`.
+    pub session_affinity: Option<String>,
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout: Option<i32>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub source_ranges: Option<Vec<String>>,
+    /// `spec.ipFamilies`.
+    pub ip_families: Vec<String>,
+}
+
+impl ServiceInput {
+    /// The key and projection of `svc` when it is ours, `None` otherwise.
+    pub fn project(svc: &Service, class: &str) -> Option<(ServiceKey, Self)> {
+        if !is_our_service(svc, class) {
+            return None;
+        }
+        let key = ServiceKey::new(svc.metadata.namespace.as_deref()?, svc.metadata.name.as_deref()?);
+        let spec = svc.spec.as_ref()?;
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| ServicePortInput {
+                name: p.name.clone(),
+                protocol: p.protocol.clone(),
+                port: p.port,
+                node_port: p.node_port,
+            })
+            .collect();
+        let ingress_ips = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.clone())
+            .collect();
+        Some((
+            key,
+            Self {
+                ports,
+                ingress_ips,
+                external_traffic_policy: spec.external_traffic_policy.clone(),
+                session_affinity: spec.session_affinity.clone(),
+                affinity_timeout: spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds),
+                source_ranges: spec.load_balancer_source_ranges.clone(),
+                ip_families: spec.ip_families.clone().unwrap_or_default(),
+            },
+        ))
+    }
+}
+
+/// What the model reads from one endpoint of a slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInput {
+    /// The first address (kube-proxy uses only that one).
+    pub ip: IpAddr,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+    /// `conditions.ready`.
+    pub ready: Option<bool>,
+    /// `conditions.serving`.
+    pub serving: Option<bool>,
+    /// `conditions.terminating`.
+    pub terminating: Option<bool>,
+}
+
+/// What the model reads from an EndpointSlice (see [`ServiceInput`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SliceInput {
+    /// `ports[]`: name, protocol, port.
+    pub ports: Vec<(Option<String>, Option<String>, Option<i32>)>,
+    /// Endpoints with a parsable first address (none for FQDN slices).
+    pub endpoints: Vec<EndpointInput>,
+}
+
+impl SliceInput {
+    /// The Service (from the `kubernetes.io/service-name` label), the slice's name and its
+    /// projection; `None` for a slice of no Service.
+    pub fn project(slice: &EndpointSlice) -> Option<(ServiceKey, String, Self)> {
+        let ns = slice.metadata.namespace.as_deref()?;
+        let svc = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let mut input = Self::default();
+        if matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            input.ports = slice.ports.iter().flatten().map(|p| (p.name.clone(), p.protocol.clone(), p.port)).collect();
+            input.endpoints = slice
+                .endpoints
+                .iter()
+                .filter_map(|ep| {
+                    let ip = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok())?;
+                    let conditions = ep.conditions.as_ref();
+                    Some(EndpointInput {
+                        ip,
+                        node_name: ep.node_name.clone(),
+                        ready: conditions.and_then(|c| c.ready),
+                        serving: conditions.and_then(|c| c.serving),
+                        terminating: conditions.and_then(|c| c.terminating),
+                    })
+                })
+                .collect();
+        }
+        Some((ServiceKey::new(ns, svc.as_str()), name, input))
+    }
+}
+
 /// Builds the model from the cluster objects.
 pub fn build_model<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     config: &ModelConfig,
 ) -> ClusterModel {
-    let mut slices_by_service: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_by_service: BTreeMap<ServiceKey, Vec<SliceInput>> = BTreeMap::new();
     for slice in slices {
-        let (Some(ns), Some(svc)) = (
-            slice.metadata.namespace.as_deref(),
-            slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)),
-        ) else {
-            continue;
-        };
-        slices_by_service.entry(ServiceKey::new(ns, svc.as_str())).or_default().push(slice);
+        if let Some((key, _, input)) = SliceInput::project(slice) {
+            slices_by_service.entry(key).or_default().push(input);
+        }
     }
-
     let mut model = ClusterModel::default();
     for svc in services {
-        if !is_our_service(svc, &config.load_balancer_class) {
-            continue;
-        }
-        let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
+        let Some((key, input)) = ServiceInput::project(svc, &config.load_balancer_class) else {
             continue;
         };
-        let key = ServiceKey::new(ns, name);
-        let slices = slices_by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        let built = build_service(key.clone(), svc, slices, config, &mut model.warnings);
+        let slices: Vec<&SliceInput> = slices_by_service.get(&key).into_iter().flatten().collect();
+        let built = build_service(key.clone(), &input, &slices, config, &mut model.warnings);
         model.services.insert(key, built);
     }
     model
 }
 
-fn build_service(
+/// Builds one Service's model from its projections.
+pub fn build_service(
     key: ServiceKey,
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &ServiceInput,
+    slices: &[&SliceInput],
     config: &ModelConfig,
     warnings: &mut Vec<ModelWarning>,
 ) -> ServiceModel {
-    let spec = svc.spec.clone().unwrap_or_default();
     let mut warn = |message: String| warnings.push(ModelWarning { service: key.clone(), message });
 
     let lb_addresses: Vec<IpAddr> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref())
+        .ingress_ips
+        .iter()
         .filter_map(|ip| match ip.parse() {
             Ok(ip) => Some(ip),
             Err(_) => {
@@ -347,22 +467,19 @@ fn build_service(
         })
         .collect();
 
-    let traffic_policy = match spec.external_traffic_policy.as_deref() {
+    let traffic_policy = match svc.external_traffic_policy.as_deref() {
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     };
 
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
+    let affinity_timeout = (svc.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        svc.affinity_timeout
             .and_then(|t| u32::try_from(t).ok())
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
     });
 
-    let source_ranges = spec.load_balancer_source_ranges.as_ref().filter(|r| !r.is_empty()).map(|ranges| {
+    let source_ranges = svc.source_ranges.as_ref().filter(|r| !r.is_empty()).map(|ranges| {
         ranges
             .iter()
             .filter_map(|r| match r.trim().parse::<IpNet>() {
@@ -378,10 +495,9 @@ fn build_service(
             .collect::<Vec<_>>()
     });
 
-    let mut families: Vec<Family> = spec
+    let mut families: Vec<Family> = svc
         .ip_families
         .iter()
-        .flatten()
         .filter_map(|f| match f.as_str() {
             "IPv4" => Some(Family::V4),
             "IPv6" => Some(Family::V6),
@@ -398,7 +514,7 @@ fn build_service(
     }
 
     let mut ports = Vec::new();
-    for sp in spec.ports.iter().flatten() {
+    for sp in &svc.ports {
         let Some(protocol) = Protocol::parse(sp.protocol.as_deref()) else {
             warn(format!("ignoring port {} with unknown protocol", sp.port));
             continue;
@@ -418,34 +534,22 @@ fn build_service(
 
 /// Collects the endpoints of one Service port: slice ports are matched by name and protocol,
 /// and the target port comes from the slice.
-fn endpoints_for_port(
-    port_name: &str,
-    protocol: Protocol,
-    slices: &[&EndpointSlice],
-    node_name: &str,
-) -> Vec<Endpoint> {
+fn endpoints_for_port(port_name: &str, protocol: Protocol, slices: &[&SliceInput], node_name: &str) -> Vec<Endpoint> {
     let mut by_addr: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for slice in slices {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
-        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let same_name = p.name.as_deref().unwrap_or("") == port_name;
-            let same_proto = Protocol::parse(p.protocol.as_deref()) == Some(protocol);
-            (same_name && same_proto).then_some(p.port).flatten().and_then(|p| u16::try_from(p).ok())
+        let Some(target) = slice.ports.iter().find_map(|(name, proto, port)| {
+            let same_name = name.as_deref().unwrap_or("") == port_name;
+            let same_proto = Protocol::parse(proto.as_deref()) == Some(protocol);
+            (same_name && same_proto).then_some(*port).flatten().and_then(|p| u16::try_from(p).ok())
         }) else {
             continue;
         };
         for ep in &slice.endpoints {
-            let conditions = ep.conditions.clone().unwrap_or_default();
-            let ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(true);
-            let terminating = conditions.terminating.unwrap_or(false);
+            let ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(true);
+            let terminating = ep.terminating.unwrap_or(false);
             let is_local = ep.node_name.as_deref() == Some(node_name);
-            // kube-proxy uses only the first address of an endpoint.
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
+            let ip = ep.ip;
             let candidate =
                 Endpoint { ip, port: target, node_name: ep.node_name.clone(), is_local, ready, serving, terminating };
             match by_addr.get(&(ip, target)) {

@@ -189,6 +189,122 @@ pub fn render_from(model: &ClusterModel, config: &RenderConfig, previous: Option
     ruleset
 }
 
+/// Renders the ruleset of `services` with the slots they were given (a full resync of
+/// incrementally kept state).
+pub fn render_with_slots<'a>(
+    services: impl Iterator<Item = &'a ServiceModel> + Clone,
+    config: &RenderConfig,
+    slots: &BTreeMap<Family, SlotTable>,
+) -> Ruleset {
+    let mut ruleset = Ruleset::default();
+    for family in [Family::V4, Family::V6] {
+        let mut table = skeleton(family, config);
+        let empty = SlotTable::default();
+        let mut fixed = FixedSlots { table: slots.get(&family).unwrap_or(&empty), used: Vec::new() };
+        for svc in services.clone() {
+            if svc.families.contains(&family) {
+                render_service(&mut table, &mut fixed, svc, family, config);
+            }
+        }
+        ruleset.tables.insert(family, table);
+    }
+    ruleset
+}
+
+/// What one Service renders to in one family: its own chains and sets, and its elements of
+/// the shared maps (the shared collections are present, holding only its elements).
+pub fn render_fragment(svc: &ServiceModel, family: Family, config: &RenderConfig, slots: &mut dyn SlotSource) -> Table {
+    let mut table = Table { chains: BTreeMap::new(), collections: shared_collections(family) };
+    render_service(&mut table, slots, svc, family, config);
+    table
+}
+
+/// Where rendering gets a Service port's endpoint-map slot from.
+pub trait SlotSource {
+    /// The slot of `port_id` for `endpoints` endpoints; `None` falls back to an anonymous map.
+    fn slot(&mut self, port_id: &str, endpoints: usize) -> Option<Slot>;
+}
+
+/// Slots kept across syncs: a port keeps its slot while it fits; a slot given up stays
+/// reserved until [`SlotTable::release`] (after the transaction that stops using it).
+#[derive(Debug, Clone, Default)]
+pub struct SlotTable {
+    /// Reserved ranges per bucket: start → end (exclusive).
+    taken: BTreeMap<u32, BTreeMap<u64, u64>>,
+    /// Slot of each Service port.
+    assigned: std::collections::HashMap<String, Slot>,
+}
+
+impl SlotTable {
+    /// The slot `port_id` has now.
+    pub fn get(&self, port_id: &str) -> Option<Slot> {
+        self.assigned.get(port_id).copied()
+    }
+
+    /// Forgets `port_id`'s slot; its range stays reserved until released.
+    pub fn unassign(&mut self, port_id: &str) -> Option<Slot> {
+        self.assigned.remove(port_id)
+    }
+
+    /// Makes `slot`'s keys available again.
+    pub fn release(&mut self, slot: Slot) {
+        if let Some(ranges) = self.taken.get_mut(&slot.bucket) {
+            ranges.remove(&u64::from(slot.offset));
+        }
+    }
+}
+
+impl SlotSource for SlotTable {
+    fn slot(&mut self, port_id: &str, endpoints: usize) -> Option<Slot> {
+        let bucket = stable_hash(port_id) % ENDPOINT_MAP_BUCKETS;
+        let wanted = u32::try_from(endpoints).ok()?;
+        if let Some(prev) = self.assigned.get(port_id)
+            && prev.bucket == bucket
+            && prev.capacity >= wanted
+        {
+            return Some(*prev);
+        }
+        let slot = allocate(self.taken.entry(bucket).or_default(), bucket, wanted)?;
+        self.assigned.insert(port_id.to_string(), slot);
+        Some(slot)
+    }
+}
+
+/// The slots of a [`SlotTable`] as they are, recording which ports asked (rendering what a
+/// Service had, or a full resync of what is kept).
+pub struct FixedSlots<'a> {
+    /// The slots.
+    pub table: &'a SlotTable,
+    /// Ports that had a slot.
+    pub used: Vec<(String, Slot)>,
+}
+
+impl SlotSource for FixedSlots<'_> {
+    fn slot(&mut self, port_id: &str, _endpoints: usize) -> Option<Slot> {
+        let slot = self.table.get(port_id)?;
+        self.used.push((port_id.to_string(), slot));
+        Some(slot)
+    }
+}
+
+/// The first free range of `bucket` for `wanted` keys (a power of two, at least
+/// [`MIN_SLOT_CAPACITY`]), reserved; `None` when the bucket is full.
+fn allocate(ranges: &mut BTreeMap<u64, u64>, bucket: u32, wanted: u32) -> Option<Slot> {
+    let capacity = wanted.checked_next_power_of_two()?.max(MIN_SLOT_CAPACITY);
+    let mut cursor = 0u64;
+    for (&start, &end) in ranges.iter() {
+        if start >= cursor + u64::from(capacity) {
+            break;
+        }
+        cursor = cursor.max(end);
+    }
+    if cursor + u64::from(capacity) > 1 << 32 {
+        return None;
+    }
+    ranges.insert(cursor, cursor + u64::from(capacity));
+    Some(Slot { bucket, offset: u32::try_from(cursor).ok()?, capacity })
+}
+
 /// FNV-1a: a hash that is the same in every build and process.
 fn stable_hash(text: &str) -> u32 {
     text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
@@ -213,9 +329,10 @@ impl<'a> SlotAllocator<'a> {
         }
         Self { previous, taken, assigned: BTreeMap::new() }
     }
+}
 
-    /// The slot of `port_id` for `endpoints` endpoints: its previous one when big enough,
-    /// else the first free range of its bucket; `None` only if the bucket is full.
+impl SlotSource for SlotAllocator<'_> {
+    /// Its previous slot when big enough, else the first free range of its bucket.
     fn slot(&mut self, port_id: &str, endpoints: usize) -> Option<Slot> {
         let bucket = stable_hash(port_id) % ENDPOINT_MAP_BUCKETS;
         let wanted = u32::try_from(endpoints).ok()?;
@@ -226,20 +343,7 @@ impl<'a> SlotAllocator<'a> {
             self.assigned.insert(port_id.to_string(), *prev);
             return Some(*prev);
         }
-        let capacity = wanted.checked_next_power_of_two()?.max(MIN_SLOT_CAPACITY);
-        let ranges = self.taken.entry(bucket).or_default();
-        let mut cursor = 0u64;
-        for (&start, &end) in ranges.iter() {
-            if start >= cursor + u64::from(capacity) {
-                break;
-            }
-            cursor = cursor.max(end);
-        }
-        if cursor + u64::from(capacity) > 1 << 32 {
-            return None;
-        }
-        ranges.insert(cursor, cursor + u64::from(capacity));
-        let slot = Slot { bucket, offset: u32::try_from(cursor).ok()?, capacity };
+        let slot = allocate(self.taken.entry(bucket).or_default(), bucket, wanted)?;
         self.assigned.insert(port_id.to_string(), slot);
         Some(slot)
     }
@@ -306,6 +410,17 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
         },
     );
+    t.collections = shared_collections(family);
+    t
+}
+
+/// Names of the collections of the skeleton that every Service adds elements to.
+pub const SHARED_COLLECTIONS: [&str; 5] =
+    ["filter-addresses", "service-addresses", "filter-nodeports", "service-nodeports", "hairpin"];
+
+/// The skeleton's dispatch maps and hairpin set, empty.
+fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
+    let mut collections = BTreeMap::new();
     let addr_map = format!("type {} . inet_proto . inet_service : verdict;", addr_type(family));
     let port_map = "type inet_proto . inet_service : verdict;".to_string();
     for (name, decl) in [
@@ -314,14 +429,14 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         ("filter-nodeports", &port_map),
         ("service-nodeports", &port_map),
     ] {
-        t.collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
+        collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
     }
     let addr = addr_type(family);
-    t.collections.insert(
+    collections.insert(
         "hairpin".into(),
         Collection { decl: format!("type {addr} . {addr};"), is_map: false, elements: BTreeMap::new() },
     );
-    t
+    collections
 }
 
 /// One set of endpoint maps per protocol: with a shared `th dport` in the `typeof`, nft 1.0.6
@@ -332,7 +447,7 @@ fn endpoint_map_name(proto: &str, bucket: u32) -> String {
 
 fn render_service(
     table: &mut Table,
-    slots: &mut SlotAllocator<'_>,
+    slots: &mut dyn SlotSource,
     svc: &ServiceModel,
     family: Family,
     config: &RenderConfig,
@@ -413,7 +528,7 @@ fn render_service(
 /// `dnat to` the one endpoint, or to a random one of the port's slot in an endpoint map.
 fn dnat_rules(
     table: &mut Table,
-    slots: &mut SlotAllocator<'_>,
+    slots: &mut dyn SlotSource,
     rules: &mut Vec<String>,
     pid: &str,
     proto: &str,
