@@ -136,6 +136,13 @@ def test_hard_anti_affinity_and_custom_affinity():
     assert dep["spec"]["template"]["spec"]["affinity"] == custom
 
 
+def test_dry_run_is_off_by_default_and_a_value_turns_it_on():
+    assert "--dry-run" not in args_of(find(render(), "Deployment"))
+    args = args_of(find(render({"operator": {"dryRun": True}}), "Deployment"))
+    assert "--dry-run" in args
+    assert args["--gc"] == "on", "the operator itself turns the collector to report under --dry-run"
+
+
 def test_dataplane_daemonset():
     docs = render()
     ds = find(docs, "DaemonSet")
