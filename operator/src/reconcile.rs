@@ -59,6 +59,42 @@ pub struct Ensured {
     pub group: Option<String>,
 }
 
+/// What was last ensured per Service UID, and how many Services each cloud load balancer serves
+/// (one, or a group's members), kept in step so the gauges cost nothing per reconcile.
+#[derive(Debug, Default)]
+struct EnsuredBook {
+    by_uid: HashMap<String, Ensured>,
+    per_lb: HashMap<String, usize>,
+}
+
+impl EnsuredBook {
+    fn get(&self, uid: &str) -> Option<&Ensured> {
+        self.by_uid.get(uid)
+    }
+
+    fn insert(&mut self, uid: String, record: Ensured) {
+        *self.per_lb.entry(record.status.id.clone()).or_default() += 1;
+        if let Some(old) = self.by_uid.insert(uid, record) {
+            self.release(&old.status.id);
+        }
+    }
+
+    fn remove(&mut self, uid: &str) -> Option<Ensured> {
+        let old = self.by_uid.remove(uid)?;
+        self.release(&old.status.id);
+        Some(old)
+    }
+
+    fn release(&mut self, lb: &str) {
+        if let Some(n) = self.per_lb.get_mut(lb) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_lb.remove(lb);
+            }
+        }
+    }
+}
+
 /// A digest of everything a spec asks of the cloud; equal digests mean nothing to do.
 pub fn spec_digest(spec: &LoadBalancerSpec) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -85,7 +121,7 @@ pub struct Context {
     /// The clock for condition timestamps.
     pub now: fn() -> Timestamp,
     /// What was last ensured, per Service UID.
-    ensured: Mutex<HashMap<String, Ensured>>,
+    ensured: Mutex<EnsuredBook>,
     /// `--dry-run`: plan instead of change, and keep the plans here.
     pub dry_run: Option<Arc<crate::plan::PlanBook>>,
     /// The Service cache, for the members of load-balancer groups.
@@ -124,13 +160,13 @@ impl Context {
         }
     }
 
-    fn ensured(&self) -> std::sync::MutexGuard<'_, HashMap<String, Ensured>> {
+    fn ensured(&self) -> std::sync::MutexGuard<'_, EnsuredBook> {
         self.ensured.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A copy of what was last ensured, per Service UID.
     pub fn ensured_snapshot(&self) -> HashMap<String, Ensured> {
-        self.ensured().clone()
+        self.ensured().by_uid.clone()
     }
 
     /// Forgets what was ensured for `uid` if it is still `seen`: the cloud drifted from it, so the
@@ -138,7 +174,7 @@ impl Context {
     /// than the inventory that found the drift, and stays.
     pub fn forget_drifted(&self, uid: &str, seen: &Ensured) -> bool {
         let mut ensured = self.ensured();
-        if ensured.get(uid) == Some(seen) {
+        if ensured.by_uid.get(uid) == Some(seen) {
             ensured.remove(uid);
             return true;
         }
@@ -147,9 +183,8 @@ impl Context {
 
     fn set_managed(&self) {
         let ensured = self.ensured();
-        let clouds: std::collections::HashSet<&str> = ensured.values().map(|e| e.status.id.as_str()).collect();
-        self.metrics.managed_load_balancers.set(i64::try_from(ensured.len()).unwrap_or(i64::MAX));
-        self.metrics.load_balancers.set(i64::try_from(clouds.len()).unwrap_or(i64::MAX));
+        self.metrics.managed_load_balancers.set(i64::try_from(ensured.by_uid.len()).unwrap_or(i64::MAX));
+        self.metrics.load_balancers.set(i64::try_from(ensured.per_lb.len()).unwrap_or(i64::MAX));
     }
 
     fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -494,3 +494,27 @@ async fn the_drift_check_wakes_only_the_service_whose_load_balancer_vanished() {
     assert_eq!(h.cloud_writes(), vec!["CreateLoadBalancer", "DeleteLoadBalancer", "CreateLoadBalancer"]);
     h.finish(verifier).await;
 }
+
+#[test]
+fn the_gauges_count_services_and_the_cloud_load_balancers_behind_them() {
+    let record = |lb: &str| Ensured {
+        namespace: "default".into(),
+        name: "x".into(),
+        spec_digest: 1,
+        fingerprint: None,
+        status: LoadBalancerStatus { id: lb.into(), ingress: Vec::new() },
+        group: None,
+    };
+    let mut book = EnsuredBook::default();
+    book.insert("a".into(), record("lb-group"));
+    book.insert("b".into(), record("lb-group"));
+    book.insert("c".into(), record("lb-c"));
+    assert_eq!((book.by_uid.len(), book.per_lb.len()), (3, 2), "three Services, two load balancers");
+    book.insert("c".into(), record("lb-group"));
+    assert_eq!((book.by_uid.len(), book.per_lb.len()), (3, 1), "c moved into the group");
+    book.remove("a");
+    book.remove("b");
+    assert_eq!(book.per_lb.get("lb-group"), Some(&1));
+    book.remove("c");
+    assert!(book.per_lb.is_empty());
+}
