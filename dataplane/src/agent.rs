@@ -1,25 +1,28 @@
-//! The node agent loop: reflectors for Services, EndpointSlices and the own Node feed
-//! debounced syncs (model → render → one nft transaction → conntrack cleanup → health).
+//! The node agent loop: watches of Services, EndpointSlices and the own Node feed the
+//! projected inputs, which mark the Services they change; debounced syncs program only those
+//! (model → render → diff → one nft transaction → conntrack cleanup → health).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{Stream, StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::conntrack::{ConntrackCommand, stale_udp_flows};
+use crate::conntrack::ConntrackCommand;
 use crate::health::HealthState;
+use crate::inputs::ClusterInputs;
 use crate::metrics::{Metrics, SyncKind};
-use crate::model::{ClusterModel, ModelConfig, NodeModel, build_model, is_our_service};
-use crate::nft::{Applier, NftCommand, NftError};
-use crate::render::{RenderConfig, render_from};
+use crate::model::{ModelConfig, NodeModel};
+use crate::nft::{NftCommand, NftError};
+use crate::render::RenderConfig;
+use crate::sync::Syncer;
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -46,7 +49,7 @@ pub struct AgentConfig {
 /// Failure of the agent as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// A reflector ended before its first list.
+    /// A watch ended before its first list.
     #[error("watch of {0} ended before the first list")]
     WatchEnded(&'static str),
     /// A blocking sync task panicked.
@@ -54,37 +57,51 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
 }
 
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Store<Node>,
+/// What the watches share with the sync loop.
+struct Shared {
+    inputs: Mutex<ClusterInputs>,
+    /// Wakes the sync loop after an event.
+    changed: Notify,
+    /// Watches whose first list is complete, by name.
+    listed: Mutex<HashMap<&'static str, bool>>,
+    first_lists: Notify,
 }
 
-/// Wakes the sync loop and counts watch events, so that a resync can tell whether anything
-/// happened since the last successful sync.
-#[derive(Default)]
-struct Changes {
-    notify: Notify,
-    events: AtomicU64,
+impl Shared {
+    fn inputs(&self) -> MutexGuard<'_, ClusterInputs> {
+        // Each event is applied whole under the lock; a panic cannot leave half of one.
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn listed(&self, name: &'static str) {
+        self.listed.lock().unwrap_or_else(|p| p.into_inner()).insert(name, true);
+        self.first_lists.notify_waiters();
+    }
+
+    fn all_listed(&self) -> bool {
+        self.listed.lock().unwrap_or_else(|p| p.into_inner()).len() == 3
+    }
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Changes>) -> (Store<K>, impl Stream<Item = ()> + Send)
+/// A watch whose events go to `on`; errors are retried with backoff.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    shared: Arc<Shared>,
+    mut on: impl FnMut(&Shared, Event<K>) + Send + 'static,
+) -> impl Stream<Item = ()> + Send
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
 {
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer).map(move |event| {
-        match event {
-            Ok(_) => {
-                changed.events.fetch_add(1, Ordering::SeqCst);
-                changed.notify.notify_one();
-            }
-            // Errors are retried by the backoff; the store keeps its last state.
-            Err(e) => warn!(error = %e, "watch error"),
+    watcher(api, config).default_backoff().map(move |event| match event {
+        Ok(event) => {
+            on(&shared, event);
+            shared.changed.notify_one();
         }
-    });
-    (store, stream)
+        // The backoff retries; the inputs keep their last state.
+        Err(e) => warn!(error = %e, "watch error"),
+    })
 }
 
 /// Runs until `shutdown` resolves. Rules are left in place on shutdown so that traffic keeps
@@ -96,18 +113,50 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let changed = Arc::new(Changes::default());
-    let node_selector = format!("metadata.name={}", config.model.node_name);
-    let (services, s1) = watch(Api::<Service>::all(client.clone()), watcher::Config::default(), changed.clone());
-    let (slices, s2) = watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), changed.clone());
-    let (node, s3) =
-        watch(Api::<Node>::all(client), watcher::Config::default().fields(&node_selector), changed.clone());
-    let stores = Stores { services, slices, node };
-    let watches = tokio::spawn(stream::select(stream::select(s1, s2), s3).for_each(|()| async {}));
+    let shared = Arc::new(Shared {
+        inputs: Mutex::new(ClusterInputs::default()),
+        changed: Notify::new(),
+        listed: Mutex::new(HashMap::new()),
+        first_lists: Notify::new(),
+    });
+    let class = config.model.load_balancer_class.clone();
+    let services =
+        watch(Api::<Service>::all(client.clone()), watcher::Config::default(), shared.clone(), move |s, e| match e {
+            Event::Init => s.inputs().begin_service_relist(),
+            Event::InitApply(svc) | Event::Apply(svc) => s.inputs().apply_service(&svc, &class),
+            Event::Delete(svc) => s.inputs().delete_service(&svc),
+            Event::InitDone => {
+                s.inputs().end_service_relist();
+                s.listed("services");
+            }
+        });
+    let slices =
+        watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), shared.clone(), |s, e| match e {
+            Event::Init => s.inputs().begin_slice_relist(),
+            Event::InitApply(slice) | Event::Apply(slice) => s.inputs().apply_slice(&slice),
+            Event::Delete(slice) => s.inputs().delete_slice(&slice),
+            Event::InitDone => {
+                s.inputs().end_slice_relist();
+                s.listed("endpointslices");
+            }
+        });
+    // The own Node only decides health answers; no rule depends on it.
+    let node_name = config.model.node_name.clone();
+    let node_health = health.clone();
+    let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let node = watch(Api::<Node>::all(client), node_config, shared.clone(), move |s, e| match e {
+        Event::InitApply(node) | Event::Apply(node) => {
+            node_health.record_node(NodeModel::from_node(&node_name, Some(&node)))
+        }
+        Event::Delete(_) => node_health.record_node(NodeModel::from_node(&node_name, None)),
+        Event::Init => {}
+        Event::InitDone => s.listed("node"),
+    });
+    let watches = tokio::spawn(stream::select(stream::select(services, slices), node).for_each(|()| async {}));
 
     tokio::pin!(shutdown);
     let result = tokio::select! {
-        r = sync_loop(&stores, &config, &health, &metrics, &changed) => r,
+        r = sync_loop(&shared, &config, &health, &metrics) => r,
         () = &mut shutdown => {
             info!("shutting down; nftables rules stay in place");
             Ok(())
@@ -118,94 +167,73 @@ pub async fn run(
 }
 
 async fn sync_loop(
-    stores: &Stores,
+    shared: &Shared,
     config: &AgentConfig,
     health: &HealthState,
     metrics: &Metrics,
-    changed: &Changes,
 ) -> Result<(), AgentError> {
-    for (name, ready) in [
-        ("services", stores.services.wait_until_ready().await),
-        ("endpointslices", stores.slices.wait_until_ready().await),
-        ("node", stores.node.wait_until_ready().await),
-    ] {
-        ready.map_err(|_| AgentError::WatchEnded(name))?;
+    while !shared.all_listed() {
+        let listed = shared.first_lists.notified();
+        if shared.all_listed() {
+            break;
+        }
+        listed.await;
     }
-    info!("initial lists done; starting full sync");
-    let mut applier = Applier::new(NftCommand::with_argv(config.nft_argv.clone()));
+    info!(services = shared.inputs().services(), "initial lists done; starting full sync");
+    let mut syncer = Syncer::new(NftCommand::with_argv(config.nft_argv.clone()), config.render);
     let conntrack = ConntrackCommand::with_argv(config.conntrack_argv.clone());
-    let mut last_model = ClusterModel::default();
     let mut last_sync = Instant::now() - config.min_sync_interval;
     let mut last_full = Instant::now();
     let mut failures = 0u32;
-    // Watch events counted when the last successful sync read the stores.
-    let mut synced_events: Option<u64> = None;
     loop {
         let wait = config.min_sync_interval.saturating_sub(last_sync.elapsed());
         tokio::time::sleep(wait).await;
         last_sync = Instant::now();
         if config.full_resync_period.is_some_and(|period| last_full.elapsed() >= period) {
             debug!("periodic full resync");
-            applier.force_full_resync();
+            syncer.force_full_resync();
         }
-
-        let node = stores.node.state().into_iter().next();
-        health.record_node(NodeModel::from_node(&config.model.node_name, node.as_deref()));
-        let events = changed.events.load(Ordering::SeqCst);
-        metrics
-            .sync_pending_changes
-            .set(events.saturating_sub(synced_events.unwrap_or(0)).try_into().unwrap_or(i64::MAX));
-        if synced_events == Some(events) && applier.applied().is_some() {
+        let pending = shared.inputs().pending();
+        metrics.sync_pending_changes.set(to_i64(pending));
+        if pending == 0 && !syncer.has_work() {
             // Nothing happened since the last successful sync: the kernel already has it.
             health.record_idle_sync(Instant::now());
             metrics.last_sync_timestamp.set(unix_now());
-            wait_for_change(changed, config.resync_period).await;
+            wait_for_change(shared, config.resync_period).await;
             continue;
         }
+
         let started = Instant::now();
-        let services: Vec<Arc<Service>> = stores
-            .services
-            .state()
-            .into_iter()
-            .filter(|s| is_our_service(s, &config.model.load_balancer_class))
-            .collect();
-        let slices = stores.slices.state();
-        let model = build_model(services.iter().map(|s| s.as_ref()), slices.iter().map(|s| s.as_ref()), &config.model);
-        for w in &model.warnings {
+        let mut warnings = Vec::new();
+        let changes = shared.inputs().take_changes(&config.model, &mut warnings);
+        for w in &warnings {
             warn!(service = %w.service, "{}", w.message);
         }
-        let ruleset = render_from(&model, &config.render, applier.applied());
-        let (elements, rules) = (ruleset.element_count(), ruleset.rule_count());
-        let full = applier.applied().is_none();
+        let full = syncer.full_next();
+        let sync_health = health.clone();
         let (back, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = applier.sync(ruleset);
-            (applier, outcome)
+            let outcome = syncer.sync(changes, &sync_health);
+            (syncer, outcome)
         })
         .await?;
-        applier = back;
+        syncer = back;
         metrics.sync_duration.get_or_create(&SyncKind::of(full)).observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(report) => {
                 failures = 0;
-                synced_events = Some(events);
-                metrics
-                    .sync_pending_changes
-                    .set(changed.events.load(Ordering::SeqCst).saturating_sub(events).try_into().unwrap_or(i64::MAX));
-                metrics.last_sync_timestamp.set(unix_now());
                 if report.full {
                     metrics.full_syncs.inc();
                     last_full = Instant::now();
                 }
                 debug!(?report, "synced");
-                clean_conntrack(&conntrack, &last_model, &model).await?;
-                health.record_sync(&model, Instant::now());
-                metrics.services.set(to_i64(model.services.len()));
-                metrics
-                    .endpoints
-                    .set(to_i64(model.services.values().flat_map(|s| s.ports.iter()).map(|p| p.endpoints.len()).sum()));
+                metrics.sync_pending_changes.set(to_i64(shared.inputs().pending()));
+                metrics.last_sync_timestamp.set(unix_now());
+                clean_conntrack(&conntrack, syncer.take_stale_flows()).await?;
+                let (rules, elements, endpoints) = syncer.counts();
+                metrics.services.set(to_i64(syncer.models().len()));
+                metrics.endpoints.set(to_i64(endpoints));
                 metrics.nft_elements.set(to_i64(elements));
                 metrics.nft_rules.set(to_i64(rules));
-                last_model = model;
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -216,13 +244,13 @@ async fn sync_loop(
                 continue;
             }
         }
-        wait_for_change(changed, config.resync_period).await;
+        wait_for_change(shared, config.resync_period).await;
     }
 }
 
-async fn wait_for_change(changed: &Changes, resync_period: Duration) {
+async fn wait_for_change(shared: &Shared, resync_period: Duration) {
     tokio::select! {
-        () = changed.notify.notified() => {}
+        () = shared.changed.notified() => {}
         () = tokio::time::sleep(resync_period) => {}
     }
 }
@@ -245,10 +273,8 @@ pub fn retry_delay(base: Duration, failures: u32, max: Duration) -> Duration {
 
 async fn clean_conntrack(
     conntrack: &ConntrackCommand,
-    before: &ClusterModel,
-    after: &ClusterModel,
+    flows: Vec<crate::conntrack::StaleFlow>,
 ) -> Result<(), AgentError> {
-    let flows = stale_udp_flows(before, after);
     if flows.is_empty() {
         return Ok(());
     }

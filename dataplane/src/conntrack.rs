@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::process::Command;
 
-use crate::model::{ClusterModel, Family, Protocol};
+use crate::model::{ClusterModel, Family, Protocol, ServiceModel};
 
 /// One class of flows to delete.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,10 +46,10 @@ pub enum ConntrackError {
     },
 }
 
-/// The (destination, endpoint) pairs of UDP ports used by `model`.
-fn udp_flows(model: &ClusterModel) -> BTreeSet<StaleFlow> {
+/// The (destination, endpoint) pairs of UDP ports used by `services`.
+fn udp_flows<'a>(services: impl IntoIterator<Item = &'a ServiceModel>) -> BTreeSet<StaleFlow> {
     let mut flows = BTreeSet::new();
-    for svc in model.services.values() {
+    for svc in services {
         for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
             for family in [Family::V4, Family::V6] {
                 let (endpoints, _) = svc.usable_endpoints(port, family);
@@ -69,8 +69,16 @@ fn udp_flows(model: &ClusterModel) -> BTreeSet<StaleFlow> {
 
 /// Flows served before and not any more (pure).
 pub fn stale_udp_flows(before: &ClusterModel, after: &ClusterModel) -> Vec<StaleFlow> {
+    let now = udp_flows(after.services.values());
+    udp_flows(before.services.values()).into_iter().filter(|f| !now.contains(f)).collect()
+}
+
+/// Flows one Service served before and not any more (pure): a sync compares only the
+/// Services it changes.
+pub fn stale_service_flows(before: Option<&ServiceModel>, after: Option<&ServiceModel>) -> Vec<StaleFlow> {
+    let Some(before) = before else { return Vec::new() };
     let now = udp_flows(after);
-    udp_flows(before).into_iter().filter(|f| !now.contains(f)).collect()
+    udp_flows([before]).into_iter().filter(|f| !now.contains(f)).collect()
 }
 
 /// Runs the `conntrack` binary, optionally behind a prefix such as `ip netns exec NODE`.

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
-use crate::model::{ClusterModel, NodeModel, ServiceKey};
+use crate::model::{ClusterModel, NodeModel, ServiceKey, ServiceModel};
 
 /// Default health port. Chosen clear of kubelet (10248/10250/10255), kube-proxy
 /// (10249/10256), kube-controller-manager (10257), cloud-controller-manager (10258),
@@ -29,6 +29,15 @@ pub struct ServiceHealth {
     pub local_endpoints: usize,
     /// Serving but terminating (not ready) endpoints on this node.
     pub local_terminating_endpoints: usize,
+}
+
+impl ServiceHealth {
+    fn of(s: &ServiceModel) -> Self {
+        Self {
+            local_endpoints: s.local_ready_addresses(),
+            local_terminating_endpoints: s.local_terminating_addresses(),
+        }
+    }
 }
 
 /// What the health server answers from; updated by the agent after each sync.
@@ -84,22 +93,31 @@ impl HealthState {
 
     /// Records a successful sync of `model` at `at`.
     pub fn record_sync(&self, model: &ClusterModel, at: Instant) {
-        let services = model
-            .services
-            .iter()
-            .map(|(k, s)| {
-                (
-                    k.clone(),
-                    ServiceHealth {
-                        local_endpoints: s.local_ready_addresses(),
-                        local_terminating_endpoints: s.local_terminating_addresses(),
-                    },
-                )
-            })
-            .collect();
+        self.record_services(model.services.values(), at);
+    }
+
+    /// Records a successful full sync of `services` at `at`.
+    pub fn record_services<'a>(&self, services: impl Iterator<Item = &'a ServiceModel>, at: Instant) {
+        let services = services.map(|s| (s.key.clone(), ServiceHealth::of(s))).collect();
         let mut snap = self.write();
         snap.last_sync = Some(at);
         snap.services = services;
+    }
+
+    /// Records a successful partial sync at `at` that changed these Services (`None`: gone).
+    pub fn update_services<'a>(
+        &self,
+        changed: impl Iterator<Item = (&'a ServiceKey, Option<&'a ServiceModel>)>,
+        at: Instant,
+    ) {
+        let mut snap = self.write();
+        snap.last_sync = Some(at);
+        for (key, model) in changed {
+            match model {
+                Some(s) => snap.services.insert(key.clone(), ServiceHealth::of(s)),
+                None => snap.services.remove(key),
+            };
+        }
     }
 
     /// Records a sync that found nothing to change: the rules are still in sync.

@@ -307,7 +307,7 @@ fn cleanup_deletes_both_tables_and_golden_ruleset_loads() {
     lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
     let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
     assert!(tables.contains("table ip hawser") && tables.contains("table ip6 hawser"));
-    lab.applier.cleanup().unwrap();
+    lab.syncer.cleanup().unwrap();
     let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
     assert!(!tables.contains("hawser"), "{tables}");
     // Traffic no longer has a path: the LB address is not routed anywhere from the node.
@@ -316,7 +316,7 @@ fn cleanup_deletes_both_tables_and_golden_ruleset_loads() {
     for golden in ["mixed", "empty"] {
         let path = format!("{}/tests/golden/{golden}.nft", env!("CARGO_MANIFEST_DIR"));
         sh(&["ip", "netns", "exec", &lab.node, "nft", "-f", &path]);
-        lab.applier.cleanup().unwrap();
+        lab.syncer.cleanup().unwrap();
     }
 }
 
@@ -333,4 +333,56 @@ fn cli_cleanup_removes_the_tables_and_reads_flags_from_env() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
     assert!(!tables.contains("hawser"), "{tables}");
+}
+
+/// The table as nft lists it, order-insensitive (element order in a listing follows the kernel).
+fn table_tokens(lab: &Lab, family: &str) -> Vec<String> {
+    let text = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "table", family, "hawser"]);
+    let mut tokens: Vec<String> =
+        text.split(['\n', ',', '{', '}']).map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
+    tokens.sort();
+    tokens
+}
+
+#[test]
+fn partial_syncs_leave_the_tables_a_full_resync_would_write() {
+    let mut lab = lab!(3);
+    let svc = |name: &'static str, lb: &'static str, np: u16, affinity: bool| {
+        let mut s = Svc::new("ns", name);
+        s.lb_ips = vec![lb];
+        s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
+        s.affinity_timeout = affinity.then_some(60);
+        s.build()
+    };
+    let services = |with_b: bool| {
+        let mut v = vec![svc("a", "203.0.113.1", 30001, false), svc("c", "203.0.113.3", 30003, true)];
+        if with_b {
+            // b claims a's NodePort too: the greater key wins, and a gets it back when b goes.
+            v.push(svc("b", "203.0.113.2", 30001, false));
+        }
+        v
+    };
+    let eps = |name: &'static str, list: &[Ep<'static>]| slice("ns", name, name, PORTS, list);
+    let pods = |n: usize| -> Vec<Ep<'static>> {
+        ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect()
+    };
+    let steps: Vec<(Vec<_>, Vec<EndpointSlice>)> = vec![
+        (services(true), vec![eps("a", &pods(2)), eps("b", &pods(1)), eps("c", &pods(2))]),
+        (services(true), vec![eps("a", &pods(3)), eps("b", &pods(2)), eps("c", &pods(3))]),
+        (services(false), vec![eps("a", &pods(1)), eps("c", &pods(1))]),
+        (services(false), vec![eps("a", &pods(3)), eps("c", &[])]),
+    ];
+    for (i, (services, slices)) in steps.iter().enumerate() {
+        let report = lab.sync(services, slices).unwrap();
+        assert_eq!(report.full, i == 0);
+        // Deletes what this sync emptied.
+        lab.sync(services, slices).unwrap();
+        let partial: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+        lab.syncer.force_full_resync();
+        assert!(lab.sync(services, slices).unwrap().full);
+        let full: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+        assert_eq!(partial, full, "step {i}");
+    }
+    assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers(NODE_IP, 30001, 30), set(&["pod1", "pod2", "pod3"]));
 }

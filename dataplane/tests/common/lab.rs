@@ -9,10 +9,13 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use hawser_dataplane::conntrack::{ConntrackCommand, stale_udp_flows};
-use hawser_dataplane::model::{ClusterModel, ModelConfig, build_model};
-use hawser_dataplane::nft::{Applier, NftCommand, NftError, NftRunner, SyncReport};
-use hawser_dataplane::render::{RenderConfig, render_from};
+use hawser_dataplane::conntrack::ConntrackCommand;
+use hawser_dataplane::health::HealthState;
+use hawser_dataplane::inputs::ClusterInputs;
+use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport};
+use hawser_dataplane::render::RenderConfig;
+use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nix::sched::{CloneFlags, setns};
@@ -216,10 +219,13 @@ pub struct Lab {
     pub pods: Vec<String>,
     /// Whether IPv6 was set up.
     pub ipv6: bool,
-    /// The applier, running nft inside the node netns.
-    pub applier: Applier<Box<dyn NftRunner>>,
+    /// The agent's syncer, running nft inside the node netns.
+    pub syncer: Syncer<Box<dyn NftRunner>>,
+    /// What the agent keeps of the cluster.
+    pub inputs: ClusterInputs,
+    /// The health state the syncer records into.
+    pub health: HealthState,
     conntrack: ConntrackCommand,
-    last_model: ClusterModel,
     all: Vec<String>,
 }
 
@@ -271,14 +277,15 @@ impl Lab {
         all.extend(pod_names.iter().cloned());
         let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
         let mut lab = Lab {
-            applier: Applier::new(runner(&node)),
+            syncer: Syncer::new(runner(&node), RenderConfig::default()),
+            inputs: ClusterInputs::default(),
+            health: HealthState::new(NODE, Duration::from_secs(30)),
             conntrack: ConntrackCommand::with_argv(exec_in(&node, "conntrack")),
             node: node.clone(),
             client: client.clone(),
             client2: client2.clone(),
             pods: pod_names.clone(),
             ipv6,
-            last_model: ClusterModel::default(),
             all: Vec::new(),
         };
         for ns in &all {
@@ -327,19 +334,16 @@ impl Lab {
         Some(lab)
     }
 
-    /// Models, renders and applies, then cleans UDP conntrack entries of removed endpoints.
+    /// Feeds the lists to the agent's inputs as a relist would, syncs what changed, then cleans
+    /// UDP conntrack entries of removed endpoints.
     pub fn sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Result<SyncReport, NftError> {
-        let model = build_model(
-            services,
-            slices,
-            &ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() },
-        );
-        let ruleset = render_from(&model, &RenderConfig::default(), self.applier.applied());
-        let report = self.applier.sync(ruleset)?;
-        for flow in stale_udp_flows(&self.last_model, &model) {
+        let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
+        self.inputs.replace(services, slices, &config.load_balancer_class);
+        let changes = self.inputs.take_changes(&config, &mut Vec::new());
+        let report = self.syncer.sync(changes, &self.health)?;
+        for flow in self.syncer.take_stale_flows() {
             self.conntrack.delete(&flow).unwrap();
         }
-        self.last_model = model;
         Ok(report)
     }
 

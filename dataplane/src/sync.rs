@@ -1,0 +1,480 @@
+//! Incremental syncs: the programmed state is kept per Service, and a sync renders and diffs
+//! only the Services that changed, against what each of them had programmed.
+//!
+//! A Service owns its `fw-`/`svc-`/`ep-` chains, its affinity sets, and its keys of the shared
+//! endpoint maps (its slot); it shares the dispatch maps and the hairpin set with the others,
+//! so for those every element remembers which Services want it (several may, e.g. the same
+//! endpoint behind two Services, or two Services claiming one address and port: the greatest
+//! Service key wins, as in a full render). A full resync renders every kept model; it is the
+//! only path whose cost grows with the cluster, and it runs at start, after a failure and
+//! periodically.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conntrack::{StaleFlow, stale_service_flows};
+use crate::diff::{Stale, full_plan};
+use crate::health::HealthState;
+use crate::inputs::Change;
+use crate::model::{Family, ServiceKey, ServiceModel};
+use crate::nft::{NftError, NftRunner, SyncReport};
+use crate::render::{
+    Chain, Collection, FixedSlots, RenderConfig, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table,
+    family_name, render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
+};
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// An element's value before the sync and after it (`None`: absent).
+type ElementChange = (Option<String>, Option<String>);
+
+/// An element of a shared collection: family, collection, key.
+type SharedElement = (Family, &'static str, String);
+/// The Services wanting a shared element, with the value each wants.
+type Owners = Vec<(Arc<ServiceKey>, String)>;
+
+/// What the changed Services change in one family's table.
+#[derive(Debug, Default)]
+struct Delta {
+    /// Chains: as programmed, as wanted.
+    chains: BTreeMap<String, (Option<Chain>, Option<Chain>)>,
+    /// A Service's own sets: declaration as programmed, as wanted.
+    owned: BTreeMap<String, (Option<Collection>, Option<Collection>)>,
+    /// Elements of shared collections by collection and key.
+    elements: BTreeMap<String, BTreeMap<String, ElementChange>>,
+    /// Endpoint maps touched: element count before the sync, declaration.
+    maps: BTreeMap<String, (usize, String)>,
+}
+
+/// The Services' programmed state and the runner that applies changes to it.
+pub struct Syncer<R> {
+    runner: R,
+    config: RenderConfig,
+    models: BTreeMap<ServiceKey, ServiceModel>,
+    slots: BTreeMap<Family, SlotTable>,
+    /// Elements of the dispatch maps and the hairpin set, with the Services wanting them.
+    shared: HashMap<SharedElement, Owners>,
+    /// Element count of each endpoint map.
+    map_sizes: HashMap<(Family, String), usize>,
+    stale: BTreeSet<Stale>,
+    full_next: bool,
+    /// Slots given up, free once the transaction that stops using them is committed.
+    to_release: Vec<(Family, Slot)>,
+    flows: BTreeSet<StaleFlow>,
+    rules: usize,
+    elements: usize,
+    endpoints: usize,
+}
+
+impl<R: NftRunner> Syncer<R> {
+    /// A syncer whose first sync is a full resync.
+    pub fn new(runner: R, config: RenderConfig) -> Self {
+        Self {
+            runner,
+            config,
+            models: BTreeMap::new(),
+            slots: FAMILIES.into_iter().map(|f| (f, SlotTable::default())).collect(),
+            shared: HashMap::new(),
+            map_sizes: HashMap::new(),
+            stale: BTreeSet::new(),
+            full_next: true,
+            to_release: Vec::new(),
+            flows: BTreeSet::new(),
+            rules: 0,
+            elements: 0,
+            endpoints: 0,
+        }
+    }
+
+    /// The runner, e.g. to inspect a recording one.
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    /// Deletes both `hawser` tables; the next sync is a full resync.
+    pub fn cleanup(&mut self) -> Result<(), NftError> {
+        self.full_next = true;
+        self.runner.run(&crate::diff::cleanup_script())
+    }
+
+    /// Makes the next sync a full resync.
+    pub fn force_full_resync(&mut self) {
+        self.full_next = true;
+    }
+
+    /// Whether the next sync is a full resync.
+    pub fn full_next(&self) -> bool {
+        self.full_next
+    }
+
+    /// Whether a sync has something to do even without changes (a full resync, or objects
+    /// emptied by the last sync to delete).
+    pub fn has_work(&self) -> bool {
+        self.full_next || !self.stale.is_empty()
+    }
+
+    /// The models as programmed (or to be programmed by the next full resync).
+    pub fn models(&self) -> &BTreeMap<ServiceKey, ServiceModel> {
+        &self.models
+    }
+
+    /// Rules, map/set elements and endpoints (Service port × endpoint) programmed.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.rules, self.elements, self.endpoints)
+    }
+
+    /// UDP flows of endpoints that stopped serving, to delete now that the kernel no longer
+    /// sends to them.
+    pub fn take_stale_flows(&mut self) -> Vec<StaleFlow> {
+        std::mem::take(&mut self.flows).into_iter().collect()
+    }
+
+    /// Programs `changes` in one transaction (a full resync when one is due) and records the
+    /// changed Services' health. After a failure the kernel keeps the previous rules and the
+    /// next sync is a full resync.
+    pub fn sync(&mut self, changes: Vec<Change>, health: &HealthState) -> Result<SyncReport, NftError> {
+        let started = Instant::now();
+        let full = self.full_next;
+        let mut deltas: BTreeMap<Family, Delta> = BTreeMap::new();
+        let mut changed = Vec::new();
+        for (key, model) in changes {
+            if self.models.get(&key) == model.as_ref() {
+                continue;
+            }
+            self.update(&key, model, (!full).then_some(&mut deltas));
+            changed.push(key);
+        }
+        let mut counts = None;
+        let (script, chains_written, elements_changed, stale_after) = if full {
+            let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
+            counts = Some((ruleset.rule_count(), ruleset.element_count()));
+            let plan = full_plan(&ruleset);
+            (plan.script, plan.chains_written, plan.elements_changed, BTreeSet::new())
+        } else {
+            let mut plan = PartialScript::default();
+            for family in FAMILIES {
+                let empty = Delta::default();
+                plan.family(family, deltas.get(&family).unwrap_or(&empty), &self.stale, &self.map_sizes);
+            }
+            (plan.script, plan.chains_written, plan.elements_changed, plan.stale_after)
+        };
+        let diff_time = started.elapsed();
+        let mut report = SyncReport {
+            full,
+            applied: false,
+            chains_written,
+            elements_changed,
+            diff_time,
+            apply_time: Duration::ZERO,
+        };
+        if !script.is_empty() {
+            let applying = Instant::now();
+            if let Err(e) = self.runner.run(&script) {
+                self.full_next = true;
+                return Err(e);
+            }
+            report.apply_time = applying.elapsed();
+            report.applied = true;
+        }
+        self.full_next = false;
+        self.stale = stale_after;
+        for (family, slot) in self.to_release.drain(..) {
+            if let Some(table) = self.slots.get_mut(&family) {
+                table.release(slot);
+            }
+        }
+        let now = Instant::now();
+        if let Some((rules, elements)) = counts {
+            self.rules = rules;
+            self.elements = elements;
+            health.record_services(self.models.values(), now);
+        } else {
+            self.rules = self.rules.saturating_add_signed(deltas.values().map(Delta::rule_change).sum());
+            self.elements = self.elements.saturating_add_signed(deltas.values().map(Delta::element_change).sum());
+            health.update_services(changed.iter().map(|k| (k, self.models.get(k))), now);
+        }
+        Ok(report)
+    }
+
+    /// Moves the kept state of `key` to `model`, recording what changes in `deltas`.
+    fn update(
+        &mut self,
+        key: &ServiceKey,
+        model: Option<ServiceModel>,
+        mut deltas: Option<&mut BTreeMap<Family, Delta>>,
+    ) {
+        let old = self.models.remove(key);
+        let endpoints = |m: Option<&ServiceModel>| m.map_or(0, |m| m.ports.iter().map(|p| p.endpoints.len()).sum());
+        self.endpoints = (self.endpoints + endpoints(model.as_ref())).saturating_sub(endpoints(old.as_ref()));
+        self.flows.extend(stale_service_flows(old.as_ref(), model.as_ref()));
+        let owner = Arc::new(key.clone());
+        for family in FAMILIES {
+            let Some(slots) = self.slots.get_mut(&family) else { continue };
+            let (before, had) = match old.as_ref().filter(|m| m.families.contains(&family)) {
+                Some(m) => {
+                    let mut fixed = FixedSlots { table: &*slots, used: Vec::new() };
+                    let t = render_fragment(m, family, &self.config, &mut fixed);
+                    (Some(t), fixed.used)
+                }
+                None => (None, Vec::new()),
+            };
+            let (after, asked) = match model.as_ref().filter(|m| m.families.contains(&family)) {
+                Some(m) => {
+                    let mut recording = Recording { table: slots, asked: Vec::new() };
+                    let t = render_fragment(m, family, &self.config, &mut recording);
+                    (Some(t), recording.asked)
+                }
+                None => (None, Vec::new()),
+            };
+            for (port, slot) in had {
+                if !asked.contains(&port) {
+                    slots.unassign(&port);
+                    self.to_release.push((family, slot));
+                } else if slots.get(&port) != Some(slot) {
+                    self.to_release.push((family, slot));
+                }
+            }
+            if before.is_none() && after.is_none() {
+                continue;
+            }
+            let delta = deltas.as_deref_mut().map(|d| d.entry(family).or_default());
+            self.merge(family, &owner, before.unwrap_or_default(), after.unwrap_or_default(), delta);
+        }
+        if let Some(model) = model {
+            self.models.insert(key.clone(), model);
+        }
+    }
+
+    fn merge(
+        &mut self,
+        family: Family,
+        owner: &Arc<ServiceKey>,
+        before: Table,
+        after: Table,
+        mut delta: Option<&mut Delta>,
+    ) {
+        if let Some(d) = delta.as_deref_mut() {
+            for (name, chain) in before.chains {
+                d.chains.entry(name).or_insert((None, None)).0 = Some(chain);
+            }
+            for (name, chain) in after.chains {
+                d.chains.entry(name).or_insert((None, None)).1 = Some(chain);
+            }
+        }
+        let mut names: BTreeSet<&String> = before.collections.keys().collect();
+        names.extend(after.collections.keys());
+        let empty = Collection::default();
+        for name in names {
+            let old = before.collections.get(name);
+            let new = after.collections.get(name);
+            let (o, n) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+            if let Some(shared) = SHARED_COLLECTIONS.into_iter().find(|s| *s == name.as_str()) {
+                self.merge_shared(family, shared, owner, o, n, delta.as_deref_mut());
+            } else if name.starts_with("endpoints-") {
+                let size = self.map_sizes.entry((family, name.clone())).or_insert(0);
+                if let Some(d) = delta.as_deref_mut() {
+                    let decl = old.or(new).map(|c| c.decl.clone()).unwrap_or_default();
+                    d.maps.entry(name.clone()).or_insert((*size, decl));
+                    let elements = d.elements.entry(name.clone()).or_default();
+                    for (k, v) in &o.elements {
+                        elements.entry(k.clone()).or_insert((Some(v.clone()), None));
+                    }
+                    for (k, v) in &n.elements {
+                        elements.entry(k.clone()).or_insert((None, None)).1 = Some(v.clone());
+                    }
+                }
+                *size = (*size + n.elements.len()).saturating_sub(o.elements.len());
+                if *size == 0 {
+                    self.map_sizes.remove(&(family, name.clone()));
+                }
+            } else if let Some(d) = delta.as_deref_mut() {
+                let decl =
+                    |c: &Collection| Collection { decl: c.decl.clone(), is_map: c.is_map, elements: BTreeMap::new() };
+                let entry = d.owned.entry(name.clone()).or_insert((None, None));
+                if let Some(c) = old {
+                    entry.0 = Some(decl(c));
+                }
+                entry.1 = new.map(decl);
+            }
+        }
+    }
+
+    fn merge_shared(
+        &mut self,
+        family: Family,
+        collection: &'static str,
+        owner: &Arc<ServiceKey>,
+        before: &Collection,
+        after: &Collection,
+        mut delta: Option<&mut Delta>,
+    ) {
+        let mut keys: BTreeSet<&String> = before.elements.keys().collect();
+        keys.extend(after.elements.keys());
+        for key in keys {
+            let id = (family, collection, key.clone());
+            let owners = self.shared.entry(id.clone()).or_default();
+            let was = effective(owners);
+            owners.retain(|(k, _)| k.as_ref() != owner.as_ref());
+            if let Some(v) = after.elements.get(key) {
+                owners.push((owner.clone(), v.clone()));
+            }
+            let now = effective(owners);
+            if owners.is_empty() {
+                self.shared.remove(&id);
+            }
+            if let Some(d) = delta.as_deref_mut() {
+                d.elements.entry(collection.to_string()).or_default().entry(key.clone()).or_insert((was, None)).1 = now;
+            }
+        }
+    }
+}
+
+/// The value of the greatest Service key among those wanting an element.
+fn effective(owners: &[(Arc<ServiceKey>, String)]) -> Option<String> {
+    owners.iter().max_by(|a, b| a.0.cmp(&b.0)).map(|(_, v)| v.clone())
+}
+
+/// Records which ports asked a [`SlotTable`] for a slot.
+struct Recording<'a> {
+    table: &'a mut SlotTable,
+    asked: Vec<String>,
+}
+
+impl SlotSource for Recording<'_> {
+    fn slot(&mut self, port_id: &str, endpoints: usize) -> Option<Slot> {
+        self.asked.push(port_id.to_string());
+        self.table.slot(port_id, endpoints)
+    }
+}
+
+impl Delta {
+    fn rule_change(&self) -> isize {
+        let count = |c: &Option<Chain>| c.as_ref().map_or(0, |c| c.rules.len());
+        self.chains.values().map(|(o, n)| to_isize(count(n)) - to_isize(count(o))).sum()
+    }
+
+    fn element_change(&self) -> isize {
+        self.elements
+            .values()
+            .flat_map(|e| e.values())
+            .map(|(o, n)| isize::from(n.is_some()) - isize::from(o.is_some()))
+            .sum()
+    }
+}
+
+fn to_isize(n: usize) -> isize {
+    isize::try_from(n).unwrap_or(isize::MAX)
+}
+
+/// The partial transaction, family by family, in the order nft needs: declarations, chains,
+/// elements, then emptying what is no longer wanted and deleting what the previous sync emptied.
+#[derive(Default)]
+struct PartialScript {
+    script: String,
+    chains_written: usize,
+    elements_changed: usize,
+    stale_after: BTreeSet<Stale>,
+}
+
+impl PartialScript {
+    fn family(
+        &mut self,
+        family: Family,
+        d: &Delta,
+        stale: &BTreeSet<Stale>,
+        map_sizes: &HashMap<(Family, String), usize>,
+    ) {
+        use std::fmt::Write as _;
+        let fam = family_name(family);
+        let out = &mut self.script;
+        for (name, (old, new)) in &d.owned {
+            if let (None, Some(c)) = (old, new) {
+                let kind = if c.is_map { "map" } else { "set" };
+                let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+            }
+        }
+        for (name, (before, decl)) in &d.maps {
+            if *before == 0 && map_sizes.contains_key(&(family, name.clone())) {
+                let _ = writeln!(out, "add map {fam} {TABLE} {name} {{ {decl} }}");
+            }
+        }
+        for (name, (old, new)) in &d.chains {
+            if let (None, Some(chain)) = (old, new) {
+                write_chain_decl(out, fam, name, chain);
+            }
+        }
+        for (name, (old, new)) in &d.chains {
+            match (old, new) {
+                (Some(o), Some(n)) if o == n => {}
+                (Some(_), Some(n)) => {
+                    let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+                    write_rules(out, fam, name, n);
+                    self.chains_written += 1;
+                }
+                (None, Some(n)) => {
+                    write_rules(out, fam, name, n);
+                    self.chains_written += 1;
+                }
+                _ => {}
+            }
+        }
+        for (name, elements) in &d.elements {
+            let removed: Vec<(&String, &String)> = elements
+                .iter()
+                .filter_map(|(k, (o, n))| o.as_ref().filter(|o| Some(*o) != n.as_ref()).map(|o| (k, o)))
+                .collect();
+            let added: Vec<(&String, &String)> = elements
+                .iter()
+                .filter_map(|(k, (o, n))| n.as_ref().filter(|n| Some(*n) != o.as_ref()).map(|n| (k, n)))
+                .collect();
+            self.elements_changed += removed.len() + added.len();
+            write_elements(out, "delete", fam, name, removed.into_iter());
+            write_elements(out, "add", fam, name, added.into_iter());
+        }
+        for (name, (old, new)) in &d.chains {
+            if old.is_some() && new.is_none() {
+                let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+                self.stale_after.insert(Stale::Chain(family, name.clone()));
+            }
+        }
+        for (name, (old, new)) in &d.owned {
+            if let (Some(c), None) = (old, new) {
+                // A Service's own collections are affinity sets, whose elements are dynamic.
+                self.stale_after.insert(if c.is_map {
+                    Stale::Map(family, name.clone())
+                } else {
+                    Stale::Collection(family, name.clone())
+                });
+            }
+        }
+        for (name, (before, _)) in &d.maps {
+            if *before > 0 && !map_sizes.contains_key(&(family, name.clone())) {
+                self.stale_after.insert(Stale::Map(family, name.clone()));
+            }
+        }
+        // Delete what the previous sync emptied, unless wanted again; chains first, as an
+        // affinity set is referenced by its endpoint chain's rules until those are gone.
+        let wanted_chain = |name: &String| d.chains.get(name).is_some_and(|(_, n)| n.is_some());
+        for s in stale {
+            if let Stale::Chain(f, name) = s
+                && *f == family
+                && !wanted_chain(name)
+            {
+                let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
+            }
+        }
+        for s in stale {
+            let (f, name, kind) = match s {
+                Stale::Chain(..) => continue,
+                Stale::Collection(f, name) => (f, name, "set"),
+                Stale::Map(f, name) => (f, name, "map"),
+            };
+            let wanted =
+                d.owned.get(name).is_some_and(|(_, n)| n.is_some()) || map_sizes.contains_key(&(family, name.clone()));
+            if *f == family && !wanted {
+                let _ = writeln!(out, "delete {kind} {fam} {TABLE} {name}");
+            }
+        }
+    }
+}
