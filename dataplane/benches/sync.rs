@@ -1,164 +1,264 @@
-//! Sync and datapath figures: full sync at 1k/10k Services, a one-endpoint change at 10k,
-//! NodePort vs direct throughput, and new-connection latency with 10k vs 1 Service.
-//! Needs root, `ip` and `nft` (runs inside its own network namespaces); prints figures.
+//! Sync and datapath figures through the agent's own pipeline (projected inputs → partial
+//! or full sync → real nft in a network namespace), one `key=value` line per figure with the
+//! target it is judged by: 10k Services × 10 endpoints full sync, one-endpoint change, one
+//! Service added, a resync with nothing changed, RSS (a child process holding the agent's
+//! state), ClientIP affinity vs none; then new-connection latency and NodePort throughput.
+//! Needs root, `ip` and `nft` (runs inside its own network namespaces).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, slice};
-use common::lab::{Lab, NODE, NODE_IP, in_netns, pod_ip, prerequisites, spawn_sink, tcp};
-use hawser_dataplane::diff::{full_plan, partial_plan};
-use hawser_dataplane::model::{ModelConfig, build_model};
-use hawser_dataplane::nft::{Applier, NftCommand};
-use hawser_dataplane::render::{RenderConfig, render, render_from};
+use common::lab::{Lab, NODE, NODE_IP, exec_in, in_netns, pod_ip, prerequisites, spawn_sink, tcp};
+use hawser_dataplane::health::HealthState;
+use hawser_dataplane::inputs::ClusterInputs;
+use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport};
+use hawser_dataplane::render::RenderConfig;
+use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 const PORTS: &[(&str, &str, u16)] = &[("http", "TCP", 8080)];
+const CLASS: &str = "hawser.dev/lb";
 
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// `n` Services × `eps` endpoints; Service 0 points at the lab's real pod 1.
-fn cluster(n: usize, eps: usize, first_changed: bool) -> (Vec<Service>, Vec<EndpointSlice>) {
-    let mut svcs = Vec::with_capacity(n);
-    let mut slices = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut s = Svc::new("bench", leak(format!("svc-{i}")));
-        s.lb_ips = vec![leak(format!("198.18.{}.{}", i / 250, i % 250 + 1))];
-        s.ports = vec![("http", "TCP", 80, Some(20000 + i as u16))];
-        svcs.push(s.build());
-        let list: Vec<Ep<'static>> = if i == 0 {
-            vec![Ep::ready(leak(pod_ip(1)), NODE)]
-        } else {
-            let count = if i == 1 && first_changed { eps - 1 } else { eps };
-            (0..count).map(|j| Ep::ready(leak(format!("10.{}.{}.{}", 100 + i / 250, i % 250, j + 1)), "n")).collect()
-        };
-        slices.push(slice("bench", leak(format!("svc-{i}")), "s", PORTS, &list));
-    }
-    (svcs, slices)
+/// Service `i`; Service 0 points at the lab's real pod 1.
+fn service(i: usize, affinity: bool) -> Service {
+    let mut s = Svc::new("bench", leak(format!("svc-{i}")));
+    s.lb_ips = vec![leak(format!("198.18.{}.{}", i / 250, i % 250 + 1))];
+    s.ports = vec![("http", "TCP", 80, Some(20000 + i as u16))];
+    s.affinity_timeout = affinity.then_some(600);
+    s.build()
+}
+
+fn endpoints(i: usize, eps: usize) -> EndpointSlice {
+    let list: Vec<Ep<'static>> = if i == 0 {
+        vec![Ep::ready(leak(pod_ip(1)), NODE)]
+    } else {
+        (0..eps).map(|j| Ep::ready(leak(format!("10.{}.{}.{}", 100 + i / 250, i % 250, j + 1)), "n")).collect()
+    };
+    slice("bench", leak(format!("svc-{i}")), leak(format!("svc-{i}-1")), PORTS, &list)
 }
 
 fn cfg() -> ModelConfig {
-    ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() }
+    ModelConfig { load_balancer_class: CLASS.into(), node_name: NODE.into() }
+}
+
+/// nft in the node netns, counting its runs.
+#[derive(Clone)]
+struct Counted {
+    inner: NftCommand,
+    runs: Arc<AtomicUsize>,
+}
+
+impl NftRunner for Counted {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.run(script)
+    }
+}
+
+/// The agent's state: what the watches feed and what the sync loop programs.
+struct Agent {
+    inputs: ClusterInputs,
+    syncer: Syncer<Counted>,
+    health: HealthState,
+    runs: Arc<AtomicUsize>,
+}
+
+impl Agent {
+    fn new(node: &str) -> Self {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runner = Counted { inner: NftCommand::with_argv(exec_in(node, "nft")), runs: runs.clone() };
+        Self {
+            inputs: ClusterInputs::default(),
+            syncer: Syncer::new(runner, RenderConfig::default()),
+            health: HealthState::new(NODE, Duration::from_secs(30)),
+            runs,
+        }
+    }
+
+    /// One sync of the agent loop: take the changed Services, program them.
+    fn sync(&mut self) -> SyncReport {
+        let changes = self.inputs.take_changes(&cfg(), &mut Vec::new());
+        self.syncer.sync(changes, &self.health).unwrap()
+    }
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-fn full_sync(lab: &Lab, n: usize) -> Applier<NftCommand> {
-    let (svcs, slices) = cluster(n, 10, false);
+/// Feeds `n` Services × `eps` endpoints as watch events (each object dropped after its
+/// event, as the watcher does) and runs the full sync: initial list to rules in the kernel.
+fn full_sync(agent: &mut Agent, n: usize, eps: usize, affinity: bool) -> Duration {
     let t = Instant::now();
-    let model = build_model(&svcs, &slices, &cfg());
-    let t_model = t.elapsed();
-    let t = Instant::now();
-    let ruleset = render(&model, &RenderConfig::default());
-    let t_render = t.elapsed();
-    let t = Instant::now();
-    let plan = full_plan(&ruleset);
-    let t_diff = t.elapsed();
-    let mut applier = Applier::new(NftCommand::with_argv(common::lab::exec_in(&lab.node, "nft")));
-    let t = Instant::now();
-    applier.sync(ruleset.clone()).unwrap();
-    let t_apply = t.elapsed();
-    println!(
-        "full sync {n:>5} Services x 10 endpoints: model {} + render {} + diff {} + apply {} = {} \
-         ({} rules, {} elements, script {} KiB)",
-        ms(t_model),
-        ms(t_render),
-        ms(t_diff),
-        ms(t_apply),
-        ms(t_render + t_diff + t_apply),
-        ruleset.rule_count(),
-        ruleset.element_count(),
-        plan.script.len() / 1024
-    );
-    applier
+    agent.inputs.begin_service_relist();
+    agent.inputs.begin_slice_relist();
+    for i in 0..n {
+        agent.inputs.apply_service(&service(i, affinity), CLASS);
+        agent.inputs.apply_slice(&endpoints(i, eps));
+    }
+    agent.inputs.end_service_relist();
+    agent.inputs.end_slice_relist();
+    assert!(agent.sync().full);
+    t.elapsed()
 }
 
-fn one_endpoint_change(applier: &mut Applier<NftCommand>, n: usize) {
-    let (svcs, slices) = cluster(n, 10, true);
-    let model = build_model(&svcs, &slices, &cfg());
-    let t = Instant::now();
-    let ruleset = render_from(&model, &RenderConfig::default(), applier.applied());
-    let t_render = t.elapsed();
-    let t = Instant::now();
-    let plan = partial_plan(applier.applied().unwrap(), &BTreeSet::new(), &ruleset);
-    let t_diff = t.elapsed();
-    let t = Instant::now();
-    let report = applier.sync(ruleset).unwrap();
-    let t_apply = t.elapsed();
-    println!(
-        "one-endpoint change at {n} Services: render {} + diff {} + apply {} = {} (script {} lines, {} chains rewritten)",
-        ms(t_render),
-        ms(t_diff),
-        ms(t_apply),
-        ms(t_render + t_diff + t_apply),
-        plan.script.lines().count(),
-        report.chains_written
-    );
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()))
+        .unwrap()
 }
 
-fn throughput(lab: &Lab, dst: &str, port: u16, bytes: usize) -> f64 {
-    let dst = dst.to_string();
-    in_netns(&lab.client, move || {
-        let mut s = TcpStream::connect((dst.as_str(), port)).unwrap();
-        let chunk = vec![0u8; 1 << 16];
-        let t = Instant::now();
-        let mut sent = 0;
-        while sent < bytes {
-            s.write_all(&chunk).unwrap();
-            sent += chunk.len();
-        }
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        sent as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9
-    })
-}
-
-fn connect_latency(lab: &Lab, dst: &str, port: u16, n: usize) -> Duration {
-    let mut samples: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            tcp(&lab.client, dst, port).server();
-            t.elapsed()
-        })
-        .collect();
-    samples.sort();
-    samples[n / 2]
+/// In the child: the agent's state for `n` Services after a full sync, and its RSS.
+fn rss_child(node: &str, n: usize) {
+    let mut agent = Agent::new(node);
+    full_sync(&mut agent, n, 10, false);
+    println!("{} {}", rss_kib("VmRSS:"), rss_kib("VmHWM:"));
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if let Ok(node) = std::env::var("HAWSER_BENCH_RSS_NODE") {
+        rss_child(&node, std::env::var("HAWSER_BENCH_SERVICES").unwrap().parse().unwrap());
+        return;
+    }
     if !prerequisites() {
         return;
     }
+    let n: usize = std::env::var("HAWSER_BENCH_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let affinity_n: usize =
+        std::env::var("HAWSER_BENCH_AFFINITY_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
     let lab = Lab::new(1).unwrap();
     spawn_sink(&lab.pods[0], 9000);
 
-    full_sync(&lab, 1_000);
-    let mut applier = full_sync(&lab, 10_000);
-    one_endpoint_change(&mut applier, 10_000);
+    let mut agent = Agent::new(&lab.node);
+    let full = full_sync(&mut agent, n, 10, false);
+    let (rules, elements, _) = agent.syncer.counts();
+    println!("services={n} endpoints_per_service=10 rules={rules} elements={elements}");
+    println!("full_sync_ms={} target_ms=500", ms(full));
+
+    // One endpoint less for Service 1: the watch event, then the sync.
+    let runs = agent.runs.load(Ordering::SeqCst);
+    let t = Instant::now();
+    agent.inputs.apply_slice(&endpoints(1, 9));
+    let report = agent.sync();
+    println!(
+        "one_endpoint_sync_ms={} target_ms=20 nft_ms={} nft_runs={}",
+        ms(t.elapsed()),
+        ms(report.apply_time),
+        agent.runs.load(Ordering::SeqCst) - runs
+    );
+
+    let runs = agent.runs.load(Ordering::SeqCst);
+    let t = Instant::now();
+    agent.inputs.apply_service(&service(n, false), CLASS);
+    agent.inputs.apply_slice(&endpoints(n, 10));
+    let report = agent.sync();
+    println!(
+        "service_added_sync_ms={} target_ms=20 nft_ms={} nft_runs={}",
+        ms(t.elapsed()),
+        ms(report.apply_time),
+        agent.runs.load(Ordering::SeqCst) - runs
+    );
+
+    // A resync with no watch event since: the agent loop's check, then nothing. (The sync
+    // after a removal deletes what it emptied first.)
+    if agent.syncer.has_work() {
+        agent.sync();
+    }
+    let runs = agent.runs.load(Ordering::SeqCst);
+    let t = Instant::now();
+    if agent.inputs.pending() > 0 || agent.syncer.has_work() {
+        agent.sync();
+    }
+    println!(
+        "idle_resync_ms={:.3} target_ms=1 nft_runs={}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        agent.runs.load(Ordering::SeqCst) - runs
+    );
+
+    // RSS of a child process holding the agent's state for n Services.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("HAWSER_BENCH_RSS_NODE", &lab.node)
+        .env("HAWSER_BENCH_SERVICES", n.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+    let (rss, hwm) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    println!("rss_mib={:.1} peak_rss_mib={:.1} target_mib=100", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+
+    // ClientIP affinity vs none, at the same size, each from empty tables.
+    let mut plain = Agent::new(&lab.node);
+    plain.syncer.cleanup().unwrap();
+    let t_plain = full_sync(&mut plain, affinity_n, 10, false);
+    let mut sticky = Agent::new(&lab.node);
+    sticky.syncer.cleanup().unwrap();
+    let t_sticky = full_sync(&mut sticky, affinity_n, 10, true);
+    println!(
+        "affinity_services={affinity_n} affinity_full_sync_ms={} plain_full_sync_ms={} affinity_ratio={:.2} target_ratio=2",
+        ms(t_sticky),
+        ms(t_plain),
+        t_sticky.as_secs_f64() / t_plain.as_secs_f64()
+    );
+    sticky.syncer.cleanup().unwrap();
+    let mut agent = Agent::new(&lab.node);
+    full_sync(&mut agent, n, 10, false);
+
+    fn throughput(lab: &Lab, dst: &str, port: u16, bytes: usize) -> f64 {
+        let dst = dst.to_string();
+        in_netns(&lab.client, move || {
+            let mut s = TcpStream::connect((dst.as_str(), port)).unwrap();
+            let chunk = vec![0u8; 1 << 16];
+            let t = Instant::now();
+            let mut sent = 0;
+            while sent < bytes {
+                s.write_all(&chunk).unwrap();
+                sent += chunk.len();
+            }
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            sent as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9
+        })
+    }
+
+    fn connect_latency(lab: &Lab, dst: &str, port: u16, n: usize) -> Duration {
+        let mut samples: Vec<Duration> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                tcp(&lab.client, dst, port).server();
+                t.elapsed()
+            })
+            .collect();
+        samples.sort();
+        samples[n / 2]
+    }
 
     // Latency: Service 0 (the real pod) among 10k Services, then alone.
     let lat_10k = connect_latency(&lab, "198.18.0.1", 80, 300);
-    let (svcs, slices) = cluster(1, 10, false);
-    let ruleset = render_from(&build_model(&svcs, &slices, &cfg()), &RenderConfig::default(), applier.applied());
-    applier.sync(ruleset).unwrap();
+    agent.inputs.replace(&[service(0, false)], &[endpoints(0, 10)], CLASS);
+    agent.sync();
     let lat_1 = connect_latency(&lab, "198.18.0.1", 80, 300);
     println!(
-        "new-connection latency (connect + echo, median of 300): 10k Services {} vs 1 Service {} -> ratio {:.2}",
-        format_us(lat_10k),
-        format_us(lat_1),
+        "connect_latency_us_{n}={:.0} connect_latency_us_1={:.0} latency_ratio={:.2} target_ratio=1.1",
+        lat_10k.as_secs_f64() * 1e6,
+        lat_1.as_secs_f64() * 1e6,
         lat_10k.as_secs_f64() / lat_1.as_secs_f64()
     );
 
@@ -167,18 +267,14 @@ fn main() {
     sink.lb_ips = vec!["198.18.200.1"];
     sink.ports = vec![("http", "TCP", 80, Some(30090))];
     let sink_slice = slice("bench", "sink", "s", &[("http", "TCP", 9000)], &[Ep::ready(leak(pod_ip(1)), NODE)]);
-    let model = build_model(&[sink.build()], &[sink_slice], &cfg());
-    applier.sync(render_from(&model, &RenderConfig::default(), applier.applied())).unwrap();
+    agent.inputs.replace(&[sink.build()], &[sink_slice], CLASS);
+    agent.sync();
     let bytes = 1usize << 30;
     let direct = throughput(&lab, &pod_ip(1), 9000, bytes);
     let nodeport = throughput(&lab, NODE_IP, 30090, bytes);
     println!(
-        "throughput (1 GiB, one TCP stream): direct {direct:.2} Gbit/s, NodePort {nodeport:.2} Gbit/s -> ratio {:.2}",
+        "throughput_gbps_direct={direct:.2} throughput_gbps_nodeport={nodeport:.2} throughput_ratio={:.2}",
         nodeport / direct
     );
-    applier.cleanup().unwrap();
-}
-
-fn format_us(d: Duration) -> String {
-    format!("{:.0} us", d.as_secs_f64() * 1e6)
+    agent.syncer.cleanup().unwrap();
 }
