@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::state::{CloudState, MemberPart, MockLoadBalancer, member_fingerprint};
-use super::{MockCloud, next_id, ports_of};
+use super::{MockCloud, next_id, ports_of, vanished};
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_GROUP, OWNERSHIP_TAG_RESOURCE};
 use crate::{IngressPoint, IpMode, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity, stable_hash};
 
@@ -109,11 +109,7 @@ impl MockCloud {
             Some(lb) => {
                 let id = lb.id.clone();
                 self.call("ModifyLoadBalancer", Some(&id), true, |state| {
-                    let Some(current) = state.get(&id).cloned() else {
-                        return Err(ProviderError::Transient(format!(
-                            "load balancer {id} disappeared during the update"
-                        )));
-                    };
+                    let Some(current) = state.get(&id).cloned() else { return Err(vanished(&id)) };
                     let addresses = self.choose_addresses(state, spec, Some(&current))?;
                     let mut members = current.members.clone();
                     members.insert(uid.clone(), part_of(spec));

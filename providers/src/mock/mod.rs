@@ -413,6 +413,11 @@ impl MockCloud {
     }
 }
 
+/// The error of an update whose load balancer was deleted meanwhile.
+fn vanished(id: &str) -> ProviderError {
+    ProviderError::Transient(format!("load balancer {id} disappeared during the update"))
+}
+
 fn describe_owner(lb: &MockLoadBalancer) -> String {
     match lb.tags.get(OWNERSHIP_TAG_SERVICE) {
         Some(service) => format!("the load balancer of Service {service} ({})", lb.id),
@@ -548,36 +553,30 @@ impl Provider for MockCloud {
         let cluster = self.config.cluster.clone();
         self.call("DescribeLoadBalancers", None, false, |state| {
             let mut owned = Vec::new();
-            for lb in state.load_balancers().values().filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
-            {
-                // A group's load balancer: one entry per member, each owning its part.
-                for (uid, part) in &lb.members {
-                    let Some((namespace, name)) = part.service.split_once('/') else { continue };
-                    owned.push(OwnedLoadBalancer {
-                        identity: ServiceIdentity {
-                            cluster: cluster.clone(),
-                            namespace: namespace.to_owned(),
-                            name: name.to_owned(),
-                            uid: uid.clone(),
-                        },
-                        id: lb.id.clone(),
-                        fingerprint: lb.member_fingerprint(uid),
-                    });
-                }
-                let Some((namespace, name)) = lb.tags.get(OWNERSHIP_TAG_SERVICE).and_then(|s| s.split_once('/')) else {
-                    continue;
-                };
-                let Some(uid) = lb.tags.get(OWNERSHIP_TAG_SERVICE_UID) else { continue };
-                owned.push(OwnedLoadBalancer {
+            let entry = |service: &str, uid: &str, id: &str, fingerprint: Option<String>| {
+                let (namespace, name) = service.split_once('/')?;
+                Some(OwnedLoadBalancer {
                     identity: ServiceIdentity {
                         cluster: cluster.clone(),
                         namespace: namespace.to_owned(),
                         name: name.to_owned(),
-                        uid: uid.clone(),
+                        uid: uid.to_owned(),
                     },
-                    id: lb.id.clone(),
-                    fingerprint: state.fingerprint_of(&lb.id).map(str::to_owned),
-                });
+                    id: id.to_owned(),
+                    fingerprint,
+                })
+            };
+            for lb in state.load_balancers().values().filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
+            {
+                // A group's load balancer: one entry per member, each owning its part.
+                for (uid, part) in &lb.members {
+                    owned.extend(entry(&part.service, uid, &lb.id, lb.member_fingerprint(uid)));
+                }
+                if let (Some(service), Some(uid)) =
+                    (lb.tags.get(OWNERSHIP_TAG_SERVICE), lb.tags.get(OWNERSHIP_TAG_SERVICE_UID))
+                {
+                    owned.extend(entry(service, uid, &lb.id, state.fingerprint_of(&lb.id).map(str::to_owned)));
+                }
             }
             Ok(owned)
         })
@@ -629,11 +628,7 @@ impl MockCloud {
                 }
                 let id = current.id.clone();
                 self.call("ModifyLoadBalancer", Some(&id), true, |state| {
-                    let Some(lb) = state.get(&id).cloned() else {
-                        return Err(ProviderError::Transient(format!(
-                            "load balancer {id} disappeared during the update"
-                        )));
-                    };
+                    let Some(lb) = state.get(&id).cloned() else { return Err(vanished(&id)) };
                     let addresses = self.choose_addresses(state, spec, Some(&lb))?;
                     let updated = desired_record(id.clone(), lb.name, addresses, spec, lb.revision + 1);
                     let status = status_of(&updated);
