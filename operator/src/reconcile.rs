@@ -383,6 +383,10 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             }
             let before = previous.as_ref().and_then(|p| p.group.clone());
             announce_group_move(svc, ctx, before.as_deref(), group.as_deref()).await;
+            // Only a change of group or of ports can let a waiting member in; a change of nodes,
+            // which every member sees at once, cannot.
+            let ports = |s: &LoadBalancerStatus| s.ingress.first().map(|i| i.ports.clone()).unwrap_or_default();
+            let moved = previous.as_ref().is_none_or(|p| p.group != group || ports(&p.status) != ports(&status));
             let record = Ensured {
                 namespace: spec.identity.namespace.clone(),
                 name: spec.identity.name.clone(),
@@ -396,8 +400,10 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             ctx.retry.on_success(&key(svc));
             // The other members may have been waiting for a port this one gave up, or for the
             // group this one left.
-            for g in [before, group].into_iter().flatten() {
-                ctx.wake_group(&g, &uid);
+            if moved {
+                for g in [before, group].into_iter().flatten() {
+                    ctx.wake_group(&g, &uid);
+                }
             }
             // Level-based without polling: Service and Node changes arrive as events, and the
             // periodic drift check wakes exactly the Services whose load balancer drifted.
