@@ -12,9 +12,9 @@
 //! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map
 //!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
-//!   is a plain `dnat to`. Ports with ClientIP
-//!   affinity instead pick a per-endpoint chain `ep-…` that records the client in its
-//!   affinity set and DNATs;
+//!   is a plain `dnat to`. Ports with ClientIP affinity instead have two rules per endpoint
+//!   (a client recorded for it goes back to it; otherwise one is picked and recorded), all
+//!   sharing the family's dynamic `affinity` set;
 //! - `nat-postrouting` masquerades (fully-random) what carries our mark bit, and hairpin
 //!   traffic: a DNATed packet whose source is the endpoint it was sent to (`hairpin` set).
 //!
@@ -22,7 +22,9 @@
 //! check per rule that refers to the map, and a named or anonymous set costs a scan of all
 //! sets of the table. Per-endpoint chains and per-port anonymous maps made a 10k-Service
 //! transaction take minutes; one rule per Service port, a few hundred shared maps (each
-//! referenced by about 1/256 of the rules) and plain elements keep it linear.
+//! referenced by about 1/256 of the rules) and plain elements keep it linear. Likewise one
+//! named set per affinity endpoint made an affinity load quadratic (1k Services × 10
+//! endpoints: 13 s, nearly all in the kernel); one shared set keeps it linear.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -151,11 +153,6 @@ fn loopback(family: Family) -> &'static str {
 /// Chain-name part for a Service port: nft identifiers allow `/`, `.`, `-`, `_` but not `:`.
 fn port_id(svc: &ServiceModel, port: &PortModel) -> String {
     format!("{}/{}/{}/{}", svc.key.namespace, svc.key.name, port.protocol.nft_name(), port.port)
-}
-
-fn endpoint_id(svc: &ServiceModel, port: &PortModel, ep: &Endpoint) -> String {
-    let ip = ep.ip.to_string().replace(':', ".");
-    format!("{}__{}/{}", port_id(svc, port), ip, ep.port)
 }
 
 fn dnat_target(ip: IpAddr, port: u16) -> String {
@@ -415,8 +412,8 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
 }
 
 /// Names of the collections of the skeleton that every Service adds elements to.
-pub const SHARED_COLLECTIONS: [&str; 5] =
-    ["filter-addresses", "service-addresses", "filter-nodeports", "service-nodeports", "hairpin"];
+pub const SHARED_COLLECTIONS: [&str; 6] =
+    ["filter-addresses", "service-addresses", "filter-nodeports", "service-nodeports", "hairpin", AFFINITY_SET];
 
 /// The skeleton's dispatch maps and hairpin set, empty.
 fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
@@ -435,6 +432,16 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
     collections.insert(
         "hairpin".into(),
         Collection { decl: format!("type {addr} . {addr};"), is_map: false, elements: BTreeMap::new() },
+    );
+    collections.insert(
+        AFFINITY_SET.into(),
+        Collection {
+            decl: format!(
+                "type {addr} . {addr} . inet_service . mark; flags dynamic,timeout; size {AFFINITY_SET_SIZE};"
+            ),
+            is_map: false,
+            elements: BTreeMap::new(),
+        },
     );
     collections
 }
@@ -505,7 +512,7 @@ fn render_service(
             continue;
         }
 
-        // NAT: one service chain; per-endpoint chains only for ClientIP affinity.
+        // NAT: one service chain.
         let svc_chain = format!("svc-{pid}");
         let mut rules = Vec::new();
         if svc.traffic_policy == TrafficPolicy::Cluster {
@@ -517,7 +524,7 @@ fn render_service(
             }
         }
         match svc.affinity_timeout {
-            Some(timeout) => affinity_rules(table, &mut rules, svc, port, &endpoints, family, timeout),
+            Some(timeout) => affinity_rules(&mut rules, &pid, proto, &endpoints, family, timeout),
             None => dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family),
         }
         table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
@@ -570,46 +577,72 @@ fn dnat_rules(
     ));
 }
 
-/// ClientIP affinity: a client found in an endpoint's set goes back to that endpoint;
-/// otherwise a random endpoint chain records the client and DNATs.
+/// ClientIP affinity through the family's one `affinity` set, whose elements are
+/// `client . endpoint address . endpoint port . port key` with the Service's timeout: a client
+/// with an entry for one of the port's (ready) endpoints goes back to it and refreshes the
+/// entry; otherwise one endpoint is picked uniformly (rule `i` of `N` matches with
+/// probability `1/(N-i)`, as kube-proxy's iptables rules do) and recorded.
+///
+/// nft 1.0.6 refuses constants in a lookup key, so the endpoint and port key are written
+/// `EXPR & 0 | CONSTANT`. An entry for an endpoint that is gone (or no longer ready) matches
+/// no rule and expires. Should the set be full, the last rule DNATs without affinity.
 fn affinity_rules(
-    table: &mut Table,
     rules: &mut Vec<String>,
-    svc: &ServiceModel,
-    port: &PortModel,
+    pid: &str,
+    proto: &str,
     endpoints: &[&Endpoint],
     family: Family,
     timeout: u32,
 ) {
     let fam = addr_kw(family);
-    let proto = port.protocol.nft_name();
-    let mut ep_chains = Vec::new();
-    for ep in endpoints {
-        let eid = endpoint_id(svc, port, ep);
-        let ep_chain = format!("ep-{eid}");
-        let set = format!("aff{timeout}-{eid}");
-        table.collections.insert(
-            set.clone(),
-            Collection {
-                decl: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", addr_type(family)),
-                is_map: false,
-                elements: BTreeMap::new(),
-            },
-        );
-        rules.push(format!("{fam} saddr @{set} goto {ep_chain}"));
-        let ep_rules = vec![
-            format!("update @{set} {{ {fam} saddr }}"),
-            format!("meta l4proto {proto} dnat to {}", dnat_target(ep.ip, ep.port)),
-        ];
-        table.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
-        ep_chains.push(ep_chain);
+    let key = affinity_key(pid);
+    let zero = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    let entry = |ep: &Endpoint| format!("{fam} saddr . {} . {} . {key:#010x}", ep.ip, ep.port);
+    let record = |ep: &Endpoint| {
+        format!(
+            "update @{AFFINITY_SET} {{ {} timeout {timeout}s }} meta l4proto {proto} dnat to {}",
+            entry(ep),
+            dnat_target(ep.ip, ep.port)
+        )
+    };
+    if endpoints.len() > 1 {
+        for ep in endpoints {
+            rules.push(format!(
+                "{fam} saddr . {fam} daddr & {zero} | {} . th dport & 0 | {} . meta mark & 0 | {key:#010x} @{AFFINITY_SET} {}",
+                ep.ip,
+                ep.port,
+                record(ep)
+            ));
+        }
     }
-    if ep_chains.len() == 1 {
-        rules.push(format!("goto {}", ep_chains[0]));
-    } else {
-        let arms: Vec<String> = ep_chains.iter().enumerate().map(|(i, c)| format!("{i} : goto {c}")).collect();
-        rules.push(format!("numgen random mod {} vmap {{ {} }}", ep_chains.len(), arms.join(", ")));
+    let n = endpoints.len();
+    for (i, ep) in endpoints.iter().enumerate() {
+        if i + 1 < n {
+            rules.push(format!("numgen random mod {} == 0 {}", n - i, record(ep)));
+        } else {
+            rules.push(record(ep));
+        }
     }
+    // Reached only when the set is full (the update fails): serve, without affinity.
+    if let Some(last) = endpoints.last() {
+        rules.push(format!("meta l4proto {proto} dnat to {}", dnat_target(last.ip, last.port)));
+    }
+}
+
+/// The shared dynamic set of ClientIP affinity entries (one per family).
+pub const AFFINITY_SET: &str = "affinity";
+/// Most entries the affinity set holds (nft's default for a set filled by rules is 65535, for
+/// all affinity Services together). The kernel allocates entries as they come.
+pub const AFFINITY_SET_SIZE: u32 = 1 << 20;
+
+/// A Service port's part of its affinity entries: the same in every build and sync, so that
+/// entries outlive partial syncs; two ports whose keys collide share only the entries of
+/// endpoints (address and port) they both have.
+fn affinity_key(pid: &str) -> u32 {
+    stable_hash(pid)
 }
 
 fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, chain: &str) {

@@ -1,8 +1,8 @@
 //! Incremental syncs: the programmed state is kept per Service, and a sync renders and diffs
 //! only the Services that changed, against what each of them had programmed.
 //!
-//! A Service owns its `fw-`/`svc-`/`ep-` chains, its affinity sets, and its keys of the shared
-//! endpoint maps (its slot); it shares the dispatch maps and the hairpin set with the others,
+//! A Service owns its `fw-`/`svc-` chains and its keys of the shared endpoint maps (its slot);
+//! it shares the dispatch maps, the hairpin set and the affinity set with the others,
 //! so for those every element remembers which Services want it (several may, e.g. the same
 //! endpoint behind two Services, or two Services claiming one address and port: the greatest
 //! Service key wins, as in a full render). A full resync renders every kept model; it is the
@@ -440,7 +440,7 @@ impl PartialScript {
         }
         for (name, (old, new)) in &d.owned {
             if let (Some(c), None) = (old, new) {
-                // A Service's own collections are affinity sets, whose elements are dynamic.
+                // A Service's own collections (none are rendered now) hold no elements we track.
                 self.stale_after.insert(if c.is_map {
                     Stale::Map(family, name.clone())
                 } else {
@@ -453,8 +453,8 @@ impl PartialScript {
                 self.stale_after.insert(Stale::Map(family, name.clone()));
             }
         }
-        // Delete what the previous sync emptied, unless wanted again; chains first, as an
-        // affinity set is referenced by its endpoint chain's rules until those are gone.
+        // Delete what the previous sync emptied, unless wanted again; chains first, as a set
+        // or map is referenced by a chain's rules until those are gone.
         let wanted_chain = |name: &String| d.chains.get(name).is_some_and(|(_, n)| n.is_some());
         for s in stale {
             if let Stale::Chain(f, name) = s

@@ -141,6 +141,38 @@ fn client_ip_affinity_sticks_to_one_endpoint() {
 }
 
 #[test]
+fn client_ip_affinity_survives_other_endpoints_leaving_and_ends_with_its_own() {
+    let mut lab = lab!(3);
+    let mut svc = web();
+    svc.affinity_timeout = Some(60);
+    let ips = ["10.0.1.2", "10.0.2.2", "10.0.3.2"];
+    let endpoints = |not_ready: &[usize]| {
+        let list: Vec<Ep<'static>> = (0..3)
+            .map(|i| if not_ready.contains(&i) { Ep::terminating(ips[i], NODE) } else { Ep::ready(ips[i], NODE) })
+            .collect();
+        eps(&list)
+    };
+    lab.sync(&[svc.build()], &endpoints(&[])).unwrap();
+    let first = tcp(&lab.client, LB, 80).server();
+    let index = |pod: &str| pod.trim_start_matches("pod").parse::<usize>().unwrap() - 1;
+    // Another endpoint stops being ready (a partial sync): the client keeps its endpoint.
+    let other = (index(&first) + 1) % 3;
+    let report = lab.sync(&[svc.build()], &endpoints(&[other])).unwrap();
+    assert!(!report.full);
+    for _ in 0..8 {
+        assert_eq!(tcp(&lab.client, LB, 80).server(), first);
+    }
+    // Its own endpoint stops being ready: the client moves to one ready endpoint and stays.
+    lab.sync(&[svc.build()], &endpoints(&[index(&first)])).unwrap();
+    let second = tcp(&lab.client, LB, 80).server();
+    assert_ne!(second, first);
+    for _ in 0..8 {
+        assert_eq!(tcp(&lab.client, LB, 80).server(), second);
+    }
+    assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), second);
+}
+
+#[test]
 fn terminating_endpoints_serve_only_when_none_is_ready() {
     let mut lab = lab!(2);
     lab.sync(&[web().build()], &eps(&[Ep::terminating("10.0.1.2", NODE)])).unwrap();

@@ -227,7 +227,7 @@ fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
 }
 
 #[test]
-fn client_ip_affinity_uses_per_endpoint_timeout_sets() {
+fn client_ip_affinity_uses_one_shared_set_with_the_services_timeout() {
     let mut s = Svc::new("ns", "web");
     s.affinity_timeout = Some(30);
     let r = rules(&model(
@@ -235,14 +235,27 @@ fn client_ip_affinity_uses_per_endpoint_timeout_sets() {
         &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")])],
     ));
     let t = v4(&r);
-    let set = "aff30-ns/web/tcp/80__10.0.0.1/8080";
-    assert!(t.collections[set].decl.contains("flags dynamic,timeout; timeout 30s;"));
+    let sets: Vec<&String> = t.collections.keys().filter(|k| k.starts_with("aff")).collect();
+    assert_eq!(sets, ["affinity"], "one shared affinity set, no per-endpoint sets");
+    assert_eq!(
+        t.collections["affinity"].decl,
+        "type ipv4_addr . ipv4_addr . inet_service . mark; flags dynamic,timeout; size 1048576;"
+    );
+    assert!(!t.chains.keys().any(|c| c.starts_with("ep-")), "no per-endpoint chains");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
-    assert!(svc.contains(&format!("ip saddr @{set} goto ep-ns/web/tcp/80__10.0.0.1/8080")));
-    let ep = &t.chains["ep-ns/web/tcp/80__10.0.0.1/8080"].rules;
-    assert!(ep.contains(&format!("update @{set} {{ ip saddr }}")));
-    assert!(ep.contains(&"meta l4proto tcp dnat to 10.0.0.1:8080".to_string()));
-    assert!(svc.last().unwrap().starts_with("numgen random mod 2 vmap"), "{svc:?}");
+    // Mark, then a lookup per endpoint, a pick per endpoint, and a DNAT for a full set.
+    assert_eq!(svc.len(), 6, "{svc:?}");
+    assert_eq!(svc[5], "meta l4proto tcp dnat to 10.0.0.2:8080");
+    let (lookup, pick) = (&svc[1], &svc[3]);
+    assert!(
+        lookup.starts_with("ip saddr . ip daddr & 0.0.0.0 | 10.0.0.1 . th dport & 0 | 8080 . meta mark & 0 | 0x"),
+        "{lookup}"
+    );
+    assert!(lookup.contains(" @affinity update @affinity { ip saddr . 10.0.0.1 . 8080 . 0x"), "{lookup}");
+    assert!(lookup.ends_with(" timeout 30s } meta l4proto tcp dnat to 10.0.0.1:8080"), "{lookup}");
+    assert!(pick.starts_with("numgen random mod 2 == 0 update @affinity { ip saddr . 10.0.0.1 . 8080 . 0x"), "{pick}");
+    assert!(svc[4].starts_with("update @affinity { ip saddr . 10.0.0.2 . 8080 . 0x"), "{svc:?}");
+    assert!(svc[4].ends_with(" timeout 30s } meta l4proto tcp dnat to 10.0.0.2:8080"), "{svc:?}");
     assert!(t.collections["hairpin"].elements.contains_key("10.0.0.2 . 10.0.0.2"));
 }
 
