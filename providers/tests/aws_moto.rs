@@ -159,6 +159,13 @@ async fn rules(p: &AwsProvider, group: &str) -> BTreeSet<(String, i32, String)> 
     rules
 }
 
+/// A plan made right after an ensure is empty: plan and ensure agree on what "done" is, in
+/// every configuration the tests build.
+async fn assert_settled(p: &AwsProvider, s: &LoadBalancerSpec) {
+    let plan = p.plan(s).await.unwrap();
+    assert!(plan.is_empty(), "a just-ensured spec plans changes:\n{plan}");
+}
+
 fn assert_known_and_count_mutating(p: &AwsProvider) -> Vec<String> {
     let calls = p.calls();
     assert!(!calls.is_empty(), "the provider made calls");
@@ -309,6 +316,7 @@ async fn create_steady_update_tls_delete() {
     p.clear_calls();
     p.ensure(&s).await.unwrap();
     assert!(assert_known_and_count_mutating(&p).is_empty(), "steady after the update");
+    assert_settled(&p, &s).await;
 
     // TLS with an ACM certificate on a new port 8443: created in place, nothing else rebuilt.
     // (Switching an existing TCP listener to TLS is a ModifyListener, which moto rejects with
@@ -335,6 +343,7 @@ async fn create_steady_update_tls_delete() {
     p.ensure(&s).await.unwrap();
     let mutating = assert_known_and_count_mutating(&p);
     assert!(mutating.is_empty(), "steady with TLS: {mutating:?}");
+    assert_settled(&p, &s).await;
 
     // Delete: nothing owned is left, the node group keeps only what it had.
     p.clear_calls();
@@ -573,4 +582,45 @@ async fn plan_foretells_ensure_and_delete_and_writes_nothing() {
         ("load balancer", foreign_name.as_str())
     );
     assert!(!plan_lines(&plan).iter().any(|l| l.contains("load balancer")), "no change planned to it: {plan}");
+}
+
+#[tokio::test]
+async fn plans_settle_with_own_security_groups_internal_subnets_and_attributes() {
+    let Some(moto) = moto() else { return };
+    let p = provider(&moto).await;
+    let w = seed(&p).await;
+    let mine = p
+        .clients()
+        .ec2
+        .create_security_group()
+        .group_name("mine")
+        .description("the user's own")
+        .vpc_id(&w.vpc)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_owned();
+    let mut s = spec("uid-own", &[&w.instances[0]]);
+    s.scheme = Scheme::Internal;
+    s.provider_annotations.insert("hawser.dev/aws-security-groups".into(), mine.clone());
+    s.provider_annotations.insert("hawser.dev/aws-subnets".into(), format!("{},{}", w.subnets[0], w.subnets[1]));
+    let plan = p.plan(&s).await.unwrap();
+    assert!(!plan.to_string().contains("security group hawser"), "no managed group with the user's own: {plan}");
+    p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
+
+    // Attributes change in place, and the plan names them.
+    s.provider_annotations.insert("hawser.dev/aws-cross-zone".into(), "true".into());
+    s.provider_annotations.insert("hawser.dev/aws-proxy-protocol".into(), "*".into());
+    p.clear_calls();
+    let plan = p.plan(&s).await.unwrap();
+    assert!(assert_known_and_count_mutating(&p).is_empty(), "planning wrote");
+    let text = plan.to_string();
+    assert!(text.contains("attributes.load_balancing.cross_zone.enabled: false → true"), "{text}");
+    assert!(text.contains("attributes.proxy_protocol_v2.enabled: false → true"), "{text}");
+    assert!(!plan.replaces(), "{text}");
+    p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
 }

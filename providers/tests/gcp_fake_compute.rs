@@ -59,6 +59,13 @@ async fn setup() -> (FakeCompute, GcpProvider, GcpConfig) {
     (fake, provider, config)
 }
 
+/// A plan made right after an ensure is empty: plan and ensure agree on what "done" is, in
+/// every configuration the tests build.
+async fn assert_settled(p: &GcpProvider, s: &LoadBalancerSpec) {
+    let plan = p.plan(s).await.unwrap();
+    assert!(plan.is_empty(), "a just-ensured spec plans changes:\n{plan}");
+}
+
 fn dual_stack(mut s: LoadBalancerSpec) -> LoadBalancerSpec {
     s.ip_families = vec![IpFamily::IPv4, IpFamily::IPv6];
     s
@@ -285,6 +292,7 @@ async fn requested_address_must_be_a_static_address_and_is_never_released() {
         json!({"address": "203.0.113.200", "addressType": "EXTERNAL", "status": "RESERVED"}),
     );
     let status = p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
     assert_eq!(status.ingress[0].ip.unwrap().to_string(), "203.0.113.200");
     assert_eq!(fake.list(&format!("{REGION}/addresses")).len(), 1, "no address reserved by hawser");
     p.delete(&s.identity).await.unwrap();
@@ -299,6 +307,7 @@ async fn internal_load_balancer_in_the_subnetwork_with_global_access() {
     s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "lb".into());
     s.provider_annotations.insert("hawser.dev/gcp-global-access".into(), "true".into());
     let ip = p.ensure(&s).await.unwrap().ingress[0].ip.unwrap().to_string();
+    assert_settled(&p, &s).await;
     assert!(ip.starts_with("10."), "{ip}");
     let address = one(&fake, &format!("{REGION}/addresses"), "");
     assert_eq!(address["purpose"], "SHARED_LOADBALANCER_VIP");
@@ -312,6 +321,7 @@ async fn internal_load_balancer_in_the_subnetwork_with_global_access() {
     p.ensure(&s).await.unwrap();
     let m = fake.mutations();
     assert!(m.iter().all(|x| x.starts_with("PATCH")), "{m:?}");
+    assert_settled(&p, &s).await;
     assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp")["allowGlobalAccess"], false);
 }
 
@@ -320,6 +330,7 @@ async fn dual_stack_builds_an_ipv6_frontend_and_removes_it_going_back_to_ipv4() 
     let (fake, p, _) = setup().await;
     let s = dual_stack(spec("web", "uid-1"));
     let status = p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
     let ips: Vec<_> = status.ingress.iter().map(|i| i.ip.unwrap()).collect();
     assert_eq!(ips.len(), 2, "{status:?}");
     assert!(ips[0].is_ipv4() && ips[1].is_ipv6(), "IPv4 first: {ips:?}");
@@ -367,6 +378,7 @@ async fn dual_stack_builds_an_ipv6_frontend_and_removes_it_going_back_to_ipv4() 
     // Back to IPv4 only: the IPv6 frontend goes, the IPv4 one stays as it was.
     let single = spec("web", "uid-1");
     let after = p.ensure(&single).await.unwrap();
+    assert_settled(&p, &single).await;
     assert_eq!(after.ingress.len(), 1);
     assert_eq!(after.ingress[0].ip, Some(ips[0]));
     let left = fake.names_with_prefix("hawser-");
@@ -407,6 +419,7 @@ async fn internal_dual_stack_and_a_requested_ipv6_address() {
     s.scheme = Scheme::Internal;
     s.provider_annotations.insert("hawser.dev/gcp-subnet".into(), "ilb".into());
     let status = p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
     let v6 = status.ingress[1].ip.unwrap();
     assert!(v6.to_string().starts_with("fd20:"), "{v6}");
     let address = one(&fake, &format!("{REGION}/addresses"), "-ipv6");
@@ -435,6 +448,7 @@ async fn internal_dual_stack_and_a_requested_ipv6_address() {
     seeded["ipv6EndpointType"] = json!("NETLB");
     fake.seed(&format!("{REGION}/addresses"), "mine", seeded);
     let status = p.ensure(&s).await.unwrap();
+    assert_settled(&p, &s).await;
     assert_eq!(status.ingress[1].ip, Some("2600:1900:4000:1:99::".parse().unwrap()));
     assert_eq!(one(&fake, &format!("{REGION}/forwardingRules"), "-tcp-ipv6")["IPAddress"], "2600:1900:4000:1:99::/96");
     p.delete(&s.identity).await.unwrap();
