@@ -76,6 +76,19 @@ fn argv(command: &str) -> Vec<String> {
     command.split_whitespace().map(str::to_owned).collect()
 }
 
+/// The Kubernetes client of KUBECONFIG or the in-cluster service account, naming itself
+/// `hawser-dataplane/VERSION` in every request's User-Agent.
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer().await.context("building Kubernetes client (KUBECONFIG or in-cluster)")?;
+    let agent = axum::http::HeaderValue::from_static(concat!("hawser-dataplane/", env!("CARGO_PKG_VERSION")));
+    let layer = tower::util::MapRequestLayer::new(move |mut request: axum::http::Request<kube::client::Body>| {
+        request.headers_mut().insert(axum::http::header::USER_AGENT, agent.clone());
+        request
+    });
+    let builder = kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    Ok(builder.with_layer(&layer).build())
+}
+
 async fn serve(addr: SocketAddr, router: axum::Router, what: &'static str) -> anyhow::Result<()> {
     let listener = health::listen(addr).with_context(|| format!("binding {what} server on {addr}"))?;
     let addr = listener.local_addr().unwrap_or(addr);
@@ -128,7 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let resync_period = Duration::from_secs(args.resync_period_seconds.max(1));
     let health = HealthState::new(&node_name, resync_period);
     let metrics = Arc::new(Metrics::new());
-    let client = kube::Client::try_default().await.context("building Kubernetes client (KUBECONFIG or in-cluster)")?;
+    let client = kube_client().await?;
 
     let config = AgentConfig {
         model: ModelConfig { load_balancer_class: args.load_balancer_class.clone(), node_name },

@@ -363,6 +363,14 @@ async fn rendered_rbac_is_exactly_what_the_binaries_use() {
         let rules = rules_for(&docs, sa);
         let requests: Vec<&Entry> = entries.iter().filter(|e| e.user.as_deref() == Some(user)).collect();
         assert!(requests.len() > 5, "{user} made only {} requests", requests.len());
+        // Each binary names itself, so an API server's audit log tells its requests apart.
+        let agent = format!("hawser-{user}/");
+        let anonymous: Vec<&Option<String>> = requests
+            .iter()
+            .map(|e| &e.user_agent)
+            .filter(|a| !a.as_deref().is_some_and(|a| a.starts_with(&agent)))
+            .collect();
+        assert!(anonymous.is_empty(), "{user} requests without the User-Agent {agent}…: {anonymous:?}");
         for e in &requests {
             if let Some(path) = &e.request.path {
                 if !public_path(path) {

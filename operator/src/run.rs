@@ -33,6 +33,20 @@ use crate::plan::{PlanBook, ServicePlan};
 use crate::reconcile::{self, Context, Settings};
 use crate::retry::RetryPolicy;
 
+/// The Kubernetes client of KUBECONFIG or the in-cluster service account, naming itself
+/// `hawser-operator/VERSION` in every request's User-Agent, as kubectl and controllers do, so an
+/// API server's audit log tells its requests apart.
+pub async fn kube_client() -> anyhow::Result<Client> {
+    let config = kube::Config::infer().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let agent = axum::http::HeaderValue::from_static(concat!("hawser-operator/", env!("CARGO_PKG_VERSION")));
+    let layer = tower::util::MapRequestLayer::new(move |mut request: axum::http::Request<kube::client::Body>| {
+        request.headers_mut().insert(axum::http::header::USER_AGENT, agent.clone());
+        request
+    });
+    let builder = kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    Ok(builder.with_layer(&layer).build())
+}
+
 async fn build_provider(cli: &Cli) -> anyhow::Result<(Arc<dyn Provider>, Option<MockViews>)> {
     match cli.provider {
         #[cfg(feature = "mock")]
@@ -99,7 +113,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (inner, mock) = build_provider(&cli).await?;
     let provider: Arc<dyn Provider> =
         Arc::new(MeteredProvider::new(inner, metrics.clone(), Arc::new(ThrottleGate::default())));
-    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = kube_client().await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = {
@@ -322,7 +336,7 @@ fn desired_config(cli: &Cli, provider: &dyn Provider) -> DesiredConfig {
 /// `hawser-operator audit`: prints the rows; true when one needs attention.
 pub async fn audit(cli: Cli, output: OutputFormat) -> anyhow::Result<bool> {
     let (provider, _) = build_provider(&cli).await?;
-    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = kube_client().await?;
     let policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
     let services = Api::<Service>::all(client.clone()).list(&Default::default()).await.context("listing Services")?;
     let nodes = Api::<Node>::all(client).list(&Default::default()).await.context("listing Nodes")?;
@@ -386,7 +400,7 @@ pub async fn plan(cli: Cli, request: PlanRequest) -> anyhow::Result<bool> {
         None => None,
     };
     let (provider, _) = build_provider(&cli).await?;
-    let client = Client::try_default().await.context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = kube_client().await?;
     let policy = NodePolicy { include_control_plane: cli.include_control_plane_nodes };
     let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await.context("listing Nodes")?;
     let mut targets = TargetSet::new(policy);
