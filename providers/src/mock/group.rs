@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::state::{CloudState, MemberPart, MockLoadBalancer, member_fingerprint};
-use super::{MockCloud, next_id, ports_of, vanished};
+use super::{MockCloud, next_id, ports_of, status_with, vanished};
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_GROUP, OWNERSHIP_TAG_RESOURCE};
-use crate::{IngressPoint, IpMode, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity, stable_hash};
+use crate::{LoadBalancerSpec, LoadBalancerStatus, ProviderError, ServiceIdentity, stable_hash};
 
 /// The group of a spec as `namespace/name`, the key the cloud knows it by.
 pub(super) fn group_key(spec: &LoadBalancerSpec) -> Option<String> {
@@ -72,15 +72,7 @@ fn group_record(
 
 /// What one member sees: the group's addresses, and only its own ports.
 pub(super) fn member_status(lb: &MockLoadBalancer, uid: &str) -> LoadBalancerStatus {
-    let ports = lb.members.get(uid).map(|m| ports_of(&m.listeners)).unwrap_or_default();
-    LoadBalancerStatus {
-        id: lb.id.clone(),
-        ingress: lb
-            .addresses
-            .iter()
-            .map(|a| IngressPoint { ip: Some(*a), hostname: None, ip_mode: Some(IpMode::Vip), ports: ports.clone() })
-            .collect(),
-    }
+    status_with(lb, lb.members.get(uid).map(|m| ports_of(&m.listeners)).unwrap_or_default())
 }
 
 /// Whether the group's load balancer already holds `spec`'s part as ensure would leave it.

@@ -472,7 +472,11 @@ fn ports_of(listeners: &[crate::Listener]) -> Vec<PortStatus> {
 }
 
 fn status_of(lb: &MockLoadBalancer) -> LoadBalancerStatus {
-    let ports = ports_of(&lb.listeners);
+    status_with(lb, ports_of(&lb.listeners))
+}
+
+/// The status of `lb`'s addresses, each reporting `ports`.
+fn status_with(lb: &MockLoadBalancer, ports: Vec<PortStatus>) -> LoadBalancerStatus {
     LoadBalancerStatus {
         id: lb.id.clone(),
         ingress: lb
