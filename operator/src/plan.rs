@@ -404,11 +404,11 @@ pub async fn reconcile_dry(svc: Arc<Service>, ctx: Arc<Context>, book: &PlanBook
         return Ok(Action::await_change());
     }
     let targets = ctx.targets.borrow().clone();
-    let others: Vec<Service> = ctx
-        .services
-        .as_ref()
-        .map(|store| store.state().iter().map(|s| s.as_ref().clone()).collect())
-        .unwrap_or_default();
+    // Only a member of a load-balancer group is planned against the other Services.
+    let others: Vec<Service> = match (&ctx.services, group_of(&svc)) {
+        (Some(store), Some(_)) => store.state().iter().map(|s| s.as_ref().clone()).collect(),
+        _ => Vec::new(),
+    };
     let planner = Planner {
         targets: &targets,
         provider: ctx.provider.as_ref(),
