@@ -55,13 +55,7 @@ async fn a_force_deleted_services_nlb_is_collected() {
     );
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    }))
-    .unwrap();
-    services.create(&PostParams::default(), &svc).await.unwrap();
+    services.create(&PostParams::default(), &common::lb_service("web")).await.unwrap();
     let hostname = |s: &Service| s.status.as_ref()?.load_balancer.as_ref()?.ingress.as_ref()?.first()?.hostname.clone();
     wait_for("web's NLB hostname", || async { services.get("web").await.ok().as_ref().and_then(hostname) }).await;
     assert_eq!(aws.list_owned().await.unwrap().len(), 1);

@@ -127,13 +127,7 @@ async fn a_force_deleted_services_load_balancer_is_collected() {
     let _op = start_operator(&server, &url, &["--gc-interval", "500ms", "--gc-grace-period", "1s"]);
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    }))
-    .unwrap();
-    services.create(&PostParams::default(), &svc).await.unwrap();
+    services.create(&PostParams::default(), &common::lb_service("web")).await.unwrap();
     wait_for("web's address", || async { services.get("web").await.ok().filter(|s| ingress_ips(s).len() == 1) }).await;
     assert!(!compute.names_with_prefix("hawser-").is_empty());
 

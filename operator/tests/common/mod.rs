@@ -44,3 +44,13 @@ impl Drop for Operator {
         let _ = self.0.wait();
     }
 }
+
+/// A LoadBalancer Service `name` of class `hawser.dev/lb` with one port, 80 → 8080.
+pub fn lb_service(name: &str) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap()
+}
