@@ -59,6 +59,15 @@ pub fn is_serving_in(svc: &Service, group: &str) -> bool {
     })
 }
 
+/// The group `svc` serves in now, by its Ready condition.
+pub fn serving_group(svc: &Service) -> Option<String> {
+    let conditions = svc.status.as_ref()?.conditions.as_ref()?;
+    let ready = conditions.iter().find(|c| c.type_ == CONDITION_TYPE && c.status == "True")?;
+    let (_, rest) = ready.message.split_once(" of group ")?;
+    let (group, _) = rest.split_once(' ')?;
+    Some(group.to_owned())
+}
+
 /// The settings of the whole load balancer that `spec` asks for, as `(setting, value)`.
 fn whole_lb_settings(spec: &LoadBalancerSpec, group_annotations: &[&str]) -> Vec<(String, String)> {
     let families: Vec<String> = spec.ip_families.iter().map(|f| format!("{f:?}")).collect();

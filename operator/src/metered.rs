@@ -147,6 +147,10 @@ impl Provider for MeteredProvider {
         self.measured("delete", self.inner.delete(identity)).await
     }
 
+    async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        self.measured("leave_group", self.inner.leave_group(identity, group)).await
+    }
+
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
         self.measured("list_owned", self.inner.list_owned()).await
     }

@@ -374,6 +374,13 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     }
     match ctx.provider.ensure(&spec).await {
         Ok(status) => {
+            // A Service that left its group (or moved to another) is served by its new load
+            // balancer now: its part of the old group's goes. Until that succeeds, its Ready
+            // condition keeps naming the old group, so a restarted operator still knows.
+            let before = previous.as_ref().and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
+            if let Some(left) = before.as_deref().filter(|b| group.as_deref() != Some(*b)) {
+                ctx.provider.leave_group(&spec.identity, left).await?;
+            }
             let change = ready_change(&status, group.as_deref());
             write_status(svc, ctx, api, change).await?;
             if changed {
@@ -381,7 +388,6 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 publish(ctx, svc, EventType::Normal, "EnsuredLoadBalancer", "Ensure", message).await;
                 info!(load_balancer = %status.id, "load balancer ensured");
             }
-            let before = previous.as_ref().and_then(|p| p.group.clone());
             announce_group_move(svc, ctx, before.as_deref(), group.as_deref()).await;
             // Only a change of group or of ports can let a waiting member in; a change of nodes,
             // which every member sees at once, cannot.
@@ -416,6 +422,12 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 ErrorClass::Conflict => "Conflict",
                 _ => "SyncFailed",
             };
+            // A member blocked by the others' parts (the group's load balancer must be replaced
+            // for a setting the others no longer share): they are admitted again, and the ones
+            // that now clash are refused and withdrawn, which unblocks it.
+            if let (Some(group), ErrorClass::Conflict) = (&group, e.class()) {
+                ctx.wake_group(group, &uid);
+            }
             publish(ctx, svc, EventType::Warning, "SyncFailed", "Ensure", format!("Error ensuring load balancer: {e}"))
                 .await;
             write_status(

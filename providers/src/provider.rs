@@ -90,6 +90,15 @@ pub trait Provider: Send + Sync + 'static {
     /// Deletes every cloud resource owned by `identity`; absent is success.
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError>;
 
+    /// Takes `identity`'s part out of load-balancer group `group`'s (`namespace/name`) load
+    /// balancer, deleting the load balancer with its last member; absent is success. The
+    /// operator calls it once the Service left the group and its own load balancer serves it.
+    /// Providers whose [`Provider::ensure`] already finds a part left behind need not.
+    async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        let _ = (identity, group);
+        Ok(())
+    }
+
     /// Every load balancer this cluster owns: complete (every page) and batched, so that it costs
     /// a handful of calls however many Services there are. The periodic drift check runs on it.
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError>;

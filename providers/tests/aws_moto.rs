@@ -14,6 +14,9 @@
 #[path = "aws/moto.rs"]
 mod moto;
 
+#[path = "aws/groups.rs"]
+mod groups;
+
 use moto::{Moto, moto, provider, seed};
 
 use std::collections::{BTreeMap, BTreeSet};

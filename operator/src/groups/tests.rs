@@ -79,6 +79,8 @@ fn a_member_serving_in_the_group_keeps_its_place_against_an_older_newcomer() {
     let young = svc("young", "2026-01-05T00:00:00Z", serving);
     let old =
         svc("old", "2026-01-01T00:00:00Z", json!({"metadata": {"annotations": {"hawser.dev/scheme": "internal"}}}));
+    assert_eq!(serving_group(&young).as_deref(), Some("shop/edge"), "the condition names the group it serves in");
+    assert_eq!(serving_group(&old), None);
     let v = verdicts(&[young, old]);
     assert_eq!(v[0].1, Ok(()), "the serving member is not pushed out");
     assert!(v[1].1.clone().unwrap_err().starts_with("shop/young |"), "{:?}", v[1]);

@@ -45,6 +45,11 @@ pub const ALL: &[&str] = &[
     PRIVATE_IPV4_ADDRESSES,
 ];
 
+/// The annotations that configure the whole load balancer rather than one Service's listeners
+/// and target groups: the members of a load-balancer group must agree on them.
+pub const WHOLE_LOAD_BALANCER: &[&str] =
+    &[SUBNETS, SECURITY_GROUPS, CROSS_ZONE, DELETION_PROTECTION, EIP_ALLOCATIONS, PRIVATE_IPV4_ADDRESSES];
+
 /// The TLS policy used when none is given: TLS 1.2 and 1.3 only.
 pub const DEFAULT_SSL_POLICY: &str = "ELBSecurityPolicy-TLS13-1-2-2021-06";
 

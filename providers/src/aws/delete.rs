@@ -1,16 +1,38 @@
 //! `delete` and `list_owned`: the reverse order of `ensure`, retrying while AWS still holds a
 //! dependency, and never touching anything without this Service's ownership tags.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum;
 use tokio::time::Instant;
 
 use super::errors::{ApiError, backoff_delay};
+use super::plan::{ObservedLoadBalancer, Rule, Source};
+use super::scope::{Scope, shared_by};
 use super::{AwsProvider, naming};
-use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID};
+use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_GROUP, OWNERSHIP_TAG_SERVICE, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{OwnedLoadBalancer, ProviderError, ServiceIdentity};
+
+/// A target group found by name and confirmed as the Service's by its tags.
+#[derive(Debug, Clone)]
+pub(super) struct FoundTargetGroup {
+    pub arn: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Deletion protection blocks deleting a load balancer until the user turns it off.
+fn refuse_protected(lb: &ObservedLoadBalancer) -> Result<(), ProviderError> {
+    if lb.attributes.get("deletion_protection.enabled").is_some_and(|v| v == "true") {
+        return Err(ProviderError::Conflict(format!(
+            "load balancer {} has deletion protection; set {} to \"false\" before deleting the Service",
+            lb.arn,
+            super::annotations::DELETION_PROTECTION
+        )));
+    }
+    Ok(())
+}
 
 impl AwsProvider {
     /// Retries `op` while AWS answers one of `busy` (a dependency not yet released), within the
@@ -59,27 +81,60 @@ impl AwsProvider {
         Ok(())
     }
 
+    /// Deletes every resource of `id`: its own load balancer, and its part of a group's.
     pub(super) async fn delete_inner(&self, id: &ServiceIdentity) -> Result<(), ProviderError> {
+        // One read of the target groups finds both what a crash left detached from the own load
+        // balancer and the parts of a group's, which name the group.
+        let found = self.detached_target_groups(id).await?;
+        let member_prefix = naming::member_target_group_prefix(id);
+        let (parts, own): (Vec<_>, Vec<_>) = found.into_iter().partition(|t| t.name.starts_with(&member_prefix));
+        self.delete_own_with(id, own.into_iter().map(|t| t.arn).collect()).await?;
+        let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for part in parts {
+            if let Some(group) = part.tags.get(OWNERSHIP_TAG_GROUP) {
+                groups.entry(group.clone()).or_default().push(part.arn);
+            }
+        }
+        for (group, arns) in groups {
+            self.leave_group_inner(id, &group, &arns).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the Service's own load balancer and what belongs to it. `cheap`: when neither the
+    /// load balancer nor its frontend group exists, there is nothing to do (a group member's
+    /// ensure asks this; it skips the search for detached target groups).
+    pub(super) async fn delete_own(&self, id: &ServiceIdentity, cheap: bool) -> Result<(), ProviderError> {
+        if cheap {
+            let lb = match self.observe_load_balancer(Scope::Own(id)).await {
+                Ok(lb) => lb,
+                Err(ProviderError::Conflict(_)) => None,
+                Err(e) => return Err(e),
+            };
+            if lb.is_none() && self.find_frontend(Scope::Own(id), None).await?.is_none() {
+                return Ok(());
+            }
+        }
+        let detached = self.detached_target_groups(id).await?;
+        let own_prefix = naming::target_group_prefix(id);
+        let own = detached.into_iter().filter(|t| t.name.starts_with(&own_prefix)).map(|t| t.arn).collect();
+        self.delete_own_with(id, own).await
+    }
+
+    /// [`Self::delete_own`] with the detached target groups already found.
+    async fn delete_own_with(&self, id: &ServiceIdentity, detached: Vec<String>) -> Result<(), ProviderError> {
         // 1. The load balancer (its listeners go with it).
-        let mut target_groups = BTreeSet::new();
-        match self.observe_load_balancer(id).await {
+        let mut target_groups: BTreeSet<String> = detached.into_iter().collect();
+        match self.observe_load_balancer(Scope::Own(id)).await {
             Ok(Some(lb)) => {
-                if lb.attributes.get("deletion_protection.enabled").is_some_and(|v| v == "true") {
-                    return Err(ProviderError::Conflict(format!(
-                        "load balancer {} has deletion protection; set {} to \"false\" before deleting the Service",
-                        lb.arn,
-                        super::annotations::DELETION_PROTECTION
-                    )));
-                }
-                let out = self
-                    .clients
-                    .call(
-                        "DescribeTargetGroups",
-                        self.clients.elb.describe_target_groups().load_balancer_arn(&lb.arn).send(),
-                    )
-                    .await?;
-                target_groups
-                    .extend(out.target_groups().iter().filter_map(|t| t.target_group_arn().map(str::to_owned)));
+                refuse_protected(&lb)?;
+                let attached = self.attached_target_groups(&lb.arn).await?;
+                target_groups.extend(
+                    attached
+                        .iter()
+                        .filter(|(_, tags)| Self::owned_by(tags, id))
+                        .filter_map(|(t, _)| t.target_group_arn().map(str::to_owned)),
+                );
                 self.delete_load_balancer(&lb.arn).await?;
             }
             Ok(None) => {}
@@ -89,77 +144,160 @@ impl AwsProvider {
             Err(e) => return Err(e),
         }
 
-        // 2. Target groups: the attached ones plus any a crash left detached.
-        target_groups.extend(self.detached_target_groups(id).await?.into_iter().map(|(arn, _)| arn));
-        let owned_attached: Vec<String> = target_groups.into_iter().collect();
-        let attached_tags = self.elb_tags(&owned_attached).await?;
-        for arn in &owned_attached {
-            if attached_tags.get(arn).is_some_and(|t| Self::owned_by(t, id)) {
-                self.delete_target_group(arn).await?;
-            }
+        // 2. Target groups.
+        for arn in &target_groups {
+            self.delete_target_group(arn).await?;
         }
 
         // 3. The frontend security group, after the node rules that refer to it.
-        if let Some((group, _, _)) = self.find_frontend(id, None).await? {
-            let out = self
-                .clients
-                .call(
-                    "DescribeSecurityGroups",
-                    self.clients
-                        .ec2
-                        .describe_security_groups()
-                        .filters(Filter::builder().name("ip-permission.group-id").values(&group).build())
-                        .send(),
-                )
-                .await?;
-            for g in out.security_groups() {
-                let Some(node_group) = g.group_id() else { continue };
-                let ours: Vec<super::plan::Rule> = super::ensure::rules_of(g.ip_permissions())
-                    .into_iter()
-                    .filter(|r| r.source == super::plan::Source::Group(group.clone()))
-                    .collect();
-                // The same description as when authorized: AWS ignores it on revoke, moto does not.
-                let perms = super::ensure::permissions(&ours, &super::ensure::node_rule_description(id));
-                if perms.is_empty() || node_group == group {
-                    continue;
-                }
-                match self
-                    .clients
-                    .call(
-                        "RevokeSecurityGroupIngress",
-                        self.clients
-                            .ec2
-                            .revoke_security_group_ingress()
-                            .group_id(node_group)
-                            .set_ip_permissions(Some(perms))
-                            .send(),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() || e.is("InvalidPermission.NotFound") => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            // The NLB's network interfaces hold the group for a while after it is deleted.
-            self.retry_busy(&["DependencyViolation", "InvalidGroup.InUse"], || async {
-                self.clients
-                    .call("DeleteSecurityGroup", self.clients.ec2.delete_security_group().group_id(&group).send())
-                    .await
-                    .map(|_| ())
-            })
-            .await?;
+        if let Some((group, _, _)) = self.find_frontend(Scope::Own(id), None).await? {
+            self.delete_frontend(&group, &Scope::Own(id).node_rule_description()).await?;
         }
         Ok(())
     }
 
-    /// The target groups of `id` found by name prefix and confirmed by tags, as `(arn, name)`:
-    /// how the ones a crash left detached from any load balancer are found.
+    /// Takes `id`'s part out of `group`'s load balancer: its rules, listeners and target groups
+    /// (`detached`: those a crash left unattached). With the last member, the load balancer and
+    /// the frontend group go first. The Service's target groups go last in every case: as long
+    /// as one is left, a retried deletion finds the group from it.
+    pub(super) async fn leave_group_inner(
+        &self,
+        id: &ServiceIdentity,
+        group: &str,
+        detached: &[String],
+    ) -> Result<(), ProviderError> {
+        let scope = Scope::Member { id, group };
+        let lb = match self.observe_load_balancer(scope).await {
+            Ok(lb) => lb,
+            Err(ProviderError::Conflict(msg)) => {
+                tracing::warn!(service = %id.service_key(), %msg);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let attached = match &lb {
+            Some(l) => self.attached_target_groups(&l.arn).await?,
+            None => Vec::new(),
+        };
+        let others = super::ensure::other_members(scope, &attached);
+        let mut mine: BTreeSet<String> = detached.iter().cloned().collect();
+        mine.extend(
+            attached
+                .iter()
+                .filter(|(_, tags)| Self::owned_by(tags, id))
+                .filter_map(|(t, _)| t.target_group_arn().map(str::to_owned)),
+        );
+        let frontend = self.find_frontend(scope, None).await?;
+        if others.is_empty() {
+            if let Some(lb) = &lb {
+                refuse_protected(lb)?;
+                self.delete_load_balancer(&lb.arn).await?;
+            }
+            if let Some((sg, _, _)) = &frontend {
+                self.delete_frontend(sg, &scope.node_rule_description()).await?;
+            }
+        } else {
+            if let Some((sg, rules, _)) = &frontend {
+                let rules: Vec<_> = rules.iter().cloned().collect();
+                self.change_rules(sg, &[], &rules, &scope.frontend_rule_description()).await?;
+                let wanted = super::plan::node_rules_of_target_groups(others.iter().map(|(tg, _)| tg), sg);
+                for (node_group, ours) in self.rules_from_frontend(sg).await? {
+                    let revoke: Vec<_> = ours.difference(&wanted).cloned().collect();
+                    self.change_rules(&node_group, &[], &revoke, &scope.node_rule_description()).await?;
+                }
+            }
+            if let Some(lb) = &lb {
+                let prefix = scope.target_group_prefix();
+                for l in self.observe_listeners(&lb.arn).await? {
+                    if l.target_group_arn.as_deref().is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix)) {
+                        self.delete_listener(&l.arn).await?;
+                    }
+                }
+            }
+        }
+        for arn in &mine {
+            self.delete_target_group(arn).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a frontend security group, after revoking the node groups' rules that refer to it.
+    async fn delete_frontend(&self, group: &str, description: &str) -> Result<(), ProviderError> {
+        for (node_group, ours) in self.rules_from_frontend(group).await? {
+            let ours: Vec<_> = ours.into_iter().collect();
+            // The same description as when authorized: AWS ignores it on revoke, moto does not.
+            let perms = super::ensure::permissions(&ours, description);
+            match self
+                .clients
+                .call(
+                    "RevokeSecurityGroupIngress",
+                    self.clients
+                        .ec2
+                        .revoke_security_group_ingress()
+                        .group_id(&node_group)
+                        .set_ip_permissions(Some(perms))
+                        .send(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() || e.is("InvalidPermission.NotFound") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The NLB's network interfaces hold the group for a while after it is deleted.
+        self.retry_busy(&["DependencyViolation", "InvalidGroup.InUse"], || async {
+            self.clients
+                .call("DeleteSecurityGroup", self.clients.ec2.delete_security_group().group_id(group).send())
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Each other security group with rules whose source is `frontend`, with those rules.
+    async fn rules_from_frontend(&self, frontend: &str) -> Result<Vec<(String, BTreeSet<Rule>)>, ProviderError> {
+        let out = self
+            .clients
+            .call(
+                "DescribeSecurityGroups",
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .filters(Filter::builder().name("ip-permission.group-id").values(frontend).build())
+                    .send(),
+            )
+            .await?;
+        Ok(out
+            .security_groups()
+            .iter()
+            .filter_map(|g| {
+                let node_group = g.group_id()?;
+                let ours: BTreeSet<Rule> = super::ensure::rules_of(g.ip_permissions())
+                    .into_iter()
+                    .filter(|r| r.source == Source::Group(frontend.to_owned()))
+                    .collect();
+                (node_group != frontend && !ours.is_empty()).then(|| (node_group.to_owned(), ours))
+            })
+            .collect())
+    }
+
+    async fn delete_listener(&self, arn: &str) -> Result<(), ProviderError> {
+        match self.clients.call("DeleteListener", self.clients.elb.delete_listener().listener_arn(arn).send()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The target groups of `id` found by name prefix (its own load balancer's and its parts of
+    /// a group's) and confirmed by tags: how the ones a crash left detached from any load
+    /// balancer are found.
     pub(super) async fn detached_target_groups(
         &self,
         id: &ServiceIdentity,
-    ) -> Result<Vec<(String, String)>, ProviderError> {
-        let prefix = naming::target_group_prefix(id);
+    ) -> Result<Vec<FoundTargetGroup>, ProviderError> {
+        let prefixes = [naming::target_group_prefix(id), naming::member_target_group_prefix(id)];
         let mut pages = self.clients.elb.describe_target_groups().page_size(400).into_paginator().send();
         let mut candidates = Vec::new();
         loop {
@@ -168,13 +306,19 @@ impl AwsProvider {
             candidates.extend(
                 page.target_groups()
                     .iter()
-                    .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(&prefix)))
+                    .filter(|t| t.target_group_name().is_some_and(|n| prefixes.iter().any(|p| n.starts_with(p))))
                     .filter_map(|t| Some((t.target_group_arn()?.to_owned(), t.target_group_name()?.to_owned()))),
             );
         }
         let arns: Vec<String> = candidates.iter().map(|(arn, _)| arn.clone()).collect();
-        let tags = self.elb_tags(&arns).await?;
-        Ok(candidates.into_iter().filter(|(arn, _)| tags.get(arn).is_some_and(|t| Self::owned_by(t, id))).collect())
+        let mut tags = self.elb_tags(&arns).await?;
+        Ok(candidates
+            .into_iter()
+            .filter_map(|(arn, name)| {
+                let tags = tags.remove(&arn).filter(|t| Self::owned_by(t, id))?;
+                Some(FoundTargetGroup { arn, name, tags })
+            })
+            .collect())
     }
 
     /// Every NLB of this cluster: one paginated read, and tags read (and cached) only for
@@ -194,27 +338,41 @@ impl AwsProvider {
             );
         }
         let tags = self.elb_tags(&candidates).await?;
+        let cluster = &self.config.cluster;
+        let entry = |t: &BTreeMap<String, String>, arn: &str| {
+            let (namespace, name) = t.get(OWNERSHIP_TAG_SERVICE)?.split_once('/')?;
+            Some(OwnedLoadBalancer {
+                identity: ServiceIdentity {
+                    cluster: cluster.clone(),
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    uid: t.get(OWNERSHIP_TAG_SERVICE_UID)?.clone(),
+                },
+                id: arn.to_owned(),
+                fingerprint: None,
+            })
+        };
         let mut owned = Vec::new();
         for arn in candidates {
             let Some(t) = tags.get(&arn) else { continue };
-            if t.get(OWNERSHIP_TAG_CLUSTER) != Some(&self.config.cluster) {
+            if t.get(OWNERSHIP_TAG_CLUSTER) != Some(cluster) {
                 continue;
             }
-            let (Some((namespace, name)), Some(uid)) =
-                (t.get(OWNERSHIP_TAG_SERVICE).and_then(|s| s.split_once('/')), t.get(OWNERSHIP_TAG_SERVICE_UID))
-            else {
+            // A group's load balancer: one entry per member, each owning its part (its target
+            // groups say whose they are).
+            if let Some(group) = t.get(OWNERSHIP_TAG_GROUP).filter(|g| shared_by(t, cluster, g)) {
+                let mut members = BTreeMap::new();
+                for (_, tg_tags) in self.attached_target_groups(&arn).await? {
+                    if tg_tags.get(OWNERSHIP_TAG_GROUP) == Some(group)
+                        && let Some(member) = entry(&tg_tags, &arn)
+                    {
+                        members.insert(member.identity.uid.clone(), member);
+                    }
+                }
+                owned.extend(members.into_values());
                 continue;
-            };
-            owned.push(OwnedLoadBalancer {
-                identity: ServiceIdentity {
-                    cluster: self.config.cluster.clone(),
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    uid: uid.clone(),
-                },
-                id: arn,
-                fingerprint: None,
-            });
+            }
+            owned.extend(entry(t, &arn));
         }
         Ok(owned)
     }

@@ -1,14 +1,15 @@
 //! `ensure`: read what exists (batched, cached), plan, and apply only the difference, in the
-//! order that never leaves traffic pointing at something missing: security groups → target
-//! groups → load balancer → listeners → targets.
+//! order that never leaves traffic pointing at something missing: target groups → security
+//! groups → load balancer → listeners → targets. A load-balancer group member's part is
+//! ensured the same way on the group's load balancer (see `scope.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, Ipv6Range, ResourceType, TagSpecification, UserIdGroupPair};
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, Certificate, IpAddressType, LoadBalancerAttribute, LoadBalancerSchemeEnum,
-    LoadBalancerTypeEnum, Matcher, ProtocolEnum, Tag, TargetDescription, TargetGroupAttribute, TargetHealthStateEnum,
-    TargetTypeEnum,
+    LoadBalancerTypeEnum, Matcher, ProtocolEnum, Tag, TargetDescription, TargetGroup, TargetGroupAttribute,
+    TargetHealthStateEnum, TargetTypeEnum,
 };
 
 use super::annotations::{self as ann, AwsOptions};
@@ -17,7 +18,9 @@ use super::plan::{
     ListenerAction, LoadBalancerAction, LoadBalancerUpdate, ObservedListener, ObservedLoadBalancer,
     ObservedTargetGroup, Rule, Source, TagDiff,
 };
+use super::scope::Scope;
 use super::{AwsProvider, discovery, naming, set};
+use crate::naming::OWNERSHIP_TAG_GROUP;
 use crate::{
     IngressPoint, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError, Scheme, ServiceIdentity,
 };
@@ -71,18 +74,82 @@ pub(super) fn node_rule_description(id: &ServiceIdentity) -> String {
 
 /// Flattens EC2's permissions into rules, one per source.
 pub(super) fn rules_of(perms: &[IpPermission]) -> BTreeSet<Rule> {
-    let mut rules = BTreeSet::new();
+    described_rules(perms).into_iter().map(|(rule, _)| rule).collect()
+}
+
+/// The rules among `perms` that carry `description`: one Service's in a group's frontend group.
+pub(super) fn rules_described(perms: &[IpPermission], description: &str) -> BTreeSet<Rule> {
+    described_rules(perms).into_iter().filter(|(_, d)| d.as_deref() == Some(description)).map(|(r, _)| r).collect()
+}
+
+/// Each rule with its description.
+fn described_rules(perms: &[IpPermission]) -> Vec<(Rule, Option<String>)> {
+    let mut rules = Vec::new();
     for p in perms {
         let protocol = p.ip_protocol().unwrap_or_default().to_owned();
         let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
-        let mut add = |source| {
-            rules.insert(Rule { protocol: protocol.clone(), from, to, source });
+        let mut add = |source, description: Option<&str>| {
+            rules.push((Rule { protocol: protocol.clone(), from, to, source }, description.map(str::to_owned)));
         };
-        p.ip_ranges().iter().filter_map(|r| r.cidr_ip()).for_each(|c| add(Source::Cidr(c.to_owned())));
-        p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6()).for_each(|c| add(Source::Cidr(c.to_owned())));
-        p.user_id_group_pairs().iter().filter_map(|g| g.group_id()).for_each(|g| add(Source::Group(g.to_owned())));
+        for r in p.ip_ranges() {
+            if let Some(c) = r.cidr_ip() {
+                add(Source::Cidr(c.to_owned()), r.description());
+            }
+        }
+        for r in p.ipv6_ranges() {
+            if let Some(c) = r.cidr_ipv6() {
+                add(Source::Cidr(c.to_owned()), r.description());
+            }
+        }
+        for g in p.user_id_group_pairs() {
+            if let Some(id) = g.group_id() {
+                add(Source::Group(id.to_owned()), g.description());
+            }
+        }
     }
     rules
+}
+
+/// Listeners one NLB takes (the default quota; hawser keeps to it, as the operator does when it
+/// admits members).
+pub(super) const MAX_LISTENERS: usize = 50;
+
+/// Refuses, before any write, a member whose listeners would take its group's NLB past its
+/// quota: `others` is how many listeners the other members hold (one per target group).
+pub(super) fn check_listener_quota(others: usize, desired: &Desired) -> Result<(), ProviderError> {
+    let (Some(group), mine) = (&desired.group, desired.listeners.len()) else { return Ok(()) };
+    if others + mine > MAX_LISTENERS {
+        return Err(ProviderError::invalid(
+            "spec.ports",
+            format!(
+                "the load balancer of group {group} carries {others} listeners of other members and an NLB takes at \
+                 most {MAX_LISTENERS}; this Service's {mine} would exceed it: use another group"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// EC2 tags as a map.
+pub(super) fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter().filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned()))).collect()
+}
+
+/// The target groups of the other members of a group, among those attached to its load
+/// balancer (none for a Service's own).
+pub(super) fn other_members<'t>(
+    scope: Scope<'_>,
+    attached: &'t [(TargetGroup, BTreeMap<String, String>)],
+) -> Vec<&'t (TargetGroup, BTreeMap<String, String>)> {
+    let Some(group) = scope.group() else { return Vec::new() };
+    let id = scope.id();
+    attached
+        .iter()
+        .filter(|(_, tags)| {
+            tags.get(OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
+                && tags.get(crate::OWNERSHIP_TAG_SERVICE_UID) != Some(&id.uid)
+        })
+        .collect()
 }
 
 fn status(lb: &ObservedLoadBalancer, desired: &Desired) -> LoadBalancerStatus {
@@ -109,23 +176,21 @@ impl AwsProvider {
     pub(super) async fn ensure_inner(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         let opts = ann::parse(spec).map_err(ProviderError::InvalidInput)?;
         let id = &spec.identity;
-        let mut lb = self.observe_load_balancer(id).await?;
+        let group = plan::group_key(spec);
+        let scope = Scope::of(spec, group.as_deref());
+        let mut lb = self.observe_load_balancer(scope).await?;
         let env = self.environment(spec, &opts, lb.as_ref()).await?;
         let desired = plan::desired(spec, &opts, &env)?;
-
-        // 1. Security groups: the frontend group first (the load balancer is created with it),
-        //    then the node groups' rules that let it reach the node ports.
-        let security_groups: BTreeSet<String> = match &desired.frontend {
-            Some(front) => {
-                let group = self.ensure_frontend(id, &env, front).await?;
-                self.ensure_node_rules(&env, &desired, &group, id).await?;
-                BTreeSet::from([group])
-            }
-            None => desired.own_security_groups.iter().flatten().cloned().collect(),
+        let attached = match &lb {
+            Some(l) => self.attached_target_groups(&l.arn).await?,
+            None => Vec::new(),
         };
+        let others = other_members(scope, &attached);
+        check_listener_quota(others.len(), &desired)?;
 
-        // 2. Target groups.
-        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, lb.as_ref(), &desired).await?;
+        // 1. Target groups: a member's come first, so that a group's shared resources never
+        //    exist without a part that names the group (what deletion finds it by).
+        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, &attached, &desired).await?;
         let mut registered: BTreeMap<String, BTreeSet<String>> =
             observed_tgs.iter().map(|t| (t.arn.clone(), t.targets.clone())).collect();
         for name in &tg_plan.create {
@@ -138,6 +203,19 @@ impl AwsProvider {
             self.update_target_group(u).await?;
         }
 
+        // 2. Security groups: the frontend group (the load balancer is created with it), then
+        //    the node groups' rules that let it reach the node ports (a group's: every member's).
+        let security_groups: BTreeSet<String> = match &desired.frontend {
+            Some(front) => {
+                let frontend = self.ensure_frontend(scope, &env, front).await?;
+                let mut wanted = plan::node_rules(&desired, &frontend);
+                wanted.extend(plan::node_rules_of_target_groups(others.iter().map(|(tg, _)| tg), &frontend));
+                self.ensure_node_rules(&env, &wanted, &frontend, &scope.node_rule_description()).await?;
+                BTreeSet::from([frontend])
+            }
+            None => desired.own_security_groups.iter().flatten().cloned().collect(),
+        };
+
         // 3. The load balancer.
         let mut listeners_observed = Vec::new();
         match plan::diff_load_balancer(&desired, &security_groups, lb.as_ref()) {
@@ -145,6 +223,12 @@ impl AwsProvider {
                 lb = Some(self.create_load_balancer(&desired, &security_groups).await?);
             }
             LoadBalancerAction::Replace(reason) => {
+                if let (Some(group), false) = (scope.group(), others.is_empty()) {
+                    return Err(ProviderError::Conflict(format!(
+                        "the load balancer of group {group} must be replaced ({reason}) but carries other members' \
+                         listeners; change every member, or move this Service to another group"
+                    )));
+                }
                 if let Some(old) = &lb {
                     tracing::info!(service = %id.service_key(), %reason, "replacing the load balancer");
                     if old.attributes.get("deletion_protection.enabled").is_some_and(|v| v == "true") {
@@ -161,6 +245,24 @@ impl AwsProvider {
                 if let Some(current) = &mut lb {
                     self.update_load_balancer(current, &u).await?;
                     listeners_observed = self.observe_listeners(&current.arn).await?;
+                    // A member changes only the listeners of its own target groups; a port another
+                    // member still holds is theirs until that member lets it go.
+                    if scope.group().is_some() {
+                        let prefix = scope.target_group_prefix();
+                        let (mine, theirs): (Vec<_>, Vec<_>) = listeners_observed.into_iter().partition(|l| {
+                            l.target_group_arn
+                                .as_deref()
+                                .is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix))
+                        });
+                        if let Some(held) = theirs.iter().find(|l| desired.listeners.iter().any(|d| d.port == l.port)) {
+                            return Err(ProviderError::Transient(format!(
+                                "port {} of the group's load balancer is still held by another member's listener; \
+                                 retrying once that member lets it go",
+                                held.port
+                            )));
+                        }
+                        listeners_observed = mine;
+                    }
                 }
             }
         }
@@ -206,15 +308,20 @@ impl AwsProvider {
                     .await?;
             }
         }
+        // 6. A Service that moved into a group: its own load balancer goes once the group's
+        //    serves it, never before.
+        if scope.group().is_some() {
+            self.delete_own(id, true).await?;
+        }
         Ok(status(&lb, &desired))
     }
 
-    /// The load balancer of `id`, by its deterministic name, confirmed by its tags.
+    /// The load balancer of `scope`, by its deterministic name, confirmed by its tags.
     pub(super) async fn observe_load_balancer(
         &self,
-        id: &ServiceIdentity,
+        scope: Scope<'_>,
     ) -> Result<Option<ObservedLoadBalancer>, ProviderError> {
-        let name = naming::load_balancer_name(id);
+        let name = scope.load_balancer_name();
         let out = match self
             .clients
             .call("DescribeLoadBalancers", self.clients.elb.describe_load_balancers().names(&name).send())
@@ -227,11 +334,10 @@ impl AwsProvider {
         let Some(found) = out.load_balancers().first() else { return Ok(None) };
         let arn = found.load_balancer_arn().unwrap_or_default().to_owned();
         let tags = self.elb_tags(std::slice::from_ref(&arn)).await?.remove(&arn).unwrap_or_default();
-        if !Self::owned_by(&tags, id) {
+        if !scope.owns(&tags) {
             return Err(ProviderError::Conflict(format!(
-                "a load balancer named {name} ({arn}) exists and is not owned by Service {} of cluster {}; it is left untouched",
-                id.service_key(),
-                id.cluster
+                "a load balancer named {name} ({arn}) exists and is not the one of {}; it is left untouched",
+                scope.owner()
             )));
         }
         let attrs = self
@@ -321,14 +427,15 @@ impl AwsProvider {
         Ok(env)
     }
 
-    /// Finds (by tags) or creates the frontend security group and syncs its rules; returns its ID.
+    /// Finds (by tags) or creates the frontend security group and syncs the Service's rules in
+    /// it; returns its ID.
     async fn ensure_frontend(
         &self,
-        id: &ServiceIdentity,
+        scope: Scope<'_>,
         env: &Environment,
         desired: &DesiredSecurityGroup,
     ) -> Result<String, ProviderError> {
-        let found = self.find_frontend(id, Some(&env.vpc_id)).await?;
+        let found = self.find_frontend(scope, Some(&env.vpc_id)).await?;
         let (group, observed, tags) = match found {
             Some(g) => g,
             None => {
@@ -354,10 +461,10 @@ impl AwsProvider {
                     .map_err(|e| {
                         if e.is("InvalidGroup.Duplicate") {
                             ProviderError::Conflict(format!(
-                                "a security group named {} exists in {} without hawser's ownership tags for Service {}; it is left untouched",
+                                "a security group named {} exists in {} without hawser's ownership tags for {}; it is left untouched",
                                 desired.name,
                                 env.vpc_id,
-                                id.service_key()
+                                scope.owner()
                             ))
                         } else {
                             e.into()
@@ -368,33 +475,7 @@ impl AwsProvider {
             }
         };
         let (authorize, revoke) = plan::diff_rules(&desired.ingress, &observed);
-        let description = format!("hawser {}", id.service_key());
-        if !revoke.is_empty() {
-            self.clients
-                .call(
-                    "RevokeSecurityGroupIngress",
-                    self.clients
-                        .ec2
-                        .revoke_security_group_ingress()
-                        .group_id(&group)
-                        .set_ip_permissions(Some(permissions(&revoke, &description)))
-                        .send(),
-                )
-                .await?;
-        }
-        if !authorize.is_empty() {
-            self.clients
-                .call(
-                    "AuthorizeSecurityGroupIngress",
-                    self.clients
-                        .ec2
-                        .authorize_security_group_ingress()
-                        .group_id(&group)
-                        .set_ip_permissions(Some(permissions(&authorize, &description)))
-                        .send(),
-                )
-                .await?;
-        }
+        self.change_rules(&group, &authorize, &revoke, &scope.frontend_rule_description()).await?;
         let diff = plan::diff_tags(&desired.tags, &tags);
         if !diff.add.is_empty() {
             self.clients
@@ -407,71 +488,80 @@ impl AwsProvider {
         Ok(group)
     }
 
-    /// The frontend group of `id`, found by its ownership tags, with its ingress rules and tags.
+    /// The frontend group of `scope`, found by its ownership tags, with the Service's ingress
+    /// rules in it (a group's frontend holds every member's; each member's carry its name) and
+    /// its tags.
     pub(super) async fn find_frontend(
         &self,
-        id: &ServiceIdentity,
+        scope: Scope<'_>,
         vpc: Option<&str>,
     ) -> Result<Option<(String, BTreeSet<Rule>, BTreeMap<String, String>)>, ProviderError> {
-        let tag_filter = |k: &str, v: &str| Filter::builder().name(format!("tag:{k}")).values(v).build();
-        let mut req = self
-            .clients
-            .ec2
-            .describe_security_groups()
-            .filters(tag_filter(crate::OWNERSHIP_TAG_CLUSTER, &id.cluster))
-            .filters(tag_filter(crate::OWNERSHIP_TAG_SERVICE_UID, &id.uid));
+        let mut req = self.clients.ec2.describe_security_groups();
+        for (key, value) in scope.frontend_filters() {
+            req = req.filters(Filter::builder().name(format!("tag:{key}")).values(value).build());
+        }
         if let Some(vpc) = vpc {
             req = req.filters(Filter::builder().name("vpc-id").values(vpc).build());
         }
         let out = self.clients.call("DescribeSecurityGroups", req.send()).await?;
-        Ok(out.security_groups().first().map(|g| {
-            let tags = g
-                .tags()
-                .iter()
-                .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned())))
-                .collect();
-            (g.group_id().unwrap_or_default().to_owned(), rules_of(g.ip_permissions()), tags)
+        let description = scope.frontend_rule_description();
+        Ok(out.security_groups().iter().find(|g| scope.owns(&tag_map(g.tags()))).map(|g| {
+            let rules = match scope.group() {
+                None => rules_of(g.ip_permissions()),
+                Some(_) => rules_described(g.ip_permissions(), &description),
+            };
+            (g.group_id().unwrap_or_default().to_owned(), rules, tag_map(g.tags()))
         }))
     }
 
-    /// Rules on the node groups from the frontend group: node ports and the health port.
+    /// Rules on the node groups from the frontend group: node ports and health ports.
     async fn ensure_node_rules(
         &self,
         env: &Environment,
-        desired: &Desired,
+        wanted: &BTreeSet<Rule>,
         frontend: &str,
-        id: &ServiceIdentity,
+        description: &str,
     ) -> Result<(), ProviderError> {
-        let wanted = plan::node_rules(desired, frontend);
-        let description = node_rule_description(id);
         for (group, ours) in self.node_rules_from(&env.node_security_groups, frontend).await? {
-            let (authorize, revoke) = plan::diff_rules(&wanted, &ours);
-            if !revoke.is_empty() {
-                self.clients
-                    .call(
-                        "RevokeSecurityGroupIngress",
-                        self.clients
-                            .ec2
-                            .revoke_security_group_ingress()
-                            .group_id(&group)
-                            .set_ip_permissions(Some(permissions(&revoke, &description)))
-                            .send(),
-                    )
-                    .await?;
-            }
-            if !authorize.is_empty() {
-                self.clients
-                    .call(
-                        "AuthorizeSecurityGroupIngress",
-                        self.clients
-                            .ec2
-                            .authorize_security_group_ingress()
-                            .group_id(&group)
-                            .set_ip_permissions(Some(permissions(&authorize, &description)))
-                            .send(),
-                    )
-                    .await?;
-            }
+            let (authorize, revoke) = plan::diff_rules(wanted, &ours);
+            self.change_rules(&group, &authorize, &revoke, description).await?;
+        }
+        Ok(())
+    }
+
+    /// Authorizes and revokes ingress rules of security group `group`.
+    pub(super) async fn change_rules(
+        &self,
+        group: &str,
+        authorize: &[Rule],
+        revoke: &[Rule],
+        description: &str,
+    ) -> Result<(), ProviderError> {
+        if !revoke.is_empty() {
+            self.clients
+                .call(
+                    "RevokeSecurityGroupIngress",
+                    self.clients
+                        .ec2
+                        .revoke_security_group_ingress()
+                        .group_id(group)
+                        .set_ip_permissions(Some(permissions(revoke, description)))
+                        .send(),
+                )
+                .await?;
+        }
+        if !authorize.is_empty() {
+            self.clients
+                .call(
+                    "AuthorizeSecurityGroupIngress",
+                    self.clients
+                        .ec2
+                        .authorize_security_group_ingress()
+                        .group_id(group)
+                        .set_ip_permissions(Some(permissions(authorize, description)))
+                        .send(),
+                )
+                .await?;
         }
         Ok(())
     }
@@ -510,29 +600,25 @@ impl AwsProvider {
             .collect())
     }
 
-    /// The owned target groups of the load balancer (none without one) and what to change in
-    /// them; with each group's ARN by name.
+    /// The Service's target groups among those attached to the load balancer, and what to
+    /// change in them; with each group's ARN by name.
     pub(super) async fn target_group_plan(
         &self,
         id: &ServiceIdentity,
-        lb: Option<&ObservedLoadBalancer>,
+        attached: &[(TargetGroup, BTreeMap<String, String>)],
         desired: &Desired,
     ) -> Result<(Vec<ObservedTargetGroup>, plan::TargetGroupPlan, BTreeMap<String, String>), ProviderError> {
-        let observed = match lb {
-            Some(l) => self.observe_target_groups(id, &l.arn).await?,
-            None => Vec::new(),
-        };
+        let observed = self.observe_target_groups(id, desired.group.as_deref(), attached).await?;
         let tg_plan = plan::diff_target_groups(&desired.target_groups, &observed);
         let arns = observed.iter().map(|t| (t.name.clone(), t.arn.clone())).collect();
         Ok((observed, tg_plan, arns))
     }
 
-    /// The owned target groups attached to the load balancer, with attributes and targets.
-    pub(super) async fn observe_target_groups(
+    /// The target groups attached to load balancer `lb_arn`, with their tags.
+    pub(super) async fn attached_target_groups(
         &self,
-        id: &ServiceIdentity,
         lb_arn: &str,
-    ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
+    ) -> Result<Vec<(TargetGroup, BTreeMap<String, String>)>, ProviderError> {
         let out = self
             .clients
             .call("DescribeTargetGroups", self.clients.elb.describe_target_groups().load_balancer_arn(lb_arn).send())
@@ -540,53 +626,37 @@ impl AwsProvider {
         let arns: Vec<String> =
             out.target_groups().iter().filter_map(|t| t.target_group_arn().map(str::to_owned)).collect();
         let mut tags = self.elb_tags(&arns).await?;
+        Ok(out
+            .target_groups()
+            .iter()
+            .map(|tg| (tg.clone(), tg.target_group_arn().and_then(|a| tags.remove(a)).unwrap_or_default()))
+            .collect())
+    }
+
+    /// The Service's target groups among `attached`, with attributes and targets. In a group,
+    /// the other members' are theirs; anything else attached is not hawser's and is left alone.
+    pub(super) async fn observe_target_groups(
+        &self,
+        id: &ServiceIdentity,
+        group: Option<&str>,
+        attached: &[(TargetGroup, BTreeMap<String, String>)],
+    ) -> Result<Vec<ObservedTargetGroup>, ProviderError> {
         let mut result = Vec::new();
-        for tg in out.target_groups() {
+        for (tg, tags) in attached {
             let Some(arn) = tg.target_group_arn() else { continue };
-            let tags = tags.remove(arn).unwrap_or_default();
-            if !Self::owned_by(&tags, id) {
-                tracing::warn!(target_group = arn, "a target group hawser does not own is attached; left untouched");
+            if !Self::owned_by(tags, id) {
+                if group.is_none() || tags.get(OWNERSHIP_TAG_GROUP).map(String::as_str) != group {
+                    tracing::warn!(
+                        target_group = arn,
+                        "a target group hawser does not own is attached; left untouched"
+                    );
+                }
                 continue;
             }
-            let attrs = self
-                .clients
-                .call(
-                    "DescribeTargetGroupAttributes",
-                    self.clients.elb.describe_target_group_attributes().target_group_arn(arn).send(),
-                )
-                .await?;
-            let health = self
-                .clients
-                .call("DescribeTargetHealth", self.clients.elb.describe_target_health().target_group_arn(arn).send())
-                .await?;
-            let protocol = tg.health_check_protocol().map(|p| p.as_str().to_owned()).unwrap_or_default();
-            result.push(ObservedTargetGroup {
-                arn: arn.to_owned(),
-                name: tg.target_group_name().unwrap_or_default().to_owned(),
-                health: HealthSettings {
-                    path: if protocol == "TCP" { None } else { tg.health_check_path().map(str::to_owned) },
-                    protocol,
-                    port: tg.health_check_port().unwrap_or_default().to_owned(),
-                    interval: tg.health_check_interval_seconds().unwrap_or_default(),
-                    timeout: tg.health_check_timeout_seconds().unwrap_or_default(),
-                    healthy: tg.healthy_threshold_count().unwrap_or_default(),
-                    unhealthy: tg.unhealthy_threshold_count().unwrap_or_default(),
-                },
-                attributes: attrs
-                    .attributes()
-                    .iter()
-                    .filter_map(|a| Some((a.key()?.to_owned(), a.value().unwrap_or_default().to_owned())))
-                    .collect(),
-                tags,
-                // A draining target is on its way out: if it is wanted again it must be
-                // registered again.
-                targets: health
-                    .target_health_descriptions()
-                    .iter()
-                    .filter(|d| d.target_health().and_then(|h| h.state()) != Some(&TargetHealthStateEnum::Draining))
-                    .filter_map(|d| d.target().and_then(|t| t.id()).map(str::to_owned))
-                    .collect(),
-            });
+            result.push(
+                self.describe_target_group(arn, tg.target_group_name().unwrap_or_default(), tags.clone(), Some(tg))
+                    .await?,
+            );
         }
         Ok(result)
     }
@@ -637,7 +707,7 @@ impl AwsProvider {
                     )));
                 }
                 // Ours, left behind by an interrupted reconcile: bring it to the desired state.
-                let observed = self.describe_target_group(&arn, &d.name, tags).await?;
+                let observed = self.describe_target_group(&arn, &d.name, tags, None).await?;
                 let targets = observed.targets.clone();
                 let plan = plan::diff_target_groups(std::slice::from_ref(d), std::slice::from_ref(&observed));
                 for u in &plan.update {
@@ -674,14 +744,24 @@ impl AwsProvider {
         arn: &str,
         name: &str,
         tags: BTreeMap<String, String>,
+        read: Option<&TargetGroup>,
     ) -> Result<ObservedTargetGroup, ProviderError> {
-        let out = self
-            .clients
-            .call("DescribeTargetGroups", self.clients.elb.describe_target_groups().target_group_arns(arn).send())
-            .await?;
-        let tg = out.target_groups().first().cloned().unwrap_or_else(|| {
-            aws_sdk_elasticloadbalancingv2::types::TargetGroup::builder().target_group_arn(arn).build()
-        });
+        let tg = match read {
+            Some(tg) => tg.clone(),
+            None => {
+                let out = self
+                    .clients
+                    .call(
+                        "DescribeTargetGroups",
+                        self.clients.elb.describe_target_groups().target_group_arns(arn).send(),
+                    )
+                    .await?;
+                out.target_groups()
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| TargetGroup::builder().target_group_arn(arn).build())
+            }
+        };
         let attrs = self
             .clients
             .call(

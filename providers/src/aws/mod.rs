@@ -14,6 +14,7 @@ pub mod errors;
 pub mod naming;
 pub mod plan;
 mod preview;
+mod scope;
 #[cfg(test)]
 mod testutil;
 
@@ -29,8 +30,8 @@ use plan::Environment;
 
 use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_SERVICE_UID};
 use crate::{
-    Capabilities, ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider,
-    ProviderError, ServiceIdentity,
+    Capabilities, ChangePlan, GroupLimits, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
+    Provider, ProviderError, ServiceIdentity,
 };
 
 /// The SDK crates the provider is built on, for code that talks to AWS directly (tests, tools).
@@ -145,11 +146,19 @@ impl Provider for AwsProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { needs_node_ports: true, supports_udp: true, groups: None }
+        Capabilities {
+            needs_node_ports: true,
+            supports_udp: true,
+            groups: Some(GroupLimits { max_listeners: ensure::MAX_LISTENERS }),
+        }
     }
 
     fn annotations(&self) -> &'static [&'static str] {
         annotations::ALL
+    }
+
+    fn group_annotations(&self) -> &'static [&'static str] {
+        annotations::WHOLE_LOAD_BALANCER
     }
 
     fn validate(&self, spec: &LoadBalancerSpec) -> Result<(), Vec<InvalidField>> {
@@ -170,6 +179,19 @@ impl Provider for AwsProvider {
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
         self.delete_inner(identity).await
+    }
+
+    async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        let found = self.detached_target_groups(identity).await?;
+        let prefix = naming::member_target_group_prefix(identity);
+        let parts: Vec<String> = found
+            .into_iter()
+            .filter(|t| {
+                t.name.starts_with(&prefix) && t.tags.get(crate::OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
+            })
+            .map(|t| t.arn)
+            .collect();
+        self.leave_group_inner(identity, group, &parts).await
     }
 
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::annotations::{self as ann, AwsOptions};
 use super::naming;
+use crate::naming::{OWNERSHIP_TAG_CLUSTER, OWNERSHIP_TAG_GROUP, OWNERSHIP_TAG_RESOURCE};
 use crate::{IpFamily, LoadBalancerSpec, Protocol, ProviderError, Scheme, SessionAffinity, ownership_tags};
 
 /// What discovery found in the account for one Service.
@@ -122,6 +123,9 @@ pub struct DesiredSecurityGroup {
 /// Everything one Service needs in AWS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
+    /// The load-balancer group (`namespace/name`) whose load balancer the Service shares; then
+    /// the load balancer and its frontend group are the group's, the rest the Service's part.
+    pub group: Option<String>,
     /// The load balancer's name.
     pub name: String,
     /// Internet-facing or internal.
@@ -161,10 +165,29 @@ fn secs(d: std::time::Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
+/// The load-balancer group of `spec` as `namespace/name`.
+pub fn group_key(spec: &LoadBalancerSpec) -> Option<String> {
+    spec.group.as_ref().map(|g| format!("{}/{g}", spec.identity.namespace))
+}
+
+/// Tags of a resource of the Service's own (a group member's part carries its group too).
 fn tags(spec: &LoadBalancerSpec, resource: &str) -> BTreeMap<String, String> {
     let mut t = spec.tags.clone();
     t.extend(ownership_tags(&spec.identity, resource));
+    if let Some(group) = group_key(spec) {
+        t.insert(OWNERSHIP_TAG_GROUP.to_owned(), group);
+    }
     t
+}
+
+/// Tags of a resource the group's members share: hawser's only. A member's own tags
+/// (`hawser.dev/tags`) go on its part, as members need not agree on them.
+pub fn group_tags(cluster: &str, group: &str, resource: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (OWNERSHIP_TAG_CLUSTER.to_owned(), cluster.to_owned()),
+        (OWNERSHIP_TAG_GROUP.to_owned(), group.to_owned()),
+        (OWNERSHIP_TAG_RESOURCE.to_owned(), resource.to_owned()),
+    ])
 }
 
 /// The instance IDs of the spec's targets; nodes without an AWS provider ID are skipped
@@ -263,7 +286,11 @@ pub fn desired(spec: &LoadBalancerSpec, opts: &AwsOptions, env: &Environment) ->
                 format!("port {} has no node port; AWS NLB instance targets need one", l.port),
             ));
         };
-        let name = naming::target_group_name(id, l.port, l.protocol, node_port);
+        let name = if spec.group.is_some() {
+            naming::member_target_group_name(id, l.port, l.protocol, node_port)
+        } else {
+            naming::target_group_name(id, l.port, l.protocol, node_port)
+        };
         let tls = opts.tls_ports.contains(&l.port);
         target_groups.push(DesiredTargetGroup {
             name: name.clone(),
@@ -295,25 +322,39 @@ pub fn desired(spec: &LoadBalancerSpec, opts: &AwsOptions, env: &Environment) ->
         }
     }
     let own = (!opts.security_groups.is_empty()).then(|| opts.security_groups.clone());
-    let frontend = own.is_none().then(|| DesiredSecurityGroup {
-        name: naming::security_group_name(id),
-        description: format!("hawser load balancer of {} in cluster {}", id.service_key(), id.cluster),
-        ingress: frontend_rules,
-        tags: tags(spec, "security-group"),
+    let group = group_key(spec);
+    let frontend = own.is_none().then(|| match &group {
+        Some(g) => DesiredSecurityGroup {
+            name: naming::group_security_group_name(&id.cluster, g),
+            description: format!("hawser load balancer of group {g} in cluster {}", id.cluster),
+            ingress: frontend_rules,
+            tags: group_tags(&id.cluster, g, "security-group"),
+        },
+        None => DesiredSecurityGroup {
+            name: naming::security_group_name(id),
+            description: format!("hawser load balancer of {} in cluster {}", id.service_key(), id.cluster),
+            ingress: frontend_rules,
+            tags: tags(spec, "security-group"),
+        },
     });
     let attributes = BTreeMap::from([
         ("load_balancing.cross_zone.enabled".to_owned(), opts.cross_zone.to_string()),
         ("deletion_protection.enabled".to_owned(), opts.deletion_protection.to_string()),
     ]);
     let (targets, _) = instance_ids(spec);
+    let (name, lb_tags) = match &group {
+        Some(g) => (naming::group_load_balancer_name(&id.cluster, g), group_tags(&id.cluster, g, "load-balancer")),
+        None => (naming::load_balancer_name(id), tags(spec, "load-balancer")),
+    };
     Ok(Desired {
-        name: naming::load_balancer_name(id),
+        group,
+        name,
         scheme: spec.scheme,
         ip_address_type: if dualstack { "dualstack" } else { "ipv4" }.to_owned(),
         subnets,
         own_security_groups: own,
         attributes,
-        tags: tags(spec, "load-balancer"),
+        tags: lb_tags,
         target_groups,
         listeners,
         targets,
@@ -594,6 +635,36 @@ pub fn diff_targets(desired: &BTreeSet<String>, observed: &BTreeSet<String>) -> 
 /// Rules to authorize and to revoke.
 pub fn diff_rules(desired: &BTreeSet<Rule>, observed: &BTreeSet<Rule>) -> (Vec<Rule>, Vec<Rule>) {
     (desired.difference(observed).cloned().collect(), observed.difference(desired).cloned().collect())
+}
+
+/// The node-group rules that the target groups `tgs` need from the frontend group `frontend`:
+/// their node ports and health ports (another member's, in a group).
+pub fn node_rules_of_target_groups<'t>(
+    tgs: impl IntoIterator<Item = &'t aws_sdk_elasticloadbalancingv2::types::TargetGroup>,
+    frontend: &str,
+) -> BTreeSet<Rule> {
+    let rule = |protocol: &str, port: i32| Rule {
+        protocol: protocol.to_owned(),
+        from: port,
+        to: port,
+        source: Source::Group(frontend.to_owned()),
+    };
+    let mut rules = BTreeSet::new();
+    for tg in tgs {
+        let Some(port) = tg.port() else { continue };
+        let protocol = tg.protocol().map(|p| p.as_str()).unwrap_or("TCP");
+        let family: &[&str] = match protocol {
+            "UDP" => &["udp"],
+            "TCP_UDP" => &["tcp", "udp"],
+            _ => &["tcp"],
+        };
+        rules.extend(family.iter().map(|p| rule(p, port)));
+        match tg.health_check_port() {
+            Some("traffic-port") | None => {}
+            Some(health) => rules.extend(health.parse().ok().map(|p| rule("tcp", p))),
+        }
+    }
+    rules
 }
 
 /// The node-group rules that let the frontend group `group` reach the node ports.

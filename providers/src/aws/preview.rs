@@ -7,11 +7,15 @@ use aws_sdk_ec2::types::Filter;
 
 use super::AwsProvider;
 use super::annotations as ann;
+use super::delete::FoundTargetGroup;
+use super::ensure::other_members;
 use super::naming;
 use super::plan::{
     self, HealthSettings, LoadBalancerAction, ObservedListener, ObservedTargetGroup, Rule, Source, TagDiff,
 };
+use super::scope::Scope;
 use crate::changes::{Action, Change, ChangePlan, listed, membership, shown};
+use crate::naming::OWNERSHIP_TAG_GROUP;
 use crate::{LoadBalancerSpec, ProviderError, ServiceIdentity};
 
 /// How a security group not created yet is named in the plan.
@@ -77,67 +81,28 @@ impl AwsProvider {
     pub(super) async fn plan_inner(&self, spec: &LoadBalancerSpec) -> Result<ChangePlan, ProviderError> {
         let opts = ann::parse(spec).map_err(ProviderError::InvalidInput)?;
         let id = &spec.identity;
+        let group = plan::group_key(spec);
+        let scope = Scope::of(spec, group.as_deref());
         let mut out = ChangePlan::default();
-        let lb = match self.observe_load_balancer(id).await {
+        let lb = match self.observe_load_balancer(scope).await {
             Ok(lb) => lb,
             Err(ProviderError::Conflict(message)) => {
-                out.conflict("load balancer", naming::load_balancer_name(id), message);
+                out.conflict("load balancer", scope.load_balancer_name(), message);
                 None
             }
             Err(e) => return Err(e),
         };
         let env = self.environment(spec, &opts, lb.as_ref()).await?;
         let desired = plan::desired(spec, &opts, &env)?;
-
-        // 1. Security groups.
-        let security_groups: BTreeSet<String> = match &desired.frontend {
-            Some(front) => {
-                let group = match self.find_frontend(id, Some(&env.vpc_id)).await? {
-                    Some((group, observed, tags)) => {
-                        let (authorize, revoke) = plan::diff_rules(&front.ingress, &observed);
-                        let mut change = Change::new(Action::Update, "security group", &group);
-                        if !authorize.is_empty() || !revoke.is_empty() {
-                            change = change.field(
-                                "ingress",
-                                listed(observed.iter().map(rule)),
-                                listed(front.ingress.iter().map(rule)),
-                            );
-                        }
-                        // Ensure only adds tags to the group; it never removes any.
-                        let mut diff = plan::diff_tags(&front.tags, &tags);
-                        diff.remove.clear();
-                        out.push_if_changed(tags_field(change, &diff, &tags));
-                        group
-                    }
-                    None => {
-                        if let Some(foreign) = self.security_group_named(&front.name, &env.vpc_id).await? {
-                            out.conflict(
-                                "security group",
-                                &front.name,
-                                format!(
-                                    "{foreign} in {} has this name but not hawser's ownership tags for Service {}; \
-                                     hawser leaves it untouched — delete or rename it",
-                                    env.vpc_id,
-                                    id.service_key()
-                                ),
-                            );
-                        }
-                        out.push(Change::new(Action::Create, "security group", &front.name).field(
-                            "ingress",
-                            None,
-                            listed(front.ingress.iter().map(rule)),
-                        ));
-                        NEW_GROUP.to_owned()
-                    }
-                };
-                self.plan_node_rules(&env.node_security_groups, &desired, &group, &mut out).await?;
-                BTreeSet::from([group])
-            }
-            None => desired.own_security_groups.iter().flatten().cloned().collect(),
+        let attached = match &lb {
+            Some(l) => self.attached_target_groups(&l.arn).await?,
+            None => Vec::new(),
         };
+        let others = other_members(scope, &attached);
+        super::ensure::check_listener_quota(others.len(), &desired)?;
 
-        // 2. Target groups.
-        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, lb.as_ref(), &desired).await?;
+        // 1. Target groups, created first as in ensure.
+        let (observed_tgs, tg_plan, mut tg_arns) = self.target_group_plan(id, &attached, &desired).await?;
         let mut tg_changes: BTreeMap<String, Change> = BTreeMap::new();
         for name in &tg_plan.create {
             let Some(d) = desired.target_groups.iter().find(|t| &t.name == name) else { continue };
@@ -183,8 +148,57 @@ impl AwsProvider {
             tg_changes.into_values().partition(|c| c.action == Action::Create);
         out.changes.extend(created);
 
+        // 2. Security groups.
+        let security_groups: BTreeSet<String> = match &desired.frontend {
+            Some(front) => {
+                let group = match self.find_frontend(scope, Some(&env.vpc_id)).await? {
+                    Some((group, observed, tags)) => {
+                        let (authorize, revoke) = plan::diff_rules(&front.ingress, &observed);
+                        let mut change = Change::new(Action::Update, "security group", &group);
+                        if !authorize.is_empty() || !revoke.is_empty() {
+                            change = change.field(
+                                "ingress",
+                                listed(observed.iter().map(rule)),
+                                listed(front.ingress.iter().map(rule)),
+                            );
+                        }
+                        // Ensure only adds tags to the group; it never removes any.
+                        let mut diff = plan::diff_tags(&front.tags, &tags);
+                        diff.remove.clear();
+                        out.push_if_changed(tags_field(change, &diff, &tags));
+                        group
+                    }
+                    None => {
+                        if let Some(foreign) = self.security_group_named(&front.name, &env.vpc_id).await? {
+                            out.conflict(
+                                "security group",
+                                &front.name,
+                                format!(
+                                    "{foreign} in {} has this name but not hawser's ownership tags for {}; \
+                                     hawser leaves it untouched — delete or rename it",
+                                    env.vpc_id,
+                                    scope.owner()
+                                ),
+                            );
+                        }
+                        out.push(Change::new(Action::Create, "security group", &front.name).field(
+                            "ingress",
+                            None,
+                            listed(front.ingress.iter().map(rule)),
+                        ));
+                        NEW_GROUP.to_owned()
+                    }
+                };
+                let mut wanted = plan::node_rules(&desired, &group);
+                wanted.extend(plan::node_rules_of_target_groups(others.iter().map(|(tg, _)| tg), &group));
+                self.plan_node_rules(&env.node_security_groups, &wanted, &group, &mut out).await?;
+                BTreeSet::from([group])
+            }
+            None => desired.own_security_groups.iter().flatten().cloned().collect(),
+        };
+
         // 3. The load balancer.
-        let name = naming::load_balancer_name(id);
+        let name = scope.load_balancer_name();
         let mut listeners_observed: Vec<ObservedListener> = Vec::new();
         let lb_fields = |change: Change| {
             change
@@ -198,6 +212,17 @@ impl AwsProvider {
                 if out.conflicts.iter().all(|c| c.kind != "load balancer") {
                     out.push(lb_fields(Change::new(Action::Create, "load balancer", &name)));
                 }
+            }
+            LoadBalancerAction::Replace(reason) if scope.group().is_some() && !others.is_empty() => {
+                out.conflict(
+                    "load balancer",
+                    &name,
+                    format!(
+                        "the load balancer of group {} must be replaced ({reason}) but carries other members' \
+                         listeners; change every member, or move this Service to another group",
+                        group.as_deref().unwrap_or_default()
+                    ),
+                );
             }
             LoadBalancerAction::Replace(reason) => {
                 let old = lb.as_ref();
@@ -239,6 +264,23 @@ impl AwsProvider {
                     change = tags_field(change, &u.tags, &current.tags);
                     out.push_if_changed(change);
                     listeners_observed = self.observe_listeners(&current.arn).await?;
+                    if scope.group().is_some() {
+                        let prefix = scope.target_group_prefix();
+                        let (mine, theirs): (Vec<_>, Vec<_>) = listeners_observed.into_iter().partition(|l| {
+                            l.target_group_arn
+                                .as_deref()
+                                .is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix))
+                        });
+                        for held in theirs.iter().filter(|l| desired.listeners.iter().any(|d| d.port == l.port)) {
+                            out.conflict(
+                                "listener",
+                                listener_name(held.port, &held.protocol),
+                                "another member of the group still holds this port; it is created once that member \
+                                 lets it go",
+                            );
+                        }
+                        listeners_observed = mine;
+                    }
                 }
             }
         }
@@ -298,6 +340,14 @@ impl AwsProvider {
             let name = observed_tgs.iter().find(|t| &t.arn == arn).map_or(arn.as_str(), |t| t.name.as_str());
             out.push(Change::new(Action::Delete, "target group", name));
         }
+        // 6. A Service moving into a group: its own load balancer goes once the group's serves it.
+        if let Some(group) = &group {
+            let mut own = ChangePlan::default();
+            self.plan_delete_own(id, &mut own).await?;
+            for change in own.changes {
+                out.push(change.because(format!("the Service moves into load-balancer group {group}")));
+            }
+        }
         Ok(out)
     }
 
@@ -305,13 +355,12 @@ impl AwsProvider {
     async fn plan_node_rules(
         &self,
         node_groups: &BTreeSet<String>,
-        desired: &plan::Desired,
+        wanted: &BTreeSet<Rule>,
         frontend: &str,
         out: &mut ChangePlan,
     ) -> Result<(), ProviderError> {
-        let wanted = plan::node_rules(desired, frontend);
         for (group, ours) in self.node_rules_from(node_groups, frontend).await? {
-            if ours != wanted {
+            if ours != *wanted {
                 out.push(Change::new(Action::Update, "security group", group).field(
                     format!("ingress from {frontend}"),
                     listed(ours.iter().map(rule)),
@@ -341,8 +390,43 @@ impl AwsProvider {
 
     pub(super) async fn plan_delete_inner(&self, id: &ServiceIdentity) -> Result<ChangePlan, ProviderError> {
         let mut out = ChangePlan::default();
+        let found = self.detached_target_groups(id).await?;
+        let member_prefix = naming::member_target_group_prefix(id);
+        let (parts, own): (Vec<_>, Vec<_>) = found.into_iter().partition(|t| t.name.starts_with(&member_prefix));
+        self.plan_delete_own_with(id, own, &mut out).await?;
+        let mut groups: BTreeMap<String, Vec<FoundTargetGroup>> = BTreeMap::new();
+        for part in parts {
+            if let Some(group) = part.tags.get(OWNERSHIP_TAG_GROUP) {
+                groups.entry(group.clone()).or_default().push(part);
+            }
+        }
+        for (group, found) in groups {
+            self.plan_leave_group(id, &group, &found, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    /// What deleting the Service's own load balancer would change.
+    async fn plan_delete_own(&self, id: &ServiceIdentity, out: &mut ChangePlan) -> Result<(), ProviderError> {
+        let lb_or_frontend = matches!(self.observe_load_balancer(Scope::Own(id)).await, Ok(Some(_)))
+            || self.find_frontend(Scope::Own(id), None).await?.is_some();
+        if !lb_or_frontend {
+            return Ok(());
+        }
+        let own_prefix = naming::target_group_prefix(id);
+        let found = self.detached_target_groups(id).await?;
+        let own = found.into_iter().filter(|t| t.name.starts_with(&own_prefix)).collect();
+        self.plan_delete_own_with(id, own, out).await
+    }
+
+    async fn plan_delete_own_with(
+        &self,
+        id: &ServiceIdentity,
+        detached: Vec<FoundTargetGroup>,
+        out: &mut ChangePlan,
+    ) -> Result<(), ProviderError> {
         let mut target_groups: Vec<ObservedTargetGroup> = Vec::new();
-        match self.observe_load_balancer(id).await {
+        match self.observe_load_balancer(Scope::Own(id)).await {
             Ok(Some(lb)) => {
                 let mut change = Change::new(Action::Delete, "load balancer", &lb.arn)
                     .field("dnsName", shown(&lb.dns_name), None)
@@ -354,7 +438,8 @@ impl AwsProvider {
                     ));
                 }
                 out.push(change);
-                target_groups = self.observe_target_groups(id, &lb.arn).await?;
+                let attached = self.attached_target_groups(&lb.arn).await?;
+                target_groups = self.observe_target_groups(id, None, &attached).await?;
             }
             Ok(None) => {}
             // Someone else's load balancer with our name is never deleted.
@@ -364,16 +449,72 @@ impl AwsProvider {
         for tg in &target_groups {
             out.push(Change::new(Action::Delete, "target group", &tg.name));
         }
-        for (arn, name) in self.detached_target_groups(id).await? {
-            if !target_groups.iter().any(|t| t.arn == arn) {
-                out.push(Change::new(Action::Delete, "target group", name).because("left detached by an earlier run"));
+        for t in detached {
+            if !target_groups.iter().any(|o| o.arn == t.arn) {
+                out.push(
+                    Change::new(Action::Delete, "target group", t.name).because("left detached by an earlier run"),
+                );
             }
         }
-        if let Some((group, _, _)) = self.find_frontend(id, None).await? {
+        if let Some((group, _, _)) = self.find_frontend(Scope::Own(id), None).await? {
             out.push(
                 Change::new(Action::Delete, "security group", &group).because("and the node rules that refer to it"),
             );
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// What taking the Service's part out of `group`'s load balancer would change; with the last
+    /// member, the load balancer and its frontend group go too.
+    async fn plan_leave_group(
+        &self,
+        id: &ServiceIdentity,
+        group: &str,
+        found: &[FoundTargetGroup],
+        out: &mut ChangePlan,
+    ) -> Result<(), ProviderError> {
+        let scope = Scope::Member { id, group };
+        let lb = self.observe_load_balancer(scope).await.ok().flatten();
+        let attached = match &lb {
+            Some(l) => self.attached_target_groups(&l.arn).await?,
+            None => Vec::new(),
+        };
+        let last = other_members(scope, &attached).is_empty();
+        let frontend = self.find_frontend(scope, None).await?;
+        match (&lb, last) {
+            (Some(lb), true) => out.push(
+                Change::new(Action::Delete, "load balancer", &lb.arn)
+                    .field("dnsName", shown(&lb.dns_name), None)
+                    .because(format!("the last member of load-balancer group {group} goes; with its listeners")),
+            ),
+            (Some(lb), false) => {
+                let prefix = scope.target_group_prefix();
+                for l in self.observe_listeners(&lb.arn).await? {
+                    if l.target_group_arn.as_deref().is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix)) {
+                        out.push(Change::new(Action::Delete, "listener", listener_name(l.port, &l.protocol)).because(
+                            format!("of the group {group}'s load balancer, which stays for its other members"),
+                        ));
+                    }
+                }
+            }
+            (None, _) => {}
+        }
+        if let Some((sg, rules, _)) = &frontend {
+            if last {
+                out.push(
+                    Change::new(Action::Delete, "security group", sg).because("and the node rules that refer to it"),
+                );
+            } else if !rules.is_empty() {
+                out.push(Change::new(Action::Update, "security group", sg).field(
+                    format!("ingress of {}", id.service_key()),
+                    listed(rules.iter().map(rule)),
+                    None,
+                ));
+            }
+        }
+        for t in found {
+            out.push(Change::new(Action::Delete, "target group", &t.name));
+        }
+        Ok(())
     }
 }

@@ -160,7 +160,7 @@ impl MockCloud {
 
     /// Removes `identity`'s part from the group load balancer `lb` (as just described); with
     /// the last member the load balancer goes too.
-    pub(super) async fn leave_group(
+    pub(super) async fn leave_group_lb(
         &self,
         lb: &MockLoadBalancer,
         identity: &ServiceIdentity,

@@ -521,7 +521,7 @@ impl Provider for MockCloud {
         let status = self.ensure_own(spec, existing).await?;
         // A Service leaving a group: its part goes once its own load balancer serves it.
         if let Some(lb) = group {
-            self.leave_group(&lb, identity).await?;
+            self.leave_group_lb(&lb, identity).await?;
         }
         Ok(status)
     }
@@ -548,9 +548,22 @@ impl Provider for MockCloud {
             .await?;
         }
         if let Some(lb) = group {
-            self.leave_group(&lb, identity).await?;
+            self.leave_group_lb(&lb, identity).await?;
         }
         Ok(())
+    }
+
+    async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        let cluster = self.config.cluster.clone();
+        let lb = self
+            .call("DescribeLoadBalancers", None, false, |state| {
+                Ok(state.of_group(&cluster, group).filter(|lb| lb.members.contains_key(&identity.uid)).cloned())
+            })
+            .await?;
+        match lb {
+            Some(lb) => self.leave_group_lb(&lb, identity).await,
+            None => Ok(()),
+        }
     }
 
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
