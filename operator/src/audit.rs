@@ -66,7 +66,8 @@ pub async fn audit(
     cfg: &DesiredConfig,
     class: &str,
 ) -> Result<Vec<Row>, ProviderError> {
-    let by_uid: HashMap<&str, &OwnedLoadBalancer> = inventory.iter().map(|lb| (lb.identity.uid.as_str(), lb)).collect();
+    let by_uid: HashMap<&str, &OwnedLoadBalancer> =
+        inventory.iter().filter(|lb| !lb.detached).map(|lb| (lb.identity.uid.as_str(), lb)).collect();
     let mut rows = Vec::new();
     for svc in services.iter().filter(|s| is_ours(s, class)) {
         let service = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
@@ -118,6 +119,7 @@ pub async fn audit(
         let detail = match why {
             Orphaned::ServiceGone => "no Service with the owner's UID exists",
             Orphaned::NotOurs => "the Service is no longer a LoadBalancer of this class and has no hawser finalizer",
+            Orphaned::Leftover => "on no load balancer: left by an interrupted change",
         };
         rows.push(Row {
             service: lb.identity.service_key(),

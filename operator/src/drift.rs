@@ -28,8 +28,11 @@ pub enum Drift {
 
 /// The Service UIDs whose load balancer drifted, comparing what was ensured with the inventory.
 pub fn find_drift(ensured: &HashMap<String, Ensured>, inventory: &[OwnedLoadBalancer]) -> Vec<(String, Drift)> {
-    let found: HashMap<&str, Option<&str>> =
-        inventory.iter().map(|lb| (lb.identity.uid.as_str(), lb.fingerprint.as_deref())).collect();
+    let found: HashMap<&str, Option<&str>> = inventory
+        .iter()
+        .filter(|lb| !lb.detached)
+        .map(|lb| (lb.identity.uid.as_str(), lb.fingerprint.as_deref()))
+        .collect();
     let mut drifted: Vec<(String, Drift)> = ensured
         .iter()
         .filter_map(|(uid, done)| match found.get(uid.as_str()) {
@@ -137,6 +140,7 @@ mod tests {
             },
             id: format!("lb-{uid}"),
             fingerprint: fingerprint.map(str::to_owned),
+            detached: false,
         }
     }
 

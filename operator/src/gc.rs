@@ -42,6 +42,9 @@ pub enum Orphaned {
     /// The Service exists but is no longer a LoadBalancer of our class, and carries no finalizer
     /// of ours that would clean up.
     NotOurs,
+    /// The Service lives, but this resource of its is on no load balancer (an interrupted change
+    /// left it, and its name is wanted no more): only it goes.
+    Leftover,
 }
 
 impl Orphaned {
@@ -49,6 +52,7 @@ impl Orphaned {
         match self {
             Self::ServiceGone => "service gone",
             Self::NotOurs => "service no longer of this class",
+            Self::Leftover => "left unused by an interrupted change",
         }
     }
 }
@@ -83,6 +87,7 @@ pub fn find_orphans<'a>(
         .filter_map(|lb| match owners.get(&lb.identity.uid) {
             None => Some((lb, Orphaned::ServiceGone)),
             Some(Owner::Released) => Some((lb, Orphaned::NotOurs)),
+            Some(Owner::Alive) if lb.detached => Some((lb, Orphaned::Leftover)),
             Some(Owner::Alive) => None,
         })
         .collect()
@@ -108,11 +113,13 @@ impl Collector {
         orphans: &[(&'a OwnedLoadBalancer, Orphaned)],
         now: Instant,
     ) -> Vec<(&'a OwnedLoadBalancer, Orphaned)> {
-        self.first_seen.retain(|id, _| orphans.iter().any(|(lb, _)| &lb.id == id));
+        // Keyed by resource and owner: the members of a group share one load balancer.
+        let key = |lb: &OwnedLoadBalancer| format!("{} {}", lb.id, lb.identity.uid);
+        self.first_seen.retain(|k, _| orphans.iter().any(|(lb, _)| key(lb) == *k));
         orphans
             .iter()
             .filter(|(lb, _)| {
-                let since = *self.first_seen.entry(lb.id.clone()).or_insert(now);
+                let since = *self.first_seen.entry(key(lb)).or_insert(now);
                 now.duration_since(since) >= self.grace
             })
             .copied()
@@ -175,7 +182,13 @@ async fn pass(
             warn!(load_balancer = %lb.id, %service, uid = %lb.identity.uid, reason = why.as_str(), "orphaned load balancer (--gc=report: not deleting)");
             continue;
         }
-        match provider.delete(&lb.identity).await {
+        let deleted = match why {
+            // A live Service keeps everything else; its ensure re-creates the resource if it
+            // turns out to be wanted after all.
+            Orphaned::Leftover => provider.delete_detached(lb).await,
+            Orphaned::ServiceGone | Orphaned::NotOurs => provider.delete(&lb.identity).await,
+        };
+        match deleted {
             Ok(()) => {
                 metrics.gc_deletions.inc();
                 info!(load_balancer = %lb.id, %service, uid = %lb.identity.uid, reason = why.as_str(), "deleted orphaned load balancer");
@@ -205,6 +218,7 @@ mod tests {
             },
             id: format!("lb-{uid}"),
             fingerprint: None,
+            detached: false,
         }
     }
 
@@ -242,6 +256,31 @@ mod tests {
             ],
             "a same-named Service with a new UID does not protect the old load balancer; our finalizer does"
         );
+    }
+
+    #[test]
+    fn a_live_services_resource_on_no_load_balancer_is_a_leftover_of_its_own() {
+        let services = [service("alive", ours(), &["hawser.dev/cleanup"])];
+        let owners = owners(services.iter(), "hawser.dev/lb");
+        let detached = OwnedLoadBalancer { id: "tg-left".into(), detached: true, ..lb("alive") };
+        let gone = OwnedLoadBalancer { id: "tg-gone".into(), detached: true, ..lb("gone") };
+        let inventory = [lb("alive"), detached, gone];
+        let found: Vec<(&str, Orphaned)> =
+            find_orphans(&inventory, &owners).into_iter().map(|(l, why)| (l.id.as_str(), why)).collect();
+        assert_eq!(found, vec![("tg-left", Orphaned::Leftover), ("tg-gone", Orphaned::ServiceGone)]);
+    }
+
+    #[test]
+    fn group_members_on_one_load_balancer_keep_their_own_clocks() {
+        let mut collector = Collector::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let (a, b) = (lb("a"), OwnedLoadBalancer { id: lb("a").id, ..lb("b") });
+        assert_eq!(a.id, b.id, "one group load balancer");
+        assert!(collector.due(&[(&a, Orphaned::ServiceGone)], t0).is_empty());
+        let later = t0 + Duration::from_secs(10);
+        let due = collector.due(&[(&a, Orphaned::ServiceGone), (&b, Orphaned::ServiceGone)], later);
+        let uids: Vec<&str> = due.iter().map(|(l, _)| l.identity.uid.as_str()).collect();
+        assert_eq!(uids, ["a"], "b's clock starts when b is first seen orphaned");
     }
 
     #[test]

@@ -147,6 +147,10 @@ impl Provider for MeteredProvider {
         self.measured("delete", self.inner.delete(identity)).await
     }
 
+    async fn delete_detached(&self, leftover: &OwnedLoadBalancer) -> Result<(), ProviderError> {
+        self.measured("delete_detached", self.inner.delete_detached(leftover)).await
+    }
+
     async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
         self.measured("leave_group", self.inner.leave_group(identity, group)).await
     }

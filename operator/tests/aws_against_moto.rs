@@ -10,25 +10,31 @@ mod common;
 #[path = "../../providers/tests/aws/moto.rs"]
 mod moto;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::campaign::{GROUP_ANNOTATION, change, condition, is_ours, ports};
 use common::{Operator, free_port, wait_for};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use hawser_providers::Provider;
+use hawser_providers::aws::AwsProvider;
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 /// Everything one test runs against: moto seeded with a VPC and nodes, the fake API server with
 /// those nodes, and the operator between them.
 struct World {
-    aws: hawser_providers::aws::AwsProvider,
+    aws: AwsProvider,
     world: moto::World,
     server: FakeApiServer,
     client: kube::Client,
-    _op: Operator,
-    _cloud: moto::Moto,
+    op: Option<Operator>,
+    cloud: moto::Moto,
 }
 
 async fn start() -> Option<World> {
@@ -47,14 +53,20 @@ async fn start() -> Option<World> {
         .unwrap();
         Api::<Node>::all(client.clone()).create(&PostParams::default(), &node).await.unwrap();
     }
-    let op = Operator(
+    let op = operator(&cloud.url, &world.vpc, server.kubeconfig_path());
+    Some(World { aws, world, server, client, op: Some(op), cloud })
+}
+
+/// The operator against moto at `url`, with a fast orphan collector.
+fn operator(url: &str, vpc: &str, kubeconfig: &std::path::Path) -> Operator {
+    Operator(
         Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
             .args(["--provider", "aws", "--cluster-name", "prod", "--node-debounce", "200ms"])
-            .args(["--aws-region", "us-east-1", "--aws-endpoint-url", &cloud.url, "--aws-vpc-id", &world.vpc])
+            .args(["--aws-region", "us-east-1", "--aws-endpoint-url", url, "--aws-vpc-id", vpc])
             .args(["--gc-interval", "500ms", "--gc-grace-period", "1s"])
             .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
             .arg(format!("--health-probe-bind-address=127.0.0.1:{}", free_port()))
-            .env("KUBECONFIG", server.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("RUST_LOG", "info,kube=warn")
@@ -62,8 +74,7 @@ async fn start() -> Option<World> {
             .stderr(if std::env::var_os("HAWSER_TEST_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .expect("hawser-operator starts"),
-    );
-    Some(World { aws, world, server, client, _op: op, _cloud: cloud })
+    )
 }
 
 fn hostname(s: &Service) -> Option<String> {
@@ -111,11 +122,6 @@ async fn group_ports(aws: &hawser_providers::aws::AwsProvider) -> Option<Vec<i32
     let mut ports: Vec<i32> = listeners.listeners().iter().filter_map(|l| l.port()).collect();
     ports.sort_unstable();
     Some(ports)
-}
-
-fn condition(s: &Service) -> Option<(String, String, String)> {
-    let c = s.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerReady")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 #[tokio::test]
@@ -194,5 +200,200 @@ async fn group_members_share_one_nlb_a_clash_is_refused_and_the_last_takes_it_aw
     .await;
     let nodes = aws.clients().ec2.describe_security_groups().group_ids(&w.world.node_sg).send().await.unwrap();
     assert!(nodes.security_groups()[0].ip_permissions().is_empty(), "no node rule left");
+    w.server.stop().await;
+}
+
+/// Where one Service is served on AWS: an NLB (its own, or its group's), its hostname, and the
+/// listener ports of the Service's part of it.
+#[derive(Debug)]
+struct Place {
+    lb: String,
+    group: Option<String>,
+    hostname: String,
+    ports: BTreeSet<i64>,
+}
+
+/// Tags of ELB resources, by ARN.
+async fn elb_tags(aws: &AwsProvider, arns: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut all = BTreeMap::new();
+    for chunk in arns.chunks(20) {
+        let out = aws.clients().elb.describe_tags().set_resource_arns(Some(chunk.to_vec())).send().await.unwrap();
+        for d in out.tag_descriptions() {
+            let tags = d.tags().iter().map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned())).collect();
+            all.insert(d.resource_arn().unwrap().to_owned(), tags);
+        }
+    }
+    all
+}
+
+/// What AWS holds, read directly: owner UID → its places; and every resource left without a
+/// purpose (a detached target group, a security group no NLB uses, a node rule from a group that
+/// is gone, a group NLB without listeners).
+async fn aws_state(aws: &AwsProvider, node_sg: &str) -> (BTreeMap<String, Vec<Place>>, Vec<String>) {
+    let elb = &aws.clients().elb;
+    let mut by_owner: BTreeMap<String, Vec<Place>> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let lbs = elb.describe_load_balancers().send().await.unwrap();
+    let lb_arns: Vec<String> = lbs.load_balancers().iter().map(|l| l.load_balancer_arn().unwrap().to_owned()).collect();
+    let tgs = elb.describe_target_groups().send().await.unwrap();
+    let tg_arns: Vec<String> = tgs.target_groups().iter().map(|t| t.target_group_arn().unwrap().to_owned()).collect();
+    let tags = elb_tags(aws, &[lb_arns, tg_arns].concat()).await;
+    let mut in_use = BTreeSet::new();
+    for lb in lbs.load_balancers() {
+        let arn = lb.load_balancer_arn().unwrap().to_owned();
+        in_use.extend(lb.security_groups().iter().cloned());
+        let hostname = lb.dns_name().unwrap().to_owned();
+        let listeners = elb.describe_listeners().load_balancer_arn(&arn).send().await.unwrap();
+        let ports = |owner: Option<&str>| -> BTreeSet<i64> {
+            listeners
+                .listeners()
+                .iter()
+                .filter(|l| {
+                    let tg = l.default_actions()[0].target_group_arn().unwrap();
+                    owner.is_none_or(|o| tags[tg].get("hawser.dev/service-uid").map(String::as_str) == Some(o))
+                })
+                .map(|l| i64::from(l.port().unwrap()))
+                .collect()
+        };
+        let lb_tags = &tags[&arn];
+        if let Some(group) = lb_tags.get("hawser.dev/load-balancer-group") {
+            let owners: BTreeSet<&str> = listeners
+                .listeners()
+                .iter()
+                .filter_map(|l| tags[l.default_actions()[0].target_group_arn().unwrap()].get("hawser.dev/service-uid"))
+                .map(String::as_str)
+                .collect();
+            if owners.is_empty() {
+                wrong.push(format!("group NLB {arn} has no member"));
+            }
+            for owner in owners {
+                let place = Place {
+                    lb: arn.clone(),
+                    group: Some(group.clone()),
+                    hostname: hostname.clone(),
+                    ports: ports(Some(owner)),
+                };
+                by_owner.entry(owner.to_owned()).or_default().push(place);
+            }
+        } else {
+            let owner = lb_tags.get("hawser.dev/service-uid").cloned().unwrap_or_else(|| "untagged".into());
+            by_owner.entry(owner).or_default().push(Place { lb: arn, group: None, hostname, ports: ports(None) });
+        }
+    }
+    // moto keeps a deleted NLB's ARN on its target groups; AWS empties the list.
+    let existing: BTreeSet<&str> = lbs.load_balancers().iter().filter_map(|l| l.load_balancer_arn()).collect();
+    for tg in tgs.target_groups() {
+        if !tg.load_balancer_arns().iter().any(|a| existing.contains(a.as_str())) {
+            wrong.push(format!("target group {} is attached to no NLB", tg.target_group_name().unwrap()));
+        }
+    }
+    let groups = aws.clients().ec2.describe_security_groups().send().await.unwrap();
+    let ours: BTreeSet<String> = groups
+        .security_groups()
+        .iter()
+        .filter(|g| g.group_name().unwrap_or_default().starts_with("hawser-"))
+        .map(|g| g.group_id().unwrap().to_owned())
+        .collect();
+    for g in ours.difference(&in_use) {
+        wrong.push(format!("security group {g} is used by no NLB"));
+    }
+    let node = groups.security_groups().iter().find(|g| g.group_id() == Some(node_sg)).unwrap();
+    for perm in node.ip_permissions() {
+        for pair in perm.user_id_group_pairs() {
+            if !ours.contains(pair.group_id().unwrap()) {
+                wrong.push(format!("node rule {:?} from a group that is gone", perm.from_port()));
+            }
+        }
+    }
+    (by_owner, wrong)
+}
+
+/// What is still wrong after the AWS campaign, or `None` once converged.
+async fn aws_problems(aws: &AwsProvider, node_sg: &str, services: &Api<Service>) -> Option<Vec<String>> {
+    let all = services.list(&ListParams::default()).await.ok()?.items;
+    let (cloud, mut wrong) = aws_state(aws, node_sg).await;
+    let mut owners = BTreeSet::new();
+    for svc in &all {
+        let uid = svc.uid().unwrap();
+        if svc.metadata.deletion_timestamp.is_some() {
+            wrong.push(format!("{} stuck deleting", svc.name_any()));
+            continue;
+        }
+        if !is_ours(svc) {
+            continue;
+        }
+        owners.insert(uid.clone());
+        let group = svc.annotations().get(GROUP_ANNOTATION).map(|g| format!("default/{g}"));
+        match cloud.get(&uid).map(Vec::as_slice) {
+            Some([place]) => {
+                if hostname(svc).as_deref() != Some(place.hostname.as_str()) {
+                    wrong.push(format!("{} shows {:?}, its NLB is {}", svc.name_any(), hostname(svc), place.hostname));
+                }
+                if place.group != group {
+                    wrong.push(format!("{} is served in {:?} but asks for {group:?}", svc.name_any(), place.group));
+                }
+                if place.ports != ports(svc) {
+                    wrong.push(format!("{} serves {:?} but asks for {:?}", svc.name_any(), place.ports, ports(svc)));
+                }
+            }
+            Some(places) if !places.is_empty() => {
+                let lbs: Vec<&str> = places.iter().map(|p| p.lb.as_str()).collect();
+                wrong.push(format!("{} has {} places: {lbs:?}", svc.name_any(), places.len()));
+            }
+            _ => {
+                let refused = condition(svc).is_some_and(|c| c.1 == "GroupConflict");
+                let clash = group.is_some()
+                    && cloud.iter().any(|(other, places)| {
+                        *other != uid && places.iter().any(|p| p.group == group && !p.ports.is_disjoint(&ports(svc)))
+                    });
+                if !(refused && clash) {
+                    wrong.push(format!("{} has no NLB (condition {:?})", svc.name_any(), condition(svc)));
+                }
+            }
+        }
+    }
+    for (owner, places) in &cloud {
+        if !owners.contains(owner) {
+            let lbs: Vec<&str> = places.iter().map(|p| p.lb.as_str()).collect();
+            wrong.push(format!("NLBs {lbs:?} of {owner} have no live owner"));
+        }
+    }
+    (!wrong.is_empty()).then_some(wrong)
+}
+
+/// The kill campaign on AWS: rounds of random changes (create, delete, ClusterIP and back,
+/// ports, join or leave the group `edge`, strip the finalizer and delete) while the operator is
+/// SIGKILLed at a random moment each round. Then a clean operator must converge on moto: every
+/// Service of ours in exactly one place with its hostname, no target group, security group or
+/// node rule left over, no part without a live owner.
+#[tokio::test]
+async fn kill_campaign_with_groups_converges_without_leaks() {
+    let Some(mut w) = start().await else { return };
+    drop(w.op.take());
+    let seed =
+        std::env::var("HAWSER_KILL_CAMPAIGN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("AWS kill campaign seed {seed} (HAWSER_KILL_CAMPAIGN_SEED={seed} replays it)");
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let services: Api<Service> = Api::namespaced(w.client.clone(), "default");
+    for round in 0..30 {
+        let op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
+        for _ in 0..rng.random_range(1..=3) {
+            let name = format!("svc-{}", rng.random_range(0..6));
+            change(&services, &name, &mut rng).await;
+        }
+        // Later rounds give the operator longer, so that kills land in provisioning and deletion.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600 + 20 * round))).await;
+        drop(op); // SIGKILL, wherever it is
+    }
+
+    let _op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let Some(left) = aws_problems(&w.aws, &w.world.node_sg, &services).await else { break };
+        assert!(tokio::time::Instant::now() < deadline, "no convergence after the campaign (seed {seed}): {left:#?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(aws_problems(&w.aws, &w.world.node_sg, &services).await, None, "seed {seed}");
     w.server.stop().await;
 }

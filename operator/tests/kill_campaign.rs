@@ -18,10 +18,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::campaign::{GROUP_ANNOTATION, change, condition, is_ours, ports};
 use common::{Operator, free_port, ingress_ips};
 use hawser_fake_apiserver::{Config, FakeApiServer};
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -29,7 +30,6 @@ use serde_json::{Value, json};
 
 const ROUNDS: usize = 100;
 const NAMES: usize = 8;
-const GROUP_ANNOTATION: &str = "hawser.dev/load-balancer-group";
 
 fn start(kubeconfig: &Path, state: &Path, faults: Option<u64>) -> Operator {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hawser-operator"));
@@ -47,69 +47,6 @@ fn start(kubeconfig: &Path, state: &Path, faults: Option<u64>) -> Operator {
         cmd.args(["--mock-error-rate", "0.3", "--mock-seed", &seed.to_string()]);
     }
     Operator(cmd.spawn().expect("hawser-operator starts"))
-}
-
-fn service(name: &str, ports: &[i32]) -> Service {
-    let ports: Vec<Value> =
-        ports.iter().map(|p| json!({"name": format!("p{p}"), "port": p, "targetPort": 8080})).collect();
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb", "selector": {"app": name}, "ports": ports}
-    }))
-    .unwrap()
-}
-
-fn is_ours(svc: &Service) -> bool {
-    svc.spec.as_ref().is_some_and(|s| {
-        s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.as_deref() == Some("hawser.dev/lb")
-    })
-}
-
-/// One random change to Service `name`; ignores the API's refusals (a name being deleted, …).
-async fn change(services: &Api<Service>, name: &str, rng: &mut SmallRng) {
-    let existing = services.get_opt(name).await.unwrap();
-    let Some(svc) = existing else {
-        let _ = services.create(&PostParams::default(), &service(name, &[80])).await;
-        return;
-    };
-    let merge = |v: Value| Patch::Merge(v);
-    let _ = match rng.random_range(0..6) {
-        0 => services.delete(name, &DeleteParams::default()).await.map(|_| ()),
-        1 if is_ours(&svc) => services
-            .patch(
-                name,
-                &PatchParams::default(),
-                &merge(json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}})),
-            )
-            .await
-            .map(|_| ()),
-        1 => services
-            .patch(
-                name,
-                &PatchParams::default(),
-                &merge(json!({"spec": {"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb"}})),
-            )
-            .await
-            .map(|_| ()),
-        2 => {
-            let port = rng.random_range(81..90);
-            let ports = json!([{"name": "p80", "port": 80, "targetPort": 8080}, {"name": format!("p{port}"), "port": port, "targetPort": 8080}]);
-            services.patch(name, &PatchParams::default(), &merge(json!({"spec": {"ports": ports}}))).await.map(|_| ())
-        }
-        // A deletion "looks stuck": strip every finalizer, then delete.
-        3 => {
-            let _ =
-                services.patch(name, &PatchParams::default(), &merge(json!({"metadata": {"finalizers": null}}))).await;
-            services.delete(name, &DeleteParams::default()).await.map(|_| ())
-        }
-        // Join the group, or leave it.
-        4 => {
-            let group = if svc.annotations().contains_key(GROUP_ANNOTATION) { Value::Null } else { json!("edge") };
-            let patch = json!({"metadata": {"annotations": {GROUP_ANNOTATION: group}}});
-            services.patch(name, &PatchParams::default(), &merge(patch)).await.map(|_| ())
-        }
-        _ => services.delete(name, &DeleteParams::default()).await.map(|_| ()),
-    };
 }
 
 /// Where one Service is served in the mock cloud: a load balancer (its own, or its group's)
@@ -164,17 +101,6 @@ fn cloud(state: &Path) -> (BTreeMap<String, Vec<Place>>, Vec<String>) {
         by_owner.entry(owner).or_default().push(place);
     }
     (by_owner, wrong)
-}
-
-fn ports(svc: &Service) -> BTreeSet<i64> {
-    svc.spec.as_ref().and_then(|s| s.ports.as_ref()).into_iter().flatten().map(|p| i64::from(p.port)).collect()
-}
-
-/// hawser's condition on the Service: status, reason, message.
-fn condition(svc: &Service) -> Option<(String, String, String)> {
-    let conditions = svc.status.as_ref()?.conditions.as_ref()?;
-    let c = conditions.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerReady")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// What is still wrong, or `None` once converged.

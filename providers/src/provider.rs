@@ -38,6 +38,12 @@ pub struct OwnedLoadBalancer {
     /// of the desired spec to find drift without reading each load balancer. `None` when the
     /// inventory cannot tell (then only a missing load balancer counts as drift).
     pub fingerprint: Option<String>,
+    /// Not a load balancer but resources of the owner's left without one (a crash between
+    /// creating them and the load balancer): the orphan collector deletes them with the rest of
+    /// the owner's once the owner is gone; the drift check does not count them as its load
+    /// balancer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// A cloud that builds load balancers.
@@ -89,6 +95,14 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Deletes every cloud resource owned by `identity`; absent is success.
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError>;
+
+    /// Deletes one resource that [`Provider::list_owned`] reported as `detached` while its
+    /// owner lives (an interrupted change left it, and the owner's ensure no longer wants it),
+    /// unless it is in use again by now. Absent is success.
+    async fn delete_detached(&self, leftover: &OwnedLoadBalancer) -> Result<(), ProviderError> {
+        let _ = leftover;
+        Ok(())
+    }
 
     /// Takes `identity`'s part out of load-balancer group `group`'s (`namespace/name`) load
     /// balancer, deleting the load balancer with its last member; absent is success. The

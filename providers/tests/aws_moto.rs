@@ -27,7 +27,8 @@ use std::time::Duration;
 use aws_sdk_ec2::types::Filter;
 use hawser_providers::aws::{API_ACTIONS, AwsProvider};
 use hawser_providers::{
-    ErrorClass, HealthCheck, Listener, LoadBalancerSpec, Protocol, Provider, Scheme, ServiceIdentity, Target,
+    ErrorClass, HealthCheck, Listener, LoadBalancerSpec, OwnedLoadBalancer, Protocol, Provider, Scheme,
+    ServiceIdentity, Target,
 };
 
 fn identity(uid: &str) -> ServiceIdentity {
@@ -490,7 +491,80 @@ async fn inventory_of_many_load_balancers_costs_a_fifth_of_a_read_each_or_less()
     q.clear_calls();
     assert_eq!(q.list_owned().await.unwrap().len(), count);
     let ops: Vec<String> = q.calls().into_iter().map(|c| c.operation).collect();
-    assert_eq!(ops, ["DescribeLoadBalancers"]);
+    assert_eq!(ops, ["DescribeLoadBalancers", "DescribeTargetGroups", "DescribeSecurityGroups"]);
+}
+
+#[tokio::test]
+async fn leftovers_without_an_nlb_are_inventoried_and_deleted_with_their_owner() {
+    let Some(moto) = moto() else { return };
+    let p = provider(&moto).await;
+    let w = seed(&p).await;
+    let nodes: Vec<&String> = w.instances.iter().collect();
+    let s = spec("uid-1", &nodes);
+    let status = p.ensure(&s).await.unwrap();
+    // What a crash between the target groups and the NLB leaves: the NLB goes by hand.
+    p.clients().elb.delete_load_balancer().load_balancer_arn(&status.id).send().await.unwrap();
+
+    let q = provider(&moto).await;
+    let owned = q.list_owned().await.unwrap();
+    assert!(!owned.is_empty() && owned.iter().all(|o| o.detached && o.identity == identity("uid-1")), "{owned:#?}");
+    let kinds: BTreeSet<bool> = owned.iter().map(|o| o.id.starts_with("sg-")).collect();
+    assert_eq!(kinds, BTreeSet::from([false, true]), "the target groups and the frontend group: {owned:#?}");
+    assert!(!owned.iter().any(|o| o.id == status.id), "no NLB is reported");
+
+    // The owner alive (as the operator's collector finds it): a leftover goes alone, and only
+    // while it is on no NLB.
+    let leftover = owned.iter().find(|o| !o.id.starts_with("sg-")).unwrap();
+    q.delete_detached(leftover).await.unwrap();
+    let tgs = q.clients().elb.describe_target_groups().send().await.unwrap();
+    assert!(!tgs.target_groups().iter().any(|t| t.target_group_arn() == Some(leftover.id.as_str())));
+    assert_eq!(q.list_owned().await.unwrap().len(), owned.len() - 1, "the rest is untouched");
+
+    // The owner gone, deleting it removes them all.
+    q.delete(&identity("uid-1")).await.unwrap();
+    assert!(q.list_owned().await.unwrap().is_empty());
+
+    // An NLB without listeners or target groups (a crash right after creating it) is completed
+    // by the next ensure, and deleted whole.
+    let status = q.ensure(&s).await.unwrap();
+    let elb = &q.clients().elb;
+    for l in elb.describe_listeners().load_balancer_arn(&status.id).send().await.unwrap().listeners() {
+        elb.delete_listener().listener_arn(l.listener_arn().unwrap()).send().await.unwrap();
+    }
+    for tg in elb.describe_target_groups().send().await.unwrap().target_groups() {
+        elb.delete_target_group().target_group_arn(tg.target_group_arn().unwrap()).send().await.unwrap();
+    }
+    let r = provider(&moto).await;
+    assert_eq!(r.ensure(&s).await.unwrap(), status, "the same NLB, completed");
+    r.clear_calls();
+    for tg in r.clients().elb.describe_target_groups().send().await.unwrap().target_groups() {
+        let used = OwnedLoadBalancer {
+            identity: identity("uid-1"),
+            id: tg.target_group_arn().unwrap().to_owned(),
+            fingerprint: None,
+            detached: true,
+        };
+        r.delete_detached(&used).await.unwrap();
+    }
+    let front = seen(&r, &hawser_providers::aws::naming::load_balancer_name(&identity("uid-1"))).await.unwrap();
+    let used = OwnedLoadBalancer {
+        id: front.security_groups[0].clone(),
+        ..OwnedLoadBalancer { identity: identity("uid-1"), id: String::new(), fingerprint: None, detached: true }
+    };
+    r.delete_detached(&used).await.unwrap();
+    assert_eq!(r.ensure(&s).await.unwrap(), status);
+    assert!(
+        assert_known_and_count_mutating(&r).iter().all(|m| m != "CreateTargetGroup" && m != "CreateSecurityGroup"),
+        "what an NLB uses is never deleted as a leftover"
+    );
+    assert_eq!(
+        seen(&r, &hawser_providers::aws::naming::load_balancer_name(&identity("uid-1"))).await.unwrap().listeners.len(),
+        3
+    );
+    r.delete(&identity("uid-1")).await.unwrap();
+    assert!(q.list_owned().await.unwrap().is_empty());
+    assert!(q.clients().elb.describe_target_groups().send().await.unwrap().target_groups().is_empty());
+    assert!(rules(&q, &w.node_sg).await.is_empty(), "node rules revoked");
 }
 
 /// Every change of a plan as `action kind name`, for comparing with what ensure then does.

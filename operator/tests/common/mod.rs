@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod campaign;
+
 /// How long a test waits for something the operator should do before it fails.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 

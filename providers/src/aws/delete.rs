@@ -156,6 +156,54 @@ impl AwsProvider {
         Ok(())
     }
 
+    /// Deletes a target group or frontend security group `list_owned` found on no load balancer,
+    /// unless a load balancer uses it again by now.
+    pub(super) async fn delete_detached_inner(&self, leftover: &OwnedLoadBalancer) -> Result<(), ProviderError> {
+        let id = &leftover.identity;
+        if leftover.id.starts_with("sg-") {
+            let lbs = self.clients.elb.describe_load_balancers().page_size(400).into_paginator().send();
+            let mut pages = lbs;
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| ApiError::from_sdk("DescribeLoadBalancers", e))?;
+                if page.load_balancers().iter().any(|l| l.security_groups().contains(&leftover.id)) {
+                    return Ok(());
+                }
+            }
+            return self.delete_frontend(&leftover.id, &Scope::Own(id).node_rule_description()).await;
+        }
+        let out = match self
+            .clients
+            .call(
+                "DescribeTargetGroups",
+                self.clients.elb.describe_target_groups().target_group_arns(&leftover.id).send(),
+            )
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(tg) = out.target_groups().first() else { return Ok(()) };
+        let tags = self.elb_tags(std::slice::from_ref(&leftover.id)).await?.remove(&leftover.id).unwrap_or_default();
+        if !Self::owned_by(&tags, id) {
+            return Ok(());
+        }
+        if !tg.load_balancer_arns().is_empty() {
+            let lbs = self
+                .clients
+                .elb
+                .describe_load_balancers()
+                .set_load_balancer_arns(Some(tg.load_balancer_arns().to_vec()));
+            match self.clients.call("DescribeLoadBalancers", lbs.send()).await {
+                Ok(out) if !out.load_balancers().is_empty() => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.delete_target_group(&leftover.id).await
+    }
+
     /// Takes `id`'s part out of `group`'s load balancer: its rules, listeners and target groups
     /// (`detached`: those a crash left unattached). With the last member, the load balancer and
     /// the frontend group go first. The Service's target groups go last in every case: as long
@@ -326,20 +374,27 @@ impl AwsProvider {
     pub(super) async fn list_owned_inner(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
         let mut pages = self.clients.elb.describe_load_balancers().page_size(400).into_paginator().send();
         let mut candidates = Vec::new();
+        let mut in_use: BTreeSet<String> = BTreeSet::new();
+        let mut existing: BTreeSet<String> = BTreeSet::new();
         loop {
             let Some(page) = pages.next().await else { break };
             let page = page.map_err(|e| ApiError::from_sdk("DescribeLoadBalancers", e))?;
-            candidates.extend(
-                page.load_balancers()
-                    .iter()
-                    .filter(|l| l.r#type() == Some(&LoadBalancerTypeEnum::Network))
-                    .filter(|l| l.load_balancer_name().is_some_and(|n| n.starts_with(naming::NAME_PREFIX)))
-                    .filter_map(|l| l.load_balancer_arn().map(str::to_owned)),
-            );
+            for l in page.load_balancers() {
+                in_use.extend(l.security_groups().iter().cloned());
+                existing.extend(l.load_balancer_arn().map(str::to_owned));
+                let ours = l.r#type() == Some(&LoadBalancerTypeEnum::Network)
+                    && l.load_balancer_name().is_some_and(|n| n.starts_with(naming::NAME_PREFIX));
+                if let (true, Some(arn)) = (ours, l.load_balancer_arn()) {
+                    candidates.push(arn.to_owned());
+                }
+            }
         }
         let tags = self.elb_tags(&candidates).await?;
         let cluster = &self.config.cluster;
-        let entry = |t: &BTreeMap<String, String>, arn: &str| {
+        let entry = |t: &BTreeMap<String, String>, id: &str, detached: bool| {
+            if t.get(OWNERSHIP_TAG_CLUSTER) != Some(cluster) {
+                return None;
+            }
             let (namespace, name) = t.get(OWNERSHIP_TAG_SERVICE)?.split_once('/')?;
             Some(OwnedLoadBalancer {
                 identity: ServiceIdentity {
@@ -348,31 +403,72 @@ impl AwsProvider {
                     name: name.to_owned(),
                     uid: t.get(OWNERSHIP_TAG_SERVICE_UID)?.clone(),
                 },
-                id: arn.to_owned(),
+                id: id.to_owned(),
                 fingerprint: None,
+                detached,
             })
         };
         let mut owned = Vec::new();
+        let mut groups = BTreeMap::new();
         for arn in candidates {
             let Some(t) = tags.get(&arn) else { continue };
-            if t.get(OWNERSHIP_TAG_CLUSTER) != Some(cluster) {
-                continue;
+            match t.get(OWNERSHIP_TAG_GROUP) {
+                Some(group) if shared_by(t, cluster, group) => {
+                    groups.insert(arn, group.clone());
+                }
+                _ => owned.extend(entry(t, &arn, false)),
             }
-            // A group's load balancer: one entry per member, each owning its part (its target
-            // groups say whose they are).
-            if let Some(group) = t.get(OWNERSHIP_TAG_GROUP).filter(|g| shared_by(t, cluster, g)) {
-                let mut members = BTreeMap::new();
-                for (_, tg_tags) in self.attached_target_groups(&arn).await? {
-                    if tg_tags.get(OWNERSHIP_TAG_GROUP) == Some(group)
-                        && let Some(member) = entry(&tg_tags, &arn)
-                    {
-                        members.insert(member.identity.uid.clone(), member);
+        }
+
+        // Target groups: a group's load balancer holds one part per member (their tags say
+        // whose), and hawser's target groups on no load balancer were left by a crash.
+        let mut pages = self.clients.elb.describe_target_groups().page_size(400).into_paginator().send();
+        let mut parts: Vec<(String, Option<String>)> = Vec::new();
+        loop {
+            let Some(page) = pages.next().await else { break };
+            let page = page.map_err(|e| ApiError::from_sdk("DescribeTargetGroups", e))?;
+            for tg in page.target_groups() {
+                let (Some(arn), Some(name)) = (tg.target_group_arn(), tg.target_group_name()) else { continue };
+                let lbs = tg.load_balancer_arns();
+                if let Some(lb) = lbs.iter().find(|lb| groups.contains_key(*lb)) {
+                    parts.push((arn.to_owned(), Some(lb.clone())));
+                } else if !lbs.iter().any(|lb| existing.contains(lb)) && name.starts_with(naming::NAME_PREFIX) {
+                    parts.push((arn.to_owned(), None));
+                }
+            }
+        }
+        let arns: Vec<String> = parts.iter().map(|(arn, _)| arn.clone()).collect();
+        let part_tags = self.elb_tags(&arns).await?;
+        let mut members = BTreeMap::new();
+        for (arn, lb) in parts {
+            let Some(t) = part_tags.get(&arn) else { continue };
+            match lb {
+                Some(lb) if t.get(OWNERSHIP_TAG_GROUP) == groups.get(&lb) => {
+                    if let Some(member) = entry(t, &lb, false) {
+                        members.insert((lb, member.identity.uid.clone()), member);
                     }
                 }
-                owned.extend(members.into_values());
-                continue;
+                Some(_) => {}
+                None => owned.extend(entry(t, &arn, true)),
             }
-            owned.extend(entry(t, &arn));
+        }
+        owned.extend(members.into_values());
+
+        // Frontend security groups no load balancer uses, left by a crash the same way.
+        let out = self
+            .clients
+            .call(
+                "DescribeSecurityGroups",
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .filters(Filter::builder().name(format!("tag:{OWNERSHIP_TAG_CLUSTER}")).values(cluster).build())
+                    .send(),
+            )
+            .await?;
+        for g in out.security_groups() {
+            let Some(id) = g.group_id().filter(|id| !in_use.contains(*id)) else { continue };
+            owned.extend(entry(&super::ensure::tag_map(g.tags()), id, true));
         }
         Ok(owned)
     }

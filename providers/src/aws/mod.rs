@@ -181,6 +181,10 @@ impl Provider for AwsProvider {
         self.delete_inner(identity).await
     }
 
+    async fn delete_detached(&self, leftover: &OwnedLoadBalancer) -> Result<(), ProviderError> {
+        self.delete_detached_inner(leftover).await
+    }
+
     async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
         let found = self.detached_target_groups(identity).await?;
         let prefix = naming::member_target_group_prefix(identity);

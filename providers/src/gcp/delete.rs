@@ -160,6 +160,7 @@ impl GcpProvider {
                 ),
                 identity,
                 fingerprint: None,
+                detached: false,
             });
         }
         Ok(found.into_values().collect())

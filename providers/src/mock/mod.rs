@@ -581,6 +581,7 @@ impl Provider for MockCloud {
                     },
                     id: id.to_owned(),
                     fingerprint,
+                    detached: false,
                 })
             };
             for lb in state.load_balancers().values().filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
