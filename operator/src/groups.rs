@@ -118,27 +118,42 @@ pub fn admit(
     let mut ordered: Vec<&Member<'_>> = members.iter().collect();
     ordered.sort_by_key(|m| precedence(m, group));
     let mut taken: Vec<&Member<'_>> = Vec::new();
-    let mut listeners = 0;
+    let mut used = Used::default();
     for m in ordered {
-        let verdict = check(m, &taken, listeners, limits, group_annotations);
+        let verdict = check(m, &taken, used, limits, group_annotations);
         if m.service.uid().as_deref() == Some(candidate) {
             return verdict;
         }
         if verdict.is_ok() {
-            listeners += m.spec.listeners.len();
+            used.listeners += m.spec.listeners.len();
+            used.rules += rules(m.spec);
             taken.push(m);
         }
     }
     Ok(())
 }
 
+/// What the members taken so far use of the group's load balancer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Used {
+    listeners: usize,
+    rules: usize,
+}
+
+/// Forwarding rules a member needs where the cloud builds one per protocol (GCP).
+fn rules(spec: &LoadBalancerSpec) -> usize {
+    let protocols: std::collections::BTreeSet<Protocol> = ports(spec).into_iter().map(|(_, p)| p).collect();
+    protocols.len()
+}
+
 fn check(
     m: &Member<'_>,
     taken: &[&Member<'_>],
-    listeners: usize,
+    used: Used,
     limits: GroupLimits,
     group_annotations: &[&str],
 ) -> Result<(), GroupConflict> {
+    let listeners = used.listeners;
     let Some(first) = taken.first() else { return Ok(()) };
     let first_key = key(first.service);
     let theirs = whole_lb_settings(first.spec, group_annotations);
@@ -177,6 +192,20 @@ fn check(
                  would exceed it: use another group",
                 limits.max_listeners,
                 m.spec.listeners.len()
+            ),
+        });
+    }
+    if let Some(max) = limits.max_rules
+        && used.rules + rules(m.spec) > max
+    {
+        return Err(GroupConflict {
+            with: first_key,
+            setting: "spec.ports".to_owned(),
+            message: format!(
+                "the group's address carries {} forwarding rules (one per member and protocol) and takes at most \
+                 {max}; this Service's {} would exceed it: use another group",
+                used.rules,
+                rules(m.spec)
             ),
         });
     }

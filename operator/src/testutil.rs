@@ -16,7 +16,7 @@ pub fn mock_desired_config() -> DesiredConfig {
         capabilities: Capabilities {
             needs_node_ports: false,
             supports_udp: true,
-            groups: Some(hawser_providers::GroupLimits { max_listeners: 50 }),
+            groups: Some(hawser_providers::GroupLimits { max_listeners: 50, max_rules: None }),
         },
     }
 }

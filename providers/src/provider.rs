@@ -25,6 +25,9 @@ pub struct Capabilities {
 pub struct GroupLimits {
     /// Listeners (port and protocol; TCP_UDP counts once) on one load balancer.
     pub max_listeners: usize,
+    /// Forwarding rules on one address, where the cloud builds one per member and protocol
+    /// (GCP); `None` where nothing else is counted.
+    pub max_rules: Option<usize>,
 }
 
 /// A load balancer this cluster owns, as found in the cloud.

@@ -6,6 +6,9 @@
 #[path = "gcp/fake_compute.rs"]
 mod fake_compute;
 
+#[path = "gcp/groups.rs"]
+mod groups;
+
 use std::time::Duration;
 
 use fake_compute::{API, FakeCompute};

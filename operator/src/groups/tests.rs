@@ -12,7 +12,7 @@ fn cfg() -> DesiredConfig {
 }
 
 fn limits() -> GroupLimits {
-    GroupLimits { max_listeners: 4 }
+    GroupLimits { max_listeners: 4, max_rules: None }
 }
 
 fn svc(name: &str, created: &str, extra: serde_json::Value) -> Service {
@@ -123,4 +123,32 @@ fn whole_load_balancer_provider_annotations_must_agree() {
     assert_eq!(err.setting, "hawser.dev/mock-tier");
     assert!(err.message.contains("is gold here but (unset) on shop/a"), "{err}");
     assert_eq!(admit("u-b", GROUP, &members, limits(), &[]), Ok(()), "a per-member annotation may differ");
+}
+
+#[test]
+fn the_rule_quota_counts_one_rule_per_member_and_protocol() {
+    let proto = |port: u16, p: &str| json!({"spec": {"ports": [{"port": port, "protocol": p, "name": "p"}]}});
+    let services = [
+        svc("a", "2026-01-01T00:00:00Z", proto(80, "TCP")),
+        svc(
+            "b",
+            "2026-01-02T00:00:00Z",
+            json!({"spec": {"ports": [{"port": 53, "protocol": "TCP", "name": "t"}, {"port": 53, "protocol": "UDP", "name": "u"}]}}),
+        ),
+        svc("c", "2026-01-03T00:00:00Z", proto(81, "TCP")),
+        svc("d", "2026-01-04T00:00:00Z", proto(82, "UDP")),
+    ];
+    let specs: Vec<LoadBalancerSpec> =
+        services.iter().map(|s| desired::build(s, crate::testutil::one_target(), &cfg()).unwrap()).collect();
+    let members: Vec<Member<'_>> =
+        services.iter().zip(&specs).map(|(service, spec)| Member { service, spec }).collect();
+    let limits = GroupLimits { max_listeners: 50, max_rules: Some(3) };
+    assert_eq!(admit("u-a", GROUP, &members, limits, &[]), Ok(()));
+    assert_eq!(admit("u-b", GROUP, &members, limits, &[]), Ok(()), "a's one rule and b's two");
+    let err = admit("u-c", GROUP, &members, limits, &[]).unwrap_err();
+    assert!(err.message.contains("carries 3 forwarding rules") && err.message.contains("at most 3"), "{err}");
+    assert_eq!(err.setting, "spec.ports");
+    assert!(admit("u-d", GROUP, &members, limits, &[]).is_err(), "d needs a rule too");
+    let no_rules = GroupLimits { max_rules: None, ..limits };
+    assert_eq!(admit("u-c", GROUP, &members, no_rules, &[]), Ok(()), "clouds that do not count rules");
 }

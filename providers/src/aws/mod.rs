@@ -149,7 +149,7 @@ impl Provider for AwsProvider {
         Capabilities {
             needs_node_ports: true,
             supports_udp: true,
-            groups: Some(GroupLimits { max_listeners: ensure::MAX_LISTENERS }),
+            groups: Some(GroupLimits { max_listeners: ensure::MAX_LISTENERS, max_rules: None }),
         }
     }
 

@@ -2,9 +2,9 @@
 //!
 //! Pure: no Compute call. Every problem is collected so the user sees all of them at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{InvalidField, IpFamily, LoadBalancerSpec, Scheme};
+use crate::{InvalidField, IpFamily, LoadBalancerSpec, Protocol, Scheme};
 
 /// `Premium` (the default) or `Standard`: the network tier of an external load balancer.
 pub const NETWORK_TIER: &str = "hawser.dev/gcp-network-tier";
@@ -18,6 +18,10 @@ pub const CONNECTION_DRAINING_TIMEOUT: &str = "hawser.dev/gcp-connection-drainin
 
 /// Every annotation the GCP provider understands.
 pub const ALL: &[&str] = &[NETWORK_TIER, SUBNET, GLOBAL_ACCESS, CONNECTION_DRAINING_TIMEOUT];
+
+/// The annotations that configure the group's address rather than one Service's rules: the
+/// members of a load-balancer group must agree on them.
+pub const WHOLE_LOAD_BALANCER: &[&str] = &[NETWORK_TIER, SUBNET, GLOBAL_ACCESS];
 
 /// Connection draining when the annotation is absent (the value GKE's own L4 controller uses).
 pub const DEFAULT_DRAINING_SECS: i32 = 30;
@@ -171,6 +175,30 @@ pub fn parse(spec: &LoadBalancerSpec) -> Result<GcpOptions, Vec<InvalidField>> {
     }
     if spec.listeners.is_empty() {
         errors.push(InvalidField::new("spec.ports", "a load balancer needs at least one port"));
+    }
+    // On a group's shared address a member's rule must list its ports: a port range could cover
+    // another member's.
+    if spec.group.is_some() {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let ports: BTreeSet<u16> = spec
+                .listeners
+                .iter()
+                .filter(|l| l.protocol == protocol || l.protocol == Protocol::TcpUdp)
+                .map(|l| l.port)
+                .collect();
+            if ports.len() > super::plan::MAX_FORWARDING_RULE_PORTS {
+                errors.push(InvalidField::new(
+                    "spec.ports",
+                    format!(
+                        "a member of a load-balancer group serves at most {} {} ports on GCP (a forwarding rule on \
+                         the group's address lists its ports; this Service has {}); split it or leave the group",
+                        super::plan::MAX_FORWARDING_RULE_PORTS,
+                        protocol.as_str(),
+                        ports.len()
+                    ),
+                ));
+            }
+        }
     }
 
     if errors.is_empty() { Ok(GcpOptions { network_tier, subnet, global_access, draining_secs }) } else { Err(errors) }

@@ -7,8 +7,8 @@ use tracing::info;
 use super::GcpProvider;
 use super::ensure::{FAMILIES, PROTOCOLS};
 use super::errors::{ApiFailure, Failure};
-use super::naming::{ClusterNames, Ownership, PREFIX, ServiceNames, owned_by_cluster, owned_by_service};
-use crate::{OwnedLoadBalancer, ProviderError, ServiceIdentity};
+use super::naming::{ClusterNames, GroupNames, Ownership, PREFIX, ServiceNames, owned_by_cluster, owned_by_service};
+use crate::{IpFamily, OwnedLoadBalancer, ProviderError, ServiceIdentity};
 
 impl GcpProvider {
     /// Treats "already gone" as success; "still in use" as retry-later.
@@ -45,24 +45,48 @@ impl GcpProvider {
         let cluster_names = ClusterNames::new(&self.config.cluster);
         let cluster = &self.config.cluster;
 
-        let rules: Vec<String> =
-            FAMILIES.iter().flat_map(|f| PROTOCOLS.iter().map(|p| names.forwarding_rule(p, *f))).collect();
-        self.delete_forwarding_rules(id, rules).await?;
-
-        // Backend services; remember their groups' zones to clean the groups up after.
-        let mut zones = BTreeSet::new();
+        // Forwarding rules, its own and those on a load-balancer group's address; the groups
+        // they (and the backend services, which outlive them) name.
+        let mut groups = BTreeSet::new();
+        for family in FAMILIES {
+            for proto in PROTOCOLS {
+                for name in [names.forwarding_rule(proto, *family), names.member_forwarding_rule(proto, *family)] {
+                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
+                        && owned_by_service(f.description.as_deref(), id)
+                    {
+                        groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
+                        self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
+                    }
+                }
+            }
+        }
+        let mut services = Vec::new();
         for proto in PROTOCOLS {
             let name = names.per_protocol(proto);
             if let Some(b) = c.get_backend_service(&name).await.map_err(ApiFailure::into_error)?
                 && owned_by_service(b.description.as_deref(), id)
             {
-                zones.extend(
-                    b.backends.iter().filter_map(|g| {
-                        g.group.as_deref()?.split("/zones/").nth(1)?.split('/').next().map(str::to_owned)
-                    }),
-                );
-                self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
+                groups.extend(Ownership::from_description(b.description.as_deref()).and_then(|o| o.group));
+                services.push((name, b));
             }
+        }
+        // A group's address goes with its last member's rules, before the records naming the
+        // group do: a deletion interrupted here still finds the group when it runs again.
+        for group in &groups {
+            for family in FAMILIES {
+                self.release_group_address(group, *family).await?;
+            }
+        }
+
+        // Backend services; remember their groups' zones to clean the groups up after.
+        let mut zones = BTreeSet::new();
+        for (name, b) in services {
+            zones.extend(
+                b.backends
+                    .iter()
+                    .filter_map(|g| g.group.as_deref()?.split("/zones/").nth(1)?.split('/').next().map(str::to_owned)),
+            );
+            self.delete_ignoring_absent(c.delete_backend_service(&name).await)?;
         }
 
         if let Some(h) = c.get_health_check(&names.health_check()).await.map_err(ApiFailure::into_error)?
@@ -105,6 +129,7 @@ impl GcpProvider {
 
         for family in FAMILIES {
             self.delete_owned_firewall(id, &names.firewall_of(*family)).await?;
+            self.delete_owned_firewall(id, &names.member_firewall_of(*family)).await?;
         }
         if others == 0 {
             for family in FAMILIES {
@@ -128,6 +153,21 @@ impl GcpProvider {
         Ok(())
     }
 
+    /// Takes `id`'s rules and firewalls off load-balancer group `group`'s address, releasing
+    /// the address when no member's rule uses it any more.
+    pub(super) async fn leave_group_inner(&self, id: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        let names = ServiceNames::new(id);
+        for family in FAMILIES {
+            let rules: Vec<String> = PROTOCOLS.iter().map(|p| names.member_forwarding_rule(p, *family)).collect();
+            self.delete_forwarding_rules(id, rules).await?;
+            self.delete_owned_firewall(id, &names.member_firewall_of(*family)).await?;
+        }
+        for family in FAMILIES {
+            self.release_group_address(group, *family).await?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn list_owned_inner(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
         let c = &self.compute;
         let mut found: BTreeMap<String, OwnedLoadBalancer> = BTreeMap::new();
@@ -146,18 +186,18 @@ impl GcpProvider {
                     .map(|f| f.description.as_deref()),
             );
         for description in descriptions {
-            let Some(identity) = Ownership::from_description(description).and_then(|o| o.identity()) else { continue };
+            let Some(owner) = Ownership::from_description(description) else { continue };
+            let Some(identity) = owner.identity() else { continue };
             if identity.cluster != self.config.cluster {
                 continue;
             }
-            let names = ServiceNames::new(&identity);
+            // A group member's entry is its part of the group's load balancer.
+            let address = match &owner.group {
+                Some(group) => GroupNames::new(&identity.cluster, group).address_of(IpFamily::IPv4),
+                None => ServiceNames::new(&identity).address(),
+            };
             found.entry(identity.uid.clone()).or_insert_with(|| OwnedLoadBalancer {
-                id: format!(
-                    "projects/{}/regions/{}/addresses/{}",
-                    self.config.project,
-                    self.config.region,
-                    names.address()
-                ),
+                id: format!("projects/{}/regions/{}/addresses/{address}", self.config.project, self.config.region),
                 identity,
                 fingerprint: None,
                 detached: false,

@@ -12,7 +12,7 @@ use super::compute::{
     address_ip, observed_backend_service, observed_firewall, observed_forwarding_rule, observed_health_check,
 };
 use super::errors::{ApiFailure, Failure};
-use super::naming::{Ownership, owned_by_cluster, owned_by_service};
+use super::naming::{GroupNames, Ownership, ServiceNames, owned_by_cluster, owned_by_group, owned_by_service};
 use super::plan::{ForwardingRuleAction, Frontend, Plan, forwarding_rule_action, membership_changes};
 use crate::{
     IngressPoint, IpFamily, IpMode, LoadBalancerSpec, LoadBalancerStatus, PortStatus, Protocol, ProviderError,
@@ -23,7 +23,7 @@ use crate::{
 pub(super) const FAMILIES: &[IpFamily] = &[IpFamily::IPv4, IpFamily::IPv6];
 
 /// The protocols hawser builds a backend service and forwarding rule for.
-pub(super) const PROTOCOLS: &[&str] = &["TCP", "UDP"];
+pub(super) use super::plan::PROTOCOL_NAMES as PROTOCOLS;
 
 /// The error for a same-named resource that is not ours.
 pub(super) fn foreign(kind: &str, name: &str) -> ProviderError {
@@ -61,6 +61,11 @@ impl GcpProvider {
         self.ensure_health_check(&plan, id).await?;
         self.ensure_instance_groups(&plan).await?;
         self.ensure_backend_services(&plan, id).await?;
+        for frontend in plan.frontends.iter().filter(|f| f.requested_ip.is_some()) {
+            // On the user's one address the rules of the other place (own or group) hold the
+            // same ports: they must go before these can be made.
+            self.remove_elsewhere(&plan, id, frontend.family).await?;
+        }
         for ip in &ips {
             self.ensure_forwarding_rules(&plan, id, *ip).await?;
         }
@@ -71,7 +76,15 @@ impl GcpProvider {
         self.ensure_health_check_firewalls(&plan).await?;
         for frontend in plan.frontends.iter().filter(|f| f.requested_ip.is_some()) {
             // The user's own address replaced one hawser had reserved: release only ours.
-            self.release_owned_address(&plan, id, frontend.family).await?;
+            self.release_address(&plan, frontend.family).await?;
+        }
+        if plan.group.is_some() {
+            // A Service that moved into its group: its own load balancer goes now that the
+            // group's address serves it, never before.
+            for &family in FAMILIES {
+                self.remove_elsewhere(&plan, id, family).await?;
+                self.release_own_address(id, family).await?;
+            }
         }
 
         let mut ports = Vec::new();
@@ -89,7 +102,7 @@ impl GcpProvider {
                 "projects/{}/regions/{}/addresses/{}",
                 self.config.project,
                 self.config.region,
-                plan.names.address()
+                plan.address_name(IpFamily::IPv4)
             ),
             ingress: ips
                 .into_iter()
@@ -150,7 +163,7 @@ impl GcpProvider {
         };
         let mut existing = c.get_address(&desired.name).await.map_err(ApiFailure::into_error)?;
         if let Some(a) = &existing {
-            if !owned_by_service(a.description.as_deref(), id) {
+            if !plan.owns_address(a.description.as_deref()) {
                 return Err(foreign("address", &desired.name));
             }
             let tier = a.network_tier.as_ref().and_then(|t| t.name());
@@ -161,7 +174,7 @@ impl GcpProvider {
                 // and it cannot release it while forwarding rules still use it.
                 info!(service = %id.service_key(), address = %desired.name, "re-reserving the address for a new tier or scheme");
                 let rules: Vec<String> =
-                    PROTOCOLS.iter().map(|p| plan.names.forwarding_rule(p, frontend.family)).collect();
+                    PROTOCOLS.iter().map(|p| plan.forwarding_rule_name(p, frontend.family)).collect();
                 self.delete_forwarding_rules(id, rules).await?;
                 self.delete_ignoring_absent(c.delete_address(&desired.name).await)?;
                 existing = None;
@@ -170,7 +183,7 @@ impl GcpProvider {
         if existing.is_none() {
             if !created(c.insert_address(desired).await)? {
                 let a = c.get_address(&desired.name).await.map_err(ApiFailure::into_error)?;
-                if !a.is_some_and(|a| owned_by_service(a.description.as_deref(), id)) {
+                if !a.is_some_and(|a| plan.owns_address(a.description.as_deref())) {
                     return Err(foreign("address", &desired.name));
                 }
             }
@@ -370,7 +383,7 @@ impl GcpProvider {
             let stale: Vec<String> = PROTOCOLS
                 .iter()
                 .filter(|p| !families.contains(&family) || !protocols.contains(*p))
-                .map(|p| plan.names.forwarding_rule(p, family))
+                .map(|p| plan.forwarding_rule_name(p, family))
                 .collect();
             self.delete_forwarding_rules(id, stale).await?;
         }
@@ -384,17 +397,25 @@ impl GcpProvider {
             }
         }
         for &family in FAMILIES.iter().filter(|f| !families.contains(f)) {
-            self.delete_owned_firewall(id, &plan.names.firewall_of(family)).await?;
-            self.release_owned_address(plan, id, family).await?;
+            self.delete_owned_firewall(id, &plan.firewall_name(family)).await?;
+            self.release_address(plan, family).await?;
         }
         Ok(())
+    }
+
+    /// Removes the Service's forwarding rules and firewall of `family` in the other place: its
+    /// own address when it is a group member, its group's when it is not.
+    async fn remove_elsewhere(&self, plan: &Plan, id: &ServiceIdentity, family: IpFamily) -> Result<(), ProviderError> {
+        let (rules, firewall) = plan.elsewhere(family);
+        self.delete_forwarding_rules(id, rules).await?;
+        self.delete_owned_firewall(id, &firewall).await
     }
 
     async fn ensure_firewall(&self, plan: &Plan, id: &ServiceIdentity, ip: IpAddr) -> Result<(), ProviderError> {
         let c = &self.compute;
         let Some(desired) = plan.firewall(ip) else {
             // The Service's source ranges admit no client of this family.
-            return self.delete_owned_firewall(id, &plan.names.firewall_of(IpFamily::of(&ip))).await;
+            return self.delete_owned_firewall(id, &plan.firewall_name(IpFamily::of(&ip))).await;
         };
         match c.get_firewall(&desired.name).await.map_err(ApiFailure::into_error)? {
             None => {
@@ -459,20 +480,49 @@ impl GcpProvider {
         Ok(())
     }
 
-    /// Releases the address of `family` if hawser reserved it for this Service.
-    async fn release_owned_address(
+    /// Releases the address of `family` hawser reserved for the plan (the group's, once no
+    /// member's rule uses it).
+    async fn release_address(&self, plan: &Plan, family: IpFamily) -> Result<(), ProviderError> {
+        match plan.group_key() {
+            Some(group) => self.release_group_address(group, family).await,
+            None => self.release_own_address(&plan.identity, family).await,
+        }
+    }
+
+    /// Releases the address of `family` hawser reserved for the Service itself.
+    pub(super) async fn release_own_address(
         &self,
-        plan: &Plan,
         id: &ServiceIdentity,
         family: IpFamily,
     ) -> Result<(), ProviderError> {
         let c = &self.compute;
-        let name = plan.names.address_of(family);
+        let name = ServiceNames::new(id).address_of(family);
         if let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)?
             && owned_by_service(a.description.as_deref(), id)
         {
             self.delete_ignoring_absent(c.delete_address(&name).await)?;
         }
         Ok(())
+    }
+
+    /// Releases group `group`'s address of `family` unless another member's rule still uses it
+    /// (GCE refuses to release an address in use, which is what decides: no listing needed).
+    pub(super) async fn release_group_address(&self, group: &str, family: IpFamily) -> Result<(), ProviderError> {
+        let c = &self.compute;
+        let name = GroupNames::new(&self.config.cluster, group).address_of(family);
+        let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)? else { return Ok(()) };
+        if !owned_by_group(a.description.as_deref(), &self.config.cluster, group) {
+            return Ok(());
+        }
+        match c.delete_address(&name).await {
+            Ok(()) => {
+                info!(%group, address = %name, "released the address of the load-balancer group with its last member");
+                Ok(())
+            }
+            Err(f) => match f.classify() {
+                Failure::NotFound | Failure::InUse(_) => Ok(()),
+                _ => Err(f.into_error()),
+            },
+        }
     }
 }

@@ -27,8 +27,8 @@ pub use compute::{CallLog, Compute, IAM_PERMISSIONS, RecordedCall};
 pub use config::GcpConfig;
 
 use crate::{
-    Capabilities, ChangePlan, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer, Provider,
-    ProviderError, ServiceIdentity,
+    Capabilities, ChangePlan, GroupLimits, InvalidField, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
+    Provider, ProviderError, ServiceIdentity,
 };
 
 /// The custom IAM role the provider needs (`gcloud iam roles create --file`).
@@ -68,11 +68,21 @@ impl Provider for GcpProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { needs_node_ports: false, supports_udp: true, groups: None }
+        Capabilities {
+            needs_node_ports: false,
+            supports_udp: true,
+            // Ports are counted as GCE counts them on one shared address: 50 per protocol, in
+            // at most ten forwarding rules (one per member and protocol).
+            groups: Some(GroupLimits { max_listeners: 50, max_rules: Some(plan::MAX_RULES_PER_ADDRESS) }),
+        }
     }
 
     fn annotations(&self) -> &'static [&'static str] {
         annotations::ALL
+    }
+
+    fn group_annotations(&self) -> &'static [&'static str] {
+        annotations::WHOLE_LOAD_BALANCER
     }
 
     fn validate(&self, spec: &LoadBalancerSpec) -> Result<(), Vec<InvalidField>> {
@@ -93,6 +103,10 @@ impl Provider for GcpProvider {
 
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
         self.delete_inner(identity).await
+    }
+
+    async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
+        self.leave_group_inner(identity, group).await
     }
 
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {

@@ -72,6 +72,38 @@ impl ServiceNames {
     pub fn firewall_of(&self, family: IpFamily) -> String {
         format!("{}{}", self.firewall(), family_suffix(family))
     }
+
+    /// The forwarding rule of one protocol and family on a load-balancer group's address. It
+    /// differs from [`Self::forwarding_rule`] so that a Service moving into or out of a group
+    /// is served at both addresses until the move is done.
+    pub fn member_forwarding_rule(&self, protocol: &str, family: IpFamily) -> String {
+        format!("{}-g-{}{}", self.base, protocol.to_ascii_lowercase(), family_suffix(family))
+    }
+
+    /// The firewall that lets clients of one family reach the nodes at a group's address.
+    pub fn member_firewall_of(&self, family: IpFamily) -> String {
+        format!("{}-g-fw{}", self.base, family_suffix(family))
+    }
+}
+
+/// The names of a load-balancer group's shared resources: its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupNames {
+    /// `hawser-g-<hash>`.
+    pub base: String,
+}
+
+impl GroupNames {
+    /// Names for group `group` (`namespace/name`) of cluster `cluster`: `hawser-g-` plus 20 hex
+    /// digits (29 characters).
+    pub fn new(cluster: &str, group: &str) -> Self {
+        Self { base: format!("{PREFIX}g-{}", stable_hash(&[cluster, group], 20)) }
+    }
+
+    /// The group's reserved address of one family; also the group's load-balancer ID.
+    pub fn address_of(&self, family: IpFamily) -> String {
+        format!("{}{}", self.base, family_suffix(family))
+    }
 }
 
 /// The names of the resources the whole cluster shares.
@@ -117,6 +149,10 @@ pub struct Ownership {
     pub uid: Option<String>,
     /// What the resource is to hawser.
     pub resource: String,
+    /// The load-balancer group (`namespace/name`): the group's own resources (its address)
+    /// carry it without a Service, a member's parts with theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Ownership {
@@ -127,12 +163,23 @@ impl Ownership {
             service: Some(id.service_key()),
             uid: Some(id.uid.clone()),
             resource: resource.to_owned(),
+            group: None,
         }
+    }
+
+    /// The record of a resource of `id`'s, which is a member of `group` when that is set.
+    pub fn part(id: &ServiceIdentity, group: Option<&str>, resource: &str) -> Self {
+        Self { group: group.map(str::to_owned), ..Self::service(id, resource) }
     }
 
     /// The record of a resource the cluster shares.
     pub fn cluster(cluster: &str, resource: &str) -> Self {
-        Self { cluster: cluster.to_owned(), service: None, uid: None, resource: resource.to_owned() }
+        Self { cluster: cluster.to_owned(), service: None, uid: None, resource: resource.to_owned(), group: None }
+    }
+
+    /// The record of a resource load-balancer group `group` shares.
+    pub fn group(cluster: &str, group: &str, resource: &str) -> Self {
+        Self { group: Some(group.to_owned()), ..Self::cluster(cluster, resource) }
     }
 
     /// The JSON put in `description`.
@@ -169,6 +216,9 @@ impl Ownership {
         if let Some(uid) = &self.uid {
             labels.insert("hawser-service-uid".to_owned(), label_value(uid));
         }
+        if let Some(group) = &self.group {
+            labels.insert("hawser-group".to_owned(), label_value(group));
+        }
         labels
     }
 }
@@ -190,7 +240,14 @@ pub fn owned_by_service(description: Option<&str>, id: &ServiceIdentity) -> bool
 
 /// Whether `description` says the resource is shared by the cluster `cluster`.
 pub fn owned_by_cluster(description: Option<&str>, cluster: &str) -> bool {
-    Ownership::from_description(description).is_some_and(|o| o.cluster == cluster && o.uid.is_none())
+    Ownership::from_description(description)
+        .is_some_and(|o| o.cluster == cluster && o.uid.is_none() && o.group.is_none())
+}
+
+/// Whether `description` says the resource is shared by load-balancer group `group`.
+pub fn owned_by_group(description: Option<&str>, cluster: &str, group: &str) -> bool {
+    Ownership::from_description(description)
+        .is_some_and(|o| o.cluster == cluster && o.uid.is_none() && o.group.as_deref() == Some(group))
 }
 
 #[cfg(test)]
@@ -253,6 +310,27 @@ mod tests {
         let shared = Ownership::cluster("Prod.EU", "instance-group").to_description();
         assert!(owned_by_cluster(Some(&shared), "Prod.EU"));
         assert!(!owned_by_cluster(Some(&shared), "other"));
+    }
+
+    #[test]
+    fn group_names_and_records_never_meet_a_services() {
+        let g = GroupNames::new("Prod.EU", "shop/edge");
+        assert!(valid_name(&g.address_of(IpFamily::IPv4)) && valid_name(&g.address_of(IpFamily::IPv6)));
+        assert_ne!(g, GroupNames::new("Prod.EU", "other/edge"), "groups never cross namespaces");
+        let a = ServiceNames::new(&id("u1"));
+        for n in [a.member_forwarding_rule("TCP", IpFamily::IPv6), a.member_firewall_of(IpFamily::IPv6)] {
+            assert!(valid_name(&n), "{n}");
+        }
+        assert_ne!(a.member_forwarding_rule("TCP", IpFamily::IPv4), a.forwarding_rule("TCP", IpFamily::IPv4));
+        assert_ne!(a.member_firewall_of(IpFamily::IPv4), a.firewall_of(IpFamily::IPv4));
+        let shared = Ownership::group("Prod.EU", "shop/edge", "address").to_description();
+        assert!(owned_by_group(Some(&shared), "Prod.EU", "shop/edge"));
+        assert!(!owned_by_group(Some(&shared), "Prod.EU", "shop/other"));
+        assert!(!owned_by_cluster(Some(&shared), "Prod.EU"), "a group's address is not the cluster's");
+        let part = Ownership::part(&id("u1"), Some("shop/edge"), "forwarding-rule");
+        assert!(owned_by_service(Some(&part.to_description()), &id("u1")));
+        assert!(!owned_by_group(Some(&part.to_description()), "Prod.EU", "shop/edge"));
+        assert_eq!(part.labels()["hawser-group"], "shop-edge");
     }
 
     #[test]

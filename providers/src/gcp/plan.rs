@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use super::annotations::{GcpOptions, NetworkTier};
 use super::config::GcpConfig;
-use super::naming::{ClusterNames, Ownership, ServiceNames};
+use super::naming::{ClusterNames, GroupNames, Ownership, ServiceNames, owned_by_group, owned_by_service};
 use crate::{
     HealthCheckProtocol, InvalidField, IpFamily, LoadBalancerSpec, Protocol, Scheme, ServiceIdentity, SessionAffinity,
     Target,
@@ -49,6 +49,13 @@ fn host_range(ip: IpAddr) -> String {
 
 /// A forwarding rule lists at most this many ports; more need a port range.
 pub const MAX_FORWARDING_RULE_PORTS: usize = 5;
+
+/// Forwarding rules that may share one address (GCE's limit for internal addresses shared with
+/// `SHARED_LOADBALANCER_VIP`; hawser keeps external groups to it too).
+pub const MAX_RULES_PER_ADDRESS: usize = 10;
+
+/// The protocols a Service has a forwarding rule and backend service for.
+pub const PROTOCOL_NAMES: &[&str] = &["TCP", "UDP"];
 
 /// A reserved regional address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +207,9 @@ pub enum ForwardingRuleAction {
 pub struct Plan {
     /// Per-Service names.
     pub names: ServiceNames,
+    /// The load-balancer group (`namespace/name`) whose address the Service shares, and that
+    /// group's names; `None` for a load balancer of its own.
+    pub group: Option<(String, GroupNames)>,
     /// Cluster-wide names.
     pub cluster_names: ClusterNames,
     /// One frontend per IP family of the Service, IPv4 first.
@@ -221,7 +231,7 @@ pub struct Plan {
     subnetwork: Option<String>,
     target_tags: BTreeSet<String>,
     target_service_accounts: BTreeSet<String>,
-    identity: ServiceIdentity,
+    pub(super) identity: ServiceIdentity,
 }
 
 /// Where a node's VM is: `(zone, relative instance URL)` from `gce://project/zone/name`.
@@ -252,6 +262,12 @@ impl Plan {
         let id = &spec.identity;
         let names = ServiceNames::new(id);
         let cluster_names = ClusterNames::new(&config.cluster);
+        let group = spec.group.as_ref().map(|g| {
+            let key = format!("{}/{g}", id.namespace);
+            let names = GroupNames::new(&config.cluster, &key);
+            (key, names)
+        });
+        let group_key = group.as_ref().map(|(k, _)| k.as_str());
         let internal = spec.scheme == Scheme::Internal;
         let scheme = if internal { "INTERNAL" } else { "EXTERNAL" };
         let families = families(spec);
@@ -282,10 +298,13 @@ impl Plan {
             .map(|&family| {
                 let requested_ip = spec.requested_addresses.iter().copied().find(|a| IpFamily::of(a) == family);
                 let address = requested_ip.is_none().then(|| {
-                    let owner = Ownership::service(id, "address");
+                    let (owner, name) = match &group {
+                        Some((key, g)) => (Ownership::group(&config.cluster, key, "address"), g.address_of(family)),
+                        None => (Ownership::service(id, "address"), names.address_of(family)),
+                    };
                     let v6 = family == IpFamily::IPv6;
                     AddressSpec {
-                        name: names.address_of(family),
+                        name,
                         description: owner.to_description(),
                         address_type: scheme,
                         // IPv6 external load balancers are Premium only (checked with the annotations).
@@ -294,7 +313,9 @@ impl Plan {
                         // An internal address is shared by the TCP and UDP rules only when it
                         // must be: GCE reserves IPv4 ones that way always, as hawser did from
                         // the start; IPv6 ones only for a Service with both protocols.
-                        purpose: (internal && (!v6 || both_protocols)).then_some("SHARED_LOADBALANCER_VIP"),
+                        // A group's address is shared by every member's rules.
+                        purpose: (internal && (!v6 || both_protocols || group.is_some()))
+                            .then_some("SHARED_LOADBALANCER_VIP"),
                         ip_version: v6.then_some("IPV6"),
                         ipv6_endpoint_type: (v6 && !internal).then_some("NETLB"),
                         labels: owner.labels(),
@@ -306,7 +327,7 @@ impl Plan {
         let hc = &spec.health_check;
         let health_check = HealthCheckSpec {
             name: names.health_check(),
-            description: Ownership::service(id, "health-check").to_description(),
+            description: Ownership::part(id, group_key, "health-check").to_description(),
             protocol: hc.protocol,
             port: i32::from(hc.port),
             path: match hc.protocol {
@@ -336,6 +357,7 @@ impl Plan {
         }
         let mut plan = Self {
             names,
+            group: group.clone(),
             cluster_names,
             frontends,
             health_check,
@@ -364,7 +386,7 @@ impl Plan {
             .keys()
             .map(|proto| BackendServiceSpec {
                 name: plan.names.per_protocol(proto),
-                description: Ownership::service(id, "backend-service").to_description(),
+                description: Ownership::part(id, group_key, "backend-service").to_description(),
                 scheme,
                 protocol: proto,
                 session_affinity: match spec.session_affinity {
@@ -378,6 +400,59 @@ impl Plan {
             })
             .collect();
         Ok(plan)
+    }
+
+    /// The group's key, for a member.
+    pub fn group_key(&self) -> Option<&str> {
+        self.group.as_ref().map(|(k, _)| k.as_str())
+    }
+
+    /// The address of `family` hawser reserves for this plan: the group's, for a member.
+    pub fn address_name(&self, family: IpFamily) -> String {
+        match &self.group {
+            Some((_, g)) => g.address_of(family),
+            None => self.names.address_of(family),
+        }
+    }
+
+    /// Whether `description` makes an address the one [`Self::address_name`] means.
+    pub fn owns_address(&self, description: Option<&str>) -> bool {
+        match &self.group {
+            Some((key, _)) => owned_by_group(description, &self.identity.cluster, key),
+            None => owned_by_service(description, &self.identity),
+        }
+    }
+
+    /// The forwarding rule of `protocol` and `family`: on the group's address for a member.
+    pub fn forwarding_rule_name(&self, protocol: &str, family: IpFamily) -> String {
+        match self.group {
+            Some(_) => self.names.member_forwarding_rule(protocol, family),
+            None => self.names.forwarding_rule(protocol, family),
+        }
+    }
+
+    /// The traffic firewall of `family`: at the group's address for a member.
+    pub fn firewall_name(&self, family: IpFamily) -> String {
+        match self.group {
+            Some(_) => self.names.member_firewall_of(family),
+            None => self.names.firewall_of(family),
+        }
+    }
+
+    /// The forwarding rules and firewall of `family` the Service has in the other place (its
+    /// own address when it is a member, its group's when it is not), which go once this plan
+    /// serves it.
+    pub fn elsewhere(&self, family: IpFamily) -> (Vec<String>, String) {
+        match self.group {
+            Some(_) => (
+                PROTOCOL_NAMES.iter().map(|p| self.names.forwarding_rule(p, family)).collect(),
+                self.names.firewall_of(family),
+            ),
+            None => (
+                PROTOCOL_NAMES.iter().map(|p| self.names.member_forwarding_rule(p, family)).collect(),
+                self.names.member_firewall_of(family),
+            ),
+        }
     }
 
     /// The families the load balancer serves, IPv4 first.
@@ -417,7 +492,7 @@ impl Plan {
 
     /// The forwarding rules, one per protocol, on `ip` (whose family they serve).
     pub fn forwarding_rules(&self, config: &GcpConfig, ip: IpAddr) -> Vec<ForwardingRuleSpec> {
-        let owner = Ownership::service(&self.identity, "forwarding-rule");
+        let owner = Ownership::part(&self.identity, self.group_key(), "forwarding-rule");
         let family = IpFamily::of(&ip);
         let v6 = family == IpFamily::IPv6;
         self.ports
@@ -425,7 +500,7 @@ impl Plan {
             .map(|(proto, ports)| {
                 let (list, range) = port_spec(ports);
                 ForwardingRuleSpec {
-                    name: self.names.forwarding_rule(proto, family),
+                    name: self.forwarding_rule_name(proto, family),
                     description: owner.to_description(),
                     ip,
                     ip_version: v6.then_some("IPV6"),
@@ -462,8 +537,8 @@ impl Plan {
             return None;
         }
         Some(FirewallSpec {
-            name: self.names.firewall_of(family),
-            description: Ownership::service(&self.identity, "firewall").to_description(),
+            name: self.firewall_name(family),
+            description: Ownership::part(&self.identity, self.group_key(), "firewall").to_description(),
             network: self.network.clone(),
             source_ranges,
             destination_ranges: BTreeSet::from([host_range(ip)]),

@@ -11,7 +11,9 @@ use super::compute::{
 };
 use super::ensure::{FAMILIES, PROTOCOLS};
 use super::errors::ApiFailure;
-use super::naming::{ClusterNames, Ownership, ServiceNames, owned_by_cluster, owned_by_service};
+use super::naming::{
+    ClusterNames, GroupNames, Ownership, ServiceNames, owned_by_cluster, owned_by_group, owned_by_service,
+};
 use super::plan::{
     BackendServiceSpec, FirewallSpec, ForwardingRuleAction, ForwardingRuleSpec, HealthCheckSpec, Plan,
     forwarding_rule_action,
@@ -140,7 +142,7 @@ impl GcpProvider {
             }
             let Some(desired) = &frontend.address else { continue };
             let fate = match c.get_address(&desired.name).await.map_err(get)? {
-                Some(a) if !owned_by_service(a.description.as_deref(), id) => {
+                Some(a) if !plan.owns_address(a.description.as_deref()) => {
                     out.conflict(
                         "address",
                         &desired.name,
@@ -311,7 +313,7 @@ impl GcpProvider {
         let families: BTreeSet<IpFamily> = plan.families().collect();
         for &family in FAMILIES {
             for proto in PROTOCOLS.iter().filter(|p| !families.contains(&family) || !protocols.contains(*p)) {
-                let name = plan.names.forwarding_rule(proto, family);
+                let name = plan.forwarding_rule_name(proto, family);
                 if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
                     && owned_by_service(f.description.as_deref(), id)
                 {
@@ -328,8 +330,8 @@ impl GcpProvider {
             }
         }
         for &family in FAMILIES.iter().filter(|f| !families.contains(f)) {
-            self.plan_owned_deletion(id, "firewall", &plan.names.firewall_of(family), &mut out).await?;
-            self.plan_owned_deletion(id, "address", &plan.names.address_of(family), &mut out).await?;
+            self.plan_owned_deletion(id, "firewall", &plan.firewall_name(family), &mut out).await?;
+            self.plan_address_release(&plan, family, &mut out).await?;
         }
 
         // Firewalls, per frontend.
@@ -339,7 +341,7 @@ impl GcpProvider {
                 AddressFate::New => unspecified(*family),
             };
             let Some(desired) = plan.firewall(ip) else {
-                self.plan_owned_deletion(id, "firewall", &plan.names.firewall_of(*family), &mut out).await?;
+                self.plan_owned_deletion(id, "firewall", &plan.firewall_name(*family), &mut out).await?;
                 continue;
             };
             let mut want = firewall_fields(&desired);
@@ -389,9 +391,71 @@ impl GcpProvider {
 
         // An address hawser reserved that the user's own replaced.
         for frontend in plan.frontends.iter().filter(|f| f.requested_ip.is_some()) {
-            self.plan_owned_deletion(id, "address", &plan.names.address_of(frontend.family), &mut out).await?;
+            self.plan_address_release(&plan, frontend.family, &mut out).await?;
+        }
+        // A Service moving into its group: its own rules, firewalls and address go once the
+        // group's address serves it.
+        if let Some(group) = plan.group_key() {
+            let mut own = ChangePlan::default();
+            for &family in FAMILIES {
+                let (rules, firewall) = plan.elsewhere(family);
+                for name in rules {
+                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
+                        && owned_by_service(f.description.as_deref(), id)
+                    {
+                        own.push(Change::new(Action::Delete, "forwarding rule", name));
+                    }
+                }
+                self.plan_owned_deletion(id, "firewall", &firewall, &mut own).await?;
+                self.plan_owned_deletion(id, "address", &plan.names.address_of(family), &mut own).await?;
+            }
+            for change in own.changes {
+                out.push(change.because(format!("the Service moves into load-balancer group {group}")));
+            }
         }
         Ok(out)
+    }
+
+    /// The release of the plan's address of `family` hawser reserved: the Service's own, or its
+    /// group's when no other member's rule uses it.
+    async fn plan_address_release(
+        &self,
+        plan: &Plan,
+        family: IpFamily,
+        out: &mut ChangePlan,
+    ) -> Result<(), ProviderError> {
+        match plan.group_key() {
+            None => self.plan_owned_deletion(&plan.identity, "address", &plan.names.address_of(family), out).await,
+            Some(group) => self.plan_group_address_release(&plan.identity, group, family, out).await,
+        }
+    }
+
+    /// The release of group `group`'s address of `family`, when only `id`'s rules use it.
+    async fn plan_group_address_release(
+        &self,
+        id: &ServiceIdentity,
+        group: &str,
+        family: IpFamily,
+        out: &mut ChangePlan,
+    ) -> Result<(), ProviderError> {
+        let c = &self.compute;
+        let name = GroupNames::new(&self.config.cluster, group).address_of(family);
+        let Some(a) = c.get_address(&name).await.map_err(ApiFailure::into_error)? else { return Ok(()) };
+        if !owned_by_group(a.description.as_deref(), &self.config.cluster, group) {
+            return Ok(());
+        }
+        let ip = address_ip(a.address.as_deref());
+        let rules = c.list_forwarding_rules().await.map_err(ApiFailure::into_error)?;
+        let others = rules
+            .iter()
+            .any(|f| address_ip(f.ip_address.as_deref()) == ip && !owned_by_service(f.description.as_deref(), id));
+        if !others {
+            out.push(
+                Change::new(Action::Delete, "address", name)
+                    .because(format!("the last member of load-balancer group {group} goes")),
+            );
+        }
+        Ok(())
     }
 
     /// A delete of the firewall or address `name`, if this Service owns it.
@@ -422,13 +486,16 @@ impl GcpProvider {
         let cluster_names = ClusterNames::new(&self.config.cluster);
         let cluster = &self.config.cluster;
         let mut out = ChangePlan::default();
+        let mut groups = BTreeSet::new();
         for family in FAMILIES {
             for proto in PROTOCOLS {
-                let name = names.forwarding_rule(proto, *family);
-                if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
-                    && owned_by_service(f.description.as_deref(), id)
-                {
-                    out.push(Change::new(Action::Delete, "forwarding rule", name));
+                for name in [names.forwarding_rule(proto, *family), names.member_forwarding_rule(proto, *family)] {
+                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
+                        && owned_by_service(f.description.as_deref(), id)
+                    {
+                        groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
+                        out.push(Change::new(Action::Delete, "forwarding rule", name));
+                    }
                 }
             }
         }
@@ -479,6 +546,7 @@ impl GcpProvider {
         }
         for family in FAMILIES {
             self.plan_owned_deletion(id, "firewall", &names.firewall_of(*family), &mut out).await?;
+            self.plan_owned_deletion(id, "firewall", &names.member_firewall_of(*family), &mut out).await?;
         }
         if last {
             for family in FAMILIES {
@@ -495,6 +563,9 @@ impl GcpProvider {
         }
         for family in FAMILIES {
             self.plan_owned_deletion(id, "address", &names.address_of(*family), &mut out).await?;
+            for group in &groups {
+                self.plan_group_address_release(id, group, *family, &mut out).await?;
+            }
         }
         Ok(out)
     }

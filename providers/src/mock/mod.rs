@@ -497,7 +497,7 @@ impl Provider for MockCloud {
         Capabilities {
             needs_node_ports: false,
             supports_udp: true,
-            groups: Some(GroupLimits { max_listeners: MAX_LISTENERS }),
+            groups: Some(GroupLimits { max_listeners: MAX_LISTENERS, max_rules: None }),
         }
     }
 

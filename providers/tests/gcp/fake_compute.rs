@@ -235,6 +235,32 @@ fn references(resource: &Value) -> Vec<String> {
     out
 }
 
+/// The ports a forwarding rule serves, from its list or range (none: every port).
+fn rule_ports(rule: &Value) -> Option<Vec<u32>> {
+    if let Some(list) = rule.get("ports").and_then(Value::as_array).filter(|l| !l.is_empty()) {
+        return Some(list.iter().filter_map(|p| p.as_str()?.parse().ok()).collect());
+    }
+    let range = rule.get("portRange").and_then(Value::as_str)?;
+    let (first, last) = range.split_once('-').unwrap_or((range, range));
+    Some((first.parse().ok()?..=last.parse().ok()?).collect())
+}
+
+/// Another forwarding rule on the same address and protocol whose ports meet `rule`'s.
+fn overlapping_rule(s: &Store, collection: &str, rule: &Value) -> Option<String> {
+    let ip = bare(rule.get("IPAddress")?.as_str()?).to_owned();
+    let protocol = rule.get("IPProtocol").and_then(Value::as_str);
+    let mine = rule_ports(rule);
+    s.resources.get(collection)?.iter().find_map(|(name, other)| {
+        let same_ip = other.get("IPAddress").and_then(Value::as_str).is_some_and(|o| bare(o) == ip);
+        let same_protocol = other.get("IPProtocol").and_then(Value::as_str) == protocol;
+        let meet = match (&mine, rule_ports(other)) {
+            (Some(a), Some(b)) => a.iter().any(|p| b.contains(p)),
+            _ => true,
+        };
+        (same_ip && same_protocol && meet).then(|| name.clone())
+    })
+}
+
 fn exists(s: &Store, url: &str) -> bool {
     let rel = &url[url.find("projects/").unwrap_or(0)..];
     split(rel).is_some_and(|(c, n)| s.resources.get(&c).is_some_and(|m| m.contains_key(&n)))
@@ -389,6 +415,20 @@ async fn handle(State(fake): State<FakeCompute>, method: Method, uri: Uri, body:
                         "Invalid value for field 'resource.IPAddress': an external IPv6 forwarding rule takes a /96 range",
                     );
                 }
+            }
+            if kind == "forwardingRules"
+                && let Some(other) = overlapping_rule(&s, &collection, &resource)
+            {
+                // Rules may share an address only on distinct protocols or ports.
+                let ip = resource.get("IPAddress").and_then(Value::as_str).unwrap_or_default();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    &format!(
+                        "Invalid value for field 'resource.IPAddress': '{ip}'. Specified IP address is in-use and \
+                         would result in a conflict with forwarding rule '{other}' on the same protocol and ports."
+                    ),
+                );
             }
             if kind == "forwardingRules" && ipv6 {
                 // GCE answers IPv6 rules' addresses as the /96 they serve.
