@@ -141,3 +141,57 @@ async fn a_force_deleted_services_load_balancer_is_collected() {
     .await;
     server.stop().await;
 }
+
+/// A Service of the load-balancer group `edge` serving `port`.
+fn member(name: &str, port: u16) -> Service {
+    let mut svc = common::lb_service(name);
+    svc.metadata.annotations = Some([("hawser.dev/load-balancer-group".to_owned(), "edge".to_owned())].into());
+    svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = i32::from(port);
+    svc
+}
+
+#[tokio::test]
+async fn group_members_share_one_address_and_the_last_takes_it_away() {
+    let server = FakeApiServer::start(Config::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    node(&client, "node-a", "europe-west1-b").await;
+    let compute = FakeCompute::default();
+    let url = compute.start().await;
+    compute.seed(&format!("{REGION}/subnetworks"), "nodes", json!({"stackType": "IPV4_ONLY"}));
+    let _op = start_operator(&server, &url, &["--gc-interval", "500ms", "--gc-grace-period", "1s"]);
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    for (name, port) in [("web", 80), ("api", 443)] {
+        services.create(&PostParams::default(), &member(name, port)).await.unwrap();
+    }
+    let ip = wait_for("both members on one address", || async {
+        let web = ingress_ips(&services.get("web").await.ok()?);
+        let api = ingress_ips(&services.get("api").await.ok()?);
+        (web.len() == 1 && web == api).then(|| web[0].clone())
+    })
+    .await;
+    let addresses = compute.list(&format!("{REGION}/addresses"));
+    assert_eq!(addresses.len(), 1, "one address for the group: {:?}", addresses.keys());
+
+    // api leaves: an address of its own, then its rule leaves the group's.
+    let leave = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": null}}});
+    services.patch("api", &PatchParams::default(), &Patch::Merge(&leave)).await.unwrap();
+    wait_for("api on an address of its own, its rule gone from the group's", || async {
+        let own = ingress_ips(&services.get("api").await.ok()?);
+        let on_group = compute
+            .list(&format!("{REGION}/forwardingRules"))
+            .values()
+            .filter(|r| r["IPAddress"].as_str() == Some(ip.as_str()))
+            .count();
+        (own.len() == 1 && own[0] != ip && on_group == 1).then_some(())
+    })
+    .await;
+    assert_eq!(ingress_ips(&services.get("web").await.unwrap()), [ip.clone()], "web keeps the address");
+
+    // Both deleted: nothing is left, the group's address included.
+    for name in ["web", "api"] {
+        services.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_for("everything gone", || async { compute.names_with_prefix("hawser-").is_empty().then_some(()) }).await;
+    server.stop().await;
+}
