@@ -386,6 +386,10 @@ async fn kill_campaign_with_groups_converges_without_leaks() {
         drop(op); // SIGKILL, wherever it is
     }
 
+    // Two members that must end up sharing the group's NLB, whatever the rounds left.
+    for (name, port) in [("final-a", 7001), ("final-b", 7002)] {
+        services.create(&PostParams::default(), &member(name, port)).await.unwrap();
+    }
     let _op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -395,5 +399,7 @@ async fn kill_campaign_with_groups_converges_without_leaks() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(aws_problems(&w.aws, &w.world.node_sg, &services).await, None, "seed {seed}");
+    let a = hostname(&services.get("final-a").await.unwrap());
+    assert!(a.is_some() && a == hostname(&services.get("final-b").await.unwrap()), "one NLB for the group");
     w.server.stop().await;
 }
