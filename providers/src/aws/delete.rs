@@ -255,11 +255,9 @@ impl AwsProvider {
                 }
             }
             if let Some(lb) = &lb {
-                let prefix = scope.target_group_prefix();
-                for l in self.observe_listeners(&lb.arn).await? {
-                    if l.target_group_arn.as_deref().is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix)) {
-                        self.delete_listener(&l.arn).await?;
-                    }
+                let (mine, _) = super::ensure::split_listeners(scope, self.observe_listeners(&lb.arn).await?);
+                for l in mine {
+                    self.delete_listener(&l.arn).await?;
                 }
             }
         }

@@ -110,6 +110,18 @@ fn described_rules(perms: &[IpPermission]) -> Vec<(Rule, Option<String>)> {
     rules
 }
 
+/// The listeners of a group's load balancer that forward to the Service's target groups, and
+/// the other members'.
+pub(super) fn split_listeners(
+    scope: Scope<'_>,
+    listeners: Vec<ObservedListener>,
+) -> (Vec<ObservedListener>, Vec<ObservedListener>) {
+    let prefix = scope.target_group_prefix();
+    listeners
+        .into_iter()
+        .partition(|l| l.target_group_arn.as_deref().is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix)))
+}
+
 /// Listeners one NLB takes (the default quota; hawser keeps to it, as the operator does when it
 /// admits members).
 pub(super) const MAX_LISTENERS: usize = 50;
@@ -248,12 +260,7 @@ impl AwsProvider {
                     // A member changes only the listeners of its own target groups; a port another
                     // member still holds is theirs until that member lets it go.
                     if scope.group().is_some() {
-                        let prefix = scope.target_group_prefix();
-                        let (mine, theirs): (Vec<_>, Vec<_>) = listeners_observed.into_iter().partition(|l| {
-                            l.target_group_arn
-                                .as_deref()
-                                .is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix))
-                        });
+                        let (mine, theirs) = split_listeners(scope, listeners_observed);
                         if let Some(held) = theirs.iter().find(|l| desired.listeners.iter().any(|d| d.port == l.port)) {
                             return Err(ProviderError::Transient(format!(
                                 "port {} of the group's load balancer is still held by another member's listener; \

@@ -265,12 +265,7 @@ impl AwsProvider {
                     out.push_if_changed(change);
                     listeners_observed = self.observe_listeners(&current.arn).await?;
                     if scope.group().is_some() {
-                        let prefix = scope.target_group_prefix();
-                        let (mine, theirs): (Vec<_>, Vec<_>) = listeners_observed.into_iter().partition(|l| {
-                            l.target_group_arn
-                                .as_deref()
-                                .is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix))
-                        });
+                        let (mine, theirs) = super::ensure::split_listeners(scope, listeners_observed);
                         for held in theirs.iter().filter(|l| desired.listeners.iter().any(|d| d.port == l.port)) {
                             out.conflict(
                                 "listener",
@@ -488,13 +483,13 @@ impl AwsProvider {
                     .because(format!("the last member of load-balancer group {group} goes; with its listeners")),
             ),
             (Some(lb), false) => {
-                let prefix = scope.target_group_prefix();
-                for l in self.observe_listeners(&lb.arn).await? {
-                    if l.target_group_arn.as_deref().is_some_and(|a| naming::target_group_arn_has_prefix(a, &prefix)) {
-                        out.push(Change::new(Action::Delete, "listener", listener_name(l.port, &l.protocol)).because(
-                            format!("of the group {group}'s load balancer, which stays for its other members"),
-                        ));
-                    }
+                let (mine, _) = super::ensure::split_listeners(scope, self.observe_listeners(&lb.arn).await?);
+                for l in mine {
+                    out.push(
+                        Change::new(Action::Delete, "listener", listener_name(l.port, &l.protocol)).because(format!(
+                            "of the group {group}'s load balancer, which stays for its other members"
+                        )),
+                    );
                 }
             }
             (None, _) => {}
