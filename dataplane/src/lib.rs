@@ -12,3 +12,9 @@ pub mod nft;
 pub mod render;
 pub mod sync;
 pub mod telemetry;
+
+/// The allocator of every binary built on this crate: mimalloc returns the memory a full resync
+/// frees (its whole transient ruleset and script) to the system, where glibc's allocator kept
+/// most of it as fragmented heap (see dataplane/README.md, "Scale").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
