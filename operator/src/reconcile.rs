@@ -379,6 +379,15 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             // condition keeps naming the old group, so a restarted operator still knows.
             let before = previous.as_ref().and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
             if let Some(left) = before.as_deref().filter(|b| group.as_deref() != Some(*b)) {
+                // One change at a time on the old group's load balancer too (a member joining it
+                // must not see its address released under it). A Service moving from one group
+                // to another holds its new group's lock already and takes no second one, so
+                // that two moving the other way cannot wait on each other.
+                let lock = group.is_none().then(|| ctx.group_lock(left));
+                let _left_guard = match &lock {
+                    Some(lock) => Some(lock.lock().await),
+                    None => None,
+                };
                 ctx.provider.leave_group(&spec.identity, left).await?;
             }
             let change = ready_change(&status, group.as_deref());
@@ -562,7 +571,15 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
         uid: svc.uid().unwrap_or_default(),
     };
     publish(ctx, svc, EventType::Normal, "DeletingLoadBalancer", "Delete", "Deleting load balancer".to_owned()).await;
-    if let Err(e) = ctx.provider.delete(&identity).await {
+    // A member leaves its group's load balancer under the group's lock, like every change to it.
+    let lock = group_of(svc).map(|g| ctx.group_lock(&format!("{}/{g}", identity.namespace)));
+    let guard = match &lock {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    };
+    let deleted = ctx.provider.delete(&identity).await;
+    drop(guard);
+    if let Err(e) = deleted {
         publish(ctx, svc, EventType::Warning, "SyncFailed", "Delete", format!("Error deleting load balancer: {e}"))
             .await;
         return Err(e.into());

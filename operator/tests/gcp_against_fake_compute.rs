@@ -298,7 +298,8 @@ async fn kill_campaign_with_groups_converges_without_leaks() {
     }
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert_eq!(gcp_problems(&compute, &services).await, None, "seed {seed}");
-    let a = ingress_ips(&services.get("final-a").await.unwrap());
-    assert!(a.len() == 1 && a == ingress_ips(&services.get("final-b").await.unwrap()), "one address for the group");
+    let (a, b) =
+        (ingress_ips(&services.get("final-a").await.unwrap()), ingress_ips(&services.get("final-b").await.unwrap()));
+    assert!(a.len() == 1 && a == b, "one address for the group: {a:?} {b:?} (seed {seed})");
     server.stop().await;
 }

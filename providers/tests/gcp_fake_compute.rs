@@ -565,3 +565,25 @@ async fn plan_foretells_ensure_and_delete_and_writes_nothing() {
     assert_eq!(plan.conflicts.len(), 1, "{plan}");
     assert_eq!((plan.conflicts[0].kind.as_str(), plan.conflicts[0].name.as_str()), ("forwarding rule", name.as_str()));
 }
+
+#[tokio::test]
+async fn an_address_reserved_before_a_crash_is_inventoried_and_deleted_with_its_owner() {
+    let (fake, p, _) = setup().await;
+    let s = spec("web", "uid-1");
+    p.ensure(&s).await.unwrap();
+    p.delete(&s.identity).await.unwrap();
+    // What a crash right after reserving the address leaves: the address alone.
+    let mut plain = s.clone();
+    plain.listeners.truncate(1);
+    p.ensure(&plain).await.unwrap();
+    let address = fake.list(&format!("{REGION}/addresses")).into_iter().next().unwrap();
+    p.delete(&s.identity).await.unwrap();
+    fake.seed(&format!("{REGION}/addresses"), &address.0, address.1.clone());
+
+    let owned = p.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert!(owned[0].detached && owned[0].identity == s.identity && owned[0].id.ends_with(&address.0));
+    p.delete(&s.identity).await.unwrap();
+    assert_eq!(fake.names_with_prefix("hawser-"), Vec::<String>::new());
+    assert!(p.list_owned().await.unwrap().is_empty());
+}

@@ -203,6 +203,25 @@ impl GcpProvider {
                 detached: false,
             });
         }
+        // An address reserved for a Service whose backend services were never made (a crash
+        // right after reserving it): the owner's deletion removes it with whatever else it
+        // left; the drift check does not count it as a load balancer.
+        for a in c.list_addresses().await.map_err(ApiFailure::into_error)? {
+            let Some(name) = a.name.as_deref().filter(|n| n.starts_with(PREFIX)) else { continue };
+            let Some(identity) = Ownership::from_description(a.description.as_deref()).and_then(|o| o.identity())
+            else {
+                continue;
+            };
+            if identity.cluster != self.config.cluster {
+                continue;
+            }
+            found.entry(identity.uid.clone()).or_insert_with(|| OwnedLoadBalancer {
+                id: format!("projects/{}/regions/{}/addresses/{name}", self.config.project, self.config.region),
+                identity,
+                fingerprint: None,
+                detached: true,
+            });
+        }
         Ok(found.into_values().collect())
     }
 }

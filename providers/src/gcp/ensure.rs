@@ -69,6 +69,9 @@ impl GcpProvider {
         for ip in &ips {
             self.ensure_forwarding_rules(&plan, id, *ip).await?;
         }
+        if plan.group.is_some() {
+            self.check_group_addresses(&plan, &ips).await?;
+        }
         self.remove_stale(&plan, id).await?;
         for ip in &ips {
             self.ensure_firewall(&plan, id, *ip).await?;
@@ -399,6 +402,24 @@ impl GcpProvider {
         for &family in FAMILIES.iter().filter(|f| !families.contains(f)) {
             self.delete_owned_firewall(id, &plan.firewall_name(family)).await?;
             self.release_address(plan, family).await?;
+        }
+        Ok(())
+    }
+
+    /// After a member's rules are made: the group's addresses must still be the ones they use.
+    /// Another member's deletion may have released one between our read and our rules (GCE
+    /// then hands the IP out as an ephemeral one); the next ensure reserves it again and moves
+    /// the rules there.
+    async fn check_group_addresses(&self, plan: &Plan, ips: &[IpAddr]) -> Result<(), ProviderError> {
+        for (frontend, ip) in plan.frontends.iter().zip(ips) {
+            let Some(desired) = &frontend.address else { continue };
+            let now = self.compute.get_address(&desired.name).await.map_err(ApiFailure::into_error)?;
+            if now.and_then(|a| address_ip(a.address.as_deref())) != Some(*ip) {
+                return Err(ProviderError::Transient(format!(
+                    "address {} of the load-balancer group was released while this member joined; reserving it again",
+                    desired.name
+                )));
+            }
         }
         Ok(())
     }
