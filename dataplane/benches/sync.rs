@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, slice};
-use common::lab::{Lab, NODE, NODE_IP, exec_in, in_netns, pod_ip, prerequisites, spawn_sink, tcp};
+use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites, spawn_sink, tcp};
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
 use hawser_dataplane::model::ModelConfig;
-use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport};
+use hawser_dataplane::netlink::Batch;
+use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport, Writer};
 use hawser_dataplane::render::RenderConfig;
 use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
@@ -67,6 +68,11 @@ impl NftRunner for Counted {
         self.runs.fetch_add(1, Ordering::SeqCst);
         self.inner.run(script)
     }
+
+    fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.run_partial(script, batch)
+    }
 }
 
 /// The agent's state: what the watches feed and what the sync loop programs.
@@ -80,7 +86,8 @@ struct Agent {
 impl Agent {
     fn new(node: &str) -> Self {
         let runs = Arc::new(AtomicUsize::new(0));
-        let runner = Counted { inner: NftCommand::with_argv(exec_in(node, "nft")), runs: runs.clone() };
+        let netlink = !std::env::var("HAWSER_BENCH_NETLINK").is_ok_and(|v| v == "0");
+        let runner = Counted { inner: node_nft(node, netlink), runs: runs.clone() };
         Self {
             inputs: ClusterInputs::default(),
             syncer: Syncer::new(runner, RenderConfig::default()),
@@ -160,10 +167,11 @@ fn main() {
     agent.inputs.apply_slice(&endpoints(1, 9));
     let report = agent.sync();
     println!(
-        "one_endpoint_sync_ms={} target_ms=20 nft_ms={} nft_runs={}",
+        "one_endpoint_sync_ms={} target_ms=20 kernel_write_ms={} writes={} writer={}",
         ms(t.elapsed()),
         ms(report.apply_time),
-        agent.runs.load(Ordering::SeqCst) - runs
+        agent.runs.load(Ordering::SeqCst) - runs,
+        report.writer.as_str()
     );
 
     let runs = agent.runs.load(Ordering::SeqCst);
@@ -172,10 +180,11 @@ fn main() {
     agent.inputs.apply_slice(&endpoints(n, 10));
     let report = agent.sync();
     println!(
-        "service_added_sync_ms={} target_ms=20 nft_ms={} nft_runs={}",
+        "service_added_sync_ms={} target_ms=20 kernel_write_ms={} writes={} writer={}",
         ms(t.elapsed()),
         ms(report.apply_time),
-        agent.runs.load(Ordering::SeqCst) - runs
+        agent.runs.load(Ordering::SeqCst) - runs,
+        report.writer.as_str()
     );
 
     // A resync with no watch event since: the agent loop's check, then nothing. (The sync
@@ -189,7 +198,7 @@ fn main() {
         agent.sync();
     }
     println!(
-        "idle_resync_ms={:.3} target_ms=1 nft_runs={}",
+        "idle_resync_ms={:.3} target_ms=1 writes={}",
         t.elapsed().as_secs_f64() * 1000.0,
         agent.runs.load(Ordering::SeqCst) - runs
     );

@@ -18,8 +18,9 @@ use tracing::{debug, info, warn};
 use crate::conntrack::ConntrackCommand;
 use crate::health::HealthState;
 use crate::inputs::ClusterInputs;
-use crate::metrics::{Metrics, SyncKind};
+use crate::metrics::{Metrics, SyncKind, WriterLabel};
 use crate::model::{ModelConfig, NodeModel};
+use crate::netlink::Netlink;
 use crate::nft::{NftCommand, NftError};
 use crate::render::RenderConfig;
 use crate::sync::Syncer;
@@ -42,6 +43,8 @@ pub struct AgentConfig {
     pub max_sync_backoff: Duration,
     /// Command line running nft.
     pub nft_argv: Vec<String>,
+    /// Whether partial syncs go over a netlink socket of the agent's network namespace.
+    pub netlink: bool,
     /// Command line running conntrack.
     pub conntrack_argv: Vec<String>,
 }
@@ -180,7 +183,14 @@ async fn sync_loop(
         listed.await;
     }
     info!(services = shared.inputs().services(), "initial lists done; starting full sync");
-    let mut syncer = Syncer::new(NftCommand::with_argv(config.nft_argv.clone()), config.render);
+    let mut nft = NftCommand::with_argv(config.nft_argv.clone());
+    if config.netlink {
+        match Netlink::open() {
+            Ok(socket) => nft = nft.with_netlink(socket),
+            Err(e) => warn!(error = %e, "cannot open a netlink socket; every sync runs nft"),
+        }
+    }
+    let mut syncer = Syncer::new(nft, config.render);
     let conntrack = ConntrackCommand::with_argv(config.conntrack_argv.clone());
     let mut last_sync = Instant::now() - config.min_sync_interval;
     let mut last_full = Instant::now();
@@ -226,6 +236,9 @@ async fn sync_loop(
                     last_full = Instant::now();
                 }
                 debug!(?report, "synced");
+                if report.applied {
+                    metrics.kernel_writes.get_or_create(&WriterLabel { writer: report.writer.as_str() }).inc();
+                }
                 metrics.sync_pending_changes.set(to_i64(shared.inputs().pending()));
                 metrics.last_sync_timestamp.set(unix_now());
                 clean_conntrack(&conntrack, syncer.take_stale_flows()).await?;

@@ -8,6 +8,7 @@ pub mod health;
 pub mod inputs;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod render;
 pub mod sync;

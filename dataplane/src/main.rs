@@ -61,6 +61,11 @@ struct Args {
     /// Command running nft, split on whitespace (e.g. "ip netns exec node1 nft").
     #[arg(long, env = "HAWSER_NFT_COMMAND", default_value = "nft")]
     nft_command: String,
+    /// Write partial syncs (element changes, plain Service chains) over the agent's own
+    /// netlink socket instead of nft: used only when nft runs in the agent's own network
+    /// namespace (the default `--nft-command`), as netlink talks to that namespace.
+    #[arg(long, env = "HAWSER_NETLINK", default_value_t = true, action = clap::ArgAction::Set)]
+    netlink: bool,
     /// Command running conntrack, split on whitespace.
     #[arg(long, env = "HAWSER_CONNTRACK_COMMAND", default_value = "conntrack")]
     conntrack_command: String,
@@ -152,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(args.full_resync_period_seconds)),
         max_sync_backoff: Duration::from_secs(args.max_sync_backoff_seconds),
         nft_argv: argv(&args.nft_command),
+        netlink: args.netlink && argv(&args.nft_command) == ["nft"],
         conntrack_argv: argv(&args.conntrack_command),
     };
 

@@ -29,6 +29,13 @@ impl SyncKind {
     }
 }
 
+/// Label of `kernel_writes`: what wrote a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WriterLabel {
+    /// `nft` or `netlink`.
+    pub writer: &'static str,
+}
+
 /// The agent's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +49,8 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// Full resyncs done.
     pub full_syncs: Counter,
+    /// Transactions written to the kernel, by writer.
+    pub kernel_writes: Family<WriterLabel, Counter>,
     /// Services programmed.
     pub services: Gauge,
     /// Endpoints (Service port × endpoint) programmed.
@@ -63,6 +72,7 @@ impl Metrics {
         let last_sync_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let sync_failures = Counter::default();
         let full_syncs = Counter::default();
+        let kernel_writes = Family::<WriterLabel, Counter>::default();
         let services = Gauge::default();
         let endpoints = Gauge::default();
         let nft_elements = Gauge::default();
@@ -80,6 +90,11 @@ impl Metrics {
         );
         registry.register("sync_failures", "Syncs that failed", sync_failures.clone());
         registry.register("full_syncs", "Full resyncs", full_syncs.clone());
+        registry.register(
+            "kernel_writes",
+            "Transactions written to the kernel, by writer (nft, or hawser's netlink batches)",
+            kernel_writes.clone(),
+        );
         registry.register("services", "Services programmed", services.clone());
         registry.register("endpoints", "Endpoints programmed (per Service port)", endpoints.clone());
         registry.register("nft_elements", "nftables map elements programmed", nft_elements.clone());
@@ -91,6 +106,7 @@ impl Metrics {
             last_sync_timestamp,
             sync_failures,
             full_syncs,
+            kernel_writes,
             services,
             endpoints,
             nft_elements,

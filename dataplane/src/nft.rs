@@ -7,9 +7,11 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::diff::{Plan, Stale, cleanup_script, full_plan, partial_plan};
+use crate::netlink::{Batch, Netlink};
 use crate::render::Ruleset;
 
 /// Failure to run an nft transaction.
@@ -39,29 +41,77 @@ pub enum NftError {
 pub trait NftRunner: Send + Sync {
     /// Applies `script` atomically.
     fn run(&self, script: &str) -> Result<(), NftError>;
+
+    /// Applies a partial transaction: `batch`, its netlink encoding when it has one, or
+    /// `script`, which says the same. Returns the writer used. Runners without a netlink
+    /// socket run the script.
+    fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
+        let _ = batch;
+        self.run(script).map(|()| Writer::Nft)
+    }
 }
 
 impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
     fn run(&self, script: &str) -> Result<(), NftError> {
         (**self).run(script)
     }
+
+    fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
+        (**self).run_partial(script, batch)
+    }
 }
 
-/// Runs a real `nft` binary, optionally behind a prefix such as `ip netns exec NODE`.
+/// What wrote a transaction to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// Nothing was written.
+    None,
+    /// `nft -f -`.
+    Nft,
+    /// hawser's own nfnetlink batch.
+    Netlink,
+}
+
+impl Writer {
+    /// Label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Nft => "nft",
+            Self::Netlink => "netlink",
+        }
+    }
+}
+
+/// Runs a real `nft` binary, optionally behind a prefix such as `ip netns exec NODE`, and
+/// partial transactions over its own netlink socket when it has one.
 #[derive(Debug, Clone)]
 pub struct NftCommand {
     argv: Vec<String>,
+    netlink: Option<Arc<Netlink>>,
 }
 
 impl NftCommand {
     /// `nft` from PATH.
     pub fn new() -> Self {
-        Self { argv: vec!["nft".into()] }
+        Self { argv: vec!["nft".into()], netlink: None }
     }
 
     /// A custom command line ending in the nft binary, e.g. `["ip","netns","exec","n1","nft"]`.
     pub fn with_argv(argv: Vec<String>) -> Self {
-        Self { argv }
+        Self { argv, netlink: None }
+    }
+
+    /// Also writes partial transactions through `netlink`, a socket opened in the network
+    /// namespace nft programs.
+    pub fn with_netlink(mut self, netlink: Netlink) -> Self {
+        self.netlink = Some(Arc::new(netlink));
+        self
+    }
+
+    /// Whether partial transactions go over netlink.
+    pub fn has_netlink(&self) -> bool {
+        self.netlink.is_some()
     }
 
     /// Runs nft with extra arguments and returns stdout (for listing the ruleset).
@@ -96,6 +146,13 @@ impl Default for NftCommand {
 }
 
 impl NftRunner for NftCommand {
+    fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
+        match (&self.netlink, batch) {
+            (Some(netlink), Some(batch)) if netlink.fits(batch) => netlink.commit(batch).map(|()| Writer::Netlink),
+            _ => self.run(script).map(|()| Writer::Nft),
+        }
+    }
+
     fn run(&self, script: &str) -> Result<(), NftError> {
         let (program, rest) = self.split();
         let mut child = Command::new(program)
@@ -134,8 +191,10 @@ pub struct SyncReport {
     pub elements_changed: usize,
     /// Time to compute the plan.
     pub diff_time: Duration,
-    /// Time nft took.
+    /// Time writing to the kernel took.
     pub apply_time: Duration,
+    /// What wrote the transaction.
+    pub writer: Writer,
 }
 
 /// Keeps the applied ruleset and turns desired rulesets into transactions.
@@ -183,6 +242,7 @@ impl<R: NftRunner> Applier<R> {
             elements_changed: plan.elements_changed,
             diff_time,
             apply_time: Duration::ZERO,
+            writer: Writer::None,
         };
         if plan.is_empty() {
             return Ok(report);
@@ -194,6 +254,7 @@ impl<R: NftRunner> Applier<R> {
         }
         report.apply_time = applying.elapsed();
         report.applied = true;
+        report.writer = Writer::Nft;
         self.applied = Some(desired);
         self.stale = plan.stale_after;
         Ok(report)

@@ -18,7 +18,8 @@ use crate::diff::{Stale, full_plan};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, ServiceKey, ServiceModel};
-use crate::nft::{NftError, NftRunner, SyncReport};
+use crate::netlink::Batch;
+use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     Chain, Collection, FixedSlots, RenderConfig, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table,
     family_name, render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
@@ -146,6 +147,7 @@ impl<R: NftRunner> Syncer<R> {
             changed.push(key);
         }
         let mut counts = None;
+        let mut batch = None;
         let (script, chains_written, elements_changed, stale_after) = if full {
             let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
             counts = Some((ruleset.rule_count(), ruleset.element_count()));
@@ -157,6 +159,7 @@ impl<R: NftRunner> Syncer<R> {
                 let empty = Delta::default();
                 plan.family(family, deltas.get(&family).unwrap_or(&empty), &self.stale, &self.map_sizes);
             }
+            batch = plan.batch;
             (plan.script, plan.chains_written, plan.elements_changed, plan.stale_after)
         };
         let diff_time = started.elapsed();
@@ -167,12 +170,21 @@ impl<R: NftRunner> Syncer<R> {
             elements_changed,
             diff_time,
             apply_time: Duration::ZERO,
+            writer: Writer::None,
         };
         if !script.is_empty() {
             let applying = Instant::now();
-            if let Err(e) = self.runner.run(&script) {
-                self.full_next = true;
-                return Err(e);
+            let written = if full {
+                self.runner.run(&script).map(|()| Writer::Nft)
+            } else {
+                self.runner.run_partial(&script, batch.as_ref())
+            };
+            match written {
+                Ok(writer) => report.writer = writer,
+                Err(e) => {
+                    self.full_next = true;
+                    return Err(e);
+                }
             }
             report.apply_time = applying.elapsed();
             report.applied = true;
@@ -369,15 +381,38 @@ fn to_isize(n: usize) -> isize {
 
 /// The partial transaction, family by family, in the order nft needs: declarations, chains,
 /// elements, then emptying what is no longer wanted and deleting what the previous sync emptied.
-#[derive(Default)]
+/// Written twice: as an nft script, and as a netlink batch while every step is one the netlink
+/// encoder knows (see [`crate::netlink`]); the runner picks.
 struct PartialScript {
     script: String,
+    batch: Option<Batch>,
     chains_written: usize,
     elements_changed: usize,
     stale_after: BTreeSet<Stale>,
 }
 
+impl Default for PartialScript {
+    fn default() -> Self {
+        Self {
+            script: String::new(),
+            batch: Some(Batch::new()),
+            chains_written: 0,
+            elements_changed: 0,
+            stale_after: BTreeSet::new(),
+        }
+    }
+}
+
 impl PartialScript {
+    /// Adds a step to the batch; a step the encoder declines drops the batch.
+    fn encode(&mut self, step: impl FnOnce(&mut Batch) -> bool) {
+        if let Some(b) = self.batch.as_mut()
+            && !step(b)
+        {
+            self.batch = None;
+        }
+    }
+
     fn family(
         &mut self,
         family: Family,
@@ -387,37 +422,45 @@ impl PartialScript {
     ) {
         use std::fmt::Write as _;
         let fam = family_name(family);
-        let out = &mut self.script;
         for (name, (old, new)) in &d.owned {
             if let (None, Some(c)) = (old, new) {
                 let kind = if c.is_map { "map" } else { "set" };
-                let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+                let _ = writeln!(self.script, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+                self.batch = None;
             }
         }
         for (name, (before, decl)) in &d.maps {
             if *before == 0 && map_sizes.contains_key(&(family, name.clone())) {
-                let _ = writeln!(out, "add map {fam} {TABLE} {name} {{ {decl} }}");
+                let _ = writeln!(self.script, "add map {fam} {TABLE} {name} {{ {decl} }}");
+                self.batch = None;
             }
         }
         for (name, (old, new)) in &d.chains {
             if let (None, Some(chain)) = (old, new) {
-                write_chain_decl(out, fam, name, chain);
+                write_chain_decl(&mut self.script, fam, name, chain);
+                let base = chain.base.is_some();
+                self.encode(|b| {
+                    b.new_chain(family, name);
+                    !base
+                });
             }
         }
         for (name, (old, new)) in &d.chains {
-            match (old, new) {
-                (Some(o), Some(n)) if o == n => {}
-                (Some(_), Some(n)) => {
-                    let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
-                    write_rules(out, fam, name, n);
-                    self.chains_written += 1;
+            let Some(n) = new else { continue };
+            match old {
+                Some(o) if o == n => continue,
+                Some(_) => {
+                    let _ = writeln!(self.script, "flush chain {fam} {TABLE} {name}");
+                    self.encode(|b| {
+                        b.flush_chain(family, name);
+                        true
+                    });
                 }
-                (None, Some(n)) => {
-                    write_rules(out, fam, name, n);
-                    self.chains_written += 1;
-                }
-                _ => {}
+                None => {}
             }
+            write_rules(&mut self.script, fam, name, n);
+            self.encode(|b| n.rules.iter().all(|r| b.add_rule(family, name, r)));
+            self.chains_written += 1;
         }
         for (name, elements) in &d.elements {
             let removed: Vec<(&String, &String)> = elements
@@ -429,12 +472,23 @@ impl PartialScript {
                 .filter_map(|(k, (o, n))| n.as_ref().filter(|n| Some(*n) != o.as_ref()).map(|n| (k, n)))
                 .collect();
             self.elements_changed += removed.len() + added.len();
-            write_elements(out, "delete", fam, name, removed.into_iter());
-            write_elements(out, "add", fam, name, added.into_iter());
+            write_elements(&mut self.script, "delete", fam, name, removed.iter().copied());
+            write_elements(&mut self.script, "add", fam, name, added.iter().copied());
+            let (removed, added) = (&removed, &added);
+            self.encode(|b| {
+                (removed.is_empty()
+                    || b.elements(family, name, false, removed.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+                    && (added.is_empty()
+                        || b.elements(family, name, true, added.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+            });
         }
         for (name, (old, new)) in &d.chains {
             if old.is_some() && new.is_none() {
-                let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
+                let _ = writeln!(self.script, "flush chain {fam} {TABLE} {name}");
+                self.encode(|b| {
+                    b.flush_chain(family, name);
+                    true
+                });
                 self.stale_after.insert(Stale::Chain(family, name.clone()));
             }
         }
@@ -461,7 +515,11 @@ impl PartialScript {
                 && *f == family
                 && !wanted_chain(name)
             {
-                let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
+                let _ = writeln!(self.script, "delete chain {fam} {TABLE} {name}");
+                self.encode(|b| {
+                    b.delete_chain(family, name);
+                    true
+                });
             }
         }
         for s in stale {
@@ -473,7 +531,11 @@ impl PartialScript {
             let wanted =
                 d.owned.get(name).is_some_and(|(_, n)| n.is_some()) || map_sizes.contains_key(&(family, name.clone()));
             if *f == family && !wanted {
-                let _ = writeln!(out, "delete {kind} {fam} {TABLE} {name}");
+                let _ = writeln!(self.script, "delete {kind} {fam} {TABLE} {name}");
+                self.encode(|b| {
+                    b.delete_set(family, name);
+                    true
+                });
             }
         }
     }

@@ -418,3 +418,138 @@ fn partial_syncs_leave_the_tables_a_full_resync_would_write() {
     assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
     assert_eq!(lab.servers(NODE_IP, 30001, 30), set(&["pod1", "pod2", "pod3"]));
 }
+
+/// Plain Services (no affinity, no source ranges) change over netlink once their endpoint maps
+/// exist: endpoints coming and going, a chain rewritten, a Service removed and its chains
+/// deleted a sync later. What netlink wrote lists exactly as what nft writes in a full resync,
+/// and traffic follows.
+#[test]
+fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
+    use hawser_dataplane::nft::Writer;
+    let mut lab = lab!(3);
+    let dual = lab.ipv6;
+    let svc = |name: &'static str, lb: &'static str, lb6: &'static str, np: u16| {
+        let mut s = Svc::new("ns", name);
+        s.lb_ips = if dual { vec![lb, lb6] } else { vec![lb] };
+        if dual {
+            s.families = vec!["IPv4", "IPv6"];
+        }
+        s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
+        s.build()
+    };
+    let a = || svc("a", "203.0.113.1", "2001:db8::1", 30001);
+    let b = || svc("b", "203.0.113.2", "2001:db8::2", 30002);
+    let v4 = ["10.0.1.2", "10.0.2.2", "10.0.3.2"];
+    let v6 = ["fd00:1::2", "fd00:2::2", "fd00:3::2"];
+    let eps = |name: &'static str, n: usize| {
+        let mut out = vec![slice(
+            "ns",
+            name,
+            &format!("{name}-4"),
+            PORTS,
+            &v4[..n].iter().map(|ip| Ep::ready(ip, NODE)).collect::<Vec<_>>(),
+        )];
+        if dual {
+            out.push(slice(
+                "ns",
+                name,
+                &format!("{name}-6"),
+                PORTS,
+                &v6[..n].iter().map(|ip| Ep::ready(ip, NODE)).collect::<Vec<_>>(),
+            ));
+        }
+        out
+    };
+    let both = |na: usize, nb: usize| {
+        let mut all = eps("a", na);
+        all.extend(eps("b", nb));
+        all
+    };
+    // Creates both Services and their endpoint maps (new maps are declared through nft).
+    lab.sync(&[a(), b()], &both(2, 2)).unwrap();
+    let check =
+        |lab: &mut Lab, services: &[k8s_openapi::api::core::v1::Service], slices: &[EndpointSlice], step: &str| {
+            let partial: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect();
+            lab.syncer.force_full_resync();
+            assert!(lab.sync(services, slices).unwrap().full);
+            let full: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect();
+            assert_eq!(partial, full, "{step}: netlink-written tables differ from a full resync");
+        };
+    // Declaring a map and "no endpoints" (a filter chain that rejects) are left to nft.
+    let steps: Vec<(&str, Vec<_>, Vec<EndpointSlice>, Writer)> = vec![
+        ("a gains an endpoint (its rule is rewritten)", vec![a(), b()], both(3, 2), Writer::Netlink),
+        ("a loses two (a single endpoint is a plain dnat)", vec![a(), b()], both(1, 2), Writer::Netlink),
+        ("a back to three (its emptied map is declared again)", vec![a(), b()], both(3, 2), Writer::Nft),
+        ("b loses one", vec![a(), b()], both(3, 1), Writer::Netlink),
+        ("b loses its last", vec![a(), b()], both(3, 0), Writer::Nft),
+        ("b is deleted", vec![a()], both(3, 0), Writer::Netlink),
+    ];
+    for (step, services, slices, expect) in &steps {
+        let report = lab.sync(services, slices).unwrap();
+        assert!(!report.full, "{step}");
+        assert_eq!(report.writer, *expect, "{step}");
+        if lab.syncer.has_work() {
+            // Deletes, over netlink, what the step emptied.
+            assert_eq!(lab.sync(services, slices).unwrap().writer, Writer::Netlink, "{step}: deletion");
+        }
+        check(&mut lab, services, slices, step);
+    }
+    assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers(NODE_IP, 30001, 30), set(&["pod1", "pod2", "pod3"]));
+    if dual {
+        let served: BTreeSet<String> = (0..30).map(|_| tcp(&lab.client, "2001:db8::1", 80).server()).collect();
+        assert_eq!(served, set(&["pod1", "pod2", "pod3"]));
+    }
+    assert_eq!(tcp(&lab.client, "203.0.113.2", 80), Outcome::Timeout, "b is gone: nothing answers");
+}
+
+/// Runs nft in the node netns and netlink batches there; when armed, adds a step the kernel
+/// refuses to the batch.
+struct SabotageNetlink {
+    inner: NftCommand,
+    armed: Arc<AtomicBool>,
+}
+
+impl NftRunner for SabotageNetlink {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        self.inner.run(script)
+    }
+
+    fn run_partial(
+        &self,
+        script: &str,
+        batch: Option<&hawser_dataplane::netlink::Batch>,
+    ) -> Result<hawser_dataplane::nft::Writer, NftError> {
+        match batch {
+            Some(b) if self.armed.load(Ordering::SeqCst) => {
+                let mut bad = b.clone();
+                bad.flush_chain(hawser_dataplane::model::Family::V4, "no-such-chain");
+                self.inner.run_partial(script, Some(&bad))
+            }
+            _ => self.inner.run_partial(script, batch),
+        }
+    }
+}
+
+#[test]
+fn refused_netlink_batch_changes_nothing_and_the_next_sync_repairs() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let flag = armed.clone();
+    let Some(mut lab) = Lab::with_runner(2, move |node| {
+        Box::new(SabotageNetlink { inner: common::lab::node_nft(node, true), armed: flag })
+    }) else {
+        return;
+    };
+    let two = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
+    lab.sync(&[web().build()], &two).unwrap();
+    let before = table_tokens(&lab, "ip");
+    armed.store(true, Ordering::SeqCst);
+    let err = lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap_err();
+    assert!(err.to_string().contains("No such file or directory"), "{err}");
+    assert_eq!(table_tokens(&lab, "ip"), before, "a refused batch changed the kernel");
+    assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
+    armed.store(false, Ordering::SeqCst);
+    assert!(lab.syncer.full_next());
+    assert!(lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap().full);
+    assert_eq!(lab.servers(LB, 80, 8), set(&["pod2"]));
+}

@@ -13,6 +13,7 @@ use hawser_dataplane::conntrack::ConntrackCommand;
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
 use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::netlink::Netlink;
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport};
 use hawser_dataplane::render::RenderConfig;
 use hawser_dataplane::sync::Syncer;
@@ -251,6 +252,17 @@ pub fn pod_ip6(i: usize) -> String {
     format!("fd00:{i}::2")
 }
 
+/// nft in the node namespace `node`; with `netlink`, partial syncs go over a netlink socket
+/// opened in that namespace, as the agent's do.
+pub fn node_nft(node: &str, netlink: bool) -> NftCommand {
+    let nft = NftCommand::with_argv(exec_in(node, "nft"));
+    if !netlink {
+        return nft;
+    }
+    let socket = in_netns(node, Netlink::open).unwrap_or_else(|e| panic!("netlink socket in {node}: {e}"));
+    nft.with_netlink(socket)
+}
+
 /// `ip netns exec NS` prefix for commands.
 pub fn exec_in(ns: &str, cmd: &str) -> Vec<String> {
     vec!["ip".into(), "netns".into(), "exec".into(), ns.into(), cmd.into()]
@@ -259,8 +271,9 @@ pub fn exec_in(ns: &str, cmd: &str) -> Vec<String> {
 impl Lab {
     /// Builds the namespaces with `pods` pods, or None when prerequisites are missing
     /// outside CI.
+    /// Partial syncs go over netlink, as in the agent.
     pub fn new(pods: usize) -> Option<Lab> {
-        Self::with_runner(pods, |node| Box::new(NftCommand::with_argv(exec_in(node, "nft"))))
+        Self::with_runner(pods, |node| Box::new(node_nft(node, true)))
     }
 
     /// Same, with a custom nft runner built for the node netns name.
@@ -277,7 +290,7 @@ impl Lab {
         all.extend(pod_names.iter().cloned());
         let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
         let mut lab = Lab {
-            syncer: Syncer::new(runner(&node), RenderConfig::default()),
+            syncer: Syncer::new(Box::new(NftCommand::with_argv(exec_in(&node, "nft"))), RenderConfig::default()),
             inputs: ClusterInputs::default(),
             health: HealthState::new(NODE, Duration::from_secs(30)),
             conntrack: ConntrackCommand::with_argv(exec_in(&node, "conntrack")),
@@ -298,6 +311,7 @@ impl Lab {
                 sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
             }
         }
+        lab.syncer = Syncer::new(runner(&node), RenderConfig::default());
         let n = node.as_str();
         sh(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         if ipv6 {
