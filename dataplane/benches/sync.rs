@@ -44,10 +44,20 @@ fn service(i: usize, affinity: bool) -> Service {
 }
 
 fn endpoints(i: usize, eps: usize) -> EndpointSlice {
+    endpoints_from(i, eps, 1)
+}
+
+/// Service `i`'s `eps` endpoints, the last one numbered from `last` (a replaced pod).
+fn endpoints_from(i: usize, eps: usize, last: usize) -> EndpointSlice {
     let list: Vec<Ep<'static>> = if i == 0 {
         vec![Ep::ready(leak(pod_ip(1)), NODE)]
     } else {
-        (0..eps).map(|j| Ep::ready(leak(format!("10.{}.{}.{}", 100 + i / 250, i % 250, j + 1)), "n")).collect()
+        (0..eps)
+            .map(|j| {
+                let host = if j + 1 == eps { last + j } else { j + 1 };
+                Ep::ready(leak(format!("10.{}.{}.{}", 100 + i / 250, i % 250, host)), "n")
+            })
+            .collect()
     };
     slice("bench", leak(format!("svc-{i}")), leak(format!("svc-{i}-1")), PORTS, &list)
 }
@@ -168,6 +178,19 @@ fn main() {
     let report = agent.sync();
     println!(
         "one_endpoint_sync_ms={} target_ms=20 kernel_write_ms={} writes={} writer={}",
+        ms(t.elapsed()),
+        ms(report.apply_time),
+        agent.runs.load(Ordering::SeqCst) - runs,
+        report.writer.as_str()
+    );
+
+    // A pod replaced (one endpoint out, another in, as in a rolling update): no rule changes.
+    let runs = agent.runs.load(Ordering::SeqCst);
+    let t = Instant::now();
+    agent.inputs.apply_slice(&endpoints_from(1, 9, 100));
+    let report = agent.sync();
+    println!(
+        "endpoint_replaced_sync_ms={} target_ms=20 kernel_write_ms={} writes={} writer={}",
         ms(t.elapsed()),
         ms(report.apply_time),
         agent.runs.load(Ordering::SeqCst) - runs,
