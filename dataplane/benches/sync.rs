@@ -212,16 +212,23 @@ fn main() {
         agent.runs.load(Ordering::SeqCst) - runs
     );
 
-    // RSS of a child process holding the agent's state for n Services.
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("HAWSER_BENCH_RSS_NODE", &lab.node)
-        .env("HAWSER_BENCH_SERVICES", n.to_string())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
-    let (rss, hwm) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    println!("rss_mib={:.1} peak_rss_mib={:.1} target_mib=100", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    // RSS of a child process holding the agent's state for n Services, with mimalloc set as the
+    // chart sets it (freed memory returned at once), and with mimalloc's default purge delay.
+    let rss_child = |purge_delay: Option<&str>| {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.env("HAWSER_BENCH_RSS_NODE", &lab.node).env("HAWSER_BENCH_SERVICES", n.to_string());
+        match purge_delay {
+            Some(ms) => child.env("MIMALLOC_PURGE_DELAY", ms),
+            None => child.env_remove("MIMALLOC_PURGE_DELAY"),
+        };
+        let out = child.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut it = text.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        (it.next().unwrap_or(0) as f64 / 1024.0, it.next().unwrap_or(0) as f64 / 1024.0)
+    };
+    let (rss, hwm) = rss_child(Some("0"));
+    let (rss_default, _) = rss_child(None);
+    println!("rss_mib={rss:.1} peak_rss_mib={hwm:.1} target_mib=100 rss_mib_default_purge_delay={rss_default:.1}");
 
     // ClientIP affinity vs none, at the same size, each from empty tables.
     let mut plain = Agent::new(&lab.node);
