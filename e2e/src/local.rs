@@ -503,6 +503,12 @@ impl LocalCluster {
         pids
     }
 
+    /// The Prometheus metrics of node `i`'s dataplane (0-based), read inside its namespace.
+    pub fn node_metrics(&self, i: usize) -> anyhow::Result<String> {
+        let node = self.nodes.get(i).with_context(|| format!("no node {i}"))?;
+        node.netns.exec(&["curl", "-sf", "http://127.0.0.1:10267/metrics"])
+    }
+
     /// The nft ruleset of node `i` (0-based), for waiting on the dataplane.
     pub fn node_rules(&self, i: usize) -> String {
         self.nodes.get(i).and_then(|n| n.netns.exec(&["nft", "list", "table", "ip", "hawser"]).ok()).unwrap_or_default()

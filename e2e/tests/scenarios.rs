@@ -73,3 +73,26 @@ scenario!(
     rolling_replacement,
     load_balancer_group,
 );
+
+/// The real agent writes partial syncs as its own netlink batch: after a rolling replacement
+/// (endpoints changing one by one), every node's dataplane has counted netlink writes, and no
+/// sync failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataplane_writes_partial_syncs_over_netlink() {
+    if kind() {
+        return;
+    }
+    let Some(cluster) = local().await else { return };
+    finish("rolling_replacement", tokio::time::timeout(LIMIT, scenarios::rolling_replacement(&cluster)).await).await;
+    for node in 0..LocalOptions::default().nodes {
+        let metrics = cluster.node_metrics(node).expect("dataplane metrics");
+        let count = |line: &str| {
+            metrics.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        assert!(
+            count("hawser_dataplane_kernel_writes_total{writer=\"netlink\"}") >= 1.0,
+            "node {node}: no netlink write:\n{metrics}"
+        );
+        assert_eq!(count("hawser_dataplane_sync_failures_total"), 0.0, "node {node}:\n{metrics}");
+    }
+}
