@@ -142,33 +142,29 @@ impl Batch {
 
     /// Creates a regular chain (`add chain FAM hawser NAME`).
     pub fn new_chain(&mut self, family: Family, name: &str) {
-        let mut m = Message::new(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family);
-        m.str(NFTA_CHAIN_TABLE, TABLE);
-        m.str(NFTA_CHAIN_NAME, name);
-        self.push(m);
+        self.named(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
     }
 
     /// Deletes every rule of a chain (`flush chain`).
     pub fn flush_chain(&mut self, family: Family, name: &str) {
-        let mut m = Message::new(NFT_MSG_DELRULE, 0, family);
-        m.str(NFTA_RULE_TABLE, TABLE);
-        m.str(NFTA_RULE_CHAIN, name);
-        self.push(m);
+        self.named(NFT_MSG_DELRULE, 0, family, (NFTA_RULE_TABLE, NFTA_RULE_CHAIN), name);
     }
 
     /// Deletes an empty, unreferenced chain.
     pub fn delete_chain(&mut self, family: Family, name: &str) {
-        let mut m = Message::new(NFT_MSG_DELCHAIN, 0, family);
-        m.str(NFTA_CHAIN_TABLE, TABLE);
-        m.str(NFTA_CHAIN_NAME, name);
-        self.push(m);
+        self.named(NFT_MSG_DELCHAIN, 0, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
     }
 
     /// Deletes an empty, unreferenced set or map.
     pub fn delete_set(&mut self, family: Family, name: &str) {
-        let mut m = Message::new(NFT_MSG_DELSET, 0, family);
-        m.str(NFTA_SET_TABLE, TABLE);
-        m.str(NFTA_SET_NAME, name);
+        self.named(NFT_MSG_DELSET, 0, family, (NFTA_SET_TABLE, NFTA_SET_NAME), name);
+    }
+
+    /// A message naming one object of our table: the table and object attributes of its kind.
+    fn named(&mut self, kind: u16, flags: u16, family: Family, (table, object): (u16, u16), name: &str) {
+        let mut m = Message::new(kind, flags, family);
+        m.str(table, TABLE);
+        m.str(object, name);
         self.push(m);
     }
 

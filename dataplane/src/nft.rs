@@ -109,11 +109,6 @@ impl NftCommand {
         self
     }
 
-    /// Whether partial transactions go over netlink.
-    pub fn has_netlink(&self) -> bool {
-        self.netlink.is_some()
-    }
-
     /// Runs nft with extra arguments and returns stdout (for listing the ruleset).
     pub fn output(&self, args: &[&str]) -> Result<String, NftError> {
         let (program, rest) = self.split();
