@@ -539,6 +539,29 @@ impl LocalCluster {
         )
     }
 
+    /// Waits until no node tracks a TCP connection to `ip` that is still open (anything but
+    /// `TIME_WAIT` and `CLOSE`): what a pod's graceful shutdown waits for on a busy machine.
+    async fn wait_connections_closed(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let ip = ip.to_string();
+        let open = |i: usize| -> Vec<String> {
+            let listing =
+                self.nodes[i].netns.exec(&["conntrack", "-L", "-p", "tcp", "--reply-src", &ip]).unwrap_or_default();
+            listing
+                .lines()
+                .filter(|l| l.starts_with("tcp") && !l.contains(" TIME_WAIT ") && !l.contains(" CLOSE "))
+                .map(str::to_owned)
+                .collect()
+        };
+        for _ in 0..100 {
+            if (0..self.nodes.len()).all(|i| open(i).is_empty()) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left: Vec<String> = (0..self.nodes.len()).flat_map(open).collect();
+        bail!("connections to the terminating pod {ip} still open after 10s: {left:?}")
+    }
+
     fn lock_pods(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Vec<Pod>>> {
         self.pods.lock().map_err(|_| anyhow::anyhow!("pods lock poisoned"))
     }
@@ -817,6 +840,7 @@ impl Backend for LocalCluster {
             self.wait_rules(old, false).await?;
             // A connection whose SYN was translated just before the rule went still belongs
             // to the old pod; a real pod finishes such requests before it exits.
+            self.wait_connections_closed(old).await?;
             tokio::time::sleep(TERMINATION_DRAIN).await;
             self.remove_pod(old)?;
         }

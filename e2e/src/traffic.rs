@@ -166,7 +166,9 @@ impl Client {
                 report.failures.push(format!("{e:#}"));
                 return report;
             }
+            let started = std::time::Instant::now();
             while !flag.load(Ordering::Relaxed) {
+                let sent = started.elapsed();
                 match me.http_now(SocketAddr::new(addr, port), "/hostname") {
                     Outcome::Reply(name) => {
                         report.ok += 1;
@@ -174,7 +176,7 @@ impl Client {
                             report.backends.push(name);
                         }
                     }
-                    other => report.failures.push(format!("{other:?}")),
+                    other => report.failures.push(format!("{other:?} (sent {:.2}s into the load)", sent.as_secs_f64())),
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
