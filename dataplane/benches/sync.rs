@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, slice};
 use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites, spawn_sink, tcp};
+use hawser_dataplane::diff::FullSync;
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
 use hawser_dataplane::model::ModelConfig;
@@ -83,6 +84,14 @@ impl NftRunner for Counted {
         self.runs.fetch_add(1, Ordering::SeqCst);
         self.inner.run_partial(script, batch)
     }
+
+    fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
+        let writer = self.inner.run_full(full)?;
+        // The split path writes twice: the skeleton through nft, the rest over netlink.
+        let writes = if writer == Writer::NftThenNetlink { 2 } else { 1 };
+        self.runs.fetch_add(writes, Ordering::SeqCst);
+        Ok(writer)
+    }
 }
 
 /// The agent's state: what the watches feed and what the sync loop programs.
@@ -135,7 +144,7 @@ fn ms(d: Duration) -> String {
 
 /// Feeds `n` Services × `eps` endpoints as watch events (each object dropped after its
 /// event, as the watcher does) and runs the full sync: initial list to rules in the kernel.
-fn full_sync(agent: &mut Agent, n: usize, eps: usize, affinity: bool) -> Duration {
+fn full_sync(agent: &mut Agent, n: usize, eps: usize, affinity: bool) -> (Duration, SyncReport) {
     let t = Instant::now();
     agent.inputs.begin_service_relist();
     agent.inputs.begin_slice_relist();
@@ -145,8 +154,9 @@ fn full_sync(agent: &mut Agent, n: usize, eps: usize, affinity: bool) -> Duratio
     }
     agent.inputs.end_service_relist();
     agent.inputs.end_slice_relist();
-    assert!(agent.sync().full);
-    t.elapsed()
+    let report = agent.sync();
+    assert!(report.full);
+    (t.elapsed(), report)
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -182,10 +192,15 @@ fn main() {
     spawn_sink(&lab.pods[0], 9000);
 
     let mut agent = Agent::new(&lab.node);
-    let full = full_sync(&mut agent, n, 10, false);
+    let (full, report) = full_sync(&mut agent, n, 10, false);
     let (rules, elements, _) = agent.syncer.counts();
     println!("services={n} endpoints_per_service=10 rules={rules} elements={elements}");
-    println!("full_sync_ms={} target_ms=500", ms(full));
+    println!(
+        "full_sync_ms={} target_ms=500 kernel_write_ms={} writer={}",
+        ms(full),
+        ms(report.apply_time),
+        report.writer.as_str()
+    );
 
     // One endpoint less for Service 1 (its rule is rewritten): the watch event, then the sync.
     timed_sync(&mut agent, "one_endpoint", |inputs| inputs.apply_slice(&endpoints(1, 9)));
@@ -233,10 +248,10 @@ fn main() {
     // ClientIP affinity vs none, at the same size, each from empty tables.
     let mut plain = Agent::new(&lab.node);
     plain.syncer.cleanup().unwrap();
-    let t_plain = full_sync(&mut plain, affinity_n, 10, false);
+    let (t_plain, _) = full_sync(&mut plain, affinity_n, 10, false);
     let mut sticky = Agent::new(&lab.node);
     sticky.syncer.cleanup().unwrap();
-    let t_sticky = full_sync(&mut sticky, affinity_n, 10, true);
+    let (t_sticky, _) = full_sync(&mut sticky, affinity_n, 10, true);
     println!(
         "affinity_services={affinity_n} affinity_full_sync_ms={} plain_full_sync_ms={} affinity_ratio={:.2} target_ratio=2",
         ms(t_sticky),

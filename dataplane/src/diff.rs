@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::model::Family;
+use crate::netlink::Batch;
 use crate::render::{Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules};
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
@@ -60,6 +61,65 @@ pub fn full_plan(desired: &Ruleset) -> Plan {
         stale_after: BTreeSet::new(),
         chains_written: desired.tables.values().map(|t| t.chains.len()).sum(),
         elements_changed: desired.element_count(),
+    }
+}
+
+/// A full resync to write: one nft script replacing both tables atomically ([`FullSync::script`]),
+/// or, when the kernel has no table of ours to replace, the same ruleset written in two steps
+/// ([`FullSync::split`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FullSync<'a> {
+    desired: &'a Ruleset,
+}
+
+impl<'a> FullSync<'a> {
+    /// The full resync to `desired`.
+    pub fn new(desired: &'a Ruleset) -> Self {
+        Self { desired }
+    }
+
+    /// The ruleset it writes.
+    pub fn desired(&self) -> &'a Ruleset {
+        self.desired
+    }
+
+    /// The atomic replacement, as [`full_plan`] writes it.
+    pub fn script(&self) -> String {
+        full_plan(self.desired).script
+    }
+
+    /// The ruleset as an nft script of its skeleton (tables, base chains, set and map
+    /// declarations, and every chain the netlink encoder does not know) without any element,
+    /// and one netlink batch with the rest: the plain `svc-…` chains and every element.
+    ///
+    /// Only for tables that do not exist yet: between the two transactions the tables hold
+    /// empty dispatch maps, which match nothing, so traffic is treated as with no tables at
+    /// all. `None` when an element is one the encoder does not know.
+    pub fn split(&self) -> Option<(String, Batch)> {
+        let mut skeleton = Ruleset::default();
+        let mut batch = Batch::new();
+        for (family, table) in &self.desired.tables {
+            let mut t = Table::default();
+            for (name, chain) in &table.chains {
+                let plain = chain.base.is_none() && name.starts_with("svc-");
+                if !(plain && batch.add_chain(*family, name, &chain.rules)) {
+                    t.chains.insert(name.clone(), chain.clone());
+                }
+            }
+            for (name, c) in &table.collections {
+                t.collections.insert(name.clone(), c.clone_empty());
+            }
+            skeleton.tables.insert(*family, t);
+        }
+        // Elements after every chain they may send packets to.
+        for (family, table) in &self.desired.tables {
+            for (name, c) in table.collections.iter().filter(|(_, c)| !c.elements.is_empty()) {
+                if !batch.elements(*family, name, true, c.elements.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                    return None;
+                }
+            }
+        }
+        Some((full_plan(&skeleton).script, batch))
     }
 }
 

@@ -37,6 +37,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -45,6 +46,7 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
+const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
@@ -172,17 +174,34 @@ impl Batch {
     /// not one of the shapes this encoder knows.
     pub fn add_rule(&mut self, family: Family, chain: &str, text: &str) -> bool {
         let Some(exprs) = rule_expressions(family, text) else { return false };
+        self.push_rule(family, chain, &exprs);
+        true
+    }
+
+    fn push_rule(&mut self, family: Family, chain: &str, exprs: &[Expr]) {
         let mut m = Message::new(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, family);
         m.str(NFTA_RULE_TABLE, TABLE);
         m.str(NFTA_RULE_CHAIN, chain);
         let list = m.begin(NFTA_RULE_EXPRESSIONS);
-        for e in &exprs {
+        for e in exprs {
             let elem = m.begin(NFTA_LIST_ELEM);
             e.encode(&mut m);
             m.end(elem);
         }
         m.end(list);
         self.push(m);
+    }
+
+    /// Creates the regular chain `name` with `rules` (as the renderer writes them); `false`,
+    /// with nothing appended, when a rule is not one of the shapes this encoder knows.
+    pub fn add_chain(&mut self, family: Family, name: &str, rules: &[String]) -> bool {
+        let Some(encoded) = rules.iter().map(|r| rule_expressions(family, r)).collect::<Option<Vec<_>>>() else {
+            return false;
+        };
+        self.new_chain(family, name);
+        for exprs in &encoded {
+            self.push_rule(family, name, exprs);
+        }
         true
     }
 
@@ -647,7 +666,8 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
 #[derive(Debug)]
 pub struct Netlink {
     socket: Socket,
-    max_batch: usize,
+    /// Largest batch the socket's send buffer takes now; grown (as nft does) for a bigger one.
+    capacity: std::sync::atomic::AtomicUsize,
 }
 
 /// How long to wait for the kernel's answer to a batch.
@@ -658,16 +678,33 @@ impl Netlink {
     pub fn open() -> std::io::Result<Self> {
         let socket = Socket::new(Domain::from(AF_NETLINK), Type::RAW, Some(Protocol::from(NETLINK_NETFILTER)))?;
         socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-        // A batch must reach the kernel in one message; larger ones go through nft.
-        let _ = socket.set_send_buffer_size(4 << 20);
+        let _ = socket.set_send_buffer_size(1 << 20);
         let _ = socket.set_recv_buffer_size(1 << 20);
-        let max_batch = socket.send_buffer_size()?.saturating_sub(4096) / 2;
-        Ok(Self { socket, max_batch })
+        let capacity = usable(socket.send_buffer_size()?);
+        Ok(Self { socket, capacity: capacity.into() })
     }
 
-    /// Whether `batch` fits in one message to the kernel.
-    pub fn fits(&self, batch: &Batch) -> bool {
-        batch.len() + 40 <= self.max_batch
+    /// Makes the send buffer take `len` bytes in one message: the kernel reads a batch from a
+    /// single message. Beyond `net.core.wmem_max` this needs `CAP_NET_ADMIN`, which writing
+    /// nftables needs anyway.
+    fn reserve(&self, len: usize) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if len <= self.capacity.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let wanted = (len + 64 * 1024).next_power_of_two();
+        if rustix::net::sockopt::set_socket_send_buffer_size_force(&self.socket, wanted).is_err() {
+            self.socket.set_send_buffer_size(wanted)?;
+        }
+        let capacity = usable(self.socket.send_buffer_size()?);
+        self.capacity.store(capacity, Ordering::Relaxed);
+        if len <= capacity {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "a batch of {len} bytes does not fit the socket's send buffer ({capacity} bytes usable)"
+            )))
+        }
     }
 
     /// Sends `batch` as one transaction and waits for the kernel to commit it. On an error the
@@ -681,12 +718,45 @@ impl Netlink {
         let last = batch.messages + 1;
         mark_ack(&mut wire, last);
         let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };
+        self.reserve(wire.len()).map_err(io)?;
         // Answers to an earlier batch that failed part-way are stale: drop them.
         self.drain();
         (&self.socket).write_all(&wire).map_err(io)?;
+        match self.answer(last) {
+            Ok(_) => Ok(()),
+            Err(Answer::Io(e)) => Err(io(e)),
+            Err(Answer::Refused { seq, errno }) => Err(NftError::Rejected {
+                status: format!("errno {errno}"),
+                stderr: format!(
+                    "the kernel refused message {seq} of the batch: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                ),
+            }),
+        }
+    }
+
+    /// Whether our table of `family` exists (`nft list table FAMILY hawser` succeeding).
+    pub fn table_exists(&self, family: Family) -> Result<bool, NftError> {
+        let mut m = Message::new(NFT_MSG_GETTABLE, NLM_F_ACK, family);
+        m.str(NFTA_TABLE_NAME, TABLE);
+        let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };
+        self.drain();
+        (&self.socket).write_all(&m.finish(1)).map_err(io)?;
+        match self.answer(1) {
+            Ok(data) => Ok(data),
+            Err(Answer::Refused { errno: ENOENT, .. }) => Ok(false),
+            Err(Answer::Io(e)) => Err(io(e)),
+            Err(Answer::Refused { errno, .. }) => Err(io(std::io::Error::from_raw_os_error(errno))),
+        }
+    }
+
+    /// Reads the kernel's answers up to the acknowledgement of message `last`: whether other
+    /// messages (data) came before it, or the first error.
+    fn answer(&self, last: u32) -> Result<bool, Answer> {
         let mut buf = vec![0u8; 1 << 16];
+        let mut data = false;
         loop {
-            let n = (&self.socket).read(&mut buf).map_err(io)?;
+            let n = (&self.socket).read(&mut buf).map_err(Answer::Io)?;
             let mut at = 0;
             while at + 16 <= n {
                 let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
@@ -698,17 +768,13 @@ impl Netlink {
                 if kind == NLMSG_ERROR && len >= 20 {
                     let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
                     if code != 0 {
-                        return Err(NftError::Rejected {
-                            status: format!("errno {}", -code),
-                            stderr: format!(
-                                "the kernel refused message {seq} of the batch: {}",
-                                std::io::Error::from_raw_os_error(-code)
-                            ),
-                        });
+                        return Err(Answer::Refused { seq, errno: -code });
                     }
                     if seq == last {
-                        return Ok(());
+                        return Ok(data);
                     }
+                } else {
+                    data = true;
                 }
                 at += len.next_multiple_of(4);
             }
@@ -721,6 +787,20 @@ impl Netlink {
         while (&self.socket).read(&mut buf).is_ok_and(|n| n > 0) {}
         let _ = self.socket.set_nonblocking(false);
     }
+}
+
+/// Why an exchange with the kernel ended without its acknowledgement.
+enum Answer {
+    Io(std::io::Error),
+    Refused { seq: u32, errno: i32 },
+}
+
+const ENOENT: i32 = 2;
+
+/// Bytes of one message a send buffer of `size` (as `SO_SNDBUF` reports it) takes: the
+/// kernel refuses a message longer than the buffer less a little of its own accounting.
+fn usable(size: usize) -> usize {
+    size.saturating_sub(4096)
 }
 
 /// Sets `NLM_F_ACK` on the message with sequence number `seq`.

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::diff::{Plan, Stale, cleanup_script, full_plan, partial_plan};
+use crate::diff::{FullSync, Plan, Stale, cleanup_script, full_plan, partial_plan};
 use crate::netlink::{Batch, Netlink};
 use crate::render::Ruleset;
 
@@ -49,6 +49,11 @@ pub trait NftRunner: Send + Sync {
         let _ = batch;
         self.run(script).map(|()| Writer::Nft)
     }
+
+    /// Applies a full resync. Runners without a netlink socket run its atomic script.
+    fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
+        self.run(&full.script()).map(|()| Writer::Nft)
+    }
 }
 
 impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
@@ -58,6 +63,10 @@ impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
 
     fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
         (**self).run_partial(script, batch)
+    }
+
+    fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
+        (**self).run_full(full)
     }
 }
 
@@ -70,6 +79,9 @@ pub enum Writer {
     Nft,
     /// hawser's own nfnetlink batch.
     Netlink,
+    /// A full resync into a kernel without our tables: `nft -f -` for the skeleton, then one
+    /// netlink batch for the rest (see [`FullSync::split`]).
+    NftThenNetlink,
 }
 
 impl Writer {
@@ -79,6 +91,7 @@ impl Writer {
             Self::None => "none",
             Self::Nft => "nft",
             Self::Netlink => "netlink",
+            Self::NftThenNetlink => "nft+netlink",
         }
     }
 }
@@ -143,9 +156,27 @@ impl Default for NftCommand {
 impl NftRunner for NftCommand {
     fn run_partial(&self, script: &str, batch: Option<&Batch>) -> Result<Writer, NftError> {
         match (&self.netlink, batch) {
-            (Some(netlink), Some(batch)) if netlink.fits(batch) => netlink.commit(batch).map(|()| Writer::Netlink),
+            (Some(netlink), Some(batch)) => netlink.commit(batch).map(|()| Writer::Netlink),
             _ => self.run(script).map(|()| Writer::Nft),
         }
+    }
+
+    /// Into a kernel that has neither of our tables, the skeleton through nft and the bulk in
+    /// one netlink batch (nft spends seconds parsing 10k Services' elements); tables that exist
+    /// are replaced atomically by the whole script.
+    fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
+        if let Some(netlink) = &self.netlink {
+            let mut absent = true;
+            for family in full.desired().tables.keys() {
+                absent &= !netlink.table_exists(*family)?;
+            }
+            if absent && let Some((skeleton, batch)) = full.split() {
+                self.run(&skeleton)?;
+                netlink.commit(&batch)?;
+                return Ok(Writer::NftThenNetlink);
+            }
+        }
+        self.run(&full.script()).map(|()| Writer::Nft)
     }
 
     fn run(&self, script: &str) -> Result<(), NftError> {

@@ -79,6 +79,13 @@ pub struct Collection {
     pub elements: BTreeMap<String, String>,
 }
 
+impl Collection {
+    /// The same declaration, without elements.
+    pub fn clone_empty(&self) -> Self {
+        Self { decl: self.decl.clone(), is_map: self.is_map, elements: BTreeMap::new() }
+    }
+}
+
 /// One family's `hawser` table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Table {

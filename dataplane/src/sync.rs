@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{Stale, full_plan};
+use crate::diff::{FullSync, Stale};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, ServiceKey, ServiceModel};
@@ -148,11 +148,14 @@ impl<R: NftRunner> Syncer<R> {
         }
         let mut counts = None;
         let mut batch = None;
+        let mut full_ruleset = None;
         let (script, chains_written, elements_changed, stale_after) = if full {
             let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
-            counts = Some((ruleset.rule_count(), ruleset.element_count()));
-            let plan = full_plan(&ruleset);
-            (plan.script, plan.chains_written, plan.elements_changed, BTreeSet::new())
+            let (rules, elements) = (ruleset.rule_count(), ruleset.element_count());
+            counts = Some((rules, elements));
+            let chains = ruleset.tables.values().map(|t| t.chains.len()).sum();
+            full_ruleset = Some(ruleset);
+            (String::new(), chains, elements, BTreeSet::new())
         } else {
             let mut plan = PartialScript::default();
             for family in FAMILIES {
@@ -172,12 +175,11 @@ impl<R: NftRunner> Syncer<R> {
             apply_time: Duration::ZERO,
             writer: Writer::None,
         };
-        if !script.is_empty() {
+        if full_ruleset.is_some() || !script.is_empty() {
             let applying = Instant::now();
-            let written = if full {
-                self.runner.run(&script).map(|()| Writer::Nft)
-            } else {
-                self.runner.run_partial(&script, batch.as_ref())
+            let written = match &full_ruleset {
+                Some(ruleset) => self.runner.run_full(&FullSync::new(ruleset)),
+                None => self.runner.run_partial(&script, batch.as_ref()),
             };
             match written {
                 Ok(writer) => report.writer = writer,

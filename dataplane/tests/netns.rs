@@ -503,6 +503,70 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
     assert_eq!(tcp(&lab.client, "203.0.113.2", 80), Outcome::Timeout, "b is gone: nothing answers");
 }
 
+/// A full sync into a node without our tables writes the skeleton through nft and the rest
+/// (plain chains, every element) in one netlink batch; chains the encoder does not know
+/// (affinity, source ranges, rejects) go with the skeleton. The tables list exactly as an
+/// atomic nft replacement writes them, and serve. Tables that exist are replaced by nft alone.
+#[test]
+fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
+    use hawser_dataplane::nft::Writer;
+    let mut lab = lab!(3);
+    let dual = lab.ipv6;
+    let svc = |name: &'static str, lb: &'static str, lb6: &'static str, np: u16| {
+        let mut s = Svc::new("ns", name);
+        s.lb_ips = if dual { vec![lb, lb6] } else { vec![lb] };
+        if dual {
+            s.families = vec!["IPv4", "IPv6"];
+        }
+        s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
+        s
+    };
+    let plain = svc("plain", "203.0.113.1", "2001:db8::1", 30001).build();
+    let single = svc("single", "203.0.113.2", "2001:db8::2", 30002).build();
+    let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
+    sticky.affinity_timeout = Some(60);
+    let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
+    ranged.source_ranges = vec!["192.168.100.0/24"];
+    let empty = svc("empty", "203.0.113.5", "2001:db8::5", 30005).build();
+    let services = [plain, single, sticky.build(), ranged.build(), empty];
+    let pods = |n: usize| -> Vec<Ep<'static>> {
+        let mut v: Vec<Ep<'static>> =
+            ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
+        if dual {
+            v.extend(["fd00:1::2", "fd00:2::2", "fd00:3::2"][..n].iter().map(|ip| Ep::ready(ip, NODE)));
+        }
+        v
+    };
+    let slices: Vec<EndpointSlice> = [("plain", 3), ("single", 1), ("sticky", 3), ("ranged", 2), ("empty", 0)]
+        .into_iter()
+        .map(|(name, n)| slice("ns", name, name, PORTS, &pods(n)))
+        .collect();
+
+    let report = lab.sync(&services, &slices).unwrap();
+    assert!(report.full);
+    assert_eq!(report.writer, Writer::NftThenNetlink);
+    let split: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    assert!(split[0].iter().any(|t| t.contains("203.0.113.1 . tcp . 80")), "elements missing: {split:?}");
+    lab.syncer.force_full_resync();
+    let report = lab.sync(&services, &slices).unwrap();
+    assert_eq!(report.writer, Writer::Nft, "tables that exist are replaced atomically");
+    let whole: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    assert_eq!(split, whole, "the split full sync differs from nft's");
+
+    // After a cleanup the kernel has no tables again: the split path, and traffic.
+    lab.syncer.cleanup().unwrap();
+    assert_eq!(lab.sync(&services, &slices).unwrap().writer, Writer::NftThenNetlink);
+    assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers(NODE_IP, 30002, 10), set(&["pod1"]));
+    assert_eq!(lab.servers("203.0.113.3", 80, 10).len(), 1, "affinity keeps a client on one pod");
+    assert_eq!(tcp(&lab.client2, "203.0.113.4", 80), Outcome::Timeout, "outside the source ranges");
+    assert_eq!(tcp(&lab.client, "203.0.113.5", 80), Outcome::Refused, "no endpoints");
+    if dual {
+        let served: BTreeSet<String> = (0..30).map(|_| tcp(&lab.client, "2001:db8::1", 80).server()).collect();
+        assert_eq!(served, set(&["pod1", "pod2", "pod3"]));
+    }
+}
+
 /// Runs nft in the node netns and netlink batches there; when armed, adds a step the kernel
 /// refuses to the batch.
 struct SabotageNetlink {

@@ -191,13 +191,14 @@ fn classify(e: std::io::Error) -> Outcome {
 /// One UDP exchange from netns `ns`, from `src_port` (0: any).
 pub fn udp(ns: &str, dst: &str, port: u16, src_port: u16) -> Outcome {
     let dst: IpAddr = dst.parse().unwrap();
+    let name = ns.to_owned();
     in_netns(ns, move || {
         let bind: SocketAddr = if dst.is_ipv4() {
             SocketAddr::new("0.0.0.0".parse().unwrap(), src_port)
         } else {
             SocketAddr::new("::".parse().unwrap(), src_port)
         };
-        let sock = UdpSocket::bind(bind).unwrap();
+        let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("binding UDP {bind} in {name}: {e}"));
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
         sock.send_to(b"ping", SocketAddr::new(dst, port)).unwrap();
         let mut buf = [0u8; 256];
