@@ -90,6 +90,17 @@ const NFT_NG_RANDOM: u32 = 1;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_DYNSET_SET_NAME: u16 = 1;
+const NFTA_DYNSET_OP: u16 = 3;
+const NFTA_DYNSET_SREG_KEY: u16 = 4;
+const NFTA_DYNSET_TIMEOUT: u16 = 6;
+const NFT_DYNSET_OP_UPDATE: u32 = 1;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_NAT_TYPE: u16 = 1;
@@ -485,14 +496,34 @@ pub enum Expr {
         /// Source register.
         sreg: u32,
     },
-    /// `reg = (reg & mask) ^ xor`, 32 bits.
+    /// `reg = (reg & mask) ^ xor`, over as many bytes as the mask has.
     Bitwise {
         /// Register.
         reg: u32,
         /// Mask.
-        mask: u32,
-        /// Xor.
-        xor: u32,
+        mask: Vec<u8>,
+        /// Xor, as long as the mask.
+        xor: Vec<u8>,
+    },
+    /// `payload load LEN @ BASE + OFFSET => reg`
+    Payload {
+        /// `NFT_PAYLOAD_*_HEADER`.
+        base: u32,
+        /// Offset in that header.
+        offset: u32,
+        /// Bytes loaded.
+        len: u32,
+        /// Destination register.
+        dreg: u32,
+    },
+    /// `dynset update reg_key REG set NAME timeout MS`
+    DynsetUpdate {
+        /// Set name.
+        set: String,
+        /// Register where the key starts.
+        sreg: u32,
+        /// Timeout of the entry, in milliseconds.
+        timeout_ms: u64,
     },
     /// `cmp eq reg DATA`
     CmpEq {
@@ -510,14 +541,14 @@ pub enum Expr {
         /// Offset.
         offset: u32,
     },
-    /// `lookup reg set NAME dreg reg`
+    /// `lookup reg set NAME [dreg reg]`: a map lookup, or a set membership test.
     Lookup {
         /// Source register.
         sreg: u32,
-        /// Map name.
+        /// Set or map name.
         set: String,
-        /// Destination register.
-        dreg: u32,
+        /// Destination register, for a map.
+        dreg: Option<u32>,
     },
     /// `immediate reg DATA`
     Immediate {
@@ -544,6 +575,8 @@ impl Expr {
         let name = match self {
             Self::MetaLoad { .. } | Self::MetaSet { .. } => "meta",
             Self::Bitwise { .. } => "bitwise",
+            Self::Payload { .. } => "payload",
+            Self::DynsetUpdate { .. } => "dynset",
             Self::CmpEq { .. } => "cmp",
             Self::NumgenRandom { .. } => "numgen",
             Self::Lookup { .. } => "lookup",
@@ -564,13 +597,25 @@ impl Expr {
             Self::Bitwise { reg, mask, xor } => {
                 m.u32(NFTA_BITWISE_SREG, *reg);
                 m.u32(NFTA_BITWISE_DREG, *reg);
-                m.u32(NFTA_BITWISE_LEN, 4);
+                m.u32(NFTA_BITWISE_LEN, u32::try_from(mask.len()).unwrap_or(u32::MAX));
                 let a = m.begin(NFTA_BITWISE_MASK);
-                m.bytes(NFTA_DATA_VALUE, &mask.to_ne_bytes());
+                m.bytes(NFTA_DATA_VALUE, mask);
                 m.end(a);
                 let b = m.begin(NFTA_BITWISE_XOR);
-                m.bytes(NFTA_DATA_VALUE, &xor.to_ne_bytes());
+                m.bytes(NFTA_DATA_VALUE, xor);
                 m.end(b);
+            }
+            Self::Payload { base, offset, len, dreg } => {
+                m.u32(NFTA_PAYLOAD_DREG, *dreg);
+                m.u32(NFTA_PAYLOAD_BASE, *base);
+                m.u32(NFTA_PAYLOAD_OFFSET, *offset);
+                m.u32(NFTA_PAYLOAD_LEN, *len);
+            }
+            Self::DynsetUpdate { set, sreg, timeout_ms } => {
+                m.str(NFTA_DYNSET_SET_NAME, set);
+                m.u32(NFTA_DYNSET_OP, NFT_DYNSET_OP_UPDATE);
+                m.u32(NFTA_DYNSET_SREG_KEY, *sreg);
+                m.bytes(NFTA_DYNSET_TIMEOUT, &timeout_ms.to_be_bytes());
             }
             Self::CmpEq { reg, data } => {
                 m.u32(NFTA_CMP_SREG, *reg);
@@ -588,7 +633,9 @@ impl Expr {
             Self::Lookup { sreg, set, dreg } => {
                 m.str(NFTA_LOOKUP_SET, set);
                 m.u32(NFTA_LOOKUP_SREG, *sreg);
-                m.u32(NFTA_LOOKUP_DREG, *dreg);
+                if let Some(dreg) = dreg {
+                    m.u32(NFTA_LOOKUP_DREG, *dreg);
+                }
             }
             Self::Immediate { dreg, data } => {
                 m.u32(NFTA_IMMEDIATE_DREG, *dreg);
@@ -615,12 +662,16 @@ impl Expr {
 /// - `meta mark set meta mark | MARK`
 /// - `meta l4proto PROTO dnat to numgen random mod N offset K map @MAP`
 /// - `meta l4proto PROTO dnat to ADDR:PORT` (`[ADDR]:PORT` for IPv6)
+/// - the ClientIP affinity rules (see [`affinity_expressions`])
 pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
+    if let Some(exprs) = affinity_expressions(family, text) {
+        return Some(exprs);
+    }
     if let Some(mark) = text.strip_prefix("meta mark set meta mark | ") {
         let mark = u32::from_str_radix(mark.strip_prefix("0x")?, 16).ok()?;
         return Some(vec![
             Expr::MetaLoad { key: NFT_META_MARK, dreg: REG_1 },
-            Expr::Bitwise { reg: REG_1, mask: !mark, xor: mark },
+            Expr::Bitwise { reg: REG_1, mask: (!mark).to_ne_bytes().to_vec(), xor: mark.to_ne_bytes().to_vec() },
             Expr::MetaSet { key: NFT_META_MARK, sreg: REG_1 },
         ]);
     }
@@ -647,7 +698,7 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
             return None;
         }
         exprs.push(Expr::NumgenRandom { dreg: REG_1, modulus, offset });
-        exprs.push(Expr::Lookup { sreg: REG_1, set: set.to_string(), dreg: REG_1 });
+        exprs.push(Expr::Lookup { sreg: REG_1, set: set.to_string(), dreg: Some(REG_1) });
         exprs.push(Expr::Dnat { family, addr: REG_1, proto: port_reg, flags: None });
         return Some(exprs);
     }
@@ -660,6 +711,115 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
     exprs.push(Expr::Immediate { dreg: REG_2, data: port.to_be_bytes().to_vec() });
     exprs.push(Expr::Dnat { family, addr: REG_1, proto: REG_2, flags: Some(NF_NAT_RANGE_PROTO_SPECIFIED) });
     Some(exprs)
+}
+
+/// Where one affinity entry's fields sit in the registers: the client address in `NFT_REG_1`,
+/// then the endpoint address, port and the port's key, each in the 32-bit words that follow.
+struct AffinityLayout {
+    addr_len: u32,
+    saddr_offset: u32,
+    daddr_offset: u32,
+    endpoint: u32,
+    port: u32,
+    key: u32,
+}
+
+impl AffinityLayout {
+    fn of(family: Family) -> Self {
+        match family {
+            Family::V4 => Self { addr_len: 4, saddr_offset: 12, daddr_offset: 16, endpoint: 9, port: 10, key: 11 },
+            Family::V6 => Self { addr_len: 16, saddr_offset: 8, daddr_offset: 24, endpoint: 2, port: 3, key: 17 },
+        }
+    }
+}
+
+/// The ClientIP affinity rules the renderer writes, as nft encodes them; `None` for other text:
+/// - `FAM saddr . FAM daddr & ZERO | EP . th dport & 0 | PORT . meta mark & 0 | KEY @SET RECORD`
+///   (a client recorded for this endpoint goes back to it);
+/// - `numgen random mod N == 0 RECORD` (picks this endpoint);
+/// - `RECORD`,
+///
+/// where `RECORD` is `update @SET { FAM saddr . EP . PORT . KEY timeout Ts } DNAT` and `DNAT`
+/// the single-endpoint `meta l4proto PROTO dnat to EP:PORT`.
+pub fn affinity_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
+    let fam = match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    };
+    let l = AffinityLayout::of(family);
+    let saddr =
+        Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: l.saddr_offset, len: l.addr_len, dreg: REG_1 };
+    let mut exprs = Vec::new();
+    let zero = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    let record = if let Some(rest) = text.strip_prefix(&format!("{fam} saddr . {fam} daddr & {zero} | ")) {
+        let (ep, rest) = rest.split_once(" . th dport & 0 | ")?;
+        let (port, rest) = rest.split_once(" . meta mark & 0 | ")?;
+        let (key, rest) = rest.split_once(' ')?;
+        let (set, record) = rest.strip_prefix('@')?.split_once(' ')?;
+        let (ep, port, key) = (address(family, ep)?, port_bytes(port)?, key_bytes(key)?);
+        exprs.push(saddr.clone());
+        exprs.push(Expr::Payload {
+            base: NFT_PAYLOAD_NETWORK_HEADER,
+            offset: l.daddr_offset,
+            len: l.addr_len,
+            dreg: l.endpoint,
+        });
+        exprs.push(Expr::Bitwise { reg: l.endpoint, mask: vec![0; ep.len()], xor: ep });
+        exprs.push(Expr::Payload { base: NFT_PAYLOAD_TRANSPORT_HEADER, offset: 2, len: 2, dreg: l.port });
+        exprs.push(Expr::Bitwise { reg: l.port, mask: vec![0; 2], xor: port });
+        exprs.push(Expr::MetaLoad { key: NFT_META_MARK, dreg: l.key });
+        exprs.push(Expr::Bitwise { reg: l.key, mask: vec![0; 4], xor: key });
+        exprs.push(Expr::Lookup { sreg: REG_1, set: set.to_string(), dreg: None });
+        record
+    } else if let Some(rest) = text.strip_prefix("numgen random mod ") {
+        let (modulus, record) = rest.split_once(" == 0 ")?;
+        exprs.push(Expr::NumgenRandom { dreg: REG_1, modulus: modulus.parse().ok()?, offset: 0 });
+        exprs.push(Expr::CmpEq { reg: REG_1, data: vec![0; 4] });
+        record
+    } else {
+        text
+    };
+    let rest = record.strip_prefix("update @")?;
+    let (set, rest) = rest.split_once(" { ")?;
+    let rest = rest.strip_prefix(&format!("{fam} saddr . "))?;
+    let (entry, rest) = rest.split_once(" timeout ")?;
+    let (seconds, dnat) = rest.split_once("s } ")?;
+    let mut fields = entry.split(" . ");
+    let (ep, port, key) = (fields.next()?, fields.next()?, fields.next()?);
+    if fields.next().is_some() || set.contains(' ') {
+        return None;
+    }
+    let seconds: u64 = seconds.parse().ok()?;
+    let tail = rule_expressions(family, dnat)?;
+    // Only the single-endpoint DNAT may follow.
+    if !matches!(tail.last(), Some(Expr::Dnat { flags: Some(_), .. })) {
+        return None;
+    }
+    exprs.push(saddr);
+    exprs.push(Expr::Immediate { dreg: l.endpoint, data: address(family, ep)? });
+    exprs.push(Expr::Immediate { dreg: l.port, data: port_bytes(port)? });
+    exprs.push(Expr::Immediate { dreg: l.key, data: key_bytes(key)? });
+    exprs.push(Expr::DynsetUpdate { set: set.to_string(), sreg: REG_1, timeout_ms: seconds.checked_mul(1000)? });
+    exprs.extend(tail);
+    Some(exprs)
+}
+
+fn address(family: Family, text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(16);
+    push_addr(&mut out, family, text)?;
+    Some(out)
+}
+
+fn port_bytes(text: &str) -> Option<Vec<u8>> {
+    Some(text.parse::<u16>().ok()?.to_be_bytes().to_vec())
+}
+
+/// A mark value (`0x…`), host order like `meta mark`.
+fn key_bytes(text: &str) -> Option<Vec<u8>> {
+    Some(u32::from_str_radix(text.strip_prefix("0x")?, 16).ok()?.to_ne_bytes().to_vec())
 }
 
 /// A netlink socket to the kernel's nftables, in the network namespace it was opened in.
@@ -828,7 +988,14 @@ mod tests {
     #[test]
     fn rule_shapes_the_renderer_writes_are_encoded() {
         let mark = rule_expressions(Family::V4, "meta mark set meta mark | 0x00400000").unwrap_or_default();
-        assert_eq!(mark[1], Expr::Bitwise { reg: REG_1, mask: 0xffbf_ffff, xor: 0x0040_0000 });
+        assert_eq!(
+            mark[1],
+            Expr::Bitwise {
+                reg: REG_1,
+                mask: 0xffbf_ffffu32.to_ne_bytes().to_vec(),
+                xor: 0x0040_0000u32.to_ne_bytes().to_vec()
+            }
+        );
         let map = rule_expressions(
             Family::V6,
             "meta l4proto udp dnat to numgen random mod 10 offset 16 map @endpoints-udp-1b",
@@ -840,6 +1007,42 @@ mod tests {
         let one = rule_expressions(Family::V6, "meta l4proto tcp dnat to [fd00::5]:8080").unwrap_or_default();
         assert_eq!(one[3], Expr::Immediate { dreg: REG_2, data: vec![0x1f, 0x90] });
         assert_eq!(one.len(), 5);
+    }
+
+    #[test]
+    fn affinity_rules_are_encoded_as_nft_does() {
+        let lookup = affinity_expressions(
+            Family::V6,
+            "ip6 saddr . ip6 daddr & :: | fd00:1::2 . th dport & 0 | 8080 . meta mark & 0 | 0x12345678 @affinity \
+             update @affinity { ip6 saddr . fd00:1::2 . 8080 . 0x12345678 timeout 600s } meta l4proto tcp dnat to [fd00:1::2]:8080",
+        )
+        .unwrap_or_default();
+        // As `nft --debug=netlink` shows it: the key in registers 1, 2, 3 and 17.
+        assert_eq!(lookup[0], Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 8, len: 16, dreg: REG_1 });
+        assert_eq!(lookup[1], Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: 24, len: 16, dreg: REG_2 });
+        assert_eq!(lookup[4], Expr::Bitwise { reg: 3, mask: vec![0, 0], xor: vec![0x1f, 0x90] });
+        assert_eq!(lookup[5], Expr::MetaLoad { key: NFT_META_MARK, dreg: 17 });
+        assert_eq!(lookup[7], Expr::Lookup { sreg: REG_1, set: "affinity".into(), dreg: None });
+        assert_eq!(lookup[11], Expr::Immediate { dreg: 17, data: 0x1234_5678u32.to_ne_bytes().to_vec() });
+        assert_eq!(lookup[12], Expr::DynsetUpdate { set: "affinity".into(), sreg: REG_1, timeout_ms: 600_000 });
+        assert_eq!(lookup.len(), 18);
+        let pick = affinity_expressions(
+            Family::V4,
+            "numgen random mod 3 == 0 update @affinity { ip saddr . 10.0.1.2 . 8080 . 0x12345678 timeout 60s } \
+             meta l4proto udp dnat to 10.0.1.2:8080",
+        )
+        .unwrap_or_default();
+        assert_eq!(pick[0], Expr::NumgenRandom { dreg: REG_1, modulus: 3, offset: 0 });
+        assert_eq!(pick[3], Expr::Immediate { dreg: REG32_01, data: vec![10, 0, 1, 2] });
+        assert_eq!(pick[7], Expr::MetaLoad { key: NFT_META_L4PROTO, dreg: REG_1 });
+        // Anything but a single-endpoint DNAT after the record is declined.
+        assert_eq!(
+            affinity_expressions(
+                Family::V4,
+                "update @affinity { ip saddr . 10.0.1.2 . 8080 . 0x1 timeout 60s } meta l4proto tcp dnat to numgen random mod 2 offset 0 map @m",
+            ),
+            None
+        );
     }
 
     #[test]

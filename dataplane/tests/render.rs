@@ -226,6 +226,39 @@ fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
     assert_eq!(r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0], "drop");
 }
 
+/// A full sync into an empty kernel writes plain and affinity Services' chains and every
+/// element over netlink; only the skeleton and the chains the encoder does not know (source
+/// ranges, rejects) are left to nft.
+#[test]
+fn split_full_sync_leaves_only_the_skeleton_and_unknown_chains_to_nft() {
+    use hawser_dataplane::diff::FullSync;
+    let mut sticky = Svc::new("ns", "sticky");
+    sticky.affinity_timeout = Some(30);
+    sticky.families = vec!["IPv4", "IPv6"];
+    sticky.lb_ips = vec!["198.51.100.7", "2001:db8::7"];
+    let mut ranged = Svc::new("ns", "ranged");
+    ranged.source_ranges = vec!["10.1.0.0/16"];
+    ranged.lb_ips = vec!["198.51.100.8"];
+    let eps = [Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n"), Ep::ready("10.0.0.3", "n")];
+    let eps6 = [Ep::ready("fd00::1", "n"), Ep::ready("fd00::2", "n")];
+    let r = rules(&model(
+        &[Svc::new("ns", "web").build(), sticky.build(), ranged.build()],
+        &[
+            slice("ns", "web", "w", HTTP, &eps),
+            slice("ns", "sticky", "s4", HTTP, &eps),
+            slice("ns", "sticky", "s6", HTTP, &eps6),
+            slice("ns", "ranged", "r", HTTP, &eps),
+        ],
+    ));
+    let (skeleton, batch) = FullSync::new(&r).split().expect("every element is encoded");
+    assert!(!batch.is_empty());
+    assert!(!skeleton.contains("svc-ns/web/"), "{skeleton}");
+    assert!(!skeleton.contains("svc-ns/sticky/"), "affinity chains go over netlink too:\n{skeleton}");
+    assert!(!skeleton.contains(" element "), "no element in the skeleton:\n{skeleton}");
+    assert!(skeleton.contains("add rule ip hawser fw-ns/ranged/tcp/80 ip saddr != { 10.1.0.0/16 } drop"), "{skeleton}");
+    assert!(skeleton.contains("add set ip6 hawser affinity"), "{skeleton}");
+}
+
 #[test]
 fn client_ip_affinity_uses_one_shared_set_with_the_services_timeout() {
     let mut s = Svc::new("ns", "web");
