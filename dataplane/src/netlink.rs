@@ -659,7 +659,7 @@ impl Expr {
 
 /// The expressions of a `svc-…` rule as the renderer writes it, the same nft generates for
 /// that text; `None` for any other rule. Known shapes:
-/// - `meta mark set meta mark | MARK`
+/// - `meta mark set meta mark | MARK`, alone or followed by one of the DNATs below
 /// - `meta l4proto PROTO dnat to numgen random mod N offset K map @MAP`
 /// - `meta l4proto PROTO dnat to ADDR:PORT` (`[ADDR]:PORT` for IPv6)
 /// - the ClientIP affinity rules (see [`affinity_expressions`])
@@ -667,13 +667,22 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
     if let Some(exprs) = affinity_expressions(family, text) {
         return Some(exprs);
     }
-    if let Some(mark) = text.strip_prefix("meta mark set meta mark | ") {
+    if let Some(rest) = text.strip_prefix("meta mark set meta mark | ") {
+        let (mark, then) = rest.split_once(' ').unwrap_or((rest, ""));
         let mark = u32::from_str_radix(mark.strip_prefix("0x")?, 16).ok()?;
-        return Some(vec![
+        let mut exprs = vec![
             Expr::MetaLoad { key: NFT_META_MARK, dreg: REG_1 },
             Expr::Bitwise { reg: REG_1, mask: (!mark).to_ne_bytes().to_vec(), xor: mark.to_ne_bytes().to_vec() },
             Expr::MetaSet { key: NFT_META_MARK, sreg: REG_1 },
-        ]);
+        ];
+        // The DNAT of the same rule may follow (not another mark).
+        if !then.is_empty() {
+            if then.starts_with("meta mark ") {
+                return None;
+            }
+            exprs.extend(rule_expressions(family, then)?);
+        }
+        return Some(exprs);
     }
     let rest = text.strip_prefix("meta l4proto ")?;
     let (proto, rest) = rest.split_once(' ')?;
@@ -1004,6 +1013,20 @@ mod tests {
         assert_eq!(map[1], Expr::CmpEq { reg: REG_1, data: vec![17] });
         assert_eq!(map[2], Expr::NumgenRandom { dreg: REG_1, modulus: 10, offset: 16 });
         assert_eq!(map[4], Expr::Dnat { family: Family::V6, addr: REG_1, proto: REG_2, flags: None });
+        // The mark and the DNAT in one rule: the mark's three expressions, then the DNAT's.
+        let both = rule_expressions(
+            Family::V4,
+            "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 3 offset 0 map @endpoints-tcp-00",
+        )
+        .unwrap_or_default();
+        assert_eq!(both.len(), 8);
+        assert_eq!(both[2], Expr::MetaSet { key: NFT_META_MARK, sreg: REG_1 });
+        assert_eq!(both[5], Expr::NumgenRandom { dreg: REG_1, modulus: 3, offset: 0 });
+        assert_eq!(
+            rule_expressions(Family::V4, "meta mark set meta mark | 0x1 meta mark set meta mark | 0x2"),
+            None,
+            "one mark only"
+        );
         let one = rule_expressions(Family::V6, "meta l4proto tcp dnat to [fd00::5]:8080").unwrap_or_default();
         assert_eq!(one[3], Expr::Immediate { dreg: REG_2, data: vec![0x1f, 0x90] });
         assert_eq!(one.len(), 5);

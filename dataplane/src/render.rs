@@ -9,14 +9,16 @@
 //! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
 //!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
 //!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
-//! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map
+//! - `svc-…` DNATs in one rule (which first sets the masquerade mark, for Cluster policy):
+//!   `dnat to numgen random mod N offset K map
 //!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
 //!   is a plain `dnat to`. Ports with ClientIP affinity instead have two rules per endpoint
 //!   (a client recorded for it goes back to it; otherwise one is picked and recorded), all
 //!   sharing the family's dynamic `affinity` set;
-//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit, and hairpin
-//!   traffic: a DNATed packet whose source is the endpoint it was sent to (`hairpin` set).
+//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit (everything a
+//!   Cluster-policy Service DNATs), and hairpin traffic of Local-policy Services: a DNATed
+//!   packet whose source is the endpoint it was sent to (`hairpin` set, their endpoints only).
 //!
 //! Why this shape: a ruleset load costs the kernel, for every element added to a map, a
 //! check per rule that refers to the map, and a named or anonymous set costs a scan of all
@@ -519,20 +521,31 @@ fn render_service(
             continue;
         }
 
-        // NAT: one service chain.
+        // NAT: one service chain. Cluster policy masquerades all it DNATs (the mark); Local
+        // keeps the client's address, so only a pod reaching itself (hairpin) is masqueraded.
         let svc_chain = format!("svc-{pid}");
-        let mut rules = Vec::new();
-        if svc.traffic_policy == TrafficPolicy::Cluster {
-            rules.push(format!("meta mark set meta mark | {mark:#010x}"));
-        }
-        if let Some(hairpin) = table.collections.get_mut("hairpin") {
+        let masquerade =
+            (svc.traffic_policy == TrafficPolicy::Cluster).then(|| format!("meta mark set meta mark | {mark:#010x}"));
+        if masquerade.is_none()
+            && let Some(hairpin) = table.collections.get_mut("hairpin")
+        {
             for ep in &endpoints {
                 hairpin.elements.insert(format!("{} . {}", ep.ip, ep.ip), String::new());
             }
         }
+        let mut rules = Vec::new();
         match svc.affinity_timeout {
-            Some(timeout) => affinity_rules(&mut rules, &pid, proto, &endpoints, family, timeout),
-            None => dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family),
+            Some(timeout) => {
+                rules.extend(masquerade);
+                affinity_rules(&mut rules, &pid, proto, &endpoints, family, timeout);
+            }
+            None => {
+                dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family);
+                // One rule: the mark, then the DNAT.
+                if let (Some(mark), [dnat]) = (masquerade, rules.as_mut_slice()) {
+                    *dnat = format!("{mark} {dnat}");
+                }
+            }
         }
         table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
         insert_dispatch(table, "service", &addresses, port, &svc_chain);

@@ -309,6 +309,20 @@ fn hairpin_traffic_is_masqueraded() {
         let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.1.2" };
         assert_eq!(out.peer().to_string(), want, "{out:?}");
     }
+    // Cluster policy masquerades everything it DNATs (no hairpin elements needed): a pod
+    // reaching itself, or another pod, is seen as the node's address on that pod's link.
+    svc.local = false;
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    let hairpin = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "set", "ip", "hawser", "hairpin"]);
+    assert!(!hairpin.contains("elements"), "no hairpin elements for Cluster policy:\n{hairpin}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        let out = tcp(&lab.pods[0], LB, 80);
+        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
+        assert_eq!(out.peer().to_string(), want, "{out:?}");
+        seen.insert(out.server());
+    }
+    assert_eq!(seen, set(&["pod1", "pod2"]));
 }
 
 #[test]

@@ -157,19 +157,26 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     assert_eq!(t.collections["service-addresses"].elements["203.0.113.10 . tcp . 80"], "goto svc-ns/web/tcp/80");
     assert_eq!(t.collections["service-nodeports"].elements["tcp . 30080"], "goto svc-ns/web/tcp/80");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
-    assert!(svc[0].contains("meta mark set meta mark | 0x00400000"), "{svc:?}");
     let slot = r.slots[&Family::V4]["ns/web/tcp/80"];
     let map = format!("endpoints-tcp-{:02x}", slot.bucket);
-    assert_eq!(svc[1], format!("meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}", slot.offset));
-    assert_eq!(svc.len(), 2);
+    // One rule: the masquerade mark, then the DNAT.
+    assert_eq!(
+        svc[0],
+        format!(
+            "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}",
+            slot.offset
+        )
+    );
+    assert_eq!(svc.len(), 1);
     let eps = &t.collections[&map];
     assert!(eps.is_map && eps.decl.contains("typeof numgen random mod 2 : ip daddr . tcp dport"));
     assert_eq!(eps.elements[&slot.offset.to_string()], "10.0.0.1 . 8080");
     assert_eq!(eps.elements[&(slot.offset + 1).to_string()], "10.0.0.2 . 8080");
     assert_eq!(eps.elements.len(), 2);
     assert!(!t.chains.keys().any(|c| c.starts_with("ep-")), "no per-endpoint chains without affinity");
-    // Hairpin: DNATed traffic from an endpoint to itself is masqueraded in postrouting.
-    assert!(t.collections["hairpin"].elements.contains_key("10.0.0.1 . 10.0.0.1"));
+    // Cluster policy masquerades all it DNATs, hairpin included: no hairpin elements. Local
+    // policy's are checked where that policy is rendered.
+    assert!(t.collections["hairpin"].elements.is_empty());
     assert!(
         t.chains["nat-postrouting"]
             .rules
@@ -289,7 +296,7 @@ fn client_ip_affinity_uses_one_shared_set_with_the_services_timeout() {
     assert!(pick.starts_with("numgen random mod 2 == 0 update @affinity { ip saddr . 10.0.0.1 . 8080 . 0x"), "{pick}");
     assert!(svc[4].starts_with("update @affinity { ip saddr . 10.0.0.2 . 8080 . 0x"), "{svc:?}");
     assert!(svc[4].ends_with(" timeout 30s } meta l4proto tcp dnat to 10.0.0.2:8080"), "{svc:?}");
-    assert!(t.collections["hairpin"].elements.contains_key("10.0.0.2 . 10.0.0.2"));
+    assert!(t.collections["hairpin"].elements.is_empty(), "masqueraded by the mark");
 }
 
 #[test]
@@ -297,9 +304,10 @@ fn ipv6_endpoints_render_into_the_ip6_table() {
     let mut s = Svc::new("ns", "web");
     s.families = vec!["IPv6"];
     s.lb_ips = vec!["2001:db8::10"];
-    let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n")])]));
+    s.local = true;
+    let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "node-a")])]));
     let t = &r.tables[&Family::V6];
-    assert!(t.chains["svc-ns/web/tcp/80"].rules.contains(&"meta l4proto tcp dnat to [fd00::1]:8080".to_string()));
+    assert_eq!(t.chains["svc-ns/web/tcp/80"].rules, ["meta l4proto tcp dnat to [fd00::1]:8080"]);
     assert!(t.collections["hairpin"].elements.contains_key("fd00::1 . fd00::1"));
     assert_eq!(t.collections["hairpin"].decl, "type ipv6_addr . ipv6_addr;");
     assert!(t.collections["service-addresses"].elements.contains_key("2001:db8::10 . tcp . 80"));
@@ -386,6 +394,8 @@ fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
     let mut b = Svc::new("ns", "b");
     b.lb_ips = vec!["203.0.113.20"];
     b.ports = vec![("http", "TCP", 80, Some(30081))];
+    // Local policy: its endpoints are this node's, in the hairpin set.
+    b.local = true;
     model(
         &[Svc::new("ns", "a").build(), b.build()],
         &[slice("ns", "a", "a1", HTTP, &[Ep::ready("10.0.0.1", "n")]), slice("ns", "b", "b1", HTTP, eps_b)],
@@ -394,8 +404,8 @@ fn two_services(eps_b: &[Ep<'_>]) -> ClusterModel {
 
 #[test]
 fn partial_sync_touches_only_the_changed_service() {
-    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n"), Ep::ready("10.0.1.2", "n")]));
-    let after = render_from(&two_services(&[Ep::ready("10.0.1.1", "n")]), &RenderConfig::default(), Some(&before));
+    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "node-a"), Ep::ready("10.0.1.2", "node-a")]));
+    let after = render_from(&two_services(&[Ep::ready("10.0.1.1", "node-a")]), &RenderConfig::default(), Some(&before));
     let map = format!("endpoints-tcp-{:02x}", before.slots[&Family::V4]["ns/b/tcp/80"].bucket);
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
     assert!(!plan.script.contains("ns/a/"), "service a untouched:\n{}", plan.script);
@@ -474,7 +484,7 @@ fn endpoint_map_slots_are_disjoint_spread_and_stable() {
 
 #[test]
 fn changed_map_values_are_replaced_element_wise() {
-    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let before = rules(&two_services(&[Ep::ready("10.0.1.1", "node-a")]));
     let after = rules(&two_services(&[]));
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
     assert!(plan.script.contains("delete element ip hawser service-addresses { 203.0.113.20 . tcp . 80 }"));
@@ -487,7 +497,7 @@ fn changed_map_values_are_replaced_element_wise() {
 
 #[test]
 fn full_sync_replaces_tables_and_failure_forces_full_resync() {
-    let a = rules(&two_services(&[Ep::ready("10.0.1.1", "n")]));
+    let a = rules(&two_services(&[Ep::ready("10.0.1.1", "node-a")]));
     let b = rules(&two_services(&[]));
     let full = full_plan(&a);
     assert!(full.script.starts_with("add table ip hawser\ndelete table ip hawser\n"));
