@@ -142,15 +142,20 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-/// Feeds `n` Services × `eps` endpoints as watch events (each object dropped after its
-/// event, as the watcher does) and runs the full sync: initial list to rules in the kernel.
-fn full_sync(agent: &mut Agent, n: usize, eps: usize, affinity: bool) -> (Duration, SyncReport) {
+/// The initial lists: `n` Services × `eps` endpoints, as the watches receive them.
+fn lists(n: usize, eps: usize, affinity: bool) -> Vec<(Service, EndpointSlice)> {
+    (0..n).map(|i| (service(i, affinity), endpoints(i, eps))).collect()
+}
+
+/// Feeds the initial lists as watch events (each object dropped after its event, as the
+/// watcher does) and runs the full sync: from the lists received to rules in the kernel.
+fn full_sync(agent: &mut Agent, lists: impl IntoIterator<Item = (Service, EndpointSlice)>) -> (Duration, SyncReport) {
     let t = Instant::now();
     agent.inputs.begin_service_relist();
     agent.inputs.begin_slice_relist();
-    for i in 0..n {
-        agent.inputs.apply_service(&service(i, affinity), CLASS);
-        agent.inputs.apply_slice(&endpoints(i, eps));
+    for (service, slice) in lists {
+        agent.inputs.apply_service(&service, CLASS);
+        agent.inputs.apply_slice(&slice);
     }
     agent.inputs.end_service_relist();
     agent.inputs.end_slice_relist();
@@ -170,7 +175,8 @@ fn rss_kib(field: &str) -> u64 {
 /// In the child: the agent's state for `n` Services after a full sync, and its RSS.
 fn rss_child(node: &str, n: usize) {
     let mut agent = Agent::new(node);
-    full_sync(&mut agent, n, 10, false);
+    // Built as they arrive, page by page, rather than all held at once.
+    full_sync(&mut agent, (0..n).map(|i| (service(i, false), endpoints(i, 10))));
     println!("{} {}", rss_kib("VmRSS:"), rss_kib("VmHWM:"));
 }
 
@@ -192,7 +198,7 @@ fn main() {
     spawn_sink(&lab.pods[0], 9000);
 
     let mut agent = Agent::new(&lab.node);
-    let (full, report) = full_sync(&mut agent, n, 10, false);
+    let (full, report) = full_sync(&mut agent, lists(n, 10, false));
     let (rules, elements, _) = agent.syncer.counts();
     println!("services={n} endpoints_per_service=10 rules={rules} elements={elements}");
     println!(
@@ -248,10 +254,10 @@ fn main() {
     // ClientIP affinity vs none, at the same size, each from empty tables.
     let mut plain = Agent::new(&lab.node);
     plain.syncer.cleanup().unwrap();
-    let (t_plain, _) = full_sync(&mut plain, affinity_n, 10, false);
+    let (t_plain, _) = full_sync(&mut plain, lists(affinity_n, 10, false));
     let mut sticky = Agent::new(&lab.node);
     sticky.syncer.cleanup().unwrap();
-    let (t_sticky, _) = full_sync(&mut sticky, affinity_n, 10, true);
+    let (t_sticky, _) = full_sync(&mut sticky, lists(affinity_n, 10, true));
     println!(
         "affinity_services={affinity_n} affinity_full_sync_ms={} plain_full_sync_ms={} affinity_ratio={:.2} target_ratio=2",
         ms(t_sticky),
@@ -260,7 +266,7 @@ fn main() {
     );
     sticky.syncer.cleanup().unwrap();
     let mut agent = Agent::new(&lab.node);
-    full_sync(&mut agent, n, 10, false);
+    full_sync(&mut agent, lists(n, 10, false));
 
     fn throughput(lab: &Lab, dst: &str, port: u16, bytes: usize) -> f64 {
         let dst = dst.to_string();

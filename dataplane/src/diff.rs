@@ -11,7 +11,10 @@ use std::fmt::Write as _;
 
 use crate::model::Family;
 use crate::netlink::Batch;
-use crate::render::{Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules};
+use crate::nft::NftError;
+use crate::render::{
+    Chain, Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules,
+};
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,12 +73,18 @@ pub fn full_plan(desired: &Ruleset) -> Plan {
 #[derive(Debug, Clone, Copy)]
 pub struct FullSync<'a> {
     desired: &'a Ruleset,
+    batch_bytes: usize,
 }
 
 impl<'a> FullSync<'a> {
     /// The full resync to `desired`.
     pub fn new(desired: &'a Ruleset) -> Self {
-        Self { desired }
+        Self { desired, batch_bytes: SPLIT_BATCH_BYTES }
+    }
+
+    /// The same, with netlink batches of about `bytes` when split.
+    pub fn with_batch_bytes(self, bytes: usize) -> Self {
+        Self { batch_bytes: bytes, ..self }
     }
 
     /// The ruleset it writes.
@@ -88,39 +97,114 @@ impl<'a> FullSync<'a> {
         full_plan(self.desired).script
     }
 
-    /// The ruleset as an nft script of its skeleton (tables, base chains, set and map
-    /// declarations, and every chain the netlink encoder does not know) without any element,
-    /// and one netlink batch with the rest: the plain `svc-…` chains and every element.
-    ///
-    /// Only for tables that do not exist yet: between the two transactions the tables hold
-    /// empty dispatch maps, which match nothing, so traffic is treated as with no tables at
-    /// all. `None` when an element is one the encoder does not know.
-    pub fn split(&self) -> Option<(String, Batch)> {
+    /// The skeleton as an nft script: tables, base chains, every chain but the `svc-…` ones
+    /// with its rules, and every set and map declared, without elements.
+    pub fn skeleton(&self) -> String {
         let mut skeleton = Ruleset::default();
-        let mut batch = Batch::new();
         for (family, table) in &self.desired.tables {
             let mut t = Table::default();
-            for (name, chain) in &table.chains {
-                let plain = chain.base.is_none() && name.starts_with("svc-");
-                if !(plain && batch.add_chain(*family, name, &chain.rules)) {
-                    t.chains.insert(name.clone(), chain.clone());
-                }
+            for (name, chain) in table.chains.iter().filter(|(name, chain)| !is_service_chain(name, chain)) {
+                t.chains.insert(name.clone(), chain.clone());
             }
             for (name, c) in &table.collections {
                 t.collections.insert(name.clone(), c.clone_empty());
             }
             skeleton.tables.insert(*family, t);
         }
-        // Elements after every chain they may send packets to.
-        for (family, table) in &self.desired.tables {
-            for (name, c) in table.collections.iter().filter(|(_, c)| !c.elements.is_empty()) {
-                if !batch.elements(*family, name, true, c.elements.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
-                    return None;
+        full_plan(&skeleton).script
+    }
+
+    /// Writes the ruleset into a kernel that has neither of our tables, in several
+    /// transactions: the [skeleton](Self::skeleton) through `nft`; the `svc-…` chains and the
+    /// endpoint maps' elements in netlink batches of about [`SPLIT_BATCH_BYTES`], which
+    /// `commit` writes on a second thread while the next is encoded; `svc-…` chains the
+    /// encoder does not know through `nft`; last, the dispatch maps' and the hairpin set's
+    /// elements in one batch, which is what starts sending traffic anywhere.
+    ///
+    /// Until that last batch the tables match nothing, so traffic is treated as with no tables
+    /// at all, and a failure part-way leaves nothing that acts (the next full resync then
+    /// replaces the tables atomically). `Ok(false)`, having written part of the tables, when an
+    /// element is one the encoder does not know: the caller then replaces them with
+    /// [`FullSync::script`].
+    pub fn write_split(
+        &self,
+        nft: &dyn Fn(&str) -> Result<(), NftError>,
+        commit: &(dyn Fn(&Batch) -> Result<(), NftError> + Sync),
+    ) -> Result<bool, NftError> {
+        nft(&self.skeleton())?;
+        let mut unknown = String::new();
+        let mut encodable = true;
+        let (to_committer, batches) = std::sync::mpsc::sync_channel::<Batch>(2);
+        let committed = std::thread::scope(|scope| {
+            let committer = scope.spawn(move || batches.iter().try_for_each(|b| commit(&b)));
+            let mut batch = Batch::new();
+            let send = |batch: &mut Batch, force: bool| {
+                if (force || batch.len() >= self.batch_bytes) && !batch.is_empty() {
+                    // A closed channel means the committer stopped on an error, returned below.
+                    let _ = to_committer.send(std::mem::take(batch));
+                }
+            };
+            for (family, table) in &self.desired.tables {
+                let fam = family_name(*family);
+                for (name, chain) in table.chains.iter().filter(|(name, chain)| is_service_chain(name, chain)) {
+                    if !batch.add_chain(*family, name, &chain.rules) {
+                        write_chain_decl(&mut unknown, fam, name, chain);
+                        write_rules(&mut unknown, fam, name, chain);
+                    }
+                    send(&mut batch, false);
+                }
+                for (name, c) in table.collections.iter().filter(|(name, _)| !activates(name)) {
+                    for chunk in c.elements.iter().collect::<Vec<_>>().chunks(ELEMENTS_PER_STEP) {
+                        encodable &=
+                            batch.elements(*family, name, true, chunk.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                        send(&mut batch, false);
+                    }
                 }
             }
+            send(&mut batch, true);
+            drop(to_committer);
+            committer.join().unwrap_or_else(|_| Err(panicked()))
+        });
+        committed?;
+        if !unknown.is_empty() {
+            nft(&unknown)?;
         }
-        Some((full_plan(&skeleton).script, batch))
+        let mut last = Batch::new();
+        for (family, table) in &self.desired.tables {
+            for (name, c) in table.collections.iter().filter(|(name, c)| activates(name) && !c.elements.is_empty()) {
+                encodable &=
+                    last.elements(*family, name, true, c.elements.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            }
+        }
+        if !encodable {
+            return Ok(false);
+        }
+        commit(&last)?;
+        Ok(true)
     }
+}
+
+/// Bytes of one netlink batch of a split full sync: large enough that the kernel's fixed cost
+/// per transaction does not matter, small enough to encode the next while it is written.
+pub const SPLIT_BATCH_BYTES: usize = 1 << 20;
+
+/// Elements encoded between two checks of the batch's size.
+const ELEMENTS_PER_STEP: usize = 4096;
+
+/// A `svc-…` chain (regular, a Service port's DNAT), which the netlink encoder may write.
+fn is_service_chain(name: &str, chain: &Chain) -> bool {
+    chain.base.is_none() && name.starts_with("svc-")
+}
+
+/// Whether elements of the collection `name` send traffic somewhere (the dispatch maps) or
+/// change how it leaves (the hairpin set), rather than only being read by chains that nothing
+/// reaches yet.
+fn activates(name: &str) -> bool {
+    !name.starts_with("endpoints-")
+}
+
+fn panicked() -> NftError {
+    NftError::Spawn { program: "nfnetlink".into(), source: std::io::Error::other("the netlink writer panicked") }
 }
 
 /// Script deleting our tables (`--cleanup`).

@@ -162,17 +162,15 @@ impl NftRunner for NftCommand {
     }
 
     /// Into a kernel that has neither of our tables, the skeleton through nft and the bulk in
-    /// one netlink batch (nft spends seconds parsing 10k Services' elements); tables that exist
-    /// are replaced atomically by the whole script.
+    /// netlink batches ([`FullSync::write_split`]; nft spends seconds parsing 10k Services'
+    /// elements); tables that exist are replaced atomically by the whole script.
     fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
         if let Some(netlink) = &self.netlink {
             let mut absent = true;
             for family in full.desired().tables.keys() {
                 absent &= !netlink.table_exists(*family)?;
             }
-            if absent && let Some((skeleton, batch)) = full.split() {
-                self.run(&skeleton)?;
-                netlink.commit(&batch)?;
+            if absent && full.write_split(&|script| self.run(script), &|batch| netlink.commit(batch))? {
                 return Ok(Writer::NftThenNetlink);
             }
         }

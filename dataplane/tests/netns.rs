@@ -581,6 +581,77 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     }
 }
 
+/// The split full sync, batch by batch: a `svc-…` chain the encoder does not know goes through
+/// nft before traffic is let in; a batch refused part-way leaves tables that serve nothing (as
+/// no tables would), and the atomic replacement that follows serves everything.
+#[test]
+fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
+    use hawser_dataplane::diff::FullSync;
+    use hawser_dataplane::model::{Family, ModelConfig, build_model};
+    use hawser_dataplane::netlink::Netlink;
+    use hawser_dataplane::render::{Chain, RenderConfig, render};
+    let lab = lab!(2);
+    let services: Vec<_> = (0..300)
+        .map(|i| {
+            let mut s = Svc::new("ns", leak(format!("s{i}")));
+            s.lb_ips = vec![leak(format!("203.0.113.{}", i % 250 + 1))];
+            s.ports = vec![("http", "TCP", 80 + i as u16 / 250, Some(30000 + i as u16))];
+            s.build()
+        })
+        .collect();
+    let pods = [Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)];
+    let slices: Vec<EndpointSlice> =
+        (0..300).map(|i| slice("ns", leak(format!("s{i}")), leak(format!("s{i}")), PORTS, &pods)).collect();
+    let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
+    let mut ruleset = render(&build_model(&services, &slices, &config), &RenderConfig::default());
+    // A Service chain whose rule the encoder does not know, reached by one address.
+    let table = ruleset.tables.get_mut(&Family::V4).unwrap();
+    let odd = "svc-ns/odd/tcp/80";
+    table
+        .chains
+        .insert(odd.into(), Chain { base: None, rules: vec!["counter meta l4proto tcp dnat to 10.0.2.2:8080".into()] });
+    let dispatch = table.collections.get_mut("service-addresses").unwrap();
+    dispatch.elements.insert("203.0.113.251 . tcp . 80".into(), format!("goto {odd}"));
+
+    let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
+    let netlink = common::lab::in_netns(&lab.node, Netlink::open).unwrap();
+    // Small batches, so that there are several, and the third is refused.
+    let full = FullSync::new(&ruleset).with_batch_bytes(16 << 10);
+    let commits = std::sync::atomic::AtomicUsize::new(0);
+    let refuse_third = |b: &hawser_dataplane::netlink::Batch| {
+        if commits.fetch_add(1, Ordering::SeqCst) == 2 {
+            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
+        }
+        netlink.commit(b)
+    };
+    assert!(full.write_split(&|s| nft.run(s), &refuse_third).is_err());
+    assert!(commits.load(Ordering::SeqCst) >= 3, "the batches were too few to refuse the third");
+    assert_eq!(tcp(&lab.client, "203.0.113.1", 80), Outcome::Timeout, "nothing serves after a refused batch");
+    // What the agent does next: tables exist, so the atomic replacement.
+    nft.run(&full.script()).unwrap();
+    let whole: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    assert_eq!(lab.servers("203.0.113.1", 80, 16), set(&["pod1", "pod2"]));
+
+    // From no tables, the split path completes and lists as the atomic replacement wrote.
+    nft.run(&hawser_dataplane::diff::cleanup_script()).unwrap();
+    let batches = std::sync::atomic::AtomicUsize::new(0);
+    let counted = |b: &hawser_dataplane::netlink::Batch| {
+        batches.fetch_add(1, Ordering::SeqCst);
+        netlink.commit(b)
+    };
+    assert!(full.write_split(&|s| nft.run(s), &counted).unwrap());
+    assert!(batches.load(Ordering::SeqCst) > 3, "written in several batches");
+    let split: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    assert_eq!(split, whole, "the split full sync differs from nft's");
+    assert!(lab.list_chain("ip", odd).contains("counter"), "the unknown chain went through nft");
+    assert_eq!(lab.servers("203.0.113.251", 80, 4), set(&["pod2"]));
+    assert_eq!(lab.servers("203.0.113.50", 80, 16), set(&["pod1", "pod2"]));
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
 /// Runs nft in the node netns and netlink batches there; when armed, adds a step the kernel
 /// refuses to the batch.
 struct SabotageNetlink {
