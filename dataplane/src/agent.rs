@@ -196,9 +196,10 @@ async fn sync_loop(
     let mut last_full = Instant::now();
     let mut failures = 0u32;
     loop {
+        // The interval is between syncs that write: a wake-up that finds nothing to do (a
+        // Node heartbeat, an event that changes no field we use) does not delay the next.
         let wait = config.min_sync_interval.saturating_sub(last_sync.elapsed());
         tokio::time::sleep(wait).await;
-        last_sync = Instant::now();
         if config.full_resync_period.is_some_and(|period| last_full.elapsed() >= period) {
             debug!("periodic full resync");
             syncer.force_full_resync();
@@ -214,6 +215,7 @@ async fn sync_loop(
         }
 
         let started = Instant::now();
+        last_sync = started;
         let mut warnings = Vec::new();
         let changes = shared.inputs().take_changes(&config.model, &mut warnings);
         for w in &warnings {
