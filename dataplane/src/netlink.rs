@@ -5,8 +5,10 @@
 //! listing the table's 10k chains and 500 sets into its cache before it sends anything (the
 //! kernel's own work on such a change is well under a millisecond; see dataplane/README.md,
 //! "Scale"). A partial sync that only changes elements of our maps and sets, and creates,
-//! rewrites or empties plain `svc-…` chains, is encoded here instead; everything else (set
-//! declarations, base chains, affinity and filter rules, full resyncs) still goes through nft.
+//! rewrites or empties `svc-…` chains (plain or ClientIP affinity), is encoded here instead, and
+//! so is the bulk of a full sync into a node without our tables ([`crate::diff::FullSync`]);
+//! everything else (set declarations, base and filter chains, replacing existing tables) still
+//! goes through nft.
 //!
 //! The encoder understands exactly the element and rule texts the renderer writes for those
 //! objects ([`Batch::elements`], [`rule_expressions`]); anything else makes it decline, and the
