@@ -295,14 +295,18 @@ fn hairpin_traffic_is_masqueraded() {
     // Two endpoints (random choice through the endpoint map): only the connections that land
     // on the sending pod itself are masqueraded; pod1 reaching pod2 keeps its address.
     lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
-    let mut seen = BTreeSet::new();
-    for _ in 0..24 {
-        let out = tcp(&lab.pods[0], LB, 80);
-        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.1.2" };
-        assert_eq!(out.peer().to_string(), want, "{out:?}");
-        seen.insert(out.server());
-    }
-    assert_eq!(seen, set(&["pod1", "pod2"]));
+    // Which address each pod sees pod1 as, when pod1 reaches the Service's address.
+    let pod1_seen_as = |lab: &Lab, by_pod1: &str, by_pod2: &str| {
+        let mut seen = BTreeSet::new();
+        for _ in 0..24 {
+            let out = tcp(&lab.pods[0], LB, 80);
+            let want = if out.server() == "pod1" { by_pod1 } else { by_pod2 };
+            assert_eq!(out.peer().to_string(), want, "{out:?}");
+            seen.insert(out.server());
+        }
+        assert_eq!(seen, set(&["pod1", "pod2"]));
+    };
+    pod1_seen_as(&lab, "10.0.1.1", "10.0.1.2");
     // UDP hairpin too.
     for _ in 0..8 {
         let out = udp(&lab.pods[0], LB, 53, 0);
@@ -315,14 +319,7 @@ fn hairpin_traffic_is_masqueraded() {
     lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
     let hairpin = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "set", "ip", "hawser", "hairpin"]);
     assert!(!hairpin.contains("elements"), "no hairpin elements for Cluster policy:\n{hairpin}");
-    let mut seen = BTreeSet::new();
-    for _ in 0..24 {
-        let out = tcp(&lab.pods[0], LB, 80);
-        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
-        assert_eq!(out.peer().to_string(), want, "{out:?}");
-        seen.insert(out.server());
-    }
-    assert_eq!(seen, set(&["pod1", "pod2"]));
+    pod1_seen_as(&lab, "10.0.1.1", "10.0.2.1");
 }
 
 #[test]
@@ -390,6 +387,22 @@ fn table_tokens(lab: &Lab, family: &str) -> Vec<String> {
     tokens
 }
 
+/// Both tables' tokens, `ip` then `ip6`.
+fn both_tables(lab: &Lab) -> Vec<Vec<String>> {
+    ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect()
+}
+
+/// A Service with TCP 80 (NodePort `np`) and UDP 53 on `lb`, and on `lb6` too when `dual`.
+fn dual_stack_svc(dual: bool, name: &'static str, lb: &'static str, lb6: &'static str, np: u16) -> Svc<'static> {
+    let mut s = Svc::new("ns", name);
+    s.lb_ips = if dual { vec![lb, lb6] } else { vec![lb] };
+    if dual {
+        s.families = vec!["IPv4", "IPv6"];
+    }
+    s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
+    s
+}
+
 #[test]
 fn partial_syncs_leave_the_tables_a_full_resync_would_write() {
     let mut lab = lab!(3);
@@ -423,10 +436,10 @@ fn partial_syncs_leave_the_tables_a_full_resync_would_write() {
         assert_eq!(report.full, i == 0);
         // Deletes what this sync emptied.
         lab.sync(services, slices).unwrap();
-        let partial: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+        let partial = both_tables(&lab);
         lab.syncer.force_full_resync();
         assert!(lab.sync(services, slices).unwrap().full);
-        let full: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+        let full = both_tables(&lab);
         assert_eq!(partial, full, "step {i}");
     }
     assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
@@ -442,15 +455,7 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
     use hawser_dataplane::nft::Writer;
     let mut lab = lab!(3);
     let dual = lab.ipv6;
-    let svc = |name: &'static str, lb: &'static str, lb6: &'static str, np: u16| {
-        let mut s = Svc::new("ns", name);
-        s.lb_ips = if dual { vec![lb, lb6] } else { vec![lb] };
-        if dual {
-            s.families = vec!["IPv4", "IPv6"];
-        }
-        s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
-        s.build()
-    };
+    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np).build();
     let a = || svc("a", "203.0.113.1", "2001:db8::1", 30001);
     let b = || svc("b", "203.0.113.2", "2001:db8::2", 30002);
     let v4 = ["10.0.1.2", "10.0.2.2", "10.0.3.2"];
@@ -483,10 +488,10 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
     lab.sync(&[a(), b()], &both(2, 2)).unwrap();
     let check =
         |lab: &mut Lab, services: &[k8s_openapi::api::core::v1::Service], slices: &[EndpointSlice], step: &str| {
-            let partial: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect();
+            let partial = both_tables(lab);
             lab.syncer.force_full_resync();
             assert!(lab.sync(services, slices).unwrap().full);
-            let full: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect();
+            let full = both_tables(lab);
             assert_eq!(partial, full, "{step}: netlink-written tables differ from a full resync");
         };
     // Declaring a map and "no endpoints" (a filter chain that rejects) are left to nft.
@@ -517,24 +522,16 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
     assert_eq!(tcp(&lab.client, "203.0.113.2", 80), Outcome::Timeout, "b is gone: nothing answers");
 }
 
-/// A full sync into a node without our tables writes the skeleton through nft and the rest
-/// (plain chains, every element) in one netlink batch; chains the encoder does not know
-/// (affinity, source ranges, rejects) go with the skeleton. The tables list exactly as an
-/// atomic nft replacement writes them, and serve. Tables that exist are replaced by nft alone.
+/// A full sync into a node without our tables writes the skeleton (with the filter chains:
+/// source ranges, rejects) through nft and the rest (plain and affinity `svc-…` chains, every
+/// element) in netlink batches. The tables list exactly as an atomic nft replacement writes
+/// them, and serve. Tables that exist are replaced by nft alone.
 #[test]
 fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     use hawser_dataplane::nft::Writer;
     let mut lab = lab!(3);
     let dual = lab.ipv6;
-    let svc = |name: &'static str, lb: &'static str, lb6: &'static str, np: u16| {
-        let mut s = Svc::new("ns", name);
-        s.lb_ips = if dual { vec![lb, lb6] } else { vec![lb] };
-        if dual {
-            s.families = vec!["IPv4", "IPv6"];
-        }
-        s.ports = vec![("http", "TCP", 80, Some(np)), ("dns", "UDP", 53, None)];
-        s
-    };
+    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np);
     let plain = svc("plain", "203.0.113.1", "2001:db8::1", 30001).build();
     let single = svc("single", "203.0.113.2", "2001:db8::2", 30002).build();
     let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
@@ -559,12 +556,12 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     let report = lab.sync(&services, &slices).unwrap();
     assert!(report.full);
     assert_eq!(report.writer, Writer::NftThenNetlink);
-    let split: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    let split = both_tables(&lab);
     assert!(split[0].iter().any(|t| t.contains("203.0.113.1 . tcp . 80")), "elements missing: {split:?}");
     lab.syncer.force_full_resync();
     let report = lab.sync(&services, &slices).unwrap();
     assert_eq!(report.writer, Writer::Nft, "tables that exist are replaced atomically");
-    let whole: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    let whole = both_tables(&lab);
     assert_eq!(split, whole, "the split full sync differs from nft's");
 
     // After a cleanup the kernel has no tables again: the split path, and traffic.
@@ -629,7 +626,7 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
     assert_eq!(tcp(&lab.client, "203.0.113.1", 80), Outcome::Timeout, "nothing serves after a refused batch");
     // What the agent does next: tables exist, so the atomic replacement.
     nft.run(&full.script()).unwrap();
-    let whole: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    let whole = both_tables(&lab);
     assert_eq!(lab.servers("203.0.113.1", 80, 16), set(&["pod1", "pod2"]));
 
     // From no tables, the split path completes and lists as the atomic replacement wrote.
@@ -641,7 +638,7 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
     };
     assert!(full.write_split(&|s| nft.run(s), &counted).unwrap());
     assert!(batches.load(Ordering::SeqCst) > 3, "written in several batches");
-    let split: Vec<_> = ["ip", "ip6"].iter().map(|f| table_tokens(&lab, f)).collect();
+    let split = both_tables(&lab);
     assert_eq!(split, whole, "the split full sync differs from nft's");
     assert!(lab.list_chain("ip", odd).contains("counter"), "the unknown chain went through nft");
     assert_eq!(lab.servers("203.0.113.251", 80, 4), set(&["pod2"]));
