@@ -68,8 +68,8 @@ pub fn full_plan(desired: &Ruleset) -> Plan {
 }
 
 /// A full resync to write: one nft script replacing both tables atomically ([`FullSync::script`]),
-/// or, when the kernel has no table of ours to replace, the same ruleset written in two steps
-/// ([`FullSync::split`]).
+/// or, when the kernel has no table of ours to replace, the same ruleset written in steps
+/// ([`FullSync::write_split`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FullSync<'a> {
     desired: &'a Ruleset,

@@ -130,9 +130,9 @@ fn nfproto(family: Family) -> u8 {
 /// Elements per netlink message: keeps each message far below the 64 KiB attribute limit.
 const ELEMENTS_PER_MESSAGE: usize = 256;
 
-/// One nfnetlink transaction being built. Each method appends messages; [`Batch::finish`]
-/// closes it. A method returning `false` could not encode its input (nothing was appended
-/// for it) and the caller should fall back to nft.
+/// One nfnetlink transaction being built. Each method appends messages; [`Netlink::commit`]
+/// frames them (batch begin and end) and writes them. A method returning `false` could not
+/// encode its input (nothing was appended for it) and the caller should fall back to nft.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     buf: Vec<u8>,

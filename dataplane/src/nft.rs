@@ -79,8 +79,8 @@ pub enum Writer {
     Nft,
     /// hawser's own nfnetlink batch.
     Netlink,
-    /// A full resync into a kernel without our tables: `nft -f -` for the skeleton, then one
-    /// netlink batch for the rest (see [`FullSync::split`]).
+    /// A full resync into a kernel without our tables: `nft -f -` for the skeleton, then
+    /// netlink batches for the rest (see [`FullSync::write_split`]).
     NftThenNetlink,
 }
 
