@@ -645,6 +645,40 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
     assert_eq!(lab.servers("203.0.113.50", 80, 16), set(&["pod1", "pod2"]));
 }
 
+/// A batch larger than the socket's initial send buffer (2 MiB; a full sync's, or a partial one
+/// of a mass change) is still written whole, in one transaction: the buffer grows to it.
+#[test]
+fn a_batch_larger_than_the_send_buffer_is_written_whole() {
+    use hawser_dataplane::model::Family;
+    use hawser_dataplane::netlink::{Batch, Netlink};
+    let mut lab = lab!(1);
+    lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.1.2", NODE)])).unwrap();
+    let pairs: Vec<String> =
+        (0..150_000u32).map(|i| std::net::Ipv4Addr::from(0x0a80_0000 + i)).map(|a| format!("{a} . {a}")).collect();
+    let mut batch = Batch::new();
+    assert!(batch.elements(Family::V4, "hairpin", true, pairs.iter().map(|k| (k.as_str(), ""))));
+    assert!(batch.len() > 2 << 20, "the batch is only {} bytes", batch.len());
+    let netlink = common::lab::in_netns(&lab.node, Netlink::open).unwrap();
+    netlink.commit(&batch).unwrap();
+    // One transaction: its first and last elements are there.
+    for pair in [&pairs[0], &pairs[pairs.len() - 1]] {
+        let got = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.node,
+            "nft",
+            "get",
+            "element",
+            "ip",
+            "hawser",
+            "hairpin",
+            &format!("{{ {pair} }}"),
+        ]);
+        assert!(got.contains(pair.as_str()), "{pair} missing: {got}");
+    }
+}
+
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
