@@ -10,7 +10,8 @@
 //!   increment and its `last_sync_timestamp_seconds`). Percentiles over `--changes` writes.
 //! - `agent_full_sync_ms`: the agent's own measure of that first sync (its
 //!   `sync_duration_seconds{kind="full"}`: from the lists in hand to the kernel's acknowledgement).
-//! - `rss_mib`: the agent's resident memory afterwards, run as the chart runs it
+//! - `fresh_node_rss_mib`, `restart_rss_mib`, `rss_mib`: the agent's resident memory a second
+//!   after each full sync and after the changes, run as the chart runs it
 //!   (`MIMALLOC_PURGE_DELAY=0`).
 //!
 //! One `key=value` line per figure, with its target; it asserts nothing. Needs root, `ip`, `nft`
@@ -328,6 +329,8 @@ async fn main() -> anyhow::Result<()> {
             args.endpoints,
             std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().unwrap_or("?"),
         );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!("{label}_rss_mib={:.1} target_mib=100", rss_mib(child.id()));
         agent = Some(child);
     }
     let mut agent = agent.context("no agent")?;
