@@ -63,6 +63,7 @@ impl KindBackend {
                 state_addr,
                 ip_argv: vec!["ip".into()],
                 interval: Duration::from_millis(300),
+                log: None,
             })
         });
         Ok(Self { source, ..me })

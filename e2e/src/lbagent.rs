@@ -32,6 +32,8 @@ pub struct LbAgentConfig {
     pub ip_argv: Vec<String>,
     /// Time between rounds.
     pub interval: Duration,
+    /// Where each route change is logged with its time, if anywhere.
+    pub log: Option<std::path::PathBuf>,
 }
 
 /// Routes as programmed: load-balancer address → healthy target addresses.
@@ -192,13 +194,24 @@ fn round(config: &LbAgentConfig, routes: &Mutex<Routes>, verdicts: &mut Verdicts
     let Ok(mut have) = routes.lock() else { return };
     for (addr, via) in &want {
         if have.get(addr) != Some(via) && program(&config.ip_argv, *addr, via).is_ok() {
+            log_change(config, &format!("{addr} via {via:?} (was {:?})", have.get(addr)));
             have.insert(*addr, via.clone());
         }
     }
     let gone: Vec<IpAddr> = have.keys().filter(|a| !want.contains_key(a)).copied().collect();
     for addr in gone {
+        log_change(config, &format!("{addr} unrouted"));
         unroute(&config.ip_argv, addr);
         have.remove(&addr);
+    }
+}
+
+/// Appends `what` to the agent's log, after the time (UTC, as the binaries' logs write it).
+fn log_change(config: &LbAgentConfig, what: &str) {
+    use std::io::Write as _;
+    let Some(path) = &config.log else { return };
+    if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{} route {what}", crate::traffic::utc_now());
     }
 }
 

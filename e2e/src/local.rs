@@ -380,7 +380,10 @@ impl LocalCluster {
             ]
             .map(String::from)
             .to_vec();
-            let child = spawn_logged(&argv, &[("KUBECONFIG", &kubeconfig)], &dir.join(format!("{name}.log")))?;
+            // Each sync's report, for the logs printed when a scenario fails.
+            let log_level = Path::new("info,hawser_dataplane::agent=debug");
+            let envs = [("KUBECONFIG", kubeconfig.as_path()), ("RUST_LOG", log_level)];
+            let child = spawn_logged(&argv, &envs, &dir.join(format!("{name}.log")))?;
             nodes.push(LocalNode { name, address, pod_base, netns: ns, dataplane: child, forwarders });
         }
 
@@ -410,6 +413,7 @@ impl LocalCluster {
             state_addr: metrics_addr,
             ip_argv: vec!["ip".into(), "-n".into(), cluster.router.name.clone()],
             interval: Duration::from_millis(150),
+            log: Some(cluster.dir.join("lbagent.log")),
         }));
         cluster.slices = Some(tokio::spawn(slice_controller(cluster.client.clone(), cluster.pods.clone())));
         cluster.wait_ready().await?;
@@ -631,7 +635,7 @@ impl LocalCluster {
     }
 
     fn print_logs(&self) {
-        let mut logs = vec!["operator.log".to_owned()];
+        let mut logs = vec!["operator.log".to_owned(), "lbagent.log".to_owned()];
         logs.extend(self.nodes.iter().map(|n| format!("{}.log", n.name)));
         for l in logs {
             let text = std::fs::read_to_string(self.dir.join(&l)).unwrap_or_default();

@@ -154,9 +154,14 @@ impl Client {
 
     /// Sends HTTP requests back to back until the returned handle is stopped, and counts how
     /// they ended: the steady load of a rolling replacement.
+    ///
+    /// A request is lost when it gets no answer within [`LOAD_TIMEOUT`], which leaves room for
+    /// the client's TCP to resend its SYN twice (after 1 s and 3 s), as any client's would. A
+    /// request that needed a resend is answered, but recorded in [`LoadReport::slow`].
     pub fn steady_load(&self, addr: IpAddr, port: u16) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let (me, flag) = (self.clone(), stop.clone());
+        let me = Self { timeout: LOAD_TIMEOUT, ..self.clone() };
+        let flag = stop.clone();
         let ns = self.netns.clone();
         let handle = std::thread::spawn(move || {
             let mut report = LoadReport::default();
@@ -169,14 +174,27 @@ impl Client {
             let started = std::time::Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 let sent = started.elapsed();
-                match me.http_now(SocketAddr::new(addr, port), "/hostname") {
+                let outcome = me.http_now(SocketAddr::new(addr, port), "/hostname");
+                let took = started.elapsed() - sent;
+                let when = || {
+                    format!(
+                        "sent {:.2}s into the load, at {}, after {:.2}s",
+                        sent.as_secs_f64(),
+                        utc_at(std::time::SystemTime::now() - took),
+                        took.as_secs_f64()
+                    )
+                };
+                match outcome {
                     Outcome::Reply(name) => {
                         report.ok += 1;
+                        if took >= SLOW {
+                            report.slow.push(format!("{name} ({})", when()));
+                        }
                         if !report.backends.contains(&name) {
                             report.backends.push(name);
                         }
                     }
-                    other => report.failures.push(format!("{other:?} (sent {:.2}s into the load)", sent.as_secs_f64())),
+                    other => report.failures.push(format!("{other:?} ({})", when())),
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -185,6 +203,12 @@ impl Client {
         Load { stop, handle }
     }
 }
+
+/// How long a request of a steady load may take before it counts as lost.
+pub const LOAD_TIMEOUT: Duration = Duration::from_millis(3500);
+
+/// A request that took this long needed its SYN resent.
+const SLOW: Duration = Duration::from_millis(900);
 
 /// A running steady load.
 pub struct Load {
@@ -199,6 +223,8 @@ pub struct LoadReport {
     pub ok: usize,
     /// Requests that were not answered, with how they ended.
     pub failures: Vec<String>,
+    /// Requests answered only after the client resent its SYN (a second or more).
+    pub slow: Vec<String>,
     /// Backends that answered, in order of first answer.
     pub backends: Vec<String>,
 }
@@ -313,4 +339,16 @@ async fn serve_udp(sock: UdpSocket, name: String) {
         let what = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
         let _ = sock.send_to(answer(&name, &what, peer).as_bytes(), peer).await;
     }
+}
+
+/// The time now, as the binaries' logs write it (`HH:MM:SS.mmm`, UTC).
+pub fn utc_now() -> String {
+    utc_at(std::time::SystemTime::now())
+}
+
+/// `at` as `HH:MM:SS.mmm` UTC.
+pub fn utc_at(at: std::time::SystemTime) -> String {
+    let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let day_ms = ms % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03}Z", day_ms / 3_600_000, day_ms / 60_000 % 60, day_ms / 1000 % 60, day_ms % 1000)
 }
