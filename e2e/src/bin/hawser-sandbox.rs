@@ -67,7 +67,8 @@ fn remove_files(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = ["pids", "kubeconfig", "cloud.json", "cloud.tmp", "operator.log"].contains(&name.as_str())
+        let ours = ["pids", "kubeconfig", "cloud.json", "cloud.tmp", "operator.log", "lbagent.log"]
+            .contains(&name.as_str())
             || (name.starts_with("node-") && name.ends_with(".log"));
         if ours {
             let _ = std::fs::remove_file(e.path());
