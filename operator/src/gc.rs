@@ -18,10 +18,67 @@ use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::reconcile::{has_finalizer, is_ours};
+
+/// One lock per Service UID: a reconcile holds its Service's while it runs, and the collector
+/// holds it while deleting a leftover of that Service. A leftover judged unused is then never
+/// deleted while an ensure is attaching it again. (AWS refuses to delete a target group a
+/// listener uses; moto does not, and with a one-second grace period the race showed there.)
+#[derive(Debug, Default)]
+pub struct OwnerLocks {
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A held [`OwnerLocks`] lock; released on drop, and forgotten when nobody else wants it.
+#[derive(Debug)]
+pub struct OwnerGuard {
+    locks: Arc<OwnerLocks>,
+    uid: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl OwnerLocks {
+    fn get(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(uid.to_owned()).or_default().clone()
+    }
+
+    /// Waits for `uid`'s lock.
+    pub async fn lock(self: &Arc<Self>, uid: &str) -> OwnerGuard {
+        let guard = self.get(uid).lock_owned().await;
+        OwnerGuard { locks: self.clone(), uid: uid.to_owned(), guard: Some(guard) }
+    }
+
+    /// `uid`'s lock if nobody holds it.
+    pub fn try_lock(self: &Arc<Self>, uid: &str) -> Option<OwnerGuard> {
+        let guard = self.get(uid).try_lock_owned().ok();
+        let held = OwnerGuard { locks: self.clone(), uid: uid.to_owned(), guard };
+        held.guard.is_some().then_some(held)
+    }
+
+    /// UIDs with a lock held or awaited.
+    pub fn len(&self) -> usize {
+        self.locks.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Whether no lock is held or awaited.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for OwnerGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self.locks.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if locks.get(&self.uid).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(&self.uid);
+        }
+    }
+}
 
 /// What the collector does with orphans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,7 +197,13 @@ pub struct GcSettings {
 }
 
 /// Runs the collector: a first pass once the Service cache has synced, then every interval.
-pub async fn run(provider: Arc<dyn Provider>, services: Store<Service>, settings: GcSettings, metrics: Arc<Metrics>) {
+pub async fn run(
+    provider: Arc<dyn Provider>,
+    services: Store<Service>,
+    settings: GcSettings,
+    metrics: Arc<Metrics>,
+    owners: Arc<OwnerLocks>,
+) {
     if settings.mode == GcMode::Off {
         return;
     }
@@ -150,7 +213,7 @@ pub async fn run(provider: Arc<dyn Provider>, services: Store<Service>, settings
     }
     let mut collector = Collector::new(settings.grace);
     loop {
-        pass(provider.as_ref(), &services, &settings, &metrics, &mut collector).await;
+        pass(provider.as_ref(), &services, &settings, &metrics, &mut collector, &owners).await;
         tokio::time::sleep(settings.interval).await;
     }
 }
@@ -161,6 +224,7 @@ async fn pass(
     settings: &GcSettings,
     metrics: &Metrics,
     collector: &mut Collector,
+    locks: &Arc<OwnerLocks>,
 ) {
     let inventory = match provider.list_owned().await {
         Ok(inventory) => inventory,
@@ -184,8 +248,15 @@ async fn pass(
         }
         let deleted = match why {
             // A live Service keeps everything else; its ensure re-creates the resource if it
-            // turns out to be wanted after all.
-            Orphaned::Leftover => provider.delete_detached(lb).await,
+            // turns out to be wanted after all. Not while its reconcile runs: that may be
+            // attaching it right now.
+            Orphaned::Leftover => {
+                let Some(_owner) = locks.try_lock(&lb.identity.uid) else {
+                    debug!(load_balancer = %lb.id, %service, "leftover of a Service being reconciled: next pass");
+                    continue;
+                };
+                provider.delete_detached(lb).await
+            }
             Orphaned::ServiceGone | Orphaned::NotOurs => provider.delete(&lb.identity).await,
         };
         match deleted {
@@ -232,6 +303,27 @@ mod tests {
 
     fn ours() -> serde_json::Value {
         json!({"type": "LoadBalancer", "loadBalancerClass": "hawser.dev/lb"})
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_and_the_collector_exclude_each_other_per_service() {
+        let owners = Arc::new(OwnerLocks::default());
+        let reconciling = owners.lock("a").await;
+        assert!(owners.try_lock("a").is_none(), "the collector must wait while Service a reconciles");
+        assert!(owners.try_lock("b").is_some(), "another Service is not held up");
+        drop(reconciling);
+        let collecting = owners.try_lock("a");
+        assert!(collecting.is_some(), "free once the reconcile is done");
+        // A reconcile starting meanwhile waits for the deletion to finish.
+        let waiting = tokio::spawn({
+            let owners = owners.clone();
+            async move { owners.lock("a").await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(collecting);
+        drop(waiting.await.unwrap());
+        assert!(owners.is_empty(), "locks nobody holds are forgotten");
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub struct Context {
     pub services: Option<Store<Service>>,
     /// Wakes Services: a group's other members when one of them changed or left.
     pub wake: Option<mpsc::Sender<ObjectRef<Service>>>,
+    /// One lock per Service UID, shared with the orphan collector (see [`crate::gc::OwnerLocks`]).
+    pub owners: Arc<crate::gc::OwnerLocks>,
     /// One lock per load-balancer group: its members are admitted and ensured one at a time.
     group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -156,6 +158,7 @@ impl Context {
             dry_run: None,
             services: None,
             wake: None,
+            owners: Arc::default(),
             group_locks: Mutex::default(),
         }
     }
@@ -300,6 +303,11 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         // Not ours and never was: not even a read.
         return Ok(Action::await_change());
     }
+    // While this runs, the collector leaves this Service's unattached resources alone.
+    let _owner = match svc.uid() {
+        Some(uid) => Some(ctx.owners.lock(&uid).await),
+        None => None,
+    };
     let started = tokio::time::Instant::now();
     let span = tracing::info_span!("reconcile", service = %key(&svc));
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());

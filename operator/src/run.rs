@@ -292,7 +292,13 @@ async fn run_controller(
         grace: cli.gc_grace_period,
         class: cli.load_balancer_class.clone(),
     };
-    let gc_task = tokio::spawn(gc::run(ctx.provider.clone(), store.clone(), gc_settings, ctx.metrics.clone()));
+    let gc_task = tokio::spawn(gc::run(
+        ctx.provider.clone(),
+        store.clone(),
+        gc_settings,
+        ctx.metrics.clone(),
+        ctx.owners.clone(),
+    ));
     let controller = Controller::for_stream(services, store.clone())
         .with_config(controller::Config::default().concurrency(cli.concurrency).debounce(Duration::from_millis(100)));
     tokio::spawn(mark_ready(store, ready));
