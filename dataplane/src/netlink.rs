@@ -23,7 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::model::Family;
 use crate::nft::NftError;
-use crate::render::TABLE;
+use crate::render::{TABLE, family_name};
 
 const AF_NETLINK: i32 = 16;
 const NETLINK_NETFILTER: i32 = 12;
@@ -671,7 +671,7 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
     }
     if let Some(rest) = text.strip_prefix("meta mark set meta mark | ") {
         let (mark, then) = rest.split_once(' ').unwrap_or((rest, ""));
-        let mark = u32::from_str_radix(mark.strip_prefix("0x")?, 16).ok()?;
+        let mark = hex_u32(mark)?;
         let mut exprs = vec![
             Expr::MetaLoad { key: NFT_META_MARK, dreg: REG_1 },
             Expr::Bitwise { reg: REG_1, mask: (!mark).to_ne_bytes().to_vec(), xor: mark.to_ne_bytes().to_vec() },
@@ -753,10 +753,7 @@ impl AffinityLayout {
 /// where `RECORD` is `update @SET { FAM saddr . EP . PORT . KEY timeout Ts } DNAT` and `DNAT`
 /// the single-endpoint `meta l4proto PROTO dnat to EP:PORT`.
 pub fn affinity_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
-    let fam = match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    };
+    let fam = family_name(family);
     let l = AffinityLayout::of(family);
     let saddr =
         Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: l.saddr_offset, len: l.addr_len, dreg: REG_1 };
@@ -830,7 +827,12 @@ fn port_bytes(text: &str) -> Option<Vec<u8>> {
 
 /// A mark value (`0x…`), host order like `meta mark`.
 fn key_bytes(text: &str) -> Option<Vec<u8>> {
-    Some(u32::from_str_radix(text.strip_prefix("0x")?, 16).ok()?.to_ne_bytes().to_vec())
+    Some(hex_u32(text)?.to_ne_bytes().to_vec())
+}
+
+/// `0x…` as the renderer writes marks.
+fn hex_u32(text: &str) -> Option<u32> {
+    u32::from_str_radix(text.strip_prefix("0x")?, 16).ok()
 }
 
 /// A netlink socket to the kernel's nftables, in the network namespace it was opened in.

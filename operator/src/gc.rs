@@ -59,14 +59,10 @@ impl OwnerLocks {
         held.guard.is_some().then_some(held)
     }
 
-    /// UIDs with a lock held or awaited.
-    pub fn len(&self) -> usize {
-        self.locks.lock().map(|l| l.len()).unwrap_or(0)
-    }
-
-    /// Whether no lock is held or awaited.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether no lock is held or awaited (none is kept for nothing).
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.locks.lock().is_ok_and(|l| l.is_empty())
     }
 }
 
