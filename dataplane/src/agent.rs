@@ -43,7 +43,7 @@ pub struct AgentConfig {
     pub max_sync_backoff: Duration,
     /// Command line running nft.
     pub nft_argv: Vec<String>,
-    /// Whether partial syncs go over a netlink socket of the agent's network namespace.
+    /// Whether syncs go over a netlink socket of the agent's network namespace where they can.
     pub netlink: bool,
     /// Command line running conntrack.
     pub conntrack_argv: Vec<String>,

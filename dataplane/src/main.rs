@@ -61,9 +61,10 @@ struct Args {
     /// Command running nft, split on whitespace (e.g. "ip netns exec node1 nft").
     #[arg(long, env = "HAWSER_NFT_COMMAND", default_value = "nft")]
     nft_command: String,
-    /// Write partial syncs (element changes, plain Service chains) over the agent's own
-    /// netlink socket instead of nft: used only when nft runs in the agent's own network
-    /// namespace (the default `--nft-command`), as netlink talks to that namespace.
+    /// Write partial syncs (element changes, Service chains) and the bulk of a full sync into a
+    /// node without our tables over the agent's own netlink socket instead of nft: used only
+    /// when nft runs in the agent's own network namespace (the default `--nft-command`), as
+    /// netlink talks to that namespace.
     #[arg(long, env = "HAWSER_NETLINK", default_value_t = true, action = clap::ArgAction::Set)]
     netlink: bool,
     /// Command running conntrack, split on whitespace.

@@ -32,7 +32,7 @@ impl SyncKind {
 /// Label of `kernel_writes`: what wrote a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct WriterLabel {
-    /// `nft` or `netlink`.
+    /// `nft`, `netlink` or `nft+netlink` (see [`crate::nft::Writer`]).
     pub writer: &'static str,
 }
 
@@ -92,7 +92,7 @@ impl Metrics {
         registry.register("full_syncs", "Full resyncs", full_syncs.clone());
         registry.register(
             "kernel_writes",
-            "Transactions written to the kernel, by writer (nft, or hawser's netlink batches)",
+            "Syncs written to the kernel, by writer (nft, hawser's netlink batches, or both for a full sync into a node without our tables)",
             kernel_writes.clone(),
         );
         registry.register("services", "Services programmed", services.clone());
