@@ -20,9 +20,9 @@ use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites,
 use hawser_dataplane::diff::FullSync;
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
-use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::model::{Family, ModelConfig};
 use hawser_dataplane::netlink::Batch;
-use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport, Writer};
+use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, StaleEntry, SyncReport, Writer};
 use hawser_dataplane::render::RenderConfig;
 use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
@@ -92,6 +92,11 @@ impl NftRunner for Counted {
         self.runs.fetch_add(writes, Ordering::SeqCst);
         Ok(writer)
     }
+
+    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.purge_affinity(family, stale)
+    }
 }
 
 /// The agent's state: what the watches feed and what the sync loop programs.
@@ -124,7 +129,7 @@ impl Agent {
 
 /// Feeds `change` as watch events, syncs, and prints the figure `{name}_sync_ms` (the whole
 /// sync) with the kernel write's share and who wrote it.
-fn timed_sync(agent: &mut Agent, name: &str, change: impl FnOnce(&mut ClusterInputs)) {
+fn timed_sync(agent: &mut Agent, name: &str, change: impl FnOnce(&mut ClusterInputs)) -> SyncReport {
     let runs = agent.runs.load(Ordering::SeqCst);
     let t = Instant::now();
     change(&mut agent.inputs);
@@ -136,6 +141,7 @@ fn timed_sync(agent: &mut Agent, name: &str, change: impl FnOnce(&mut ClusterInp
         agent.runs.load(Ordering::SeqCst) - runs,
         report.writer.as_str()
     );
+    report
 }
 
 fn ms(d: Duration) -> String {
@@ -193,7 +199,7 @@ fn main() {
     }
     let n: usize = std::env::var("HAWSER_BENCH_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let affinity_n: usize =
-        std::env::var("HAWSER_BENCH_AFFINITY_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+        std::env::var("HAWSER_BENCH_AFFINITY_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(n);
     let lab = Lab::new(1).unwrap();
     spawn_sink(&lab.pods[0], 9000);
 
@@ -264,6 +270,21 @@ fn main() {
         ms(t_plain),
         t_sticky.as_secs_f64() / t_plain.as_secs_f64()
     );
+    // One recorded client per affinity Service (as the kernel records them), then Service 1
+    // loses the endpoint its client was sent to: the sync lists every entry and deletes that one.
+    let mut entries = Vec::new();
+    for i in 1..affinity_n {
+        let (a, b) = (i / 250, i % 250 + 1);
+        entries.push(format!(
+            "100.64.{a}.{b} . 198.18.{a}.{b} . tcp . 80 : 10.{}.{}.10 . 8080",
+            100 + i / 250,
+            i % 250
+        ));
+    }
+    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
+    node_nft(&lab.node, false).run(&script).unwrap();
+    let report = timed_sync(&mut sticky, "affinity_endpoint_removed", |inputs| inputs.apply_slice(&endpoints(1, 9)));
+    println!("affinity_entries={} affinity_purged={}", entries.len(), report.affinity_purged);
     sticky.syncer.cleanup().unwrap();
     let mut agent = Agent::new(&lab.node);
     full_sync(&mut agent, lists(n, 10, false));

@@ -23,14 +23,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::model::Family;
 use crate::nft::NftError;
-use crate::render::{TABLE, family_name};
+use crate::render::{AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, TABLE};
 
 const AF_NETLINK: i32 = 16;
 const NETLINK_NETFILTER: i32 = 12;
 
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -46,6 +48,7 @@ const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
 const NFTA_TABLE_NAME: u16 = 1;
@@ -68,6 +71,7 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFT_JUMP: i32 = -3;
 const NFT_GOTO: i32 = -4;
 
 const NFTA_META_DREG: u16 = 1;
@@ -260,10 +264,10 @@ impl Batch {
                         m.bytes(NFTA_DATA_VALUE, d);
                         m.end(data);
                     }
-                    Some(Value::Goto(chain)) => {
+                    Some(Value::Verdict(code, chain)) => {
                         let data = m.begin(NFTA_SET_ELEM_DATA);
                         let verdict = m.begin(NFTA_DATA_VERDICT);
-                        m.u32(NFTA_VERDICT_CODE, NFT_GOTO.cast_unsigned());
+                        m.u32(NFTA_VERDICT_CODE, code.cast_unsigned());
                         m.str(NFTA_VERDICT_CHAIN, chain);
                         m.end(verdict);
                         m.end(data);
@@ -276,6 +280,27 @@ impl Batch {
             self.push(m);
         }
         true
+    }
+
+    /// Deletes the elements with these keys (as [`Netlink::dump_elements`] returns them) from
+    /// set or map `set`.
+    pub fn delete_raw_elements<'a>(&mut self, family: Family, set: &str, keys: impl Iterator<Item = &'a [u8]>) {
+        let keys: Vec<&[u8]> = keys.collect();
+        for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut m = Message::new(NFT_MSG_DELSETELEM, 0, family);
+            m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            m.str(NFTA_SET_ELEM_LIST_SET, set);
+            let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+            for key in chunk {
+                let elem = m.begin(NFTA_LIST_ELEM);
+                let k = m.begin(NFTA_SET_ELEM_KEY);
+                m.bytes(NFTA_DATA_VALUE, key);
+                m.end(k);
+                m.end(elem);
+            }
+            m.end(list);
+            self.push(m);
+        }
     }
 
     fn push(&mut self, m: Message) {
@@ -377,7 +402,8 @@ impl Message {
 /// A map element's value.
 enum Value {
     Data(Vec<u8>),
-    Goto(String),
+    /// A verdict (`NFT_GOTO`, `NFT_JUMP`) to a chain.
+    Verdict(i32, String),
 }
 
 /// The collections the renderer fills, by the shape of their elements.
@@ -389,6 +415,8 @@ enum CollectionKind {
     NodePorts,
     /// `ADDR . ADDR`
     Hairpin,
+    /// `ADDR . PROTO . PORT` (a set: the endpoints of ClientIP affinity ports)
+    AffinityEndpoints,
     /// `KEY : ADDR . PORT`
     Endpoints,
 }
@@ -396,23 +424,24 @@ enum CollectionKind {
 impl CollectionKind {
     fn of(name: &str) -> Option<Self> {
         match name {
-            "filter-addresses" | "service-addresses" => Some(Self::Addresses),
-            "filter-nodeports" | "service-nodeports" => Some(Self::NodePorts),
+            "filter-addresses" | "service-addresses" | AFFINITY_ADDRESSES => Some(Self::Addresses),
+            "filter-nodeports" | "service-nodeports" | AFFINITY_NODEPORTS => Some(Self::NodePorts),
             "hairpin" => Some(Self::Hairpin),
+            AFFINITY_ENDPOINTS => Some(Self::AffinityEndpoints),
             _ if name.starts_with("endpoints-") => Some(Self::Endpoints),
             _ => None,
         }
     }
 
     fn has_value(self) -> bool {
-        !matches!(self, Self::Hairpin)
+        !matches!(self, Self::Hairpin | Self::AffinityEndpoints)
     }
 
     fn key(self, family: Family, text: &str) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(40);
         let mut parts = text.split(" . ");
         match self {
-            Self::Addresses => {
+            Self::Addresses | Self::AffinityEndpoints => {
                 push_addr(&mut out, family, parts.next()?)?;
                 push_proto(&mut out, parts.next()?)?;
                 push_port(&mut out, parts.next()?)?;
@@ -434,10 +463,15 @@ impl CollectionKind {
     fn value(self, family: Family, text: &str) -> Option<Value> {
         match self {
             Self::Addresses | Self::NodePorts => {
-                let chain = text.strip_prefix("goto ")?;
-                (!chain.is_empty() && !chain.contains(' ')).then(|| Value::Goto(chain.to_string()))
+                let (verb, chain) = text.split_once(' ')?;
+                let code = match verb {
+                    "goto" => NFT_GOTO,
+                    "jump" => NFT_JUMP,
+                    _ => return None,
+                };
+                (!chain.is_empty() && !chain.contains(' ')).then(|| Value::Verdict(code, chain.to_string()))
             }
-            Self::Hairpin => None,
+            Self::Hairpin | Self::AffinityEndpoints => None,
             Self::Endpoints => {
                 let (addr, port) = text.split_once(" . ")?;
                 let mut out = Vec::with_capacity(20);
@@ -664,9 +698,11 @@ impl Expr {
 /// - `meta mark set meta mark | MARK`, alone or followed by one of the DNATs below
 /// - `meta l4proto PROTO dnat to numgen random mod N offset K map @MAP`
 /// - `meta l4proto PROTO dnat to ADDR:PORT` (`[ADDR]:PORT` for IPv6)
-/// - the ClientIP affinity rules (see [`affinity_expressions`])
+/// - the IPv6 ClientIP affinity rules (see [`affinity_expressions`])
 pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
-    if let Some(exprs) = affinity_expressions(family, text) {
+    if family == Family::V6
+        && let Some(exprs) = affinity_expressions(text)
+    {
         return Some(exprs);
     }
     if let Some(rest) = text.strip_prefix("meta mark set meta mark | ") {
@@ -724,8 +760,9 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
     Some(exprs)
 }
 
-/// Where one affinity entry's fields sit in the registers: the client address in `NFT_REG_1`,
-/// then the endpoint address, port and the port's key, each in the 32-bit words that follow.
+/// Where one IPv6 affinity entry's fields sit in the registers: the client address in
+/// `NFT_REG_1`, then the endpoint address (`NFT_REG_2`), its port and the port's key in the
+/// 32-bit words that follow (`NFT_REG32_12`, and `NFT_REG32_13` numbered 17 on the wire).
 struct AffinityLayout {
     addr_len: u32,
     saddr_offset: u32,
@@ -735,16 +772,11 @@ struct AffinityLayout {
     key: u32,
 }
 
-impl AffinityLayout {
-    fn of(family: Family) -> Self {
-        match family {
-            Family::V4 => Self { addr_len: 4, saddr_offset: 12, daddr_offset: 16, endpoint: 9, port: 10, key: 11 },
-            Family::V6 => Self { addr_len: 16, saddr_offset: 8, daddr_offset: 24, endpoint: 2, port: 3, key: 17 },
-        }
-    }
-}
+const AFFINITY_V6: AffinityLayout =
+    AffinityLayout { addr_len: 16, saddr_offset: 8, daddr_offset: 24, endpoint: 2, port: 3, key: 17 };
 
-/// The ClientIP affinity rules the renderer writes, as nft encodes them; `None` for other text:
+/// The IPv6 ClientIP affinity rules the renderer writes, as nft encodes them; `None` for other
+/// text:
 /// - `FAM saddr . FAM daddr & ZERO | EP . th dport & 0 | PORT . meta mark & 0 | KEY @SET RECORD`
 ///   (a client recorded for this endpoint goes back to it);
 /// - `numgen random mod N == 0 RECORD` (picks this endpoint);
@@ -752,17 +784,14 @@ impl AffinityLayout {
 ///
 /// where `RECORD` is `update @SET { FAM saddr . EP . PORT . KEY timeout Ts } DNAT` and `DNAT`
 /// the single-endpoint `meta l4proto PROTO dnat to EP:PORT`.
-pub fn affinity_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
-    let fam = family_name(family);
-    let l = AffinityLayout::of(family);
+pub fn affinity_expressions(text: &str) -> Option<Vec<Expr>> {
+    let family = Family::V6;
+    let fam = "ip6";
+    let l = AFFINITY_V6;
     let saddr =
         Expr::Payload { base: NFT_PAYLOAD_NETWORK_HEADER, offset: l.saddr_offset, len: l.addr_len, dreg: REG_1 };
     let mut exprs = Vec::new();
-    let zero = match family {
-        Family::V4 => "0.0.0.0",
-        Family::V6 => "::",
-    };
-    let record = if let Some(rest) = text.strip_prefix(&format!("{fam} saddr . {fam} daddr & {zero} | ")) {
+    let record = if let Some(rest) = text.strip_prefix(&format!("{fam} saddr . {fam} daddr & :: | ")) {
         let (ep, rest) = rest.split_once(" . th dport & 0 | ")?;
         let (port, rest) = rest.split_once(" . meta mark & 0 | ")?;
         let (key, rest) = rest.split_once(' ')?;
@@ -923,6 +952,63 @@ impl Netlink {
         }
     }
 
+    /// Every element of set or map `set` of our `family` table: key and data (empty for a
+    /// set), as the kernel lays them out in registers.
+    pub fn dump_elements(&self, family: Family, set: &str) -> Result<Vec<RawElement>, NftError> {
+        let mut m = Message::new(NFT_MSG_GETSETELEM, NLM_F_DUMP, family);
+        m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        m.str(NFTA_SET_ELEM_LIST_SET, set);
+        let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };
+        self.drain();
+        (&self.socket).write_all(&m.finish(1)).map_err(io)?;
+        let mut elements = Vec::new();
+        let mut buf = vec![0u8; 1 << 17];
+        loop {
+            let n = (&self.socket).read(&mut buf).map_err(io)?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                if len < 16 || at + len > n {
+                    break;
+                }
+                let body = &buf[at + 16..at + len];
+                match kind {
+                    NLMSG_DONE => return Ok(elements),
+                    NLMSG_ERROR => {
+                        let code = body.get(..4).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+                        if code != 0 {
+                            return Err(NftError::Rejected {
+                                status: format!("errno {}", -code),
+                                stderr: format!("listing {set}: {}", std::io::Error::from_raw_os_error(-code)),
+                            });
+                        }
+                    }
+                    // After the 4-byte nfgenmsg: the element list.
+                    _ => {
+                        for (t, list) in attributes(body.get(4..).unwrap_or_default()) {
+                            if t != NFTA_SET_ELEM_LIST_ELEMENTS {
+                                continue;
+                            }
+                            for (_, elem) in attributes(list) {
+                                let value = |kind: u16| {
+                                    attributes(elem)
+                                        .find(|(t, _)| *t == kind)
+                                        .and_then(|(_, nested)| attributes(nested).find(|(t, _)| *t == NFTA_DATA_VALUE))
+                                        .map(|(_, v)| v.to_vec())
+                                };
+                                if let Some(key) = value(NFTA_SET_ELEM_KEY) {
+                                    elements.push((key, value(NFTA_SET_ELEM_DATA).unwrap_or_default()));
+                                }
+                            }
+                        }
+                    }
+                }
+                at += len.next_multiple_of(4);
+            }
+        }
+    }
+
     /// Reads the kernel's answers up to the acknowledgement of message `last`: whether other
     /// messages (data) came before it, or the first error.
     fn answer(&self, last: u32) -> Result<bool, Answer> {
@@ -960,6 +1046,22 @@ impl Netlink {
         while (&self.socket).read(&mut buf).is_ok_and(|n| n > 0) {}
         let _ = self.socket.set_nonblocking(false);
     }
+}
+
+/// A set or map element as the kernel lists it: key and data (empty for a set).
+pub type RawElement = (Vec<u8>, Vec<u8>);
+
+/// The attributes in `buf`: type (without the nested and byte-order flags) and payload.
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(at..at + 4)?;
+        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
+        let kind = u16::from_ne_bytes([header[2], header[3]]) & 0x3fff;
+        let payload = buf.get(at + 4..at + len.max(4))?;
+        at += len.max(4).next_multiple_of(4);
+        Some((kind, payload))
+    })
 }
 
 /// Why an exchange with the kernel ended without its acknowledgement.
@@ -1037,9 +1139,8 @@ mod tests {
     }
 
     #[test]
-    fn affinity_rules_are_encoded_as_nft_does() {
+    fn ipv6_affinity_rules_are_encoded_as_nft_does() {
         let lookup = affinity_expressions(
-            Family::V6,
             "ip6 saddr . ip6 daddr & :: | fd00:1::2 . th dport & 0 | 8080 . meta mark & 0 | 0x12345678 @affinity \
              update @affinity { ip6 saddr . fd00:1::2 . 8080 . 0x12345678 timeout 600s } meta l4proto tcp dnat to [fd00:1::2]:8080",
         )
@@ -1054,19 +1155,28 @@ mod tests {
         assert_eq!(lookup[12], Expr::DynsetUpdate { set: "affinity".into(), sreg: REG_1, timeout_ms: 600_000 });
         assert_eq!(lookup.len(), 18);
         let pick = affinity_expressions(
-            Family::V4,
-            "numgen random mod 3 == 0 update @affinity { ip saddr . 10.0.1.2 . 8080 . 0x12345678 timeout 60s } \
-             meta l4proto udp dnat to 10.0.1.2:8080",
+            "numgen random mod 3 == 0 update @affinity { ip6 saddr . fd00:1::2 . 8080 . 0x12345678 timeout 60s } \
+             meta l4proto udp dnat to [fd00:1::2]:8080",
         )
         .unwrap_or_default();
         assert_eq!(pick[0], Expr::NumgenRandom { dreg: REG_1, modulus: 3, offset: 0 });
-        assert_eq!(pick[3], Expr::Immediate { dreg: REG32_01, data: vec![10, 0, 1, 2] });
+        assert_eq!(
+            pick[3],
+            Expr::Immediate { dreg: REG_2, data: address(Family::V6, "fd00:1::2").unwrap_or_default() }
+        );
         assert_eq!(pick[7], Expr::MetaLoad { key: NFT_META_L4PROTO, dreg: REG_1 });
-        // Anything but a single-endpoint DNAT after the record is declined.
+        // Anything but a single-endpoint DNAT after the record is declined, and IPv4 has no
+        // such rules.
         assert_eq!(
             affinity_expressions(
+                "update @affinity { ip6 saddr . fd00:1::2 . 8080 . 0x1 timeout 60s } meta l4proto tcp dnat to numgen random mod 2 offset 0 map @m",
+            ),
+            None
+        );
+        assert_eq!(
+            rule_expressions(
                 Family::V4,
-                "update @affinity { ip saddr . 10.0.1.2 . 8080 . 0x1 timeout 60s } meta l4proto tcp dnat to numgen random mod 2 offset 0 map @m",
+                "update @affinity { ip saddr . 10.0.1.2 . 8080 . 0x1 timeout 60s } meta l4proto tcp dnat to 10.0.1.2:8080"
             ),
             None
         );
@@ -1085,7 +1195,14 @@ mod tests {
         // An IPv6 address in the IPv4 table is declined, not truncated.
         assert_eq!(rule_expressions(Family::V4, "meta l4proto tcp dnat to [fd00::5]:80"), None);
         let mut b = Batch::new();
-        assert!(!b.elements(Family::V4, "affinity", true, [("10.0.0.1 . 10.0.0.2 . 80 . 0x1", "")].into_iter()));
+        // The dynamic affinity maps are the kernel's to fill.
+        assert!(!b.elements(
+            Family::V4,
+            "affinity-cluster",
+            true,
+            [("10.0.0.1 . 10.0.0.2 . tcp . 80", "")].into_iter()
+        ));
+        assert!(!b.elements(Family::V4, "affinity-addresses", true, [("10.0.0.1 . tcp . 80", "return")].into_iter()));
         assert!(!b.elements(Family::V4, "service-addresses", true, [("10.0.0.1 . tcp . 80", "accept")].into_iter()));
         assert!(!b.elements(Family::V4, "hairpin", true, [("fd00::1 . fd00::1", "")].into_iter()));
         assert!(b.is_empty());
@@ -1102,6 +1219,16 @@ mod tests {
         match CollectionKind::Endpoints.value(Family::V4, "10.100.1.10 . 8080") {
             Some(Value::Data(d)) => assert_eq!(d, vec![10, 100, 1, 10, 0x1f, 0x90, 0, 0]),
             _ => panic!("endpoint value not encoded"),
+        }
+        let k = CollectionKind::of("affinity-endpoints").and_then(|c| c.key(Family::V6, "fd00::1 . sctp . 9"));
+        let mut want = "fd00::1".parse::<std::net::Ipv6Addr>().map(|a| a.octets().to_vec()).unwrap_or_default();
+        want.extend([132, 0, 0, 0, 0, 9, 0, 0]);
+        assert_eq!(k, Some(want));
+        match CollectionKind::NodePorts.value(Family::V4, "jump affinity-rec-local-60-tcp") {
+            Some(Value::Verdict(code, chain)) => {
+                assert_eq!((code, chain.as_str()), (NFT_JUMP, "affinity-rec-local-60-tcp"))
+            }
+            _ => panic!("jump not encoded"),
         }
     }
 }

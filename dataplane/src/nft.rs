@@ -5,14 +5,17 @@
 //! drops nft's stderr, and nft's error text is what makes a failed sync debuggable.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::affinity::{self, AffinityEntry};
 use crate::diff::{FullSync, Plan, Stale, cleanup_script, full_plan, partial_plan};
+use crate::model::Family;
 use crate::netlink::{Batch, Netlink};
-use crate::render::Ruleset;
+use crate::render::{Ruleset, TABLE, family_name};
 
 /// Failure to run an nft transaction.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +57,21 @@ pub trait NftRunner: Send + Sync {
     fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
         self.run(&full.script()).map(|()| Writer::Nft)
     }
+
+    /// Deletes the ClientIP affinity entries of `family` that `stale` (given the map's name)
+    /// selects; returns how many. Runners that program no kernel have none.
+    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        let _ = (family, stale);
+        Ok(0)
+    }
 }
+
+/// Selects affinity entries to delete: the map's name and the entry.
+pub type StaleEntry<'a> = dyn Fn(&str, &AffinityEntry) -> bool + 'a;
+
+/// Entries that expire between the listing and the delete make the delete fail (the kernel
+/// refuses to delete what is not there); a purge retries that often with a fresh listing.
+const PURGE_ATTEMPTS: usize = 3;
 
 impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
     fn run(&self, script: &str) -> Result<(), NftError> {
@@ -67,6 +84,10 @@ impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
 
     fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
         (**self).run_full(full)
+    }
+
+    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        (**self).purge_affinity(family, stale)
     }
 }
 
@@ -135,6 +156,44 @@ impl NftCommand {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// One listing of both affinity maps and one transaction deleting what `stale` selects:
+    /// over netlink when the runner has a socket, else with nft.
+    fn purge_once(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        let fam = family_name(family);
+        let mut purged = 0;
+        if let Some(netlink) = &self.netlink {
+            let mut batch = Batch::new();
+            for map in affinity::MAPS {
+                let elements = netlink.dump_elements(family, map)?;
+                let keys: Vec<&[u8]> = elements
+                    .iter()
+                    .filter_map(|(key, data)| {
+                        let entry = AffinityEntry::from_registers(family, key, data)?;
+                        stale(map, &entry).then_some(key.as_slice())
+                    })
+                    .collect();
+                purged += keys.len();
+                batch.delete_raw_elements(family, map, keys.into_iter());
+            }
+            netlink.commit(&batch)?;
+            return Ok(purged);
+        }
+        let mut script = String::new();
+        for map in affinity::MAPS {
+            let listing = self.output(&["list", "map", fam, TABLE, map])?;
+            let keys: Vec<String> =
+                affinity::parse_listing(&listing).into_iter().filter(|e| stale(map, e)).map(|e| e.key_text()).collect();
+            purged += keys.len();
+            if !keys.is_empty() {
+                let _ = writeln!(script, "delete element {fam} {TABLE} {map} {{ {} }}", keys.join(", "));
+            }
+        }
+        if !script.is_empty() {
+            self.run(&script)?;
+        }
+        Ok(purged)
+    }
+
     fn split(&self) -> (&str, &[String]) {
         match self.argv.split_first() {
             Some((p, rest)) => (p.as_str(), rest),
@@ -175,6 +234,17 @@ impl NftRunner for NftCommand {
             }
         }
         self.run(&full.script()).map(|()| Writer::Nft)
+    }
+
+    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.purge_once(family, stale) {
+                Err(NftError::Rejected { .. }) if attempt < PURGE_ATTEMPTS => {}
+                result => return result,
+            }
+        }
     }
 
     fn run(&self, script: &str) -> Result<(), NftError> {
@@ -219,6 +289,8 @@ pub struct SyncReport {
     pub apply_time: Duration,
     /// What wrote the transaction.
     pub writer: Writer,
+    /// ClientIP affinity entries deleted because the sync made them invalid.
+    pub affinity_purged: usize,
 }
 
 /// Keeps the applied ruleset and turns desired rulesets into transactions.
@@ -267,6 +339,7 @@ impl<R: NftRunner> Applier<R> {
             diff_time,
             apply_time: Duration::ZERO,
             writer: Writer::None,
+            affinity_purged: 0,
         };
         if plan.is_empty() {
             return Ok(report);

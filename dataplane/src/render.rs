@@ -13,9 +13,11 @@
 //!   `dnat to numgen random mod N offset K map
 //!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
-//!   is a plain `dnat to`. Ports with ClientIP affinity instead have two rules per endpoint
-//!   (a client recorded for it goes back to it; otherwise one is picked and recorded), all
-//!   sharing the family's dynamic `affinity` set;
+//!   is a plain `dnat to`. Ports with ClientIP affinity have the same rule: `services` first
+//!   looks the client and frontend up in the dynamic `affinity-cluster`/`affinity-local` maps
+//!   and DNATs a known client to its endpoint, and the filter chains `affinity-prerouting`/
+//!   `affinity-output` (priority -99, right after the NAT hook) record the endpoint picked for a
+//!   new connection (see [`AFFINITY_CLUSTER`]);
 //! - `nat-postrouting` masquerades (fully-random) what carries our mark bit (everything a
 //!   Cluster-policy Service DNATs), and hairpin traffic of Local-policy Services: a DNATed
 //!   packet whose source is the endpoint it was sent to (`hairpin` set, their endpoints only).
@@ -26,7 +28,9 @@
 //! transaction take minutes; one rule per Service port, a few hundred shared maps (each
 //! referenced by about 1/256 of the rules) and plain elements keep it linear. Likewise one
 //! named set per affinity endpoint made an affinity load quadratic (1k Services × 10
-//! endpoints: 13 s, nearly all in the kernel); one shared set keeps it linear.
+//! endpoints: 13 s, nearly all in the kernel), and two rules per endpoint on one shared set
+//! made it 6× a load without affinity (the kernel parses every expression of every rule);
+//! affinity now adds set elements only, and no rule per Service.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -397,16 +401,24 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             ],
         },
     );
-    t.chains.insert(
-        "services".into(),
-        Chain {
-            base: None,
-            rules: vec![
-                format!("{fam} daddr . meta l4proto . th dport vmap @service-addresses"),
-                format!("{nodeport_match} meta l4proto . th dport vmap @service-nodeports"),
-            ],
-        },
-    );
+    let mut services = vec![
+        format!("{fam} daddr . meta l4proto . th dport vmap @service-addresses"),
+        format!("{nodeport_match} meta l4proto . th dport vmap @service-nodeports"),
+    ];
+    if family == Family::V4 {
+        // A client with a ClientIP affinity entry for this frontend goes back to its endpoint
+        // (the entry exists only while that endpoint serves the frontend's port; see
+        // `affinity-dispatch`); Cluster policy marks it for masquerade, as its `svc-` chain
+        // would.
+        let entry = format!("{fam} saddr . {fam} daddr . meta l4proto . th dport");
+        services.insert(0, format!("dnat to {entry} map @{AFFINITY_LOCAL}"));
+        services.insert(
+            1,
+            format!("{entry} @{AFFINITY_CLUSTER} meta mark set meta mark | {mark:#010x} dnat to {entry} map @{AFFINITY_CLUSTER}"),
+        );
+        affinity_recording(&mut t, fam);
+    }
+    t.chains.insert("services".into(), Chain { base: None, rules: services });
     t.chains.insert(
         "reject-chain".into(),
         Chain {
@@ -420,9 +432,52 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
     t
 }
 
+/// The chains recording IPv4 ClientIP affinity entries.
+///
+/// An entry is recorded once the connection is DNATed: every nat chain runs in the kernel's
+/// NAT hook at -100, whatever its own priority, so -99 is the first point after it. The
+/// original destination is then the frontend, the destination the endpoint picked. Only an
+/// endpoint that serves an affinity port (`affinity-endpoints`) of a frontend with affinity
+/// (`affinity-addresses`, `affinity-nodeports`) is recorded, through the frontend's
+/// `affinity-rec-POLICY-TIMEOUT-PROTO` chain.
+fn affinity_recording(t: &mut Table, fam: &str) {
+    let record = format!(
+        "ct state new ct status dnat {fam} daddr . meta l4proto . th dport @{AFFINITY_ENDPOINTS} jump affinity-dispatch"
+    );
+    for hook in ["prerouting", "output"] {
+        t.chains.insert(
+            format!("affinity-{hook}"),
+            Chain {
+                base: Some(format!("type filter hook {hook} priority -99; policy accept;")),
+                rules: vec![record.clone()],
+            },
+        );
+    }
+    let mut rules = Vec::new();
+    for proto in ["tcp", "udp", "sctp"] {
+        // nft types `ct original proto-dst` only after a protocol match.
+        rules.push(format!(
+            "meta l4proto {proto} ct original {fam} daddr . meta l4proto . ct original proto-dst vmap @{AFFINITY_ADDRESSES}"
+        ));
+        rules.push(format!("meta l4proto {proto} meta l4proto . ct original proto-dst vmap @{AFFINITY_NODEPORTS}"));
+    }
+    t.chains.insert("affinity-dispatch".into(), Chain { base: None, rules });
+}
+
 /// Names of the collections of the skeleton that every Service adds elements to.
-pub const SHARED_COLLECTIONS: [&str; 6] =
-    ["filter-addresses", "service-addresses", "filter-nodeports", "service-nodeports", "hairpin", AFFINITY_SET];
+pub const SHARED_COLLECTIONS: [&str; 11] = [
+    "filter-addresses",
+    "service-addresses",
+    "filter-nodeports",
+    "service-nodeports",
+    "hairpin",
+    AFFINITY_ENDPOINTS,
+    AFFINITY_ADDRESSES,
+    AFFINITY_NODEPORTS,
+    AFFINITY_CLUSTER,
+    AFFINITY_LOCAL,
+    AFFINITY_SET,
+];
 
 /// The skeleton's dispatch maps and hairpin set, empty.
 fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
@@ -442,16 +497,42 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
         "hairpin".into(),
         Collection { decl: format!("type {addr} . {addr};"), is_map: false, elements: BTreeMap::new() },
     );
+    if family == Family::V6 {
+        collections.insert(
+            AFFINITY_SET.into(),
+            Collection {
+                decl: format!(
+                    "type {addr} . {addr} . inet_service . mark; flags dynamic,timeout; size {AFFINITY_MAP_SIZE};"
+                ),
+                is_map: false,
+                elements: BTreeMap::new(),
+            },
+        );
+        return collections;
+    }
+    for (name, decl) in [(AFFINITY_ADDRESSES, &addr_map), (AFFINITY_NODEPORTS, &port_map)] {
+        collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
+    }
     collections.insert(
-        AFFINITY_SET.into(),
+        AFFINITY_ENDPOINTS.into(),
         Collection {
-            decl: format!(
-                "type {addr} . {addr} . inet_service . mark; flags dynamic,timeout; size {AFFINITY_SET_SIZE};"
-            ),
+            decl: format!("type {addr} . inet_proto . inet_service;"),
             is_map: false,
             elements: BTreeMap::new(),
         },
     );
+    for name in [AFFINITY_CLUSTER, AFFINITY_LOCAL] {
+        collections.insert(
+            name.into(),
+            Collection {
+                decl: format!(
+                    "type {addr} . {addr} . inet_proto . inet_service : {addr} . inet_service; flags dynamic,timeout; size {AFFINITY_MAP_SIZE};"
+                ),
+                is_map: true,
+                elements: BTreeMap::new(),
+            },
+        );
+    }
     collections
 }
 
@@ -514,7 +595,7 @@ fn render_service(
         if !fw_rules.is_empty() {
             let fw = format!("fw-{pid}");
             table.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
-            insert_dispatch(table, "filter", &addresses, port, &fw);
+            insert_dispatch(table, "filter", &addresses, port, &format!("goto {fw}"));
         }
 
         if endpoints.is_empty() {
@@ -534,12 +615,15 @@ fn render_service(
             }
         }
         let mut rules = Vec::new();
-        match svc.affinity_timeout {
-            Some(timeout) => {
+        match (svc.affinity_timeout, family) {
+            (Some(timeout), Family::V6) => {
                 rules.extend(masquerade);
-                affinity_rules(&mut rules, &pid, proto, &endpoints, family, timeout);
+                affinity_rules_v6(&mut rules, &pid, proto, &endpoints, timeout);
             }
-            None => {
+            (affinity, _) => {
+                if let Some(timeout) = affinity {
+                    record_affinity(table, &addresses, port, &endpoints, family, svc.traffic_policy, timeout);
+                }
                 dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family);
                 // One rule: the mark, then the DNAT.
                 if let (Some(mark), [dnat]) = (masquerade, rules.as_mut_slice()) {
@@ -548,7 +632,7 @@ fn render_service(
             }
         }
         table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
-        insert_dispatch(table, "service", &addresses, port, &svc_chain);
+        insert_dispatch(table, "service", &addresses, port, &format!("goto {svc_chain}"));
     }
 }
 
@@ -597,7 +681,67 @@ fn dnat_rules(
     ));
 }
 
-/// ClientIP affinity through the family's one `affinity` set, whose elements are
+/// ClientIP affinity for one Service port: its endpoints join `affinity-endpoints` and its
+/// frontends (addresses and NodePort) the affinity dispatch maps, which jump to the
+/// `affinity-rec-POLICY-TIMEOUT-PROTO` chain (shared by all such ports) recording
+/// `client . frontend address . protocol . frontend port : endpoint . port` in the policy's
+/// map with the Service's timeout. The `services` chain sends a client with an entry straight
+/// to its endpoint: one lookup, whatever the number of endpoints or affinity Services.
+///
+/// An entry outlives its endpoint only until the sync that removes the endpoint (or the
+/// frontend, or changes the policy) deletes it ([`crate::sync`] purges it); once the endpoint
+/// has left `affinity-endpoints` no new entry can name it.
+fn record_affinity(
+    table: &mut Table,
+    addresses: &[IpAddr],
+    port: &PortModel,
+    endpoints: &[&Endpoint],
+    family: Family,
+    policy: TrafficPolicy,
+    timeout: u32,
+) {
+    let fam = addr_kw(family);
+    let proto = port.protocol.nft_name();
+    let (map, policy_name) = match policy {
+        TrafficPolicy::Cluster => (AFFINITY_CLUSTER, "cluster"),
+        TrafficPolicy::Local => (AFFINITY_LOCAL, "local"),
+    };
+    let chain = format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}");
+    table.chains.entry(chain.clone()).or_insert_with(|| Chain {
+        base: None,
+        rules: vec![format!(
+            "meta l4proto {proto} update @{map} {{ {fam} saddr . ct original {fam} daddr . meta l4proto . ct original proto-dst timeout {timeout}s : {fam} daddr . {proto} dport }}"
+        )],
+    });
+    if let Some(set) = table.collections.get_mut(AFFINITY_ENDPOINTS) {
+        for ep in endpoints {
+            set.elements.insert(format!("{} . {proto} . {}", ep.ip, ep.port), String::new());
+        }
+    }
+    insert_dispatch(table, "affinity", addresses, port, &format!("jump {chain}"));
+}
+
+/// The dynamic maps of ClientIP affinity entries, per traffic policy (a Cluster-policy entry
+/// also sets the masquerade mark).
+pub const AFFINITY_CLUSTER: &str = "affinity-cluster";
+/// See [`AFFINITY_CLUSTER`].
+pub const AFFINITY_LOCAL: &str = "affinity-local";
+/// The endpoints (`address . protocol . port`) of all ports with ClientIP affinity.
+pub const AFFINITY_ENDPOINTS: &str = "affinity-endpoints";
+/// Frontend address, protocol and port of each port with ClientIP affinity, to the chain
+/// recording its entries.
+pub const AFFINITY_ADDRESSES: &str = "affinity-addresses";
+/// NodePorts with ClientIP affinity, to the chain recording their entries.
+pub const AFFINITY_NODEPORTS: &str = "affinity-nodeports";
+/// Chains recording affinity entries: `affinity-rec-POLICY-TIMEOUT-PROTO`, shared by the ports
+/// with that policy, timeout and protocol.
+pub const AFFINITY_RECORD_PREFIX: &str = "affinity-rec-";
+/// Most entries each affinity map holds (nft's default for a set filled by rules is 65535,
+/// for all affinity Services together). The kernel allocates entries as they come.
+pub const AFFINITY_MAP_SIZE: u32 = 1 << 20;
+
+/// ClientIP affinity of IPv6 Service ports, through the `ip6` table's `affinity` set, whose
+/// elements are
 /// `client . endpoint address . endpoint port . port key` with the Service's timeout: a client
 /// with an entry for one of the port's (ready) endpoints goes back to it and refreshes the
 /// entry; otherwise one endpoint is picked uniformly (rule `i` of `N` matches with
@@ -606,20 +750,10 @@ fn dnat_rules(
 /// nft 1.0.6 refuses constants in a lookup key, so the endpoint and port key are written
 /// `EXPR & 0 | CONSTANT`. An entry for an endpoint that is gone (or no longer ready) matches
 /// no rule and expires. Should the set be full, the last rule DNATs without affinity.
-fn affinity_rules(
-    rules: &mut Vec<String>,
-    pid: &str,
-    proto: &str,
-    endpoints: &[&Endpoint],
-    family: Family,
-    timeout: u32,
-) {
-    let fam = addr_kw(family);
+fn affinity_rules_v6(rules: &mut Vec<String>, pid: &str, proto: &str, endpoints: &[&Endpoint], timeout: u32) {
+    let fam = "ip6";
     let key = affinity_key(pid);
-    let zero = match family {
-        Family::V4 => "0.0.0.0",
-        Family::V6 => "::",
-    };
+    let zero = "::";
     let entry = |ep: &Endpoint| format!("{fam} saddr . {} . {} . {key:#010x}", ep.ip, ep.port);
     let record = |ep: &Endpoint| {
         format!(
@@ -652,11 +786,10 @@ fn affinity_rules(
     }
 }
 
-/// The shared dynamic set of ClientIP affinity entries (one per family).
+/// The dynamic set of IPv6 ClientIP affinity entries. nft 1.0.6 cannot generate an update of a
+/// dynamic *map* whose key or data concatenates an IPv6 address with anything (it aborts on a
+/// register assertion), which the IPv4 shape needs; IPv6 keeps two rules per endpoint.
 pub const AFFINITY_SET: &str = "affinity";
-/// Most entries the affinity set holds (nft's default for a set filled by rules is 65535, for
-/// all affinity Services together). The kernel allocates entries as they come.
-pub const AFFINITY_SET_SIZE: u32 = 1 << 20;
 
 /// A Service port's part of its affinity entries: the same in every build and sync, so that
 /// entries outlive partial syncs; two ports whose keys collide share only the entries of
@@ -665,9 +798,9 @@ fn affinity_key(pid: &str) -> u32 {
     stable_hash(pid)
 }
 
-fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, chain: &str) {
+fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, verdict: &str) {
     let proto = port.protocol.nft_name();
-    let verdict = format!("goto {chain}");
+    let verdict = verdict.to_string();
     if let Some(map) = table.collections.get_mut(&format!("{prefix}-addresses")) {
         for addr in addresses {
             map.elements.insert(format!("{addr} . {proto} . {}", port.port), verdict.clone());

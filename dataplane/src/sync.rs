@@ -9,10 +9,12 @@
 //! only path whose cost grows with the cluster, and it runs at start, after a failure and
 //! periodically.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
 use crate::diff::{FullSync, Stale};
 use crate::health::HealthState;
@@ -21,8 +23,9 @@ use crate::model::{Family, ServiceKey, ServiceModel};
 use crate::netlink::Batch;
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
-    Chain, Collection, FixedSlots, RenderConfig, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table,
-    family_name, render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
+    AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain,
+    Collection, FixedSlots, RenderConfig, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, family_name,
+    render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -58,6 +61,8 @@ pub struct Syncer<R> {
     shared: HashMap<SharedElement, Owners>,
     /// Element count of each endpoint map.
     map_sizes: HashMap<(Family, String), usize>,
+    /// How many Service ports use each affinity recording chain (shared, like the elements).
+    record_chains: HashMap<(Family, String), usize>,
     stale: BTreeSet<Stale>,
     full_next: bool,
     /// Slots given up, free once the transaction that stops using them is committed.
@@ -78,6 +83,7 @@ impl<R: NftRunner> Syncer<R> {
             slots: FAMILIES.into_iter().map(|f| (f, SlotTable::default())).collect(),
             shared: HashMap::new(),
             map_sizes: HashMap::new(),
+            record_chains: HashMap::new(),
             stale: BTreeSet::new(),
             full_next: true,
             to_release: Vec::new(),
@@ -174,6 +180,7 @@ impl<R: NftRunner> Syncer<R> {
             diff_time,
             apply_time: Duration::ZERO,
             writer: Writer::None,
+            affinity_purged: 0,
         };
         if full_ruleset.is_some() || !script.is_empty() {
             let applying = Instant::now();
@@ -208,7 +215,39 @@ impl<R: NftRunner> Syncer<R> {
             self.elements = self.elements.saturating_add_signed(deltas.values().map(Delta::element_change).sum());
             health.update_services(changed.iter().map(|k| (k, self.models.get(k))), now);
         }
+        for (family, delta) in &deltas {
+            if let Some(narrowed) = delta.narrowed_affinity() {
+                report.affinity_purged += self.purge_affinity(*family, &narrowed)?;
+            }
+        }
         Ok(report)
+    }
+
+    /// Deletes the affinity entries of `family` that the programmed elements no longer allow:
+    /// an entry holds while its endpoint is in `affinity-endpoints` and its frontend (address,
+    /// or NodePort) records into its map, exactly what the kernel checks before recording one.
+    /// A purge that fails makes the next sync a full resync, which starts the maps afresh.
+    fn purge_affinity(&mut self, family: Family, narrowed: &Narrowed) -> Result<usize, NftError> {
+        let shared = &self.shared;
+        let has = |collection: &'static str, key: String| shared.contains_key(&(family, collection, key));
+        let records_into = |collection: &'static str, key: String, map: &str| {
+            let policy = if map == AFFINITY_CLUSTER { "cluster-" } else { "local-" };
+            shared
+                .get(&(family, collection, key))
+                .and_then(|owners| effective(owners))
+                .and_then(|v| v.strip_prefix("jump ").map(str::to_string))
+                .is_some_and(|chain| chain.strip_prefix(AFFINITY_RECORD_PREFIX).is_some_and(|c| c.starts_with(policy)))
+        };
+        let stale = |map: &str, e: &AffinityEntry| {
+            if !narrowed.touches(e) {
+                return false;
+            }
+            let valid = has(AFFINITY_ENDPOINTS, format!("{} . {} . {}", e.endpoint, e.protocol, e.endpoint_port))
+                && (records_into(AFFINITY_ADDRESSES, format!("{} . {} . {}", e.frontend, e.protocol, e.port), map)
+                    || records_into(AFFINITY_NODEPORTS, format!("{} . {}", e.protocol, e.port), map));
+            !valid
+        };
+        self.runner.purge_affinity(family, &stale).inspect_err(|_| self.full_next = true)
     }
 
     /// Moves the kept state of `key` to `model`, recording what changes in `deltas`.
@@ -268,11 +307,37 @@ impl<R: NftRunner> Syncer<R> {
         after: Table,
         mut delta: Option<&mut Delta>,
     ) {
+        let (mut before_chains, mut after_chains) = (before.chains, after.chains);
+        // Affinity recording chains are shared by every port with their policy, timeout and
+        // protocol: they come and go with the first and last of those ports.
+        let record: Vec<String> = before_chains
+            .keys()
+            .chain(after_chains.keys())
+            .filter(|n| n.starts_with(AFFINITY_RECORD_PREFIX))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for name in record {
+            let (old, new) = (before_chains.remove(&name), after_chains.remove(&name));
+            let chain = new.clone().or_else(|| old.clone()).unwrap_or_default();
+            let users = self.record_chains.entry((family, name.clone())).or_insert(0);
+            let was = *users > 0;
+            *users = (*users + usize::from(new.is_some())).saturating_sub(usize::from(old.is_some()));
+            let now = *users > 0;
+            if !now {
+                self.record_chains.remove(&(family, name.clone()));
+            }
+            if let Some(d) = delta.as_deref_mut() {
+                let entry = d.chains.entry(name).or_insert_with(|| (was.then(|| chain.clone()), None));
+                entry.1 = now.then_some(chain);
+            }
+        }
         if let Some(d) = delta.as_deref_mut() {
-            for (name, chain) in before.chains {
+            for (name, chain) in before_chains {
                 d.chains.entry(name).or_insert((None, None)).0 = Some(chain);
             }
-            for (name, chain) in after.chains {
+            for (name, chain) in after_chains {
                 d.chains.entry(name).or_insert((None, None)).1 = Some(chain);
             }
         }
@@ -362,7 +427,59 @@ impl SlotSource for Recording<'_> {
     }
 }
 
+/// What a sync took away from ClientIP affinity: only entries naming one of these endpoints or
+/// frontends may have become invalid.
+#[derive(Debug, Default)]
+struct Narrowed {
+    /// Endpoint address, protocol, port.
+    endpoints: HashSet<(IpAddr, &'static str, u16)>,
+    /// Frontend address (none for a NodePort), protocol, port.
+    frontends: HashSet<(Option<IpAddr>, &'static str, u16)>,
+}
+
+impl Narrowed {
+    fn touches(&self, e: &AffinityEntry) -> bool {
+        self.endpoints.contains(&(e.endpoint, e.protocol, e.endpoint_port))
+            || self.frontends.contains(&(Some(e.frontend), e.protocol, e.port))
+            || self.frontends.contains(&(None, e.protocol, e.port))
+    }
+}
+
+/// `ADDR . PROTO . PORT` or `PROTO . PORT`, as the renderer writes affinity elements.
+fn parse_affinity_key(key: &str) -> Option<(Option<IpAddr>, &'static str, u16)> {
+    let proto = |p: &str| ["tcp", "udp", "sctp"].into_iter().find(|known| *known == p);
+    let parts: Vec<&str> = key.split(" . ").collect();
+    match parts.as_slice() {
+        [addr, p, port] => Some((Some(addr.parse().ok()?), proto(p)?, port.parse().ok()?)),
+        [p, port] => Some((None, proto(p)?, port.parse().ok()?)),
+        _ => None,
+    }
+}
+
 impl Delta {
+    /// The affinity endpoints and frontends the sync removed (or whose recording chain it
+    /// changed), if any.
+    fn narrowed_affinity(&self) -> Option<Narrowed> {
+        let mut narrowed = Narrowed::default();
+        for name in [AFFINITY_ENDPOINTS, AFFINITY_ADDRESSES, AFFINITY_NODEPORTS] {
+            let Some(elements) = self.elements.get(name) else { continue };
+            for (key, (old, new)) in elements {
+                if old.is_none() || old == new {
+                    continue;
+                }
+                let Some((addr, proto, port)) = parse_affinity_key(key) else { continue };
+                if name == AFFINITY_ENDPOINTS {
+                    if let Some(addr) = addr {
+                        narrowed.endpoints.insert((addr, proto, port));
+                    }
+                } else {
+                    narrowed.frontends.insert((addr, proto, port));
+                }
+            }
+        }
+        (!narrowed.endpoints.is_empty() || !narrowed.frontends.is_empty()).then_some(narrowed)
+    }
+
     fn rule_change(&self) -> isize {
         let count = |c: &Option<Chain>| c.as_ref().map_or(0, |c| c.rules.len());
         self.chains.values().map(|(o, n)| to_isize(count(n)) - to_isize(count(o))).sum()

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::fixtures::{Ep, Svc, slice};
-use common::lab::{CLIENT_IP, CLIENT_IP6, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, sh, tcp, udp};
+use common::lab::{CLIENT_IP, CLIENT_IP6, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, node_nft, sh, tcp, udp};
+use hawser_dataplane::affinity::{AffinityEntry, parse_listing};
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -126,6 +127,11 @@ fn source_ranges_allow_and_deny_on_address_and_nodeport() {
     assert_eq!(out.peer().to_string(), "10.0.1.1");
 }
 
+/// The affinity entries of the node's IPv4 map `map`, as nft lists them.
+fn affinity_entries(lab: &Lab, map: &str) -> Vec<AffinityEntry> {
+    parse_listing(&sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "map", "ip", "hawser", map]))
+}
+
 #[test]
 fn client_ip_affinity_sticks_to_one_endpoint() {
     let mut lab = lab!(2);
@@ -136,8 +142,24 @@ fn client_ip_affinity_sticks_to_one_endpoint() {
     for _ in 0..16 {
         assert_eq!(tcp(&lab.client, LB, 80).server(), first);
     }
-    // The NodePort shares the affinity of the same Service port.
-    assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), first);
+    // The client is recorded for the frontend it used, with the endpoint it was sent to.
+    let entries = affinity_entries(&lab, "affinity-cluster");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0];
+    assert_eq!(
+        (e.client.to_string(), e.frontend.to_string(), e.protocol, e.port),
+        (CLIENT_IP.into(), LB.into(), "tcp", 80)
+    );
+    // Pod N serves at 10.0.N.2.
+    let pod = e.endpoint.to_string().split('.').nth(2).map(|n| format!("pod{n}"));
+    assert_eq!(pod.as_deref(), Some(first.as_str()), "{e:?}");
+    // The NodePort is a frontend of its own: its clients stick too.
+    let via_node_port = tcp(&lab.client, NODE_IP, NP).server();
+    for _ in 0..8 {
+        assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), via_node_port);
+    }
+    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 2);
+    assert!(affinity_entries(&lab, "affinity-local").is_empty());
 }
 
 #[test]
@@ -159,17 +181,63 @@ fn client_ip_affinity_survives_other_endpoints_leaving_and_ends_with_its_own() {
     let other = (index(&first) + 1) % 3;
     let report = lab.sync(&[svc.build()], &endpoints(&[other])).unwrap();
     assert!(!report.full);
+    assert_eq!(report.affinity_purged, 0, "only entries of the endpoint that left go");
     for _ in 0..8 {
         assert_eq!(tcp(&lab.client, LB, 80).server(), first);
     }
-    // Its own endpoint stops being ready: the client moves to one ready endpoint and stays.
-    lab.sync(&[svc.build()], &endpoints(&[index(&first)])).unwrap();
+    // Its own endpoint stops being ready (its pod still runs): the sync deletes the client's
+    // entry, and the client moves to one ready endpoint and stays.
+    let report = lab.sync(&[svc.build()], &endpoints(&[index(&first)])).unwrap();
+    assert_eq!(report.affinity_purged, 1);
     let second = tcp(&lab.client, LB, 80).server();
     assert_ne!(second, first);
     for _ in 0..8 {
         assert_eq!(tcp(&lab.client, LB, 80).server(), second);
     }
-    assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), second);
+    let entries = affinity_entries(&lab, "affinity-cluster");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].endpoint.to_string(), ips[index(&second)]);
+}
+
+#[test]
+fn client_ip_affinity_follows_the_traffic_policy_and_ends_with_affinity() {
+    affinity_follows_the_traffic_policy(lab!(2));
+}
+
+/// The same with every write, and the purge's listing, through nft.
+#[test]
+fn client_ip_affinity_entries_are_purged_through_nft_too() {
+    let Some(lab) = Lab::with_runner(2, |node| Box::new(node_nft(node, false))) else { return };
+    affinity_follows_the_traffic_policy(lab);
+}
+
+fn affinity_follows_the_traffic_policy(mut lab: Lab) {
+    let mut svc = web();
+    svc.affinity_timeout = Some(60);
+    let both = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
+    lab.sync(&[svc.build()], &both).unwrap();
+    let first = tcp(&lab.client, LB, 80);
+    assert_ne!(first.peer().to_string(), CLIENT_IP, "Cluster policy masquerades");
+    // Local policy: the Cluster-policy entry goes (it would masquerade), a new one is recorded
+    // in the Local map and the endpoint sees the client's address.
+    svc.local = true;
+    let report = lab.sync(&[svc.build()], &both).unwrap();
+    assert!(!report.full);
+    assert_eq!(report.affinity_purged, 1);
+    assert!(affinity_entries(&lab, "affinity-cluster").is_empty());
+    let local = tcp(&lab.client, LB, 80);
+    assert_eq!(local.peer().to_string(), CLIENT_IP);
+    for _ in 0..8 {
+        let again = tcp(&lab.client, LB, 80);
+        assert_eq!((again.server(), again.peer().to_string()), (local.server(), CLIENT_IP.to_string()));
+    }
+    assert_eq!(affinity_entries(&lab, "affinity-local").len(), 1);
+    // Affinity off: the entry goes and connections spread again.
+    svc.affinity_timeout = None;
+    let report = lab.sync(&[svc.build()], &both).unwrap();
+    assert_eq!(report.affinity_purged, 1);
+    assert!(affinity_entries(&lab, "affinity-local").is_empty());
+    assert_eq!(lab.servers(LB, 80, 24), set(&["pod1", "pod2"]));
 }
 
 #[test]

@@ -184,7 +184,8 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     );
     assert!(t.collections["filter-addresses"].elements.is_empty());
     // The nodeport dispatch never matches loopback.
-    assert!(t.chains["services"].rules[1].contains("fib daddr type local ip daddr != 127.0.0.0/8"));
+    let nodeports = t.chains["services"].rules.iter().find(|r| r.contains("@service-nodeports")).unwrap();
+    assert!(nodeports.contains("fib daddr type local ip daddr != 127.0.0.0/8"), "{nodeports}");
     assert!(v4(&r).chains["nat-prerouting"].base.as_ref().unwrap().contains("priority -110;"));
 }
 
@@ -268,40 +269,91 @@ fn split_full_sync_leaves_only_the_skeleton_to_nft() {
     assert!(!skeleton.contains("svc-ns/sticky/"), "affinity chains go over netlink too:\n{skeleton}");
     assert!(!skeleton.contains(" element "), "no element in the skeleton:\n{skeleton}");
     assert!(skeleton.contains("add rule ip hawser fw-ns/ranged/tcp/80 ip saddr != { 10.1.0.0/16 } drop"), "{skeleton}");
+    assert!(skeleton.contains("add map ip hawser affinity-cluster"), "{skeleton}");
+    assert!(skeleton.contains("add chain ip hawser affinity-rec-cluster-30-tcp"), "{skeleton}");
     assert!(skeleton.contains("add set ip6 hawser affinity"), "{skeleton}");
 }
 
 #[test]
-fn client_ip_affinity_uses_one_shared_set_with_the_services_timeout() {
-    let mut s = Svc::new("ns", "web");
-    s.affinity_timeout = Some(30);
+fn client_ip_affinity_adds_elements_and_no_rule_per_service() {
+    let mut sticky = Svc::new("ns", "web");
+    sticky.affinity_timeout = Some(30);
+    let mut local = Svc::new("ns", "local");
+    local.affinity_timeout = Some(30);
+    local.local = true;
+    local.lb_ips = vec!["198.51.100.9"];
+    local.ports = vec![("http", "TCP", 80, Some(30099))];
+    let eps = [Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")];
+    let plain = rules(&model(&[Svc::new("ns", "web").build()], &[slice("ns", "web", "s1", HTTP, &eps)]));
     let r = rules(&model(
-        &[s.build()],
-        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")])],
+        &[sticky.build(), local.build()],
+        &[slice("ns", "web", "s1", HTTP, &eps), slice("ns", "local", "s1", HTTP, &[Ep::ready("10.0.0.5", "node-a")])],
     ));
     let t = v4(&r);
+    // The Service's chain is the one it has without affinity.
+    assert_eq!(t.chains["svc-ns/web/tcp/80"], v4(&plain).chains["svc-ns/web/tcp/80"]);
+    assert!(!t.chains.keys().any(|c| c.starts_with("ep-")), "no per-endpoint chains");
+    assert_eq!(
+        t.collections["affinity-cluster"].decl,
+        "type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags dynamic,timeout; size 1048576;"
+    );
+    let endpoints: Vec<&String> = t.collections["affinity-endpoints"].elements.keys().collect();
+    assert_eq!(endpoints, ["10.0.0.1 . tcp . 8080", "10.0.0.2 . tcp . 8080", "10.0.0.5 . tcp . 8080"]);
+    let addresses = &t.collections["affinity-addresses"].elements;
+    let lb = Svc::new("ns", "web").lb_ips[0];
+    assert_eq!(addresses[&format!("{lb} . tcp . 80")], "jump affinity-rec-cluster-30-tcp");
+    assert_eq!(addresses["198.51.100.9 . tcp . 80"], "jump affinity-rec-local-30-tcp");
+    assert_eq!(t.collections["affinity-nodeports"].elements["tcp . 30099"], "jump affinity-rec-local-30-tcp");
+    // One recording chain per policy, timeout and protocol, with the Service's timeout.
+    assert_eq!(
+        t.chains["affinity-rec-local-30-tcp"].rules,
+        [
+            "meta l4proto tcp update @affinity-local { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst timeout 30s : ip daddr . tcp dport }"
+        ]
+    );
+    let records: Vec<&String> = t.chains.keys().filter(|c| c.starts_with("affinity-rec-")).collect();
+    assert_eq!(records, ["affinity-rec-cluster-30-tcp", "affinity-rec-local-30-tcp"]);
+    // Known clients are looked up first; only a Cluster-policy entry sets the masquerade mark.
+    let services = &t.chains["services"].rules;
+    assert_eq!(services[0], "dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local");
+    assert!(services[1].contains("@affinity-cluster meta mark set meta mark | 0x00400000 dnat to"), "{services:?}");
+    assert!(services[2].contains("vmap @service-addresses"), "{services:?}");
+    // Without affinity Services nothing is recorded.
+    assert!(v4(&plain).collections["affinity-endpoints"].elements.is_empty());
+    assert!(v4(&plain).collections["affinity-addresses"].elements.is_empty());
+}
+
+#[test]
+fn ipv6_client_ip_affinity_keeps_two_rules_per_endpoint_on_one_set() {
+    let mut s = Svc::new("ns", "web");
+    s.affinity_timeout = Some(30);
+    s.families = vec!["IPv6"];
+    s.lb_ips = vec!["2001:db8::10"];
+    let r = rules(&model(
+        &[s.build()],
+        &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n"), Ep::ready("fd00::2", "n")])],
+    ));
+    let t = &r.tables[&Family::V6];
     let sets: Vec<&String> = t.collections.keys().filter(|k| k.starts_with("aff")).collect();
     assert_eq!(sets, ["affinity"], "one shared affinity set, no per-endpoint sets");
     assert_eq!(
         t.collections["affinity"].decl,
-        "type ipv4_addr . ipv4_addr . inet_service . mark; flags dynamic,timeout; size 1048576;"
+        "type ipv6_addr . ipv6_addr . inet_service . mark; flags dynamic,timeout; size 1048576;"
     );
-    assert!(!t.chains.keys().any(|c| c.starts_with("ep-")), "no per-endpoint chains");
+    assert!(!t.chains.keys().any(|c| c.starts_with("affinity-")), "no recording chains");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
     // Mark, then a lookup per endpoint, a pick per endpoint, and a DNAT for a full set.
     assert_eq!(svc.len(), 6, "{svc:?}");
-    assert_eq!(svc[5], "meta l4proto tcp dnat to 10.0.0.2:8080");
+    assert_eq!(svc[5], "meta l4proto tcp dnat to [fd00::2]:8080");
     let (lookup, pick) = (&svc[1], &svc[3]);
     assert!(
-        lookup.starts_with("ip saddr . ip daddr & 0.0.0.0 | 10.0.0.1 . th dport & 0 | 8080 . meta mark & 0 | 0x"),
+        lookup.starts_with("ip6 saddr . ip6 daddr & :: | fd00::1 . th dport & 0 | 8080 . meta mark & 0 | 0x"),
         "{lookup}"
     );
-    assert!(lookup.contains(" @affinity update @affinity { ip saddr . 10.0.0.1 . 8080 . 0x"), "{lookup}");
-    assert!(lookup.ends_with(" timeout 30s } meta l4proto tcp dnat to 10.0.0.1:8080"), "{lookup}");
-    assert!(pick.starts_with("numgen random mod 2 == 0 update @affinity { ip saddr . 10.0.0.1 . 8080 . 0x"), "{pick}");
-    assert!(svc[4].starts_with("update @affinity { ip saddr . 10.0.0.2 . 8080 . 0x"), "{svc:?}");
-    assert!(svc[4].ends_with(" timeout 30s } meta l4proto tcp dnat to 10.0.0.2:8080"), "{svc:?}");
-    assert!(t.collections["hairpin"].elements.is_empty(), "masqueraded by the mark");
+    assert!(lookup.contains(" @affinity update @affinity { ip6 saddr . fd00::1 . 8080 . 0x"), "{lookup}");
+    assert!(lookup.ends_with(" timeout 30s } meta l4proto tcp dnat to [fd00::1]:8080"), "{lookup}");
+    assert!(pick.starts_with("numgen random mod 2 == 0 update @affinity { ip6 saddr . fd00::1 . 8080 . 0x"), "{pick}");
+    assert!(svc[4].ends_with(" timeout 30s } meta l4proto tcp dnat to [fd00::2]:8080"), "{svc:?}");
 }
 
 #[test]
