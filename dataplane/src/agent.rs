@@ -241,6 +241,7 @@ async fn sync_loop(
                 if report.applied {
                     metrics.kernel_writes.get_or_create(&WriterLabel { writer: report.writer.as_str() }).inc();
                 }
+                metrics.affinity_entries_purged.inc_by(report.affinity_purged as u64);
                 metrics.sync_pending_changes.set(to_i64(shared.inputs().pending()));
                 metrics.last_sync_timestamp.set(unix_now());
                 clean_conntrack(&conntrack, syncer.take_stale_flows()).await?;

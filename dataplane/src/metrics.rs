@@ -59,6 +59,8 @@ pub struct Metrics {
     pub nft_elements: Gauge,
     /// nftables rules programmed.
     pub nft_rules: Gauge,
+    /// ClientIP affinity entries deleted because a sync made them invalid.
+    pub affinity_entries_purged: Counter,
 }
 
 impl Metrics {
@@ -77,6 +79,7 @@ impl Metrics {
         let endpoints = Gauge::default();
         let nft_elements = Gauge::default();
         let nft_rules = Gauge::default();
+        let affinity_entries_purged = Counter::default();
         registry.register(
             "sync_duration_seconds",
             "Time of one sync, from the model update to the kernel's acknowledgement",
@@ -99,6 +102,11 @@ impl Metrics {
         registry.register("endpoints", "Endpoints programmed (per Service port)", endpoints.clone());
         registry.register("nft_elements", "nftables map elements programmed", nft_elements.clone());
         registry.register("nft_rules", "nftables rules programmed", nft_rules.clone());
+        registry.register(
+            "affinity_entries_purged",
+            "ClientIP affinity entries deleted because their endpoint or frontend left (or its traffic policy changed)",
+            affinity_entries_purged.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -111,6 +119,7 @@ impl Metrics {
             endpoints,
             nft_elements,
             nft_rules,
+            affinity_entries_purged,
         }
     }
 
