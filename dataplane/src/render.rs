@@ -410,12 +410,21 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         // (the entry exists only while that endpoint serves the frontend's port; see
         // `affinity-dispatch`); Cluster policy marks it for masquerade, as its `svc-` chain
         // would.
+        // Only our frontends are looked up, as they are dispatched below.
         let entry = format!("{fam} saddr . {fam} daddr . meta l4proto . th dport");
-        services.insert(0, format!("dnat to {entry} map @{AFFINITY_LOCAL}"));
-        services.insert(
-            1,
-            format!("{entry} @{AFFINITY_CLUSTER} meta mark set meta mark | {mark:#010x} dnat to {entry} map @{AFFINITY_CLUSTER}"),
-        );
+        let frontends = [
+            format!("{fam} daddr . meta l4proto . th dport @{AFFINITY_ADDRESSES}"),
+            format!("{nodeport_match} meta l4proto . th dport @{AFFINITY_NODEPORTS}"),
+        ];
+        let lookups = frontends.iter().flat_map(|frontend| {
+            [
+                format!("{frontend} dnat to {entry} map @{AFFINITY_LOCAL}"),
+                format!(
+                    "{frontend} {entry} @{AFFINITY_CLUSTER} meta mark set meta mark | {mark:#010x} dnat to {entry} map @{AFFINITY_CLUSTER}"
+                ),
+            ]
+        });
+        services.splice(0..0, lookups);
         affinity_recording(&mut t, fam);
     }
     t.chains.insert("services".into(), Chain { base: None, rules: services });

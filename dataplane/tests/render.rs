@@ -313,11 +313,21 @@ fn client_ip_affinity_adds_elements_and_no_rule_per_service() {
     );
     let records: Vec<&String> = t.chains.keys().filter(|c| c.starts_with("affinity-rec-")).collect();
     assert_eq!(records, ["affinity-rec-cluster-30-tcp", "affinity-rec-local-30-tcp"]);
-    // Known clients are looked up first; only a Cluster-policy entry sets the masquerade mark.
+    // Known clients of our frontends are looked up first; only a Cluster-policy entry sets the
+    // masquerade mark.
     let services = &t.chains["services"].rules;
-    assert_eq!(services[0], "dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local");
+    assert_eq!(
+        services[0],
+        "ip daddr . meta l4proto . th dport @affinity-addresses dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local"
+    );
     assert!(services[1].contains("@affinity-cluster meta mark set meta mark | 0x00400000 dnat to"), "{services:?}");
-    assert!(services[2].contains("vmap @service-addresses"), "{services:?}");
+    assert!(
+        services[2].starts_with(
+            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport @affinity-nodeports dnat"
+        ),
+        "{services:?}"
+    );
+    assert!(services[4].contains("vmap @service-addresses"), "{services:?}");
     // Without affinity Services nothing is recorded.
     assert!(v4(&plain).collections["affinity-endpoints"].elements.is_empty());
     assert!(v4(&plain).collections["affinity-addresses"].elements.is_empty());
