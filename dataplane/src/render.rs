@@ -13,11 +13,12 @@
 //!   `dnat to numgen random mod N offset K map
 //!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
-//!   is a plain `dnat to`. Ports with ClientIP affinity have the same rule: `services` first
-//!   looks the client and frontend up in the dynamic `affinity-cluster`/`affinity-local` maps
-//!   and DNATs a known client to its endpoint, and the filter chains `affinity-prerouting`/
-//!   `affinity-output` (priority -99, right after the NAT hook) record the endpoint picked for a
-//!   new connection (see [`AFFINITY_CLUSTER`]);
+//!   is a plain `dnat to`. IPv4 ports with ClientIP affinity have the same rule: `services`
+//!   first looks the client and frontend up in the dynamic `affinity-cluster`/`affinity-local`
+//!   maps and DNATs a known client to its endpoint, and the filter chains
+//!   `affinity-prerouting`/`affinity-output` (priority -99, right after the NAT hook) record the
+//!   endpoint picked for a new connection (see [`AFFINITY_CLUSTER`]); IPv6 ones have two rules
+//!   per endpoint on the `ip6` table's `affinity` set (see [`AFFINITY_SET`]);
 //! - `nat-postrouting` masquerades (fully-random) what carries our mark bit (everything a
 //!   Cluster-policy Service DNATs), and hairpin traffic of Local-policy Services: a DNATed
 //!   packet whose source is the endpoint it was sent to (`hairpin` set, their endpoints only).
