@@ -354,6 +354,12 @@ impl LocalCluster {
             let pod_base = ip(slot, 1, 16 * n);
             let gw = ip(slot, 1, 16 * n + 1);
             ns.exec(&["ip", "link", "add", "cbr0", "type", "bridge"])?;
+            // A bridge without an address of its own takes its lowest port's, so adding or
+            // removing a pod's veth could change the pods' gateway MAC under them: their
+            // answers then go to a MAC no port has until their ARP entry is revalidated
+            // (seconds), which lost requests during rolling replacements. CNI bridges fix it
+            // the same way.
+            ns.exec(&["ip", "link", "set", "cbr0", "address", &format!("02:68:77:73:00:{:02x}", n + 1)])?;
             ns.exec(&["ip", "addr", "add", &format!("{gw}/28"), "dev", "cbr0"])?;
             ns.exec(&["ip", "link", "set", "cbr0", "up"])?;
             router.exec(&["ip", "route", "add", &format!("{pod_base}/28"), "via", &address.to_string()])?;
