@@ -2,12 +2,14 @@
 //! only the Services that changed, against what each of them had programmed.
 //!
 //! A Service owns its `fw-`/`svc-` chains and its keys of the shared endpoint maps (its slot);
-//! it shares the dispatch maps, the hairpin set and the affinity set with the others,
-//! so for those every element remembers which Services want it (several may, e.g. the same
-//! endpoint behind two Services, or two Services claiming one address and port: the greatest
-//! Service key wins, as in a full render). A full resync renders every kept model; it is the
-//! only path whose cost grows with the cluster, and it runs at start, after a failure and
-//! periodically.
+//! it shares the dispatch maps, the hairpin set and the ClientIP affinity sets and maps with the
+//! others, so for those every element remembers which Services want it (several may, e.g. the
+//! same endpoint behind two Services, or two Services claiming one address and port: the
+//! greatest Service key wins, as in a full render), and the affinity recording chains count
+//! the ports using them. A sync that takes an endpoint or a frontend away from affinity then
+//! deletes the kernel's affinity entries that no longer hold. A full resync renders every kept
+//! model; it is the only path whose cost grows with the cluster, and it runs at start, after a
+//! failure and periodically.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
