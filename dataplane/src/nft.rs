@@ -73,6 +73,14 @@ pub type StaleEntry<'a> = dyn Fn(&str, &AffinityEntry) -> bool + 'a;
 /// refuses to delete what is not there); a purge retries that often with a fresh listing.
 const PURGE_ATTEMPTS: usize = 3;
 
+/// Entries the kernel surely lists in one message (one 32 KiB dump buffer holds about 400). A
+/// longer listing comes in parts, each resumed by count, so an entry can be missed when others
+/// expire meanwhile: the purge then lists again, until a pass deletes nothing (at most
+/// [`PURGE_PASSES`] passes).
+const ONE_PART: usize = 200;
+/// See [`ONE_PART`].
+const PURGE_PASSES: usize = 3;
+
 impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
     fn run(&self, script: &str) -> Result<(), NftError> {
         (**self).run(script)
@@ -157,14 +165,16 @@ impl NftCommand {
     }
 
     /// One listing of both affinity maps and one transaction deleting what `stale` selects:
-    /// over netlink when the runner has a socket, else with nft.
-    fn purge_once(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+    /// over netlink when the runner has a socket, else with nft. Returns the entries deleted
+    /// and the longest listing.
+    fn purge_once(&self, family: Family, stale: &StaleEntry<'_>) -> Result<(usize, usize), NftError> {
         let fam = family_name(family);
-        let mut purged = 0;
+        let (mut purged, mut listed) = (0, 0);
         if let Some(netlink) = &self.netlink {
             let mut batch = Batch::new();
             for map in affinity::MAPS {
                 let elements = netlink.dump_elements(family, map)?;
+                listed = listed.max(elements.len());
                 let keys: Vec<&[u8]> = elements
                     .iter()
                     .filter_map(|(key, data)| {
@@ -176,13 +186,13 @@ impl NftCommand {
                 batch.delete_raw_elements(family, map, keys.into_iter());
             }
             netlink.commit(&batch)?;
-            return Ok(purged);
+            return Ok((purged, listed));
         }
         let mut script = String::new();
         for map in affinity::MAPS {
-            let listing = self.output(&["list", "map", fam, TABLE, map])?;
-            let keys: Vec<String> =
-                affinity::parse_listing(&listing).into_iter().filter(|e| stale(map, e)).map(|e| e.key_text()).collect();
+            let entries = affinity::parse_listing(&self.output(&["list", "map", fam, TABLE, map])?);
+            listed = listed.max(entries.len());
+            let keys: Vec<String> = entries.into_iter().filter(|e| stale(map, e)).map(|e| e.key_text()).collect();
             purged += keys.len();
             if !keys.is_empty() {
                 let _ = writeln!(script, "delete element {fam} {TABLE} {map} {{ {} }}", keys.join(", "));
@@ -191,7 +201,7 @@ impl NftCommand {
         if !script.is_empty() {
             self.run(&script)?;
         }
-        Ok(purged)
+        Ok((purged, listed))
     }
 
     fn split(&self) -> (&str, &[String]) {
@@ -237,14 +247,22 @@ impl NftRunner for NftCommand {
     }
 
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.purge_once(family, stale) {
-                Err(NftError::Rejected { .. }) if attempt < PURGE_ATTEMPTS => {}
-                result => return result,
+        let mut purged = 0;
+        for pass in 1..=PURGE_PASSES {
+            let mut attempt = 0;
+            let (deleted, listed) = loop {
+                attempt += 1;
+                match self.purge_once(family, stale) {
+                    Err(NftError::Rejected { .. }) if attempt < PURGE_ATTEMPTS => {}
+                    result => break result?,
+                }
+            };
+            purged += deleted;
+            if listed <= ONE_PART || (deleted == 0 && pass > 1) {
+                break;
             }
         }
+        Ok(purged)
     }
 
     fn run(&self, script: &str) -> Result<(), NftError> {

@@ -204,6 +204,31 @@ fn client_ip_affinity_follows_the_traffic_policy_and_ends_with_affinity() {
     affinity_follows_the_traffic_policy(lab!(2));
 }
 
+/// A purge over a listing that comes in many parts deletes exactly the entries of the endpoint
+/// that left, and keeps the others.
+#[test]
+fn client_ip_affinity_purge_is_exact_over_many_entries() {
+    let mut lab = lab!(2);
+    let mut svc = web();
+    svc.affinity_timeout = Some(600);
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    // 1000 recorded clients, as the kernel records them: 300 on the first endpoint.
+    let entries: Vec<String> = (0..1000)
+        .map(|i| {
+            let endpoint = if i < 300 { "10.0.1.2" } else { "10.0.2.2" };
+            format!("100.64.{}.{} . {LB} . tcp . 80 : {endpoint} . 8080", i / 250, i % 250 + 1)
+        })
+        .collect();
+    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
+    node_nft(&lab.node, false).run(&script).unwrap();
+    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1000);
+    let report = lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap();
+    assert_eq!(report.affinity_purged, 300);
+    let left = affinity_entries(&lab, "affinity-cluster");
+    assert_eq!(left.len(), 700);
+    assert!(left.iter().all(|e| e.endpoint.to_string() == "10.0.2.2"), "{:?}", left.first());
+}
+
 /// The same with every write, and the purge's listing, through nft.
 #[test]
 fn client_ip_affinity_entries_are_purged_through_nft_too() {
