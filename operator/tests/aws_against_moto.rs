@@ -118,7 +118,12 @@ async fn group_ports(aws: &hawser_providers::aws::AwsProvider) -> Option<Vec<i32
     let name = hawser_providers::aws::naming::group_load_balancer_name("prod", "default/edge");
     let lbs = aws.clients().elb.describe_load_balancers().names(&name).send().await.ok()?;
     let arn = lbs.load_balancers().first()?.load_balancer_arn()?.to_owned();
-    let listeners = aws.clients().elb.describe_listeners().load_balancer_arn(&arn).send().await.unwrap();
+    // The NLB may go between the two calls (the last member's deletion is awaited this way).
+    let listeners = match aws.clients().elb.describe_listeners().load_balancer_arn(&arn).send().await {
+        Ok(listeners) => listeners,
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_load_balancer_not_found_exception()) => return None,
+        Err(e) => panic!("describing the listeners of {arn}: {e:?}"),
+    };
     let mut ports: Vec<i32> = listeners.listeners().iter().filter_map(|l| l.port()).collect();
     ports.sort_unstable();
     Some(ports)
