@@ -50,6 +50,9 @@ pub trait Backend: Sync {
     async fn backends(&self, ns: &str, app: &str) -> anyhow::Result<Vec<BackendPod>>;
     /// The mock cloud's state (`/mock/state`).
     async fn mock_state(&self) -> anyhow::Result<Value>;
+    /// Waits until the load balancer sends `addr`'s traffic only to the targets the mock cloud
+    /// has now (see [`crate::lbagent::LbAgent::settled`]).
+    async fn lb_settled(&self, addr: std::net::IpAddr) -> anyhow::Result<()>;
     /// Kills the operator without warning and starts it again with `extra_args` added;
     /// `Ok(false)` when the backend cannot.
     async fn restart_operator(&self, extra_args: &[&str]) -> anyhow::Result<bool>;

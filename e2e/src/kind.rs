@@ -212,6 +212,13 @@ impl Backend for KindBackend {
         }
     }
 
+    async fn lb_settled(&self, addr: IpAddr) -> anyhow::Result<()> {
+        match AGENT.get() {
+            Some(lb) => lb.wait_settled(addr, || self.mock_state()).await,
+            None => Ok(()),
+        }
+    }
+
     async fn restart_operator(&self, _extra_args: &[&str]) -> anyhow::Result<bool> {
         // The chart's operator keeps its mock cloud in memory; a restarted pod would start
         // from an empty cloud, which is not the crash this scenario is about.

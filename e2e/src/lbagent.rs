@@ -235,6 +235,38 @@ impl LbAgent {
     pub fn routes(&self) -> Routes {
         self.routes.lock().map(|r| r.clone()).unwrap_or_default()
     }
+
+    /// Whether `addr` is routed, and only to targets the cloud's `state` still has: a
+    /// deregistration is in effect. A cloud applies it as it records it; this agent on its
+    /// next round, and moving a client's next connection to another node meanwhile would be
+    /// the agent's doing, not the dataplane's.
+    pub fn settled(&self, state: &Value, addr: IpAddr) -> bool {
+        let targets: Vec<IpAddr> = parse_state(state)
+            .into_iter()
+            .filter(|lb| lb.addresses.contains(&addr))
+            .flat_map(|lb| lb.targets)
+            .collect();
+        self.routes().get(&addr).is_some_and(|via| !via.is_empty() && via.iter().all(|hop| targets.contains(hop)))
+    }
+
+    /// Waits (at most 30 s) until [`Self::settled`] holds for `addr`, reading the cloud's state
+    /// with `state`.
+    pub async fn wait_settled<F, Fut>(&self, addr: IpAddr, state: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Value>>,
+    {
+        crate::scenarios::until(
+            "the load balancer routes only to the cloud's targets",
+            Duration::from_secs(30),
+            || async {
+                let state = state().await?;
+                anyhow::ensure!(self.settled(&state, addr), "routes {:?}", self.routes().get(&addr));
+                Ok(())
+            },
+        )
+        .await
+    }
 }
 
 impl Drop for LbAgent {

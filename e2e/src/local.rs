@@ -873,6 +873,13 @@ impl Backend for LocalCluster {
         }
     }
 
+    async fn lb_settled(&self, addr: IpAddr) -> anyhow::Result<()> {
+        match &self.lb {
+            Some(lb) => lb.wait_settled(addr, || self.mock_state()).await,
+            None => Ok(()),
+        }
+    }
+
     async fn restart_operator(&self, extra_args: &[&str]) -> anyhow::Result<bool> {
         self.start_operator(extra_args)?;
         Ok(true)

@@ -493,6 +493,7 @@ pub async fn node_drains(b: &impl Backend) -> anyhow::Result<()> {
         node_api.delete(&stays.name, &DeleteParams::default()).await?;
         let left: BTreeSet<String> = all.iter().filter(|n| **n != stays.name).cloned().collect();
         wait_lb(b, &ns, SVC, "deleted node drained", |lb| target_names(lb) == left).await?;
+        b.lb_settled(addr).await?;
         let client = b.client();
         wait_reply(&client, addr, 80, "/hostname").await?;
         let seen = distinct(&answering(&client, addr, 80, 10).await?);
