@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::Family;
+use crate::model::{Family, Protocol};
 use crate::render::{AFFINITY_CLUSTER, AFFINITY_LOCAL};
 
 /// The affinity maps of a family's table.
@@ -31,15 +31,6 @@ pub struct AffinityEntry {
     pub endpoint: IpAddr,
     /// The endpoint's port.
     pub endpoint_port: u16,
-}
-
-fn protocol_name(number: u8) -> Option<&'static str> {
-    match number {
-        6 => Some("tcp"),
-        17 => Some("udp"),
-        132 => Some("sctp"),
-        _ => None,
-    }
 }
 
 fn addr_len(family: Family) -> usize {
@@ -67,7 +58,7 @@ impl AffinityEntry {
         Some(Self {
             client: addr(family, &key[..a])?,
             frontend: addr(family, &key[a..2 * a])?,
-            protocol: protocol_name(key[2 * a])?,
+            protocol: Protocol::from_number(key[2 * a])?.nft_name(),
             port: u16::from_be_bytes([key[2 * a + 4], key[2 * a + 5]]),
             endpoint: addr(family, &data[..a])?,
             endpoint_port: u16::from_be_bytes([data[a], data[a + 1]]),
@@ -91,8 +82,7 @@ pub fn parse_listing(text: &str) -> Vec<AffinityEntry> {
             let mut fields = key.split_whitespace().filter(|f| *f != ".");
             let client = fields.next()?.parse().ok()?;
             let frontend = fields.next()?.parse().ok()?;
-            let protocol = fields.next()?;
-            let protocol = ["tcp", "udp", "sctp"].into_iter().find(|p| *p == protocol)?;
+            let protocol = Protocol::from_nft_name(fields.next()?)?.nft_name();
             let port = fields.next()?.parse().ok()?;
             let mut data = data.split_whitespace().filter(|f| *f != ".");
             let endpoint = data.next()?.parse().ok()?;

@@ -74,6 +74,28 @@ impl Protocol {
             Self::Sctp => "sctp",
         }
     }
+
+    /// Every protocol a Service port may have.
+    pub const ALL: [Self; 3] = [Self::Tcp, Self::Udp, Self::Sctp];
+
+    /// The protocol nftables spells `name`.
+    pub fn from_nft_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.nft_name() == name)
+    }
+
+    /// The IP protocol number (`meta l4proto`).
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Sctp => 132,
+        }
+    }
+
+    /// The protocol with IP protocol number `number`.
+    pub fn from_number(number: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.number() == number)
+    }
 }
 
 /// IP family.

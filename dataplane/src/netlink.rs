@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::model::Family;
+use crate::model::{Family, Protocol as L4};
 use crate::nft::NftError;
 use crate::render::{AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, TABLE};
 
@@ -507,12 +507,7 @@ fn push_port(out: &mut Vec<u8>, text: &str) -> Option<()> {
 }
 
 fn proto_number(text: &str) -> Option<u8> {
-    match text {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        "sctp" => Some(132),
-        _ => None,
-    }
+    L4::from_nft_name(text).map(L4::number)
 }
 
 /// One nftables expression of a rule.

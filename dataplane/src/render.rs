@@ -39,7 +39,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{ClusterModel, Endpoint, Family, PortModel, ServiceModel, TrafficPolicy};
+use crate::model::{ClusterModel, Endpoint, Family, PortModel, Protocol, ServiceModel, TrafficPolicy};
 
 /// Name of our tables in both families.
 pub const TABLE: &str = "hawser";
@@ -464,7 +464,7 @@ fn affinity_recording(t: &mut Table, fam: &str) {
         );
     }
     let mut rules = Vec::new();
-    for proto in ["tcp", "udp", "sctp"] {
+    for proto in Protocol::ALL.map(Protocol::nft_name) {
         // nft types `ct original proto-dst` only after a protocol match.
         rules.push(format!(
             "meta l4proto {proto} ct original {fam} daddr . meta l4proto . ct original proto-dst vmap @{AFFINITY_ADDRESSES}"

@@ -21,7 +21,7 @@ use crate::conntrack::{StaleFlow, stale_service_flows};
 use crate::diff::{FullSync, Stale};
 use crate::health::HealthState;
 use crate::inputs::Change;
-use crate::model::{Family, ServiceKey, ServiceModel};
+use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
 use crate::netlink::Batch;
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
@@ -449,7 +449,7 @@ impl Narrowed {
 
 /// `ADDR . PROTO . PORT` or `PROTO . PORT`, as the renderer writes affinity elements.
 fn parse_affinity_key(key: &str) -> Option<(Option<IpAddr>, &'static str, u16)> {
-    let proto = |p: &str| ["tcp", "udp", "sctp"].into_iter().find(|known| *known == p);
+    let proto = |p: &str| Protocol::from_nft_name(p).map(Protocol::nft_name);
     let parts: Vec<&str> = key.split(" . ").collect();
     match parts.as_slice() {
         [addr, p, port] => Some((Some(addr.parse().ok()?), proto(p)?, port.parse().ok()?)),
