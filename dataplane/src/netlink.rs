@@ -960,18 +960,11 @@ impl Netlink {
         let mut buf = vec![0u8; 1 << 17];
         loop {
             let n = (&self.socket).read(&mut buf).map_err(io)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if len < 16 || at + len > n {
-                    break;
-                }
-                let body = &buf[at + 16..at + len];
+            for (kind, _, body) in messages(&buf[..n]) {
                 match kind {
                     NLMSG_DONE => return Ok(elements),
                     NLMSG_ERROR => {
-                        let code = body.get(..4).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+                        let code = error_code(body);
                         if code != 0 {
                             return Err(NftError::Rejected {
                                 status: format!("errno {}", -code),
@@ -999,7 +992,6 @@ impl Netlink {
                         }
                     }
                 }
-                at += len.next_multiple_of(4);
             }
         }
     }
@@ -1011,16 +1003,9 @@ impl Netlink {
         let mut data = false;
         loop {
             let n = (&self.socket).read(&mut buf).map_err(Answer::Io)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                let seq = u32::from_ne_bytes([buf[at + 8], buf[at + 9], buf[at + 10], buf[at + 11]]);
-                if len < 16 || at + len > n {
-                    break;
-                }
-                if kind == NLMSG_ERROR && len >= 20 {
-                    let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+            for (kind, seq, body) in messages(&buf[..n]) {
+                if kind == NLMSG_ERROR && body.len() >= 4 {
+                    let code = error_code(body);
                     if code != 0 {
                         return Err(Answer::Refused { seq, errno: -code });
                     }
@@ -1030,7 +1015,6 @@ impl Netlink {
                 } else {
                     data = true;
                 }
-                at += len.next_multiple_of(4);
             }
         }
     }
@@ -1041,6 +1025,25 @@ impl Netlink {
         while (&self.socket).read(&mut buf).is_ok_and(|n| n > 0) {}
         let _ = self.socket.set_nonblocking(false);
     }
+}
+
+/// The netlink messages in one read: type, sequence number and body (after the header).
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(at..at + 16)?;
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
+        let body = buf.get(at + 16..at + len.max(16))?;
+        at += len.max(16).next_multiple_of(4);
+        Some((kind, seq, body))
+    })
+}
+
+/// The error code of an `NLMSG_ERROR` body (0: an acknowledgement).
+fn error_code(body: &[u8]) -> i32 {
+    body.get(..4).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 /// A set or map element as the kernel lists it: key and data (empty for a set).
