@@ -12,7 +12,7 @@
 //!   `sync_duration_seconds{kind="full"}`: from the lists in hand to the kernel's acknowledgement).
 //! - `fresh_node_rss_mib`, `restart_rss_mib`, `rss_mib`: the agent's resident memory a second
 //!   after each full sync and after the changes, run as the chart runs it
-//!   (`MIMALLOC_PURGE_DELAY=0`).
+//!   (`MIMALLOC_PURGE_DELAY=0 MIMALLOC_ALLOW_THP=0`).
 //!
 //! One `key=value` line per figure, with its target; it asserts nothing. Needs root, `ip`, `nft`
 //! and `conntrack`. Run it with:
@@ -222,6 +222,7 @@ fn start_agent(args: &Args, kubeconfig: &std::path::Path, log: &std::path::Path)
         .env("KUBECONFIG", kubeconfig)
         // As the chart's DaemonSet runs it.
         .env("MIMALLOC_PURGE_DELAY", "0")
+        .env("MIMALLOC_ALLOW_THP", "0")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
