@@ -159,6 +159,7 @@ def test_dataplane_daemonset():
     assert spec["tolerations"] == [{"operator": "Exists"}], "runs on every node, tainted or not"
     assert env_of(ds)["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env_of(ds)["MIMALLOC_PURGE_DELAY"] == "0"  # the RSS the sync bench reports
+    assert env_of(ds)["MIMALLOC_ALLOW_THP"] == "0"  # the full-sync figures the sync bench reports
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"health": 10266, "metrics": 10267}
     args = args_of(ds)
     assert args["--health-port"] == "10266"
