@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::fixtures::{Ep, Svc, slice};
 use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites, spawn_sink, tcp};
-use hawser_dataplane::diff::FullSync;
+use hawser_dataplane::diff::{FullSync, StepWriter};
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
 use hawser_dataplane::model::{Family, ModelConfig};
@@ -86,10 +86,16 @@ impl NftRunner for Counted {
     }
 
     fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
-        let writer = self.inner.run_full(full)?;
-        // The split path writes twice: the skeleton through nft, the rest over netlink.
-        let writes = if writer == Writer::NftThenNetlink { 2 } else { 1 };
-        self.runs.fetch_add(writes, Ordering::SeqCst);
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.run_full(full)
+    }
+
+    fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
+        let writer = self.inner.stepwise()?;
+        // Written in steps: the skeleton through nft, the rest over netlink.
+        if writer.is_some() {
+            self.runs.fetch_add(2, Ordering::SeqCst);
+        }
         Ok(writer)
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::affinity::{self, AffinityEntry};
-use crate::diff::{FullSync, Plan, Stale, cleanup_script, full_plan, partial_plan};
+use crate::diff::{FullSync, Plan, Stale, StepWriter, cleanup_script, full_plan, partial_plan};
 use crate::model::Family;
 use crate::netlink::{Batch, Netlink};
 use crate::render::{Ruleset, TABLE, family_name};
@@ -53,9 +53,17 @@ pub trait NftRunner: Send + Sync {
         self.run(script).map(|()| Writer::Nft)
     }
 
-    /// Applies a full resync. Runners without a netlink socket run its atomic script.
+    /// Applies a full resync atomically.
     fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
         self.run(&full.script()).map(|()| Writer::Nft)
+    }
+
+    /// Where to write a full resync in steps ([`Stepwise`](crate::diff::Stepwise)) while it
+    /// is rendered: only into a kernel that has neither of our tables, and only for runners
+    /// that write netlink batches. `None` otherwise; the resync then goes through
+    /// [`NftRunner::run_full`].
+    fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
+        Ok(None)
     }
 
     /// Deletes the ClientIP affinity entries of `family` that `stale` (given the map's name)
@@ -94,6 +102,10 @@ impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
         (**self).run_full(full)
     }
 
+    fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
+        (**self).stepwise()
+    }
+
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
         (**self).purge_affinity(family, stale)
     }
@@ -109,7 +121,7 @@ pub enum Writer {
     /// hawser's own nfnetlink batch.
     Netlink,
     /// A full resync into a kernel without our tables: `nft -f -` for the skeleton, then
-    /// netlink batches for the rest (see [`FullSync::write_split`]).
+    /// netlink batches for the rest (see [`Stepwise`](crate::diff::Stepwise)).
     NftThenNetlink,
 }
 
@@ -216,6 +228,22 @@ impl NftCommand {
     }
 }
 
+/// The steps of a full resync written in steps: scripts through nft, batches over netlink.
+struct Steps {
+    nft: NftCommand,
+    netlink: Arc<Netlink>,
+}
+
+impl StepWriter for Steps {
+    fn script(&self, script: &str) -> Result<(), NftError> {
+        self.nft.run(script)
+    }
+
+    fn batch(&self, batch: &Batch) -> Result<(), NftError> {
+        self.netlink.commit(batch)
+    }
+}
+
 impl Default for NftCommand {
     fn default() -> Self {
         Self::new()
@@ -231,19 +259,16 @@ impl NftRunner for NftCommand {
     }
 
     /// Into a kernel that has neither of our tables, the skeleton through nft and the bulk in
-    /// netlink batches ([`FullSync::write_split`]; nft spends seconds parsing 10k Services'
-    /// elements); tables that exist are replaced atomically by the whole script.
-    fn run_full(&self, full: &FullSync<'_>) -> Result<Writer, NftError> {
-        if let Some(netlink) = &self.netlink {
-            let mut absent = true;
-            for family in full.desired().tables.keys() {
-                absent &= !netlink.table_exists(*family)?;
-            }
-            if absent && full.write_split(&|script| self.run(script), &|batch| netlink.commit(batch))? {
-                return Ok(Writer::NftThenNetlink);
+    /// netlink batches (nft spends seconds parsing 10k Services' elements); tables that exist
+    /// are replaced atomically by [`NftRunner::run_full`].
+    fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
+        let Some(netlink) = &self.netlink else { return Ok(None) };
+        for family in [Family::V4, Family::V6] {
+            if netlink.table_exists(family)? {
+                return Ok(None);
             }
         }
-        self.run(&full.script()).map(|()| Writer::Nft)
+        Ok(Some(Box::new(Steps { nft: self.clone(), netlink: netlink.clone() })))
     }
 
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
@@ -301,9 +326,10 @@ pub struct SyncReport {
     pub chains_written: usize,
     /// Elements added or removed.
     pub elements_changed: usize,
-    /// Time to compute the plan.
+    /// Time to compute the plan (for a full resync written in steps: to render and encode it).
     pub diff_time: Duration,
-    /// Time writing to the kernel took.
+    /// Time writing to the kernel took (for a full resync written in steps, the writes'
+    /// own time, which overlaps the rendering).
     pub apply_time: Duration,
     /// What wrote the transaction.
     pub writer: Writer,

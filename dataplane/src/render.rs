@@ -360,6 +360,31 @@ impl SlotSource for SlotAllocator<'_> {
     }
 }
 
+/// The part of a family's table that is there whatever the Services: base chains, dispatch
+/// chains, and the shared sets and maps, empty.
+pub fn base_table(family: Family, config: &RenderConfig) -> Table {
+    skeleton(family, config)
+}
+
+/// The endpoint maps `svc` may use in `family`, one per port (declared empty): a port with two
+/// endpoints or more takes its slot in the map of its protocol and bucket.
+pub fn endpoint_maps(svc: &ServiceModel, family: Family) -> impl Iterator<Item = (String, Collection)> + '_ {
+    svc.ports.iter().map(move |port| {
+        let bucket = stable_hash(&port_id(svc, port)) % ENDPOINT_MAP_BUCKETS;
+        let proto = port.protocol.nft_name();
+        (endpoint_map_name(proto, bucket), endpoint_map(family, proto))
+    })
+}
+
+/// An endpoint map's declaration, empty: slot keys to `address . port`.
+fn endpoint_map(family: Family, proto: &str) -> Collection {
+    Collection {
+        decl: format!("typeof numgen random mod 2 : {} daddr . {proto} dport;", addr_kw(family)),
+        is_map: true,
+        elements: BTreeMap::new(),
+    }
+}
+
 fn skeleton(family: Family, config: &RenderConfig) -> Table {
     let fam = addr_kw(family);
     let mark = config.masquerade_mark;
@@ -676,11 +701,7 @@ fn dnat_rules(
         return;
     };
     let name = endpoint_map_name(proto, slot.bucket);
-    let map = table.collections.entry(name.clone()).or_insert_with(|| Collection {
-        decl: format!("typeof numgen random mod 2 : {} daddr . {proto} dport;", addr_kw(family)),
-        is_map: true,
-        elements: BTreeMap::new(),
-    });
+    let map = table.collections.entry(name.clone()).or_insert_with(|| endpoint_map(family, proto));
     for (i, ep) in (slot.offset..).zip(endpoints) {
         map.elements.insert(i.to_string(), format!("{} . {}", ep.ip, ep.port));
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{FullSync, Stale};
+use crate::diff::{FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
@@ -26,8 +26,9 @@ use crate::netlink::Batch;
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain,
-    Collection, FixedSlots, RenderConfig, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, family_name,
-    render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
+    Collection, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table,
+    base_table, endpoint_maps, family_name, render_fragment, render_with_slots, write_chain_decl, write_elements,
+    write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -145,13 +146,16 @@ impl<R: NftRunner> Syncer<R> {
     pub fn sync(&mut self, changes: Vec<Change>, health: &HealthState) -> Result<SyncReport, NftError> {
         let started = Instant::now();
         let full = self.full_next;
+        if full && let Some(writer) = self.runner.stepwise()? {
+            return self.sync_stepwise(changes, health, writer.as_ref(), started);
+        }
         let mut deltas: BTreeMap<Family, Delta> = BTreeMap::new();
         let mut changed = Vec::new();
         for (key, model) in changes {
             if self.models.get(&key) == model.as_ref() {
                 continue;
             }
-            self.update(&key, model, (!full).then_some(&mut deltas));
+            self.update(&key, model, (!full).then_some(&mut deltas), None);
             changed.push(key);
         }
         let mut counts = None;
@@ -200,6 +204,115 @@ impl<R: NftRunner> Syncer<R> {
             report.apply_time = applying.elapsed();
             report.applied = true;
         }
+        self.committed(stale_after, counts, &changed, &deltas, health);
+        for (family, delta) in &deltas {
+            if let Some(narrowed) = delta.narrowed_affinity() {
+                report.affinity_purged += self.purge_affinity(*family, &narrowed)?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// A full resync into a kernel without our tables, written in steps ([`Stepwise`]) while
+    /// the changed Services are taken in: each Service's chains and endpoint-map elements as
+    /// soon as they are rendered, so the kernel takes in the rules while the rest render.
+    fn sync_stepwise(
+        &mut self,
+        changes: Vec<Change>,
+        health: &HealthState,
+        writer: &dyn StepWriter,
+        started: Instant,
+    ) -> Result<SyncReport, NftError> {
+        // The skeleton declares every endpoint map a Service port may take a slot in; those
+        // no port took are deleted by the last step.
+        let mut skeleton = Ruleset::default();
+        for family in FAMILIES {
+            let mut table = base_table(family, &self.config);
+            let models = changes.iter().filter_map(|(_, m)| m.as_ref()).chain(self.models.values());
+            for model in models.filter(|m| m.families.contains(&family)) {
+                table.collections.extend(endpoint_maps(model, family));
+            }
+            skeleton.tables.insert(family, table);
+        }
+        let mut changed = Vec::new();
+        let mut rendered = Duration::ZERO;
+        let written = std::thread::scope(|scope| {
+            let mut steps = Stepwise::start(scope, writer, &skeleton, SPLIT_BATCH_BYTES);
+            for (key, model) in changes {
+                if self.models.get(&key) == model.as_ref() {
+                    continue;
+                }
+                self.update(&key, model, None, Some(&mut steps));
+                changed.push(key);
+            }
+            // Kept Services that did not change (a resync of kept state) are written as kept.
+            let fresh: HashSet<&ServiceKey> = changed.iter().collect();
+            for model in self.models.values().filter(|m| !fresh.contains(&m.key)) {
+                for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
+                    let Some(slots) = self.slots.get(&family) else { continue };
+                    let mut fixed = FixedSlots { table: slots, used: Vec::new() };
+                    steps.add(family, &render_fragment(model, family, &self.config, &mut fixed));
+                }
+            }
+            let activating: Vec<(Family, &'static str, &str, String)> = self
+                .shared
+                .iter()
+                .filter_map(|((family, name, key), owners)| Some((*family, *name, key.as_str(), effective(owners)?)))
+                .collect();
+            rendered = started.elapsed();
+            steps.finish(activating.iter().map(|(family, name, key, value)| (*family, *name, *key, value.as_str())))
+        });
+        let mut report = SyncReport {
+            full: true,
+            applied: true,
+            chains_written: 0,
+            elements_changed: 0,
+            diff_time: rendered,
+            apply_time: Duration::ZERO,
+            writer: Writer::NftThenNetlink,
+            affinity_purged: 0,
+        };
+        let counts = match written {
+            Ok(Some(written)) => {
+                report.chains_written = written.chains;
+                report.elements_changed = written.elements;
+                report.apply_time = written.write_time;
+                (written.rules, written.elements)
+            }
+            // An element the encoder does not know: the part-written tables match nothing yet,
+            // and are replaced atomically.
+            Ok(None) => {
+                let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
+                let applying = Instant::now();
+                if let Err(e) = self.runner.run_full(&FullSync::new(&ruleset)) {
+                    self.full_next = true;
+                    return Err(e);
+                }
+                report.apply_time = applying.elapsed();
+                report.writer = Writer::Nft;
+                report.chains_written = ruleset.tables.values().map(|t| t.chains.len()).sum();
+                report.elements_changed = ruleset.element_count();
+                (ruleset.rule_count(), ruleset.element_count())
+            }
+            Err(e) => {
+                self.full_next = true;
+                return Err(e);
+            }
+        };
+        self.committed(BTreeSet::new(), Some(counts), &changed, &BTreeMap::new(), health);
+        Ok(report)
+    }
+
+    /// Bookkeeping once a sync's transaction is committed: what it left to delete, the slots
+    /// it gave up, the counts, the changed Services' health.
+    fn committed(
+        &mut self,
+        stale_after: BTreeSet<Stale>,
+        counts: Option<(usize, usize)>,
+        changed: &[ServiceKey],
+        deltas: &BTreeMap<Family, Delta>,
+        health: &HealthState,
+    ) {
         self.full_next = false;
         self.stale = stale_after;
         for (family, slot) in self.to_release.drain(..) {
@@ -217,12 +330,6 @@ impl<R: NftRunner> Syncer<R> {
             self.elements = self.elements.saturating_add_signed(deltas.values().map(Delta::element_change).sum());
             health.update_services(changed.iter().map(|k| (k, self.models.get(k))), now);
         }
-        for (family, delta) in &deltas {
-            if let Some(narrowed) = delta.narrowed_affinity() {
-                report.affinity_purged += self.purge_affinity(*family, &narrowed)?;
-            }
-        }
-        Ok(report)
     }
 
     /// Deletes the affinity entries of `family` that the programmed elements no longer allow:
@@ -258,6 +365,7 @@ impl<R: NftRunner> Syncer<R> {
         key: &ServiceKey,
         model: Option<ServiceModel>,
         mut deltas: Option<&mut BTreeMap<Family, Delta>>,
+        mut steps: Option<&mut Stepwise<'_>>,
     ) {
         let old = self.models.remove(key);
         let endpoints = |m: Option<&ServiceModel>| m.map_or(0, |m| m.ports.iter().map(|p| p.endpoints.len()).sum());
@@ -292,6 +400,9 @@ impl<R: NftRunner> Syncer<R> {
             }
             if before.is_none() && after.is_none() {
                 continue;
+            }
+            if let (Some(steps), Some(after)) = (steps.as_deref_mut(), after.as_ref()) {
+                steps.add(family, after);
             }
             let delta = deltas.as_deref_mut().map(|d| d.entry(family).or_default());
             self.merge(family, &owner, before.unwrap_or_default(), after.unwrap_or_default(), delta);

@@ -657,9 +657,11 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     let whole = both_tables(&lab);
     assert_eq!(split, whole, "the split full sync differs from nft's");
 
-    // After a cleanup the kernel has no tables again: the split path, and traffic.
+    // After a cleanup the kernel has no tables again: the split path, now of the kept state
+    // (nothing changed since), and traffic.
     lab.syncer.cleanup().unwrap();
     assert_eq!(lab.sync(&services, &slices).unwrap().writer, Writer::NftThenNetlink);
+    assert_eq!(both_tables(&lab), whole, "the kept state written in steps differs from nft's");
     assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
     assert_eq!(lab.servers(NODE_IP, 30002, 10), set(&["pod1"]));
     assert_eq!(lab.servers("203.0.113.3", 80, 10).len(), 1, "affinity keeps a client on one pod");
@@ -736,6 +738,89 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
     assert!(lab.list_chain("ip", odd).contains("counter"), "the unknown chain went through nft");
     assert_eq!(lab.servers("203.0.113.251", 80, 4), set(&["pod2"]));
     assert_eq!(lab.servers("203.0.113.50", 80, 16), set(&["pod1", "pod2"]));
+}
+
+/// Written in steps, a Service whose endpoint map the skeleton did not declare goes through
+/// nft with its map, and a map the skeleton declared that no Service port used is deleted:
+/// the tables end as the atomic replacement writes them, and serve.
+#[test]
+fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used() {
+    use hawser_dataplane::diff::{FullSync, StepWriter, Stepwise};
+    use hawser_dataplane::model::{Family, ModelConfig, build_model};
+    use hawser_dataplane::netlink::{Batch, Netlink};
+    use hawser_dataplane::render::{RenderConfig, Ruleset, base_table, render};
+    struct Steps {
+        nft: NftCommand,
+        netlink: Netlink,
+    }
+    impl StepWriter for Steps {
+        fn script(&self, script: &str) -> Result<(), NftError> {
+            self.nft.run(script)
+        }
+        fn batch(&self, batch: &Batch) -> Result<(), NftError> {
+            self.netlink.commit(batch)
+        }
+    }
+    let lab = lab!(2);
+    let names = ["a", "b", "c"];
+    let services: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut s = Svc::new("ns", name);
+            s.lb_ips = vec![leak(format!("203.0.113.{}", i + 1))];
+            s.ports = vec![("http", "TCP", 80, Some(30000 + i as u16))];
+            s.build()
+        })
+        .collect();
+    let pods = [Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)];
+    let slices: Vec<EndpointSlice> = names.iter().map(|name| slice("ns", name, name, PORTS, &pods)).collect();
+    let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
+    let ruleset = render(&build_model(&services, &slices, &config), &RenderConfig::default());
+    let used: Vec<String> =
+        ruleset.tables[&Family::V4].collections.keys().filter(|n| n.starts_with("endpoints-")).cloned().collect();
+    assert!(!used.is_empty());
+    // The skeleton lacks the first used map, and declares one nobody uses.
+    let mut skeleton = Ruleset::default();
+    for family in [Family::V4, Family::V6] {
+        skeleton.tables.insert(family, base_table(family, &RenderConfig::default()));
+    }
+    let v4 = &ruleset.tables[&Family::V4];
+    let declared = skeleton.tables.get_mut(&Family::V4).unwrap();
+    for name in &used[1..] {
+        declared.collections.insert(name.clone(), v4.collections[name].clone_empty());
+    }
+    let unused = (0..=255).map(|b| format!("endpoints-tcp-{b:02x}")).find(|n| !used.contains(n)).unwrap();
+    declared.collections.insert(unused.clone(), v4.collections[&used[0]].clone_empty());
+
+    let steps = Steps {
+        nft: NftCommand::with_argv(exec_in(&lab.node, "nft")),
+        netlink: common::lab::in_netns(&lab.node, Netlink::open).unwrap(),
+    };
+    let written = std::thread::scope(|scope| {
+        let mut stepwise = Stepwise::start(scope, &steps, &skeleton, 1 << 20);
+        for (family, table) in &ruleset.tables {
+            stepwise.add(*family, table);
+        }
+        let activating = ruleset.tables.iter().flat_map(|(family, table)| {
+            table.collections.iter().filter(|(n, _)| !n.starts_with("endpoints-")).flat_map(move |(n, c)| {
+                c.elements.iter().map(move |(k, v)| (*family, n.as_str(), k.as_str(), v.as_str()))
+            })
+        });
+        stepwise.finish(activating)
+    });
+    let written = written.unwrap().expect("every element is one the encoder knows");
+    assert_eq!(written.rules, ruleset.rule_count());
+    assert_eq!(written.elements, ruleset.element_count());
+    let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);
+    assert!(!maps.contains(&unused), "the map no port used is still there:\n{maps}");
+    assert!(maps.contains(&used[0]), "the map the skeleton lacked is missing:\n{maps}");
+    let stepwise = both_tables(&lab);
+    for (i, _) in names.iter().enumerate() {
+        assert_eq!(lab.servers(&format!("203.0.113.{}", i + 1), 80, 16), set(&["pod1", "pod2"]));
+    }
+    steps.nft.run(&FullSync::new(&ruleset).script()).unwrap();
+    assert_eq!(stepwise, both_tables(&lab), "written in steps, the tables differ from nft's");
 }
 
 /// A batch larger than the socket's initial send buffer (2 MiB; a full sync's, or a partial one
