@@ -488,14 +488,17 @@ fn affinity_recording(t: &mut Table, fam: &str) {
             },
         );
     }
-    let mut rules = Vec::new();
-    for proto in Protocol::ALL.map(Protocol::nft_name) {
-        // nft types `ct original proto-dst` only after a protocol match.
-        rules.push(format!(
-            "meta l4proto {proto} ct original {fam} daddr . meta l4proto . ct original proto-dst vmap @{AFFINITY_ADDRESSES}"
-        ));
-        rules.push(format!("meta l4proto {proto} meta l4proto . ct original proto-dst vmap @{AFFINITY_NODEPORTS}"));
-    }
+    // nft types `ct original proto-dst` only after a protocol match; one match of all three
+    // keeps it to one rule per map. Every commit that adds a rule makes the kernel walk each
+    // `vmap` of every chain it reaches, once per rule looking the map up: with a rule per
+    // protocol, the 10k-Service affinity maps were walked three times over.
+    let protos = Protocol::ALL.map(Protocol::nft_name).join(", ");
+    let rules = vec![
+        format!(
+            "meta l4proto {{ {protos} }} ct original {fam} daddr . meta l4proto . ct original proto-dst vmap @{AFFINITY_ADDRESSES}"
+        ),
+        format!("meta l4proto {{ {protos} }} meta l4proto . ct original proto-dst vmap @{AFFINITY_NODEPORTS}"),
+    ];
     t.chains.insert("affinity-dispatch".into(), Chain { base: None, rules });
 }
 
