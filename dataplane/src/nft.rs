@@ -228,10 +228,18 @@ impl NftCommand {
     }
 }
 
-/// The steps of a full resync written in steps: scripts through nft, batches over netlink.
-struct Steps {
+/// Where the steps of a full resync written in steps go: scripts through nft, batches over
+/// netlink (what [`NftCommand`] hands the syncer).
+pub struct Steps {
     nft: NftCommand,
     netlink: Arc<Netlink>,
+}
+
+impl Steps {
+    /// Scripts through `nft`, batches over `netlink`.
+    pub fn new(nft: NftCommand, netlink: Arc<Netlink>) -> Self {
+        Self { nft, netlink }
+    }
 }
 
 impl StepWriter for Steps {
@@ -268,7 +276,7 @@ impl NftRunner for NftCommand {
                 return Ok(None);
             }
         }
-        Ok(Some(Box::new(Steps { nft: self.clone(), netlink: netlink.clone() })))
+        Ok(Some(Box::new(Steps::new(self.clone(), netlink.clone()))))
     }
 
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {

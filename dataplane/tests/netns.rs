@@ -745,22 +745,11 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
 /// the tables end as the atomic replacement writes them, and serve.
 #[test]
 fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used() {
-    use hawser_dataplane::diff::{FullSync, StepWriter, Stepwise};
+    use hawser_dataplane::diff::{FullSync, Stepwise};
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
-    use hawser_dataplane::netlink::{Batch, Netlink};
+    use hawser_dataplane::netlink::Netlink;
+    use hawser_dataplane::nft::Steps;
     use hawser_dataplane::render::{RenderConfig, Ruleset, base_table, render};
-    struct Steps {
-        nft: NftCommand,
-        netlink: Netlink,
-    }
-    impl StepWriter for Steps {
-        fn script(&self, script: &str) -> Result<(), NftError> {
-            self.nft.run(script)
-        }
-        fn batch(&self, batch: &Batch) -> Result<(), NftError> {
-            self.netlink.commit(batch)
-        }
-    }
     let lab = lab!(2);
     let names = ["a", "b", "c"];
     let services: Vec<_> = names
@@ -793,10 +782,8 @@ fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used()
     let unused = (0..=255).map(|b| format!("endpoints-tcp-{b:02x}")).find(|n| !used.contains(n)).unwrap();
     declared.collections.insert(unused.clone(), v4.collections[&used[0]].clone_empty());
 
-    let steps = Steps {
-        nft: NftCommand::with_argv(exec_in(&lab.node, "nft")),
-        netlink: common::lab::in_netns(&lab.node, Netlink::open).unwrap(),
-    };
+    let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
+    let steps = Steps::new(nft.clone(), Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap()));
     let written = std::thread::scope(|scope| {
         let mut stepwise = Stepwise::start(scope, &steps, &skeleton, 1 << 20);
         for (family, table) in &ruleset.tables {
@@ -819,7 +806,7 @@ fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used()
     for (i, _) in names.iter().enumerate() {
         assert_eq!(lab.servers(&format!("203.0.113.{}", i + 1), 80, 16), set(&["pod1", "pod2"]));
     }
-    steps.nft.run(&FullSync::new(&ruleset).script()).unwrap();
+    nft.run(&FullSync::new(&ruleset).script()).unwrap();
     assert_eq!(stepwise, both_tables(&lab), "written in steps, the tables differ from nft's");
 }
 
