@@ -1,8 +1,9 @@
 //! ClientIP affinity entries as the kernel keeps them, read back so that a sync can delete the
 //! ones it made invalid.
 //!
-//! The kernel fills the dynamic maps `affinity-cluster` and `affinity-local` (see
-//! [`crate::render`]): `client . frontend address . protocol . frontend port : endpoint . port`.
+//! The kernel fills the dynamic maps `affinity-cluster` and `affinity-local`, and their
+//! `…-nodeports` twins for NodePort clients (see [`crate::render`]):
+//! `client . frontend address . protocol . frontend port : endpoint . port`.
 //! An entry must not outlive its endpoint's place behind the frontend: the sync that removes
 //! an endpoint from an affinity port, or a frontend's affinity, or changes its traffic policy,
 //! then deletes the entries that no longer hold ([`crate::sync`]). No new entry can name such an
@@ -11,10 +12,10 @@
 use std::net::IpAddr;
 
 use crate::model::{Family, Protocol};
-use crate::render::{AFFINITY_CLUSTER, AFFINITY_LOCAL};
+use crate::render::{AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL, AFFINITY_LOCAL_NODEPORTS};
 
 /// The affinity maps of a family's table.
-pub const MAPS: [&str; 2] = [AFFINITY_CLUSTER, AFFINITY_LOCAL];
+pub const MAPS: [&str; 4] = [AFFINITY_CLUSTER, AFFINITY_LOCAL, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL_NODEPORTS];
 
 /// One recorded client.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
 //!   is a plain `dnat to`. IPv4 ports with ClientIP affinity have the same rule: `services`
 //!   first looks the client and frontend up in the dynamic `affinity-cluster`/`affinity-local`
-//!   maps and DNATs a known client to its endpoint, and the filter chains
+//!   maps (`…-nodeports` for NodePorts) and DNATs a known client to its endpoint, and the filter chains
 //!   `affinity-prerouting`/`affinity-output` (priority -99, right after the NAT hook) record the
 //!   endpoint picked for a new connection (see [`AFFINITY_CLUSTER`]); IPv6 ones have two rules
 //!   per endpoint on the `ip6` table's `affinity` set (see [`AFFINITY_SET`]);
@@ -435,18 +435,21 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         // A client with a ClientIP affinity entry for this frontend goes back to its endpoint
         // (the entry exists only while that endpoint serves the frontend's port; see
         // `affinity-dispatch`); Cluster policy marks it for masquerade, as its `svc-` chain
-        // would.
-        // Only our frontends are looked up, as they are dispatched below.
+        // would. An entry is keyed by the frontend itself, so the only check needed is that a
+        // NodePort entry's address is this node's: its recording cannot tell (a connection
+        // another proxy DNATed, to a port equal to one of our NodePorts, is recorded too).
+        // Looking our frontends up in `affinity-addresses`/`-nodeports` here would make the
+        // kernel walk those `jump` maps at every commit that adds a rule.
         let entry = format!("{fam} saddr . {fam} daddr . meta l4proto . th dport");
-        let frontends = [
-            format!("{fam} daddr . meta l4proto . th dport @{AFFINITY_ADDRESSES}"),
-            format!("{nodeport_match} meta l4proto . th dport @{AFFINITY_NODEPORTS}"),
+        let kinds = [
+            (String::new(), AFFINITY_LOCAL, AFFINITY_CLUSTER),
+            (format!("{nodeport_match} "), AFFINITY_LOCAL_NODEPORTS, AFFINITY_CLUSTER_NODEPORTS),
         ];
-        let lookups = frontends.iter().flat_map(|frontend| {
+        let lookups = kinds.into_iter().flat_map(|(gate, local, cluster)| {
             [
-                format!("{frontend} dnat to {entry} map @{AFFINITY_LOCAL}"),
+                format!("{gate}dnat to {entry} map @{local}"),
                 format!(
-                    "{frontend} {entry} @{AFFINITY_CLUSTER} meta mark set meta mark | {mark:#010x} dnat to {entry} map @{AFFINITY_CLUSTER}"
+                    "{gate}{entry} @{cluster} meta mark set meta mark | {mark:#010x} dnat to {entry} map @{cluster}"
                 ),
             ]
         });
@@ -503,7 +506,7 @@ fn affinity_recording(t: &mut Table, fam: &str) {
 }
 
 /// Names of the collections of the skeleton that every Service adds elements to.
-pub const SHARED_COLLECTIONS: [&str; 11] = [
+pub const SHARED_COLLECTIONS: [&str; 13] = [
     "filter-addresses",
     "service-addresses",
     "filter-nodeports",
@@ -514,6 +517,8 @@ pub const SHARED_COLLECTIONS: [&str; 11] = [
     AFFINITY_NODEPORTS,
     AFFINITY_CLUSTER,
     AFFINITY_LOCAL,
+    AFFINITY_CLUSTER_NODEPORTS,
+    AFFINITY_LOCAL_NODEPORTS,
     AFFINITY_SET,
 ];
 
@@ -559,7 +564,7 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
             elements: BTreeMap::new(),
         },
     );
-    for name in [AFFINITY_CLUSTER, AFFINITY_LOCAL] {
+    for name in [AFFINITY_CLUSTER, AFFINITY_LOCAL, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL_NODEPORTS] {
         collections.insert(
             name.into(),
             Collection {
@@ -717,10 +722,11 @@ fn dnat_rules(
 
 /// ClientIP affinity for one Service port: its endpoints join `affinity-endpoints` and its
 /// frontends (addresses and NodePort) the affinity dispatch maps, which jump to the
-/// `affinity-rec-POLICY-TIMEOUT-PROTO` chain (shared by all such ports) recording
-/// `client . frontend address . protocol . frontend port : endpoint . port` in the policy's
-/// map with the Service's timeout. The `services` chain sends a client with an entry straight
-/// to its endpoint: one lookup, whatever the number of endpoints or affinity Services.
+/// `affinity-rec-POLICY-TIMEOUT-PROTO[-nodeports]` chain (shared by all such ports) recording
+/// `client . frontend address . protocol . frontend port : endpoint . port` in the map of the
+/// policy and kind of frontend, with the Service's timeout. The `services` chain sends a
+/// client with an entry straight to its endpoint: one lookup, whatever the number of
+/// endpoints or affinity Services.
 ///
 /// An entry outlives its endpoint only until the sync that removes the endpoint (or the
 /// frontend, or changes the policy) deletes it ([`crate::sync`] purges it); once the endpoint
@@ -736,23 +742,35 @@ fn record_affinity(
 ) {
     let fam = addr_kw(family);
     let proto = port.protocol.nft_name();
-    let (map, policy_name) = match policy {
-        TrafficPolicy::Cluster => (AFFINITY_CLUSTER, "cluster"),
-        TrafficPolicy::Local => (AFFINITY_LOCAL, "local"),
+    let (maps, policy_name) = match policy {
+        TrafficPolicy::Cluster => ([AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS], "cluster"),
+        TrafficPolicy::Local => ([AFFINITY_LOCAL, AFFINITY_LOCAL_NODEPORTS], "local"),
     };
-    let chain = format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}");
-    table.chains.entry(chain.clone()).or_insert_with(|| Chain {
-        base: None,
-        rules: vec![format!(
-            "meta l4proto {proto} update @{map} {{ {fam} saddr . ct original {fam} daddr . meta l4proto . ct original proto-dst timeout {timeout}s : {fam} daddr . {proto} dport }}"
-        )],
-    });
+    let chains = [
+        format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}"),
+        format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}{NODEPORT_RECORD_SUFFIX}"),
+    ];
+    for (chain, map) in chains.iter().zip(maps) {
+        table.chains.entry(chain.clone()).or_insert_with(|| Chain {
+            base: None,
+            rules: vec![format!(
+                "meta l4proto {proto} update @{map} {{ {fam} saddr . ct original {fam} daddr . meta l4proto . ct original proto-dst timeout {timeout}s : {fam} daddr . {proto} dport }}"
+            )],
+        });
+    }
     if let Some(set) = table.collections.get_mut(AFFINITY_ENDPOINTS) {
         for ep in endpoints {
             set.elements.insert(format!("{} . {proto} . {}", ep.ip, ep.port), String::new());
         }
     }
-    insert_dispatch(table, "affinity", addresses, port, &format!("jump {chain}"));
+    if let Some(map) = table.collections.get_mut(AFFINITY_ADDRESSES) {
+        for addr in addresses {
+            map.elements.insert(format!("{addr} . {proto} . {}", port.port), format!("jump {}", chains[0]));
+        }
+    }
+    if let (Some(node_port), Some(map)) = (port.node_port, table.collections.get_mut(AFFINITY_NODEPORTS)) {
+        map.elements.insert(format!("{proto} . {node_port}"), format!("jump {}", chains[1]));
+    }
 }
 
 /// The dynamic maps of ClientIP affinity entries, per traffic policy (a Cluster-policy entry
@@ -767,9 +785,17 @@ pub const AFFINITY_ENDPOINTS: &str = "affinity-endpoints";
 pub const AFFINITY_ADDRESSES: &str = "affinity-addresses";
 /// NodePorts with ClientIP affinity, to the chain recording their entries.
 pub const AFFINITY_NODEPORTS: &str = "affinity-nodeports";
-/// Chains recording affinity entries: `affinity-rec-POLICY-TIMEOUT-PROTO`, shared by the ports
-/// with that policy, timeout and protocol.
+/// The dynamic maps of the ClientIP affinity entries of NodePort clients, per traffic policy:
+/// kept apart so that the `services` chain uses them only for this node's addresses.
+pub const AFFINITY_CLUSTER_NODEPORTS: &str = "affinity-cluster-nodeports";
+/// See [`AFFINITY_CLUSTER_NODEPORTS`].
+pub const AFFINITY_LOCAL_NODEPORTS: &str = "affinity-local-nodeports";
+/// Chains recording affinity entries: `affinity-rec-POLICY-TIMEOUT-PROTO` for the
+/// load-balancer addresses, and the same with [`NODEPORT_RECORD_SUFFIX`] for NodePorts, shared
+/// by the ports with that policy, timeout and protocol.
 pub const AFFINITY_RECORD_PREFIX: &str = "affinity-rec-";
+/// See [`AFFINITY_RECORD_PREFIX`].
+pub const NODEPORT_RECORD_SUFFIX: &str = "-nodeports";
 /// Most entries each affinity map holds (nft's default for a set filled by rules is 65535,
 /// for all affinity Services together). The kernel allocates entries as they come.
 pub const AFFINITY_MAP_SIZE: u32 = 1 << 20;

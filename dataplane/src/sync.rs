@@ -25,10 +25,10 @@ use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
 use crate::netlink::Batch;
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
-    AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain,
-    Collection, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table,
-    base_table, endpoint_maps, family_name, render_fragment, render_with_slots, write_chain_decl, write_elements,
-    write_rules,
+    AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_ENDPOINTS, AFFINITY_LOCAL_NODEPORTS,
+    AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain, Collection, FixedSlots, RenderConfig, Ruleset,
+    SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, base_table, endpoint_maps, family_name,
+    render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -333,14 +333,16 @@ impl<R: NftRunner> Syncer<R> {
     }
 
     /// Deletes the affinity entries of `family` that the programmed elements no longer allow:
-    /// an entry holds while its endpoint is in `affinity-endpoints` and its frontend (address,
-    /// or NodePort) records into its map, exactly what the kernel checks before recording one.
-    /// A purge that fails makes the next sync a full resync, which starts the maps afresh.
+    /// an entry holds while its endpoint is in `affinity-endpoints` and its frontend (address
+    /// in the address maps, NodePort in the NodePort maps) records into its map, exactly what
+    /// the kernel checks before recording one. A purge that fails makes the next sync a full
+    /// resync, which starts the maps afresh.
     fn purge_affinity(&mut self, family: Family, narrowed: &Narrowed) -> Result<usize, NftError> {
         let shared = &self.shared;
         let has = |collection: &'static str, key: String| shared.contains_key(&(family, collection, key));
         let records_into = |collection: &'static str, key: String, map: &str| {
-            let policy = if map == AFFINITY_CLUSTER { "cluster-" } else { "local-" };
+            let cluster = map == AFFINITY_CLUSTER || map == AFFINITY_CLUSTER_NODEPORTS;
+            let policy = if cluster { "cluster-" } else { "local-" };
             shared
                 .get(&(family, collection, key))
                 .and_then(|owners| effective(owners))
@@ -351,9 +353,13 @@ impl<R: NftRunner> Syncer<R> {
             if !narrowed.touches(e) {
                 return false;
             }
-            let valid = has(AFFINITY_ENDPOINTS, format!("{} . {} . {}", e.endpoint, e.protocol, e.endpoint_port))
-                && (records_into(AFFINITY_ADDRESSES, format!("{} . {} . {}", e.frontend, e.protocol, e.port), map)
-                    || records_into(AFFINITY_NODEPORTS, format!("{} . {}", e.protocol, e.port), map));
+            let frontend = if map == AFFINITY_CLUSTER_NODEPORTS || map == AFFINITY_LOCAL_NODEPORTS {
+                records_into(AFFINITY_NODEPORTS, format!("{} . {}", e.protocol, e.port), map)
+            } else {
+                records_into(AFFINITY_ADDRESSES, format!("{} . {} . {}", e.frontend, e.protocol, e.port), map)
+            };
+            let valid =
+                frontend && has(AFFINITY_ENDPOINTS, format!("{} . {} . {}", e.endpoint, e.protocol, e.endpoint_port));
             !valid
         };
         self.runner.purge_affinity(family, &stale).inspect_err(|_| self.full_next = true)

@@ -158,8 +158,37 @@ fn client_ip_affinity_sticks_to_one_endpoint() {
     for _ in 0..8 {
         assert_eq!(tcp(&lab.client, NODE_IP, NP).server(), via_node_port);
     }
-    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 2);
+    // NodePort clients are recorded in maps of their own.
+    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1);
+    let np = affinity_entries(&lab, "affinity-cluster-nodeports");
+    assert_eq!(np.len(), 1, "{np:?}");
+    assert_eq!((np[0].frontend.to_string(), np[0].port), (NODE_IP.to_string(), NP));
     assert!(affinity_entries(&lab, "affinity-local").is_empty());
+}
+
+/// A NodePort client's entry is used only for this node's own addresses: an entry recorded
+/// for another address (a connection another proxy DNATed, to a port equal to one of our
+/// NodePorts, is recorded too) sends nothing anywhere.
+#[test]
+fn client_ip_affinity_node_port_entries_act_only_on_this_nodes_addresses() {
+    let mut lab = lab!(2);
+    let mut svc = web();
+    svc.affinity_timeout = Some(600);
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    // Entries naming an address that serves nothing: for the load-balancer address in the
+    // NodePort map, and for this node's address in it.
+    let script = format!(
+        "add element ip hawser affinity-cluster-nodeports {{ {CLIENT_IP} . {LB} . tcp . 80 : 10.0.9.9 . 8080, \
+         {CLIENT_IP} . {NODE_IP} . tcp . {NP} : 10.0.9.9 . 8080 }}\n"
+    );
+    node_nft(&lab.node, false).run(&script).unwrap();
+    // The load-balancer address ignores the NodePort map: served, and then sticky as usual.
+    let first = tcp(&lab.client, LB, 80).server();
+    for _ in 0..4 {
+        assert_eq!(tcp(&lab.client, LB, 80).server(), first);
+    }
+    // The node's own address follows its entry (to nowhere, here).
+    assert_eq!(tcp(&lab.client, NODE_IP, NP), Outcome::Timeout);
 }
 
 #[test]
@@ -243,13 +272,17 @@ fn affinity_follows_the_traffic_policy(mut lab: Lab) {
     lab.sync(&[svc.build()], &both).unwrap();
     let first = tcp(&lab.client, LB, 80);
     assert_ne!(first.peer().to_string(), CLIENT_IP, "Cluster policy masquerades");
-    // Local policy: the Cluster-policy entry goes (it would masquerade), a new one is recorded
-    // in the Local map and the endpoint sees the client's address.
+    tcp(&lab.client, NODE_IP, NP).server();
+    assert_eq!(affinity_entries(&lab, "affinity-cluster-nodeports").len(), 1);
+    // Local policy: the Cluster-policy entries go (they would masquerade), of the address and
+    // of the NodePort; a new one is recorded in the Local map and the endpoint sees the
+    // client's address.
     svc.local = true;
     let report = lab.sync(&[svc.build()], &both).unwrap();
     assert!(!report.full);
-    assert_eq!(report.affinity_purged, 1);
+    assert_eq!(report.affinity_purged, 2);
     assert!(affinity_entries(&lab, "affinity-cluster").is_empty());
+    assert!(affinity_entries(&lab, "affinity-cluster-nodeports").is_empty());
     let local = tcp(&lab.client, LB, 80);
     assert_eq!(local.peer().to_string(), CLIENT_IP);
     for _ in 0..8 {

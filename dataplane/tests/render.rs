@@ -303,31 +303,48 @@ fn client_ip_affinity_adds_elements_and_no_rule_per_service() {
     let lb = Svc::new("ns", "web").lb_ips[0];
     assert_eq!(addresses[&format!("{lb} . tcp . 80")], "jump affinity-rec-cluster-30-tcp");
     assert_eq!(addresses["198.51.100.9 . tcp . 80"], "jump affinity-rec-local-30-tcp");
-    assert_eq!(t.collections["affinity-nodeports"].elements["tcp . 30099"], "jump affinity-rec-local-30-tcp");
-    // One recording chain per policy, timeout and protocol, with the Service's timeout.
+    assert_eq!(t.collections["affinity-nodeports"].elements["tcp . 30099"], "jump affinity-rec-local-30-tcp-nodeports");
+    // One recording chain per policy, timeout, protocol and kind of frontend, with the
+    // Service's timeout: NodePort clients go to maps of their own.
     assert_eq!(
         t.chains["affinity-rec-local-30-tcp"].rules,
         [
             "meta l4proto tcp update @affinity-local { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst timeout 30s : ip daddr . tcp dport }"
         ]
     );
-    let records: Vec<&String> = t.chains.keys().filter(|c| c.starts_with("affinity-rec-")).collect();
-    assert_eq!(records, ["affinity-rec-cluster-30-tcp", "affinity-rec-local-30-tcp"]);
-    // Known clients of our frontends are looked up first; only a Cluster-policy entry sets the
-    // masquerade mark.
-    let services = &t.chains["services"].rules;
     assert_eq!(
-        services[0],
-        "ip daddr . meta l4proto . th dport @affinity-addresses dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local"
+        t.chains["affinity-rec-local-30-tcp-nodeports"].rules,
+        [
+            "meta l4proto tcp update @affinity-local-nodeports { ip saddr . ct original ip daddr . meta l4proto . ct original proto-dst timeout 30s : ip daddr . tcp dport }"
+        ]
     );
-    assert!(services[1].contains("@affinity-cluster meta mark set meta mark | 0x00400000 dnat to"), "{services:?}");
+    let records: Vec<&String> = t.chains.keys().filter(|c| c.starts_with("affinity-rec-")).collect();
+    assert_eq!(
+        records,
+        [
+            "affinity-rec-cluster-30-tcp",
+            "affinity-rec-cluster-30-tcp-nodeports",
+            "affinity-rec-local-30-tcp",
+            "affinity-rec-local-30-tcp-nodeports"
+        ]
+    );
+    // Known clients are looked up first, by the frontend they connect to (a NodePort client
+    // only on this node's addresses); only a Cluster-policy entry sets the masquerade mark. No
+    // rule of `services` looks up a `jump` map other than the dispatch maps: the kernel walks
+    // every such map at each commit that adds a rule.
+    let services = &t.chains["services"].rules;
+    assert_eq!(services[0], "dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local");
     assert!(
-        services[2].starts_with(
-            "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport @affinity-nodeports dnat"
-        ),
+        services[1].starts_with("ip saddr . ip daddr . meta l4proto . th dport @affinity-cluster meta mark set"),
         "{services:?}"
     );
+    assert_eq!(
+        services[2],
+        "fib daddr type local ip daddr != 127.0.0.0/8 dnat to ip saddr . ip daddr . meta l4proto . th dport map @affinity-local-nodeports"
+    );
+    assert!(services[3].contains("@affinity-cluster-nodeports meta mark set"), "{services:?}");
     assert!(services[4].contains("vmap @service-addresses"), "{services:?}");
+    assert!(!services.iter().any(|r| r.contains("@affinity-addresses") || r.contains("@affinity-nodeports")));
     // Without affinity Services nothing is recorded.
     assert!(v4(&plain).collections["affinity-endpoints"].elements.is_empty());
     assert!(v4(&plain).collections["affinity-addresses"].elements.is_empty());
