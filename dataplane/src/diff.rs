@@ -1,5 +1,7 @@
 //! Element-wise difference between the applied and the desired ruleset, as one nft script
 //! (pure). The script is applied as a single transaction, so it either fully happens or not.
+//! Also the full resync: one atomic script, or, into a kernel without our tables, the ruleset
+//! written in steps while it is rendered ([`Stepwise`]).
 //!
 //! Chains and sets that are no longer wanted are emptied (flushed, their map elements
 //! removed) in the sync that drops them and deleted in a later sync: nft refuses to delete a
