@@ -24,6 +24,9 @@ pub struct ClusterInputs {
     relisted_slices: Option<HashSet<(String, String)>>,
 }
 
+/// Changed Services from which [`ClusterInputs::take_changes`] builds the models on two threads.
+const PARALLEL_BUILD: usize = 1024;
+
 /// A Service's new model, or `None` when it is gone (or no longer ours).
 pub type Change = (ServiceKey, Option<ServiceModel>);
 
@@ -180,11 +183,35 @@ impl ClusterInputs {
         self.services.len()
     }
 
-    /// The models of the Services changed since the last call (`None`: gone).
+    /// The models of the Services changed since the last call (`None`: gone), in key order.
+    /// Many of them (the first sync's) are built on two threads.
     pub fn take_changes(&mut self, config: &ModelConfig, warnings: &mut Vec<ModelWarning>) -> Vec<Change> {
-        let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
+        let dirty: Vec<ServiceKey> = std::mem::take(&mut self.dirty).into_iter().collect();
+        if dirty.len() < PARALLEL_BUILD {
+            return self.build(dirty, config, warnings);
+        }
+        let mut first = dirty;
+        let second = first.split_off(first.len() / 2);
+        let this = &*self;
+        std::thread::scope(|scope| {
+            let other = scope.spawn(move || {
+                let mut warnings = Vec::new();
+                (this.build(second, config, &mut warnings), warnings)
+            });
+            let mut changes = this.build(first, config, warnings);
+            match other.join() {
+                Ok((rest, more)) => {
+                    changes.extend(rest);
+                    warnings.extend(more);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+            changes
+        })
+    }
+
+    fn build(&self, keys: Vec<ServiceKey>, config: &ModelConfig, warnings: &mut Vec<ModelWarning>) -> Vec<Change> {
+        keys.into_iter()
             .map(|key| {
                 let model = self.services.get(&key).map(|input| {
                     let slices: Vec<&SliceInput> = self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();

@@ -366,14 +366,16 @@ pub fn base_table(family: Family, config: &RenderConfig) -> Table {
     skeleton(family, config)
 }
 
-/// The endpoint maps `svc` may use in `family`, one per port (declared empty): a port with two
+/// The endpoint maps `svc` may use, one per port, as protocol and bucket: a port with two
 /// endpoints or more takes its slot in the map of its protocol and bucket.
-pub fn endpoint_maps(svc: &ServiceModel, family: Family) -> impl Iterator<Item = (String, Collection)> + '_ {
-    svc.ports.iter().map(move |port| {
-        let bucket = stable_hash(&port_id(svc, port)) % ENDPOINT_MAP_BUCKETS;
-        let proto = port.protocol.nft_name();
-        (endpoint_map_name(proto, bucket), endpoint_map(family, proto))
-    })
+pub fn endpoint_buckets(svc: &ServiceModel) -> impl Iterator<Item = (&'static str, u32)> + '_ {
+    svc.ports.iter().map(|port| (port.protocol.nft_name(), stable_hash(&port_id(svc, port)) % ENDPOINT_MAP_BUCKETS))
+}
+
+/// The endpoint map of `proto` and `bucket` in `family`, declared empty: its name and
+/// declaration.
+pub fn declared_endpoint_map(family: Family, proto: &str, bucket: u32) -> (String, Collection) {
+    (endpoint_map_name(proto, bucket), endpoint_map(family, proto))
 }
 
 /// An endpoint map's declaration, empty: slot keys to `address . port`.

@@ -27,8 +27,8 @@ use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_ENDPOINTS, AFFINITY_LOCAL_NODEPORTS,
     AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain, Collection, FixedSlots, RenderConfig, Ruleset,
-    SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, base_table, endpoint_maps, family_name,
-    render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
+    SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, base_table, declared_endpoint_map, endpoint_buckets,
+    family_name, render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -225,12 +225,18 @@ impl<R: NftRunner> Syncer<R> {
     ) -> Result<SyncReport, NftError> {
         // The skeleton declares every endpoint map a Service port may take a slot in; those
         // no port took are deleted by the last step.
+        let mut buckets: BTreeSet<(Family, &'static str, u32)> = BTreeSet::new();
+        for model in changes.iter().filter_map(|(_, m)| m.as_ref()).chain(self.models.values()) {
+            for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
+                buckets.extend(endpoint_buckets(model).map(|(proto, bucket)| (family, proto, bucket)));
+            }
+        }
         let mut skeleton = Ruleset::default();
         for family in FAMILIES {
             let mut table = base_table(family, &self.config);
-            let models = changes.iter().filter_map(|(_, m)| m.as_ref()).chain(self.models.values());
-            for model in models.filter(|m| m.families.contains(&family)) {
-                table.collections.extend(endpoint_maps(model, family));
+            for (_, proto, bucket) in buckets.iter().filter(|(f, ..)| *f == family) {
+                let (name, map) = declared_endpoint_map(family, proto, *bucket);
+                table.collections.insert(name, map);
             }
             skeleton.tables.insert(family, table);
         }

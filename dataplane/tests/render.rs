@@ -618,3 +618,43 @@ fn big_model_renders_and_diffs_deterministically() {
     let addr: IpAddr = "198.51.0.1".parse().unwrap();
     assert!(a.contains(&format!("{addr} . tcp . 80 : goto fw-ns/svc-0/tcp/80")));
 }
+
+/// The first sync's many changed Services are built on two threads: every one comes back, in
+/// key order, with the model a single Service's change builds, and the warnings of both halves.
+#[test]
+fn many_changed_services_are_built_whole_and_in_order() {
+    use hawser_dataplane::inputs::ClusterInputs;
+    let n = 3000;
+    let services: Vec<Service> = (0..n)
+        .map(|i| {
+            let mut s = Svc::new("ns", Box::leak(format!("s{i:04}").into_boxed_str()));
+            s.lb_ips = vec![Box::leak(format!("198.18.{}.{}", i / 250, i % 250 + 1).into_boxed_str())];
+            if i % 1000 == 999 {
+                s.source_ranges = vec!["not-a-range"];
+            }
+            s.build()
+        })
+        .collect();
+    let slices: Vec<EndpointSlice> = (0..n)
+        .map(|i| {
+            let name: &'static str = Box::leak(format!("s{i:04}").into_boxed_str());
+            let ip: &'static str = Box::leak(format!("10.1.{}.{}", i / 250, i % 250 + 1).into_boxed_str());
+            slice("ns", name, name, HTTP, &[Ep::ready(ip, "n")])
+        })
+        .collect();
+    let mut inputs = ClusterInputs::default();
+    inputs.replace(&services, &slices, "hawser.dev/lb");
+    let mut warnings = Vec::new();
+    let changes = inputs.take_changes(&cfg(), &mut warnings);
+    assert_eq!(changes.len(), n);
+    let keys: Vec<String> = changes.iter().map(|(k, _)| k.to_string()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "changes come in key order");
+    let whole = model(&services, &slices);
+    for (key, built) in &changes {
+        assert_eq!(built.as_ref(), whole.services.get(key), "{key}");
+    }
+    let warned: BTreeSet<String> = warnings.iter().map(|w| w.service.to_string()).collect();
+    assert_eq!(warned, BTreeSet::from(["ns/s0999".to_string(), "ns/s1999".to_string(), "ns/s2999".to_string()]));
+}
