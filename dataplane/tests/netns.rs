@@ -132,12 +132,18 @@ fn affinity_entries(lab: &Lab, map: &str) -> Vec<AffinityEntry> {
     parse_listing(&sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "map", "ip", "hawser", map]))
 }
 
+/// A lab with two pods serving `web` with ClientIP affinity of `timeout` seconds, synced.
+fn sticky_web(timeout: i32) -> Option<(Lab, Svc<'static>)> {
+    let mut lab = Lab::new(2)?;
+    let mut svc = web();
+    svc.affinity_timeout = Some(timeout);
+    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    Some((lab, svc))
+}
+
 #[test]
 fn client_ip_affinity_sticks_to_one_endpoint() {
-    let mut lab = lab!(2);
-    let mut svc = web();
-    svc.affinity_timeout = Some(60);
-    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    let Some((lab, _)) = sticky_web(60) else { return };
     let first = tcp(&lab.client, LB, 80).server();
     for _ in 0..16 {
         assert_eq!(tcp(&lab.client, LB, 80).server(), first);
@@ -171,10 +177,7 @@ fn client_ip_affinity_sticks_to_one_endpoint() {
 /// NodePorts, is recorded too) sends nothing anywhere.
 #[test]
 fn client_ip_affinity_node_port_entries_act_only_on_this_nodes_addresses() {
-    let mut lab = lab!(2);
-    let mut svc = web();
-    svc.affinity_timeout = Some(600);
-    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    let Some((lab, _)) = sticky_web(600) else { return };
     // Entries naming an address that serves nothing: for the load-balancer address in the
     // NodePort map, and for this node's address in it.
     let script = format!(
@@ -237,10 +240,7 @@ fn client_ip_affinity_follows_the_traffic_policy_and_ends_with_affinity() {
 /// that left, and keeps the others.
 #[test]
 fn client_ip_affinity_purge_is_exact_over_many_entries() {
-    let mut lab = lab!(2);
-    let mut svc = web();
-    svc.affinity_timeout = Some(600);
-    lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)])).unwrap();
+    let Some((mut lab, svc)) = sticky_web(600) else { return };
     // 1000 recorded clients, as the kernel records them: 300 on the first endpoint.
     let entries: Vec<String> = (0..1000)
         .map(|i| {
