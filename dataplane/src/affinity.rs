@@ -12,10 +12,6 @@
 use std::net::IpAddr;
 
 use crate::model::{Family, Protocol};
-use crate::render::{AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL, AFFINITY_LOCAL_NODEPORTS};
-
-/// The affinity maps of a family's table.
-pub const MAPS: [&str; 4] = [AFFINITY_CLUSTER, AFFINITY_LOCAL, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL_NODEPORTS];
 
 /// One recorded client.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use crate::affinity::{self, AffinityEntry};
 use crate::diff::{FullSync, Plan, Stale, StepWriter, cleanup_script, full_plan, partial_plan};
 use crate::model::Family;
 use crate::netlink::{Batch, Netlink};
-use crate::render::{Ruleset, TABLE, family_name};
+use crate::render::{AFFINITY_MAPS, Ruleset, TABLE, family_name};
 
 /// Failure to run an nft transaction.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +184,7 @@ impl NftCommand {
         let (mut purged, mut listed) = (0, 0);
         if let Some(netlink) = &self.netlink {
             let mut batch = Batch::new();
-            for map in affinity::MAPS {
+            for map in AFFINITY_MAPS.map(|m| m.name) {
                 let elements = netlink.dump_elements(family, map)?;
                 listed = listed.max(elements.len());
                 let keys: Vec<&[u8]> = elements
@@ -201,7 +201,7 @@ impl NftCommand {
             return Ok((purged, listed));
         }
         let mut script = String::new();
-        for map in affinity::MAPS {
+        for map in AFFINITY_MAPS.map(|m| m.name) {
             let entries = affinity::parse_listing(&self.output(&["list", "map", fam, TABLE, map])?);
             listed = listed.max(entries.len());
             let keys: Vec<String> = entries.into_iter().filter(|e| stale(map, e)).map(|e| e.key_text()).collect();

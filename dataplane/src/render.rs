@@ -566,9 +566,9 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
             elements: BTreeMap::new(),
         },
     );
-    for name in [AFFINITY_CLUSTER, AFFINITY_LOCAL, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_LOCAL_NODEPORTS] {
+    for map in AFFINITY_MAPS {
         collections.insert(
-            name.into(),
+            map.name.into(),
             Collection {
                 decl: format!(
                     "type {addr} . {addr} . inet_proto . inet_service : {addr} . inet_service; flags dynamic,timeout; size {AFFINITY_MAP_SIZE};"
@@ -744,15 +744,17 @@ fn record_affinity(
 ) {
     let fam = addr_kw(family);
     let proto = port.protocol.nft_name();
-    let (maps, policy_name) = match policy {
-        TrafficPolicy::Cluster => ([AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS], "cluster"),
-        TrafficPolicy::Local => ([AFFINITY_LOCAL, AFFINITY_LOCAL_NODEPORTS], "local"),
+    let policy_name = match policy {
+        TrafficPolicy::Cluster => "cluster",
+        TrafficPolicy::Local => "local",
     };
     let chains = [
         format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}"),
         format!("{AFFINITY_RECORD_PREFIX}{policy_name}-{timeout}-{proto}{NODEPORT_RECORD_SUFFIX}"),
     ];
-    for (chain, map) in chains.iter().zip(maps) {
+    for (chain, node_port) in chains.iter().zip([false, true]) {
+        let map =
+            AFFINITY_MAPS.iter().find(|m| m.policy == policy_name && m.node_port == node_port).map_or("", |m| m.name);
         table.chains.entry(chain.clone()).or_insert_with(|| Chain {
             base: None,
             rules: vec![format!(
@@ -765,14 +767,8 @@ fn record_affinity(
             set.elements.insert(format!("{} . {proto} . {}", ep.ip, ep.port), String::new());
         }
     }
-    if let Some(map) = table.collections.get_mut(AFFINITY_ADDRESSES) {
-        for addr in addresses {
-            map.elements.insert(format!("{addr} . {proto} . {}", port.port), format!("jump {}", chains[0]));
-        }
-    }
-    if let (Some(node_port), Some(map)) = (port.node_port, table.collections.get_mut(AFFINITY_NODEPORTS)) {
-        map.elements.insert(format!("{proto} . {node_port}"), format!("jump {}", chains[1]));
-    }
+    let [to_addresses, to_node_port] = chains.map(|chain| format!("jump {chain}"));
+    insert_dispatch_to(table, "affinity", addresses, port, [&to_addresses, &to_node_port]);
 }
 
 /// The dynamic maps of ClientIP affinity entries, per traffic policy (a Cluster-policy entry
@@ -792,6 +788,26 @@ pub const AFFINITY_NODEPORTS: &str = "affinity-nodeports";
 pub const AFFINITY_CLUSTER_NODEPORTS: &str = "affinity-cluster-nodeports";
 /// See [`AFFINITY_CLUSTER_NODEPORTS`].
 pub const AFFINITY_LOCAL_NODEPORTS: &str = "affinity-local-nodeports";
+/// A dynamic map of ClientIP affinity entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffinityMap {
+    /// Its name.
+    pub name: &'static str,
+    /// The traffic policy of the ports it records (`cluster`, `local`), as the recording
+    /// chains' names spell it.
+    pub policy: &'static str,
+    /// Whether it records NodePort clients (else load-balancer address clients).
+    pub node_port: bool,
+}
+
+/// The dynamic maps of ClientIP affinity entries (IPv4), by policy and kind of frontend.
+pub const AFFINITY_MAPS: [AffinityMap; 4] = [
+    AffinityMap { name: AFFINITY_CLUSTER, policy: "cluster", node_port: false },
+    AffinityMap { name: AFFINITY_LOCAL, policy: "local", node_port: false },
+    AffinityMap { name: AFFINITY_CLUSTER_NODEPORTS, policy: "cluster", node_port: true },
+    AffinityMap { name: AFFINITY_LOCAL_NODEPORTS, policy: "local", node_port: true },
+];
+
 /// Chains recording affinity entries: `affinity-rec-POLICY-TIMEOUT-PROTO` for the
 /// load-balancer addresses, and the same with [`NODEPORT_RECORD_SUFFIX`] for NodePorts, shared
 /// by the ports with that policy, timeout and protocol.
@@ -861,15 +877,25 @@ fn affinity_key(pid: &str) -> u32 {
 }
 
 fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, verdict: &str) {
+    insert_dispatch_to(table, prefix, addresses, port, [verdict, verdict]);
+}
+
+/// The same with a verdict for the addresses and another for the NodePort.
+fn insert_dispatch_to(
+    table: &mut Table,
+    prefix: &str,
+    addresses: &[IpAddr],
+    port: &PortModel,
+    [address_verdict, node_port_verdict]: [&str; 2],
+) {
     let proto = port.protocol.nft_name();
-    let verdict = verdict.to_string();
     if let Some(map) = table.collections.get_mut(&format!("{prefix}-addresses")) {
         for addr in addresses {
-            map.elements.insert(format!("{addr} . {proto} . {}", port.port), verdict.clone());
+            map.elements.insert(format!("{addr} . {proto} . {}", port.port), address_verdict.to_string());
         }
     }
     if let (Some(node_port), Some(map)) = (port.node_port, table.collections.get_mut(&format!("{prefix}-nodeports"))) {
-        map.elements.insert(format!("{proto} . {node_port}"), verdict.clone());
+        map.elements.insert(format!("{proto} . {node_port}"), node_port_verdict.to_string());
     }
 }
 

@@ -25,10 +25,10 @@ use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
 use crate::netlink::Batch;
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
-    AFFINITY_ADDRESSES, AFFINITY_CLUSTER, AFFINITY_CLUSTER_NODEPORTS, AFFINITY_ENDPOINTS, AFFINITY_LOCAL_NODEPORTS,
-    AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, Chain, Collection, FixedSlots, RenderConfig, Ruleset,
-    SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE, Table, base_table, declared_endpoint_map, endpoint_buckets,
-    family_name, render_fragment, render_with_slots, write_chain_decl, write_elements, write_rules,
+    AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
+    Chain, Collection, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE,
+    Table, base_table, declared_endpoint_map, endpoint_buckets, family_name, render_fragment, render_with_slots,
+    write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -162,10 +162,8 @@ impl<R: NftRunner> Syncer<R> {
         let mut batch = None;
         let mut full_ruleset = None;
         let (script, chains_written, elements_changed, stale_after) = if full {
-            let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
-            let (rules, elements) = (ruleset.rule_count(), ruleset.element_count());
+            let (ruleset, chains, (rules, elements)) = self.render_whole();
             counts = Some((rules, elements));
-            let chains = ruleset.tables.values().map(|t| t.chains.len()).sum();
             full_ruleset = Some(ruleset);
             (String::new(), chains, elements, BTreeSet::new())
         } else {
@@ -288,17 +286,19 @@ impl<R: NftRunner> Syncer<R> {
             // An element the encoder does not know: the part-written tables match nothing yet,
             // and are replaced atomically.
             Ok(None) => {
-                let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
+                let (ruleset, chains, counts) = self.render_whole();
                 let applying = Instant::now();
-                if let Err(e) = self.runner.run_full(&FullSync::new(&ruleset)) {
-                    self.full_next = true;
-                    return Err(e);
+                match self.runner.run_full(&FullSync::new(&ruleset)) {
+                    Ok(writer) => report.writer = writer,
+                    Err(e) => {
+                        self.full_next = true;
+                        return Err(e);
+                    }
                 }
                 report.apply_time = applying.elapsed();
-                report.writer = Writer::Nft;
-                report.chains_written = ruleset.tables.values().map(|t| t.chains.len()).sum();
-                report.elements_changed = ruleset.element_count();
-                (ruleset.rule_count(), ruleset.element_count())
+                report.chains_written = chains;
+                report.elements_changed = counts.1;
+                counts
             }
             Err(e) => {
                 self.full_next = true;
@@ -307,6 +307,14 @@ impl<R: NftRunner> Syncer<R> {
         };
         self.committed(BTreeSet::new(), Some(counts), &changed, &BTreeMap::new(), health);
         Ok(report)
+    }
+
+    /// Every kept model rendered, with its number of chains, and of rules and elements.
+    fn render_whole(&self) -> (Ruleset, usize, (usize, usize)) {
+        let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
+        let chains = ruleset.tables.values().map(|t| t.chains.len()).sum();
+        let counts = (ruleset.rule_count(), ruleset.element_count());
+        (ruleset, chains, counts)
     }
 
     /// Bookkeeping once a sync's transaction is committed: what it left to delete, the slots
@@ -346,20 +354,24 @@ impl<R: NftRunner> Syncer<R> {
     fn purge_affinity(&mut self, family: Family, narrowed: &Narrowed) -> Result<usize, NftError> {
         let shared = &self.shared;
         let has = |collection: &'static str, key: String| shared.contains_key(&(family, collection, key));
-        let records_into = |collection: &'static str, key: String, map: &str| {
-            let cluster = map == AFFINITY_CLUSTER || map == AFFINITY_CLUSTER_NODEPORTS;
-            let policy = if cluster { "cluster-" } else { "local-" };
+        let records_into = |collection: &'static str, key: String, map: &AffinityMap| {
             shared
                 .get(&(family, collection, key))
                 .and_then(|owners| effective(owners))
                 .and_then(|v| v.strip_prefix("jump ").map(str::to_string))
-                .is_some_and(|chain| chain.strip_prefix(AFFINITY_RECORD_PREFIX).is_some_and(|c| c.starts_with(policy)))
+                .is_some_and(|chain| {
+                    chain
+                        .strip_prefix(AFFINITY_RECORD_PREFIX)
+                        .and_then(|c| c.strip_prefix(map.policy))
+                        .is_some_and(|c| c.starts_with('-'))
+                })
         };
         let stale = |map: &str, e: &AffinityEntry| {
+            let Some(map) = AFFINITY_MAPS.iter().find(|m| m.name == map) else { return false };
             if !narrowed.touches(e) {
                 return false;
             }
-            let frontend = if map == AFFINITY_CLUSTER_NODEPORTS || map == AFFINITY_LOCAL_NODEPORTS {
+            let frontend = if map.node_port {
                 records_into(AFFINITY_NODEPORTS, format!("{} . {}", e.protocol, e.port), map)
             } else {
                 records_into(AFFINITY_ADDRESSES, format!("{} . {} . {}", e.frontend, e.protocol, e.port), map)
