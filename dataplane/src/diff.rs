@@ -72,83 +72,23 @@ pub fn full_plan(desired: &Ruleset) -> Plan {
     }
 }
 
-/// A full resync to write: one nft script replacing both tables atomically ([`FullSync::script`]),
-/// or, into a kernel with no table of ours, the same ruleset written in steps
-/// ([`FullSync::write_split`]; the agent's syncer writes its steps while it renders them, see
-/// [`Stepwise`]).
+/// A full resync to write: one nft script replacing both tables atomically ([`FullSync::script`]).
+/// Into a kernel with no table of ours, the agent's syncer writes it in steps instead, while it
+/// renders it ([`Stepwise`]).
 #[derive(Debug, Clone, Copy)]
 pub struct FullSync<'a> {
     desired: &'a Ruleset,
-    batch_bytes: usize,
 }
 
 impl<'a> FullSync<'a> {
     /// The full resync to `desired`.
     pub fn new(desired: &'a Ruleset) -> Self {
-        Self { desired, batch_bytes: SPLIT_BATCH_BYTES }
-    }
-
-    /// The same, with netlink batches of about `bytes` when split.
-    pub fn with_batch_bytes(self, bytes: usize) -> Self {
-        Self { batch_bytes: bytes, ..self }
-    }
-
-    /// The ruleset it writes.
-    pub fn desired(&self) -> &'a Ruleset {
-        self.desired
+        Self { desired }
     }
 
     /// The atomic replacement, as [`full_plan`] writes it.
     pub fn script(&self) -> String {
         full_plan(self.desired).script
-    }
-
-    /// The skeleton as an nft script: tables, base chains, every chain but the `svc-…` ones
-    /// with its rules, and every set and map declared, without elements.
-    pub fn skeleton(&self) -> String {
-        full_plan(&self.skeleton_ruleset()).script
-    }
-
-    fn skeleton_ruleset(&self) -> Ruleset {
-        let mut skeleton = Ruleset::default();
-        for (family, table) in &self.desired.tables {
-            let mut t = Table::default();
-            for (name, chain) in table.chains.iter().filter(|(name, chain)| !is_service_chain(name, chain)) {
-                t.chains.insert(name.clone(), chain.clone());
-            }
-            for (name, c) in &table.collections {
-                t.collections.insert(name.clone(), c.clone_empty());
-            }
-            skeleton.tables.insert(*family, t);
-        }
-        skeleton
-    }
-
-    /// Writes the ruleset into a kernel that has neither of our tables, in steps
-    /// ([`Stepwise`]): the [skeleton](Self::skeleton) through `nft`, then the `svc-…` chains and
-    /// the endpoint maps' elements in netlink batches, then the dispatch maps' elements.
-    ///
-    /// `Ok(false)`, having written part of the tables, when an element is one the encoder does
-    /// not know: the caller then replaces them with [`FullSync::script`].
-    pub fn write_split(
-        &self,
-        nft: &(dyn Fn(&str) -> Result<(), NftError> + Sync),
-        commit: &(dyn Fn(&Batch) -> Result<(), NftError> + Sync),
-    ) -> Result<bool, NftError> {
-        let writer = Closures { nft, commit };
-        let skeleton = self.skeleton_ruleset();
-        std::thread::scope(|scope| {
-            let mut steps = Stepwise::start(scope, &writer, &skeleton, self.batch_bytes);
-            for (family, table) in &self.desired.tables {
-                steps.add(*family, table);
-            }
-            let activating = self.desired.tables.iter().flat_map(|(family, table)| {
-                table.collections.iter().filter(|(name, _)| activates(name)).flat_map(move |(name, c)| {
-                    c.elements.iter().map(move |(k, v)| (*family, name.as_str(), k.as_str(), v.as_str()))
-                })
-            });
-            steps.finish(activating).map(|written| written.is_some())
-        })
     }
 }
 
@@ -209,21 +149,6 @@ pub trait StepWriter: Sync {
     fn script(&self, script: &str) -> Result<(), NftError>;
     /// Commits a netlink batch, one transaction.
     fn batch(&self, batch: &Batch) -> Result<(), NftError>;
-}
-
-struct Closures<'a> {
-    nft: &'a (dyn Fn(&str) -> Result<(), NftError> + Sync),
-    commit: &'a (dyn Fn(&Batch) -> Result<(), NftError> + Sync),
-}
-
-impl StepWriter for Closures<'_> {
-    fn script(&self, script: &str) -> Result<(), NftError> {
-        (self.nft)(script)
-    }
-
-    fn batch(&self, batch: &Batch) -> Result<(), NftError> {
-        (self.commit)(batch)
-    }
 }
 
 impl<'scope> Stepwise<'scope> {
@@ -375,7 +300,7 @@ impl<'scope> Stepwise<'scope> {
     }
 }
 
-/// Bytes of one netlink batch of a split full sync: large enough that the kernel's fixed cost
+/// Bytes of one netlink batch of a full sync written in steps: large enough that the kernel's fixed cost
 /// per transaction does not matter, small enough to encode the next while it is written.
 pub const SPLIT_BATCH_BYTES: usize = 1 << 20;
 

@@ -6,7 +6,7 @@
 //! kernel's own work on such a change is well under a millisecond; see dataplane/README.md,
 //! "Scale"). A partial sync that only changes elements of our maps and sets, and creates,
 //! rewrites or empties `svc-…` chains (plain or ClientIP affinity), is encoded here instead, and
-//! so is the bulk of a full sync into a node without our tables ([`crate::diff::FullSync`]);
+//! so is the bulk of a full sync into a node without our tables ([`crate::diff::Stepwise`]);
 //! everything else (set declarations, base and filter chains, replacing existing tables) still
 //! goes through nft.
 //!

@@ -688,7 +688,7 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     let report = lab.sync(&services, &slices).unwrap();
     assert_eq!(report.writer, Writer::Nft, "tables that exist are replaced atomically");
     let whole = both_tables(&lab);
-    assert_eq!(split, whole, "the split full sync differs from nft's");
+    assert_eq!(split, whole, "written in steps, the tables differ from nft's");
 
     // After a cleanup the kernel has no tables again: the split path, now of the kept state
     // (nothing changed since), and traffic.
@@ -706,14 +706,72 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     }
 }
 
-/// The split full sync, batch by batch: a `svc-…` chain the encoder does not know goes through
-/// nft before traffic is let in; a batch refused part-way leaves tables that serve nothing (as
-/// no tables would), and the atomic replacement that follows serves everything.
+/// Writes `ruleset` in steps from `skeleton` (what the syncer does while it renders, here in
+/// one pass over a whole ruleset), in netlink batches of about `batch_bytes`.
+fn write_in_steps(
+    writer: &dyn hawser_dataplane::diff::StepWriter,
+    skeleton: &hawser_dataplane::render::Ruleset,
+    ruleset: &hawser_dataplane::render::Ruleset,
+    batch_bytes: usize,
+) -> Result<Option<hawser_dataplane::diff::Written>, NftError> {
+    std::thread::scope(|scope| {
+        let mut steps = hawser_dataplane::diff::Stepwise::start(scope, writer, skeleton, batch_bytes);
+        for (family, table) in &ruleset.tables {
+            steps.add(*family, table);
+        }
+        let activating = ruleset.tables.iter().flat_map(|(family, table)| {
+            table.collections.iter().filter(|(n, _)| !n.starts_with("endpoints-")).flat_map(move |(n, c)| {
+                c.elements.iter().map(move |(k, v)| (*family, n.as_str(), k.as_str(), v.as_str()))
+            })
+        });
+        steps.finish(activating)
+    })
+}
+
+/// The base tables of both families, with `ruleset`'s endpoint maps declared (what the syncer
+/// writes first).
+fn skeleton_of(ruleset: &hawser_dataplane::render::Ruleset) -> hawser_dataplane::render::Ruleset {
+    use hawser_dataplane::render::{RenderConfig, Ruleset, base_table};
+    let mut skeleton = Ruleset::default();
+    for (family, table) in &ruleset.tables {
+        let mut base = base_table(*family, &RenderConfig::default());
+        for (name, c) in table.collections.iter().filter(|(n, _)| n.starts_with("endpoints-")) {
+            base.collections.insert(name.clone(), c.clone_empty());
+        }
+        skeleton.tables.insert(*family, base);
+    }
+    skeleton
+}
+
+/// The netlink steps of a full sync written in steps, counted; the `refuse`th is refused.
+struct CountedSteps {
+    inner: hawser_dataplane::nft::Steps,
+    batches: std::sync::atomic::AtomicUsize,
+    refuse: usize,
+}
+
+impl hawser_dataplane::diff::StepWriter for CountedSteps {
+    fn script(&self, script: &str) -> Result<(), NftError> {
+        self.inner.script(script)
+    }
+
+    fn batch(&self, batch: &hawser_dataplane::netlink::Batch) -> Result<(), NftError> {
+        if self.batches.fetch_add(1, Ordering::SeqCst) + 1 == self.refuse {
+            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
+        }
+        self.inner.batch(batch)
+    }
+}
+
+/// A full sync written in steps, batch by batch: a `svc-…` chain the encoder does not know goes
+/// through nft before traffic is let in; a batch refused part-way leaves tables that serve
+/// nothing (as no tables would), and the atomic replacement that follows serves everything.
 #[test]
-fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
+fn stepwise_full_sync_survives_unknown_chains_and_a_refused_batch() {
     use hawser_dataplane::diff::FullSync;
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
     use hawser_dataplane::netlink::Netlink;
+    use hawser_dataplane::nft::Steps;
     use hawser_dataplane::render::{Chain, RenderConfig, render};
     let lab = lab!(2);
     let services: Vec<_> = (0..300)
@@ -737,37 +795,31 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
         .insert(odd.into(), Chain { base: None, rules: vec!["counter meta l4proto tcp dnat to 10.0.2.2:8080".into()] });
     let dispatch = table.collections.get_mut("service-addresses").unwrap();
     dispatch.elements.insert("203.0.113.251 . tcp . 80".into(), format!("goto {odd}"));
+    let skeleton = skeleton_of(&ruleset);
 
     let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
-    let netlink = common::lab::in_netns(&lab.node, Netlink::open).unwrap();
-    // Small batches, so that there are several, and the third is refused.
-    let full = FullSync::new(&ruleset).with_batch_bytes(16 << 10);
-    let commits = std::sync::atomic::AtomicUsize::new(0);
-    let refuse_third = |b: &hawser_dataplane::netlink::Batch| {
-        if commits.fetch_add(1, Ordering::SeqCst) == 2 {
-            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
-        }
-        netlink.commit(b)
+    let netlink = Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap());
+    let counted = |refuse| CountedSteps {
+        inner: Steps::new(nft.clone(), netlink.clone()),
+        batches: std::sync::atomic::AtomicUsize::new(0),
+        refuse,
     };
-    assert!(full.write_split(&|s| nft.run(s), &refuse_third).is_err());
-    assert!(commits.load(Ordering::SeqCst) >= 3, "the batches were too few to refuse the third");
+    // Small batches, so that there are several, and the third is refused.
+    let refusing = counted(3);
+    assert!(write_in_steps(&refusing, &skeleton, &ruleset, 16 << 10).is_err());
+    assert!(refusing.batches.load(Ordering::SeqCst) >= 3, "the batches were too few to refuse the third");
     assert_eq!(tcp(&lab.client, "203.0.113.1", 80), Outcome::Timeout, "nothing serves after a refused batch");
     // What the agent does next: tables exist, so the atomic replacement.
-    nft.run(&full.script()).unwrap();
+    nft.run(&FullSync::new(&ruleset).script()).unwrap();
     let whole = both_tables(&lab);
     assert_eq!(lab.servers("203.0.113.1", 80, 16), set(&["pod1", "pod2"]));
 
-    // From no tables, the split path completes and lists as the atomic replacement wrote.
+    // From no tables, the write in steps completes and lists as the atomic replacement wrote.
     nft.run(&hawser_dataplane::diff::cleanup_script()).unwrap();
-    let batches = std::sync::atomic::AtomicUsize::new(0);
-    let counted = |b: &hawser_dataplane::netlink::Batch| {
-        batches.fetch_add(1, Ordering::SeqCst);
-        netlink.commit(b)
-    };
-    assert!(full.write_split(&|s| nft.run(s), &counted).unwrap());
-    assert!(batches.load(Ordering::SeqCst) > 3, "written in several batches");
-    let split = both_tables(&lab);
-    assert_eq!(split, whole, "the split full sync differs from nft's");
+    let all = counted(0);
+    assert!(write_in_steps(&all, &skeleton, &ruleset, 16 << 10).unwrap().is_some());
+    assert!(all.batches.load(Ordering::SeqCst) > 3, "written in several batches");
+    assert_eq!(both_tables(&lab), whole, "written in steps, the tables differ from nft's");
     assert!(lab.list_chain("ip", odd).contains("counter"), "the unknown chain went through nft");
     assert_eq!(lab.servers("203.0.113.251", 80, 4), set(&["pod2"]));
     assert_eq!(lab.servers("203.0.113.50", 80, 16), set(&["pod1", "pod2"]));
@@ -778,11 +830,11 @@ fn split_full_sync_survives_unknown_chains_and_a_refused_batch() {
 /// the tables end as the atomic replacement writes them, and serve.
 #[test]
 fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used() {
-    use hawser_dataplane::diff::{FullSync, Stepwise};
+    use hawser_dataplane::diff::FullSync;
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
     use hawser_dataplane::netlink::Netlink;
     use hawser_dataplane::nft::Steps;
-    use hawser_dataplane::render::{RenderConfig, Ruleset, base_table, render};
+    use hawser_dataplane::render::{RenderConfig, render};
     let lab = lab!(2);
     let names = ["a", "b", "c"];
     let services: Vec<_> = names
@@ -803,32 +855,15 @@ fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used()
         ruleset.tables[&Family::V4].collections.keys().filter(|n| n.starts_with("endpoints-")).cloned().collect();
     assert!(!used.is_empty());
     // The skeleton lacks the first used map, and declares one nobody uses.
-    let mut skeleton = Ruleset::default();
-    for family in [Family::V4, Family::V6] {
-        skeleton.tables.insert(family, base_table(family, &RenderConfig::default()));
-    }
-    let v4 = &ruleset.tables[&Family::V4];
+    let mut skeleton = skeleton_of(&ruleset);
     let declared = skeleton.tables.get_mut(&Family::V4).unwrap();
-    for name in &used[1..] {
-        declared.collections.insert(name.clone(), v4.collections[name].clone_empty());
-    }
+    let lacked = declared.collections.remove(&used[0]).unwrap();
     let unused = (0..=255).map(|b| format!("endpoints-tcp-{b:02x}")).find(|n| !used.contains(n)).unwrap();
-    declared.collections.insert(unused.clone(), v4.collections[&used[0]].clone_empty());
+    declared.collections.insert(unused.clone(), lacked);
 
     let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
     let steps = Steps::new(nft.clone(), Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap()));
-    let written = std::thread::scope(|scope| {
-        let mut stepwise = Stepwise::start(scope, &steps, &skeleton, 1 << 20);
-        for (family, table) in &ruleset.tables {
-            stepwise.add(*family, table);
-        }
-        let activating = ruleset.tables.iter().flat_map(|(family, table)| {
-            table.collections.iter().filter(|(n, _)| !n.starts_with("endpoints-")).flat_map(move |(n, c)| {
-                c.elements.iter().map(move |(k, v)| (*family, n.as_str(), k.as_str(), v.as_str()))
-            })
-        });
-        stepwise.finish(activating)
-    });
+    let written = write_in_steps(&steps, &skeleton, &ruleset, 1 << 20);
     let written = written.unwrap().expect("every element is one the encoder knows");
     assert_eq!(written.rules, ruleset.rule_count());
     assert_eq!(written.elements, ruleset.element_count());

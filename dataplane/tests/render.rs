@@ -234,13 +234,14 @@ fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
     assert_eq!(r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0], "drop");
 }
 
-/// A full sync into an empty kernel writes plain and affinity Services' chains and every
-/// element over netlink; only the skeleton (with the filter chains: source ranges, rejects)
-/// is left to nft.
+/// A full sync into an empty kernel writes every Service's `svc-…` chain (plain or with
+/// affinity, either family) and every element over netlink; what nft writes first is the base
+/// table, which holds no Service (their source-range and reject chains go through nft later).
 #[test]
-fn split_full_sync_leaves_only_the_skeleton_to_nft() {
-    use hawser_dataplane::diff::FullSync;
+fn stepwise_full_sync_encodes_every_service_chain_and_element() {
+    use hawser_dataplane::model::Family;
     use hawser_dataplane::netlink::Batch;
+    use hawser_dataplane::render::base_table;
     let mut sticky = Svc::new("ns", "sticky");
     sticky.affinity_timeout = Some(30);
     sticky.families = vec!["IPv4", "IPv6"];
@@ -259,19 +260,28 @@ fn split_full_sync_leaves_only_the_skeleton_to_nft() {
             slice("ns", "ranged", "r", HTTP, &eps),
         ],
     ));
-    let skeleton = FullSync::new(&r).skeleton();
     for (family, table) in &r.tables {
         for (name, chain) in table.chains.iter().filter(|(name, _)| name.starts_with("svc-")) {
             assert!(Batch::new().add_chain(*family, name, &chain.rules), "{name} is not encoded: {:?}", chain.rules);
         }
+        for (name, c) in table.collections.iter().filter(|(_, c)| !c.elements.is_empty()) {
+            let elements = c.elements.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            assert!(Batch::new().elements(*family, name, true, elements), "{name}'s elements are not encoded");
+        }
+        let base = base_table(*family, &RenderConfig::default());
+        assert!(
+            base.chains.keys().all(|n| !n.starts_with("svc-") && !n.starts_with("fw-")),
+            "{:?}",
+            base.chains.keys()
+        );
+        assert!(base.collections.values().all(|c| c.elements.is_empty()));
     }
-    assert!(!skeleton.contains("svc-ns/web/"), "{skeleton}");
-    assert!(!skeleton.contains("svc-ns/sticky/"), "affinity chains go over netlink too:\n{skeleton}");
-    assert!(!skeleton.contains(" element "), "no element in the skeleton:\n{skeleton}");
-    assert!(skeleton.contains("add rule ip hawser fw-ns/ranged/tcp/80 ip saddr != { 10.1.0.0/16 } drop"), "{skeleton}");
-    assert!(skeleton.contains("add map ip hawser affinity-cluster"), "{skeleton}");
-    assert!(skeleton.contains("add chain ip hawser affinity-rec-cluster-30-tcp"), "{skeleton}");
-    assert!(skeleton.contains("add set ip6 hawser affinity"), "{skeleton}");
+    assert!(r.tables[&Family::V4].chains.contains_key("fw-ns/ranged/tcp/80"));
+    let base = base_table(Family::V4, &RenderConfig::default());
+    for map in ["affinity-cluster", "affinity-cluster-nodeports", "affinity-addresses", "service-addresses"] {
+        assert!(base.collections.contains_key(map), "{map} is not declared");
+    }
+    assert!(base_table(Family::V6, &RenderConfig::default()).collections.contains_key("affinity"));
 }
 
 #[test]
