@@ -192,13 +192,8 @@ impl<R: NftRunner> Syncer<R> {
                 Some(ruleset) => self.runner.run_full(&FullSync::new(ruleset)),
                 None => self.runner.run_partial(&script, batch.as_ref()),
             };
-            match written {
-                Ok(writer) => report.writer = writer,
-                Err(e) => {
-                    self.full_next = true;
-                    return Err(e);
-                }
-            }
+            // After a failure the kernel keeps the previous rules; the next sync is a full resync.
+            report.writer = written.inspect_err(|_| self.full_next = true)?;
             report.apply_time = applying.elapsed();
             report.applied = true;
         }
@@ -288,13 +283,8 @@ impl<R: NftRunner> Syncer<R> {
             Ok(None) => {
                 let (ruleset, chains, counts) = self.render_whole();
                 let applying = Instant::now();
-                match self.runner.run_full(&FullSync::new(&ruleset)) {
-                    Ok(writer) => report.writer = writer,
-                    Err(e) => {
-                        self.full_next = true;
-                        return Err(e);
-                    }
-                }
+                report.writer =
+                    self.runner.run_full(&FullSync::new(&ruleset)).inspect_err(|_| self.full_next = true)?;
                 report.apply_time = applying.elapsed();
                 report.chains_written = chains;
                 report.elements_changed = counts.1;
