@@ -15,6 +15,8 @@
 //! caller runs the nft script. Tests check, through `nft list`, that what is written here reads
 //! back as the very text the renderer wrote.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -42,6 +44,10 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -54,6 +60,11 @@ const NFT_MSG_DELSETELEM: u16 = 14;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -62,6 +73,13 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_HANDLE: u16 = 16;
+const NFTA_SET_TYPE: u16 = 19;
+const NFTA_SET_COUNT: u16 = 20;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_EVAL: u32 = 0x20;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -84,6 +102,7 @@ const NFTA_BITWISE_DREG: u16 = 2;
 const NFTA_BITWISE_LEN: u16 = 3;
 const NFTA_BITWISE_MASK: u16 = 4;
 const NFTA_BITWISE_XOR: u16 = 5;
+const NFTA_BITWISE_OP: u16 = 6;
 const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
@@ -96,6 +115,7 @@ const NFT_NG_RANDOM: u32 = 1;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_LOOKUP_FLAGS: u16 = 5;
 const NFTA_PAYLOAD_DREG: u16 = 1;
 const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;
@@ -106,15 +126,19 @@ const NFTA_DYNSET_SET_NAME: u16 = 1;
 const NFTA_DYNSET_OP: u16 = 3;
 const NFTA_DYNSET_SREG_KEY: u16 = 4;
 const NFTA_DYNSET_TIMEOUT: u16 = 6;
+const NFTA_DYNSET_FLAGS: u16 = 9;
 const NFT_DYNSET_OP_UPDATE: u32 = 1;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_NAT_TYPE: u16 = 1;
 const NFTA_NAT_FAMILY: u16 = 2;
 const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_ADDR_MAX: u16 = 4;
 const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_REG_PROTO_MAX: u16 = 6;
 const NFTA_NAT_FLAGS: u16 = 7;
 const NFT_NAT_DNAT: u32 = 1;
+const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 
 /// Registers as nft numbers them on the wire: `NFT_REG_1`, `NFT_REG_2`, and the second 32-bit
@@ -174,7 +198,14 @@ impl Batch {
         self.named(NFT_MSG_DELCHAIN, 0, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
     }
 
-    /// Deletes an empty, unreferenced set or map.
+    /// Deletes table `table` of `family` with everything in it.
+    pub fn delete_table(&mut self, family: Family, table: &str) {
+        let mut m = Message::new(NFT_MSG_DELTABLE, 0, family);
+        m.str(NFTA_TABLE_NAME, table);
+        self.push(m);
+    }
+
+    /// Deletes an unreferenced set or map.
     pub fn delete_set(&mut self, family: Family, name: &str) {
         self.named(NFT_MSG_DELSET, 0, family, (NFTA_SET_TABLE, NFTA_SET_NAME), name);
     }
@@ -400,7 +431,9 @@ impl Message {
 }
 
 /// A map element's value.
-enum Value {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Data: an endpoint's `address . port`.
     Data(Vec<u8>),
     /// A verdict (`NFT_GOTO`, `NFT_JUMP`) to a chain.
     Verdict(i32, String),
@@ -859,6 +892,274 @@ fn hex_u32(text: &str) -> Option<u32> {
     u32::from_str_radix(text.strip_prefix("0x")?, 16).ok()
 }
 
+/// An element of a collection the encoder knows, as one byte string: the key's length, the
+/// key, then the value (none for a set; an endpoint's `address . port`, or a verdict and its
+/// chain). Two elements are the same element when their keys are, and equal when their
+/// values are too.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KnownElement(Vec<u8>);
+
+impl KnownElement {
+    fn new(key: &[u8], value: Option<&Value>) -> Option<Self> {
+        let mut out = Vec::with_capacity(1 + key.len() + 24);
+        out.push(u8::try_from(key.len()).ok()?);
+        out.extend_from_slice(key);
+        match value {
+            None => {}
+            Some(Value::Data(data)) => {
+                out.push(1);
+                out.extend_from_slice(data);
+            }
+            Some(Value::Verdict(code, chain)) => {
+                out.push(2);
+                out.extend_from_slice(&code.to_be_bytes());
+                out.extend_from_slice(chain.as_bytes());
+            }
+        }
+        Some(Self(out))
+    }
+
+    /// The key, as the kernel takes it to delete the element.
+    pub fn key(&self) -> &[u8] {
+        let len = usize::from(self.0.first().copied().unwrap_or_default());
+        self.0.get(1..1 + len).unwrap_or_default()
+    }
+}
+
+/// The element `key : value` of `collection` (as the renderer writes it) as
+/// [`Netlink::list_known_elements`] lists it; `None` when the encoder does not know it.
+pub fn known_element(family: Family, collection: &str, key: &str, value: &str) -> Option<KnownElement> {
+    let kind = CollectionKind::of(collection)?;
+    let value = if kind.has_value() { Some(kind.value(family, value)?) } else { None };
+    KnownElement::new(&kind.key(family, key)?, value.as_ref())
+}
+
+fn decode_value(data: &[u8]) -> Option<Value> {
+    let (t, payload) = attributes(data).next()?;
+    match t {
+        NFTA_DATA_VALUE => Some(Value::Data(payload.to_vec())),
+        NFTA_DATA_VERDICT => {
+            let code = attributes(payload).find(|(t, _)| *t == NFTA_VERDICT_CODE).and_then(|(_, c)| be_u32(c))?;
+            let chain = attributes(payload).find(|(t, _)| *t == NFTA_VERDICT_CHAIN).map(|(_, c)| c_str(c))?;
+            Some(Value::Verdict(code.cast_signed(), chain))
+        }
+        _ => None,
+    }
+}
+
+fn be_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// A NUL-terminated string attribute.
+fn c_str(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(c_bytes(bytes)).into_owned()
+}
+
+/// A NUL-terminated string attribute's bytes, without the NUL.
+fn c_bytes(bytes: &[u8]) -> &[u8] {
+    bytes.split(|b| *b == 0).next().unwrap_or_default()
+}
+
+/// A rule as the kernel lists it, in one byte string that two rules compare by: for each
+/// expression its name, then its attributes in type order (type, length, payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRule(Vec<u8>);
+
+impl KernelRule {
+    /// The expressions of `list` (a rule's `NFTA_RULE_EXPRESSIONS`). With `expected`, the
+    /// rule is one we encoded, and gets what the kernel adds when it lists one (see
+    /// [`as_listed`]). A lookup's or a dynamic update's set named in `renamed` is written
+    /// as its value there instead (anonymous sets, by their content).
+    fn new(list: &[u8], expected: bool, renamed: &HashMap<String, Vec<u8>>) -> Self {
+        let mut out = Vec::with_capacity(list.len() + 32);
+        let mut attrs: Vec<(u16, Cow<'_, [u8]>)> = Vec::with_capacity(8);
+        for (_, expr) in attributes(list) {
+            let name =
+                attributes(expr).find(|(t, _)| *t == NFTA_EXPR_NAME).map(|(_, n)| c_bytes(n)).unwrap_or_default();
+            let set_attr = match name {
+                b"lookup" => Some(NFTA_LOOKUP_SET),
+                b"dynset" => Some(NFTA_DYNSET_SET_NAME),
+                _ => None,
+            };
+            attrs.clear();
+            let data = attributes(expr).find(|(t, _)| *t == NFTA_EXPR_DATA).map(|(_, d)| d).unwrap_or_default();
+            for (kind, value) in attributes(data) {
+                let content = (Some(kind) == set_attr)
+                    .then(|| std::str::from_utf8(c_bytes(value)).ok().and_then(|name| renamed.get(name)))
+                    .flatten();
+                let value = content.map_or(Cow::Borrowed(value), |c| Cow::Owned(c.clone()));
+                attrs.push((kind, value));
+            }
+            if expected {
+                as_listed(name, &mut attrs);
+            }
+            attrs.sort_by_key(|(kind, _)| *kind);
+            out.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+            out.extend_from_slice(name);
+            out.push(u8::try_from(attrs.len()).unwrap_or(u8::MAX));
+            for (kind, value) in &attrs {
+                out.extend_from_slice(&kind.to_ne_bytes());
+                out.extend_from_slice(&u16::try_from(value.len()).unwrap_or(u16::MAX).to_ne_bytes());
+                out.extend_from_slice(value);
+            }
+        }
+        Self(out)
+    }
+
+    /// The expressions: name, and attributes in type order.
+    fn expressions(&self) -> impl Iterator<Item = (&[u8], Vec<(u16, &[u8])>)> {
+        let mut at = 0;
+        let buf = &self.0;
+        std::iter::from_fn(move || {
+            let len = usize::from(*buf.get(at)?);
+            let name = buf.get(at + 1..at + 1 + len)?;
+            at += 1 + len;
+            let count = *buf.get(at)?;
+            at += 1;
+            let mut attrs = Vec::with_capacity(usize::from(count));
+            for _ in 0..count {
+                let kind = u16::from_ne_bytes([*buf.get(at)?, *buf.get(at + 1)?]);
+                let len = usize::from(u16::from_ne_bytes([*buf.get(at + 2)?, *buf.get(at + 3)?]));
+                attrs.push((kind, buf.get(at + 4..at + 4 + len)?));
+                at += 4 + len;
+            }
+            Some((name, attrs))
+        })
+    }
+}
+
+/// The expressions of rule `text` (one the encoder knows) as the kernel lists them.
+pub fn expected_rule(family: Family, text: &str) -> Option<KernelRule> {
+    let exprs = rule_expressions(family, text)?;
+    let mut m = Message::new(0, 0, family);
+    for e in &exprs {
+        let at = m.begin(NFTA_LIST_ELEM);
+        e.encode(&mut m);
+        m.end(at);
+    }
+    // After the message header and the nfgenmsg.
+    Some(KernelRule::new(m.buf.get(20..).unwrap_or_default(), true, &HashMap::new()))
+}
+
+/// What the kernel adds when it lists an expression we encoded: the attributes it lists
+/// even at their default (a bitwise's operation, a lookup's and a dynamic update's flags),
+/// and a DNAT's register ranges and flags, which it derives from the registers given.
+fn as_listed(name: &[u8], attrs: &mut Vec<(u16, Cow<'_, [u8]>)>) {
+    let zero = || Cow::Owned(0u32.to_be_bytes().to_vec());
+    let get =
+        |attrs: &[(u16, Cow<'_, [u8]>)], kind: u16| attrs.iter().find(|(t, _)| *t == kind).map(|(_, v)| v.to_vec());
+    let mut defaults: Vec<(u16, Cow<'_, [u8]>)> = Vec::new();
+    match name {
+        b"bitwise" => defaults.push((NFTA_BITWISE_OP, zero())),
+        b"lookup" => defaults.push((NFTA_LOOKUP_FLAGS, zero())),
+        b"dynset" => defaults.push((NFTA_DYNSET_FLAGS, zero())),
+        b"nat" => {
+            let mut flags = get(attrs, NFTA_NAT_FLAGS).and_then(|f| be_u32(&f)).unwrap_or_default();
+            if let Some(addr) = get(attrs, NFTA_NAT_REG_ADDR_MIN) {
+                flags |= NF_NAT_RANGE_MAP_IPS;
+                defaults.push((NFTA_NAT_REG_ADDR_MAX, Cow::Owned(addr)));
+            }
+            if let Some(proto) = get(attrs, NFTA_NAT_REG_PROTO_MIN) {
+                flags |= NF_NAT_RANGE_PROTO_SPECIFIED;
+                defaults.push((NFTA_NAT_REG_PROTO_MAX, Cow::Owned(proto)));
+            }
+            attrs.retain(|(t, _)| *t != NFTA_NAT_FLAGS);
+            defaults.push((NFTA_NAT_FLAGS, Cow::Owned(flags.to_be_bytes().to_vec())));
+        }
+        _ => {}
+    }
+    for (kind, value) in defaults {
+        if !attrs.iter().any(|(t, _)| *t == kind) {
+            attrs.push((kind, value));
+        }
+    }
+}
+
+/// A listed rule: its chain and expressions, anonymous sets named by their content (see
+/// [`KernelRule::new`]).
+pub fn listed_rule(rule: &Attrs, anonymous: &HashMap<String, Vec<u8>>) -> Option<(String, KernelRule)> {
+    let chain = rule.iter().find(|(t, _)| *t == NFTA_RULE_CHAIN).map(|(_, c)| c_str(c))?;
+    let exprs = rule.iter().find(|(t, _)| *t == NFTA_RULE_EXPRESSIONS).map(|(_, e)| e)?;
+    Some((chain, KernelRule::new(exprs, false, anonymous)))
+}
+
+/// A base chain's hook as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// `filter`, `nat`, `route`.
+    pub kind: String,
+    /// `NF_INET_*` hook number.
+    pub hook: u32,
+    /// Priority.
+    pub priority: i32,
+    /// `NF_ACCEPT` (1) or `NF_DROP` (0).
+    pub policy: u32,
+}
+
+/// A listed chain: its name, and its hook if it is a base chain.
+pub fn listed_chain(chain: &Attrs) -> Option<(String, Option<Hook>)> {
+    let find = |kind: u16| chain.iter().find(|(t, _)| *t == kind).map(|(_, v)| v.as_slice());
+    let name = c_str(find(NFTA_CHAIN_NAME)?);
+    let hook = find(NFTA_CHAIN_HOOK).map(|hook| {
+        let field = |kind: u16| attributes(hook).find(|(t, _)| *t == kind).and_then(|(_, v)| be_u32(v));
+        Hook {
+            kind: find(NFTA_CHAIN_TYPE).map(c_str).unwrap_or_default(),
+            hook: field(NFTA_HOOK_HOOKNUM).unwrap_or(u32::MAX),
+            priority: field(NFTA_HOOK_PRIORITY).unwrap_or_default().cast_signed(),
+            policy: find(NFTA_CHAIN_POLICY).and_then(be_u32).unwrap_or(u32::MAX),
+        }
+    });
+    Some((name, hook))
+}
+
+/// A listed set or map: its name, whether it is anonymous or dynamic (filled by the packet
+/// path), and its declaration: every attribute but its table, name, handle and id, and what
+/// recent kernels add about its state (the backend they chose, the element count).
+pub fn listed_set(set: &Attrs) -> Option<ListedSet> {
+    let name = set.iter().find(|(t, _)| *t == NFTA_SET_NAME).map(|(_, n)| c_str(n))?;
+    let flags = set.iter().find(|(t, _)| *t == NFTA_SET_FLAGS).and_then(|(_, f)| be_u32(f)).unwrap_or_default();
+    let decl = set
+        .iter()
+        .filter(|(t, _)| {
+            ![NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_HANDLE, NFTA_SET_ID, NFTA_SET_TYPE, NFTA_SET_COUNT].contains(t)
+        })
+        .cloned()
+        .collect();
+    Some(ListedSet { name, anonymous: flags & NFT_SET_ANONYMOUS != 0, dynamic: flags & NFT_SET_EVAL != 0, decl })
+}
+
+/// See [`listed_set`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedSet {
+    /// Name (`__set%d` for an anonymous set).
+    pub name: String,
+    /// Anonymous (a rule's inline `{ … }`).
+    pub anonymous: bool,
+    /// Dynamic: the packet path adds its elements.
+    pub dynamic: bool,
+    /// The declaration's attributes.
+    pub decl: Attrs,
+}
+
+/// The endpoint-map slot a `svc-…` rule uses: the map, and its `numgen`'s modulus and
+/// offset; `None` for a rule without one.
+pub fn endpoint_slot(rule: &KernelRule) -> Option<(String, u32, u32)> {
+    let (mut modulus, mut offset, mut map) = (None, None, None);
+    for (name, attrs) in rule.expressions() {
+        let attr = |kind: u16| attrs.iter().find(|(t, _)| *t == kind).map(|(_, v)| *v);
+        match name {
+            b"numgen" => {
+                modulus = attr(NFTA_NG_MODULUS).and_then(be_u32);
+                offset = attr(NFTA_NG_OFFSET).and_then(be_u32);
+            }
+            b"lookup" => map = attr(NFTA_LOOKUP_SET).map(c_str),
+            _ => {}
+        }
+    }
+    Some((map?, modulus?, offset?))
+}
+
 /// A netlink socket to the kernel's nftables, in the network namespace it was opened in.
 #[derive(Debug)]
 pub struct Netlink {
@@ -950,47 +1251,103 @@ impl Netlink {
     /// Every element of set or map `set` of our `family` table: key and data (empty for a
     /// set), as the kernel lays them out in registers.
     pub fn dump_elements(&self, family: Family, set: &str) -> Result<Vec<RawElement>, NftError> {
-        let mut m = Message::new(NFT_MSG_GETSETELEM, NLM_F_DUMP, family);
-        m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-        m.str(NFTA_SET_ELEM_LIST_SET, set);
-        let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };
-        self.drain();
-        (&self.socket).write_all(&m.finish(1)).map_err(io)?;
         let mut elements = Vec::new();
+        self.list_elements_with(family, TABLE, set, |elem| {
+            if let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) {
+                elements.push((key.to_vec(), nested_value(elem, NFTA_SET_ELEM_DATA).unwrap_or_default().to_vec()));
+            }
+        })?;
+        Ok(elements)
+    }
+
+    /// Every element of set or map `set` of table `table` as the kernel lists it: its
+    /// attributes (key, data, flags, …).
+    pub fn list_elements(&self, family: Family, table: &str, set: &str) -> Result<Vec<Attrs>, NftError> {
+        let mut elements = Vec::new();
+        self.list_elements_with(family, table, set, |elem| elements.push(owned(elem)))?;
+        Ok(elements)
+    }
+
+    /// Every element of one of our maps the encoder knows, as key and value, to compare with
+    /// [`expected_elements`]. `None` when the collection is not one the encoder knows.
+    pub fn list_known_elements(&self, family: Family, set: &str) -> Result<Option<Vec<KnownElement>>, NftError> {
+        let Some(kind) = CollectionKind::of(set) else { return Ok(None) };
+        let mut elements = Vec::new();
+        self.list_elements_with(family, TABLE, set, |elem| {
+            let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) else { return };
+            let value = if kind.has_value() {
+                attributes(elem).find(|(t, _)| *t == NFTA_SET_ELEM_DATA).and_then(|(_, data)| decode_value(data))
+            } else {
+                None
+            };
+            elements.extend(KnownElement::new(key, value.as_ref()));
+        })?;
+        Ok(Some(elements))
+    }
+
+    fn list_elements_with(
+        &self,
+        family: Family,
+        table: &str,
+        set: &str,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), NftError> {
+        let request = [(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)];
+        self.dump(NFT_MSG_GETSETELEM, family, &request, |body| {
+            for (t, list) in attributes(body) {
+                if t == NFTA_SET_ELEM_LIST_ELEMENTS {
+                    attributes(list).for_each(|(_, elem)| each(elem));
+                }
+            }
+        })
+        .map_err(|e| e.listing(set))
+    }
+
+    /// Table `table` of `family` as the kernel lists it: its chains, rules and sets, each as
+    /// its attributes; `None` when there is no such table.
+    pub fn list_table(&self, family: Family, table: &str) -> Result<Option<Listed>, NftError> {
+        let mut listed = Listed::default();
+        let objects = [
+            (NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, &mut listed.chains),
+            (NFT_MSG_GETRULE, NFTA_RULE_TABLE, &mut listed.rules),
+            (NFT_MSG_GETSET, NFTA_SET_TABLE, &mut listed.sets),
+        ];
+        for (kind, table_attr, out) in objects {
+            match self.dump(kind, family, &[(table_attr, table)], |body| out.push(owned(body))) {
+                Ok(()) => {}
+                Err(Dump::Refused(ENOENT)) => return Ok(None),
+                Err(e) => return Err(e.listing(table)),
+            }
+        }
+        Ok(Some(listed))
+    }
+
+    /// Sends one `NLM_F_DUMP` request of `kind` with string attributes `request` and calls
+    /// `each` with the attributes (after the `nfgenmsg`) of every message of the answer.
+    fn dump(
+        &self,
+        kind: u16,
+        family: Family,
+        request: &[(u16, &str)],
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), Dump> {
+        let mut m = Message::new(kind, NLM_F_DUMP, family);
+        for (t, value) in request {
+            m.str(*t, value);
+        }
+        self.drain();
+        (&self.socket).write_all(&m.finish(1)).map_err(Dump::Io)?;
         let mut buf = vec![0u8; 1 << 17];
         loop {
-            let n = (&self.socket).read(&mut buf).map_err(io)?;
+            let n = (&self.socket).read(&mut buf).map_err(Dump::Io)?;
             for (kind, _, body) in messages(&buf[..n]) {
                 match kind {
-                    NLMSG_DONE => return Ok(elements),
-                    NLMSG_ERROR => {
-                        let code = error_code(body);
-                        if code != 0 {
-                            return Err(NftError::Rejected {
-                                status: format!("errno {}", -code),
-                                stderr: format!("listing {set}: {}", std::io::Error::from_raw_os_error(-code)),
-                            });
-                        }
-                    }
-                    // After the 4-byte nfgenmsg: the element list.
-                    _ => {
-                        for (t, list) in attributes(body.get(4..).unwrap_or_default()) {
-                            if t != NFTA_SET_ELEM_LIST_ELEMENTS {
-                                continue;
-                            }
-                            for (_, elem) in attributes(list) {
-                                let value = |kind: u16| {
-                                    attributes(elem)
-                                        .find(|(t, _)| *t == kind)
-                                        .and_then(|(_, nested)| attributes(nested).find(|(t, _)| *t == NFTA_DATA_VALUE))
-                                        .map(|(_, v)| v.to_vec())
-                                };
-                                if let Some(key) = value(NFTA_SET_ELEM_KEY) {
-                                    elements.push((key, value(NFTA_SET_ELEM_DATA).unwrap_or_default()));
-                                }
-                            }
-                        }
-                    }
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => match error_code(body) {
+                        0 => {}
+                        code => return Err(Dump::Refused(-code)),
+                    },
+                    _ => each(body.get(4..).unwrap_or_default()),
                 }
             }
         }
@@ -1070,6 +1427,50 @@ enum Answer {
 
 const ENOENT: i32 = 2;
 
+/// Why a listing ended without its last message.
+enum Dump {
+    Io(std::io::Error),
+    Refused(i32),
+}
+
+impl Dump {
+    fn listing(self, what: &str) -> NftError {
+        match self {
+            Self::Io(e) => NftError::Spawn { program: "nfnetlink".into(), source: e },
+            Self::Refused(errno) => NftError::Rejected {
+                status: format!("errno {errno}"),
+                stderr: format!("listing {what}: {}", std::io::Error::from_raw_os_error(errno)),
+            },
+        }
+    }
+}
+
+/// The objects of one table as the kernel lists them, each as its attributes.
+#[derive(Debug, Clone, Default)]
+pub struct Listed {
+    /// Chains.
+    pub chains: Vec<Attrs>,
+    /// Rules, of every chain, in order.
+    pub rules: Vec<Attrs>,
+    /// Sets and maps, anonymous ones included.
+    pub sets: Vec<Attrs>,
+}
+
+/// An object's attributes as the kernel lists them: type (flags cleared) and payload.
+pub type Attrs = Vec<(u16, Vec<u8>)>;
+
+fn owned(buf: &[u8]) -> Attrs {
+    attributes(buf).map(|(t, v)| (t, v.to_vec())).collect()
+}
+
+/// The `NFTA_DATA_VALUE` inside the nested attribute `kind` of `buf`.
+fn nested_value(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    attributes(buf)
+        .find(|(t, _)| *t == kind)
+        .and_then(|(_, nested)| attributes(nested).find(|(t, _)| *t == NFTA_DATA_VALUE))
+        .map(|(_, v)| v)
+}
+
 /// Bytes of one message a send buffer of `size` (as `SO_SNDBUF` reports it) takes: the
 /// kernel refuses a message longer than the buffer less a little of its own accounting.
 fn usable(size: usize) -> usize {
@@ -1097,6 +1498,23 @@ fn mark_ack(wire: &mut [u8], seq: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_are_compared_as_the_kernel_lists_them_and_name_their_endpoint_slot() {
+        let text = "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 3 offset 32 map @endpoints-tcp-1a";
+        let rule = expected_rule(Family::V4, text).unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(endpoint_slot(&rule), Some(("endpoints-tcp-1a".into(), 3, 32)));
+        let names: Vec<&[u8]> = rule.expressions().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"meta"[..], b"bitwise", b"meta", b"meta", b"cmp", b"numgen", b"lookup", b"nat"]);
+        let single = expected_rule(Family::V4, "meta l4proto tcp dnat to 10.0.0.3:8443").unwrap_or_else(|| panic!());
+        assert_eq!(endpoint_slot(&single), None);
+        // What the kernel adds when it lists a DNAT: the register ranges and both flags.
+        let (_, nat) = single.expressions().find(|(n, _)| *n == b"nat").unwrap_or_else(|| panic!());
+        let flags = 3u32.to_be_bytes();
+        assert!(nat.contains(&(NFTA_NAT_FLAGS, &flags[..])), "{nat:?}");
+        assert!(nat.iter().any(|(t, _)| *t == NFTA_NAT_REG_PROTO_MAX), "{nat:?}");
+        assert_ne!(rule, single);
+    }
 
     #[test]
     fn rule_shapes_the_renderer_writes_are_encoded() {
