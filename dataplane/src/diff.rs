@@ -151,6 +151,24 @@ pub trait StepWriter: Sync {
     fn batch(&self, batch: &Batch) -> Result<(), NftError>;
 }
 
+/// Takes the fragments a sync renders, one Service and family at a time (see
+/// [`crate::render::render_fragment`]).
+pub trait FragmentSink {
+    /// One Service's fragment of `family`'s table.
+    fn add(&mut self, family: Family, fragment: &Table);
+
+    /// The same, given the fragment to keep.
+    fn add_owned(&mut self, family: Family, fragment: Table) {
+        self.add(family, &fragment);
+    }
+}
+
+impl FragmentSink for Stepwise<'_> {
+    fn add(&mut self, family: Family, fragment: &Table) {
+        Stepwise::add(self, family, fragment);
+    }
+}
+
 impl<'scope> Stepwise<'scope> {
     /// Starts the write with `skeleton` (step 1) on a thread of `scope`.
     pub fn start<'env>(

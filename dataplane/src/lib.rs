@@ -1,6 +1,7 @@
 //! hawser node agent: programs nftables so that load-balancer traffic for Services of our
 //! class reaches ready endpoints, and answers the load balancer's health checks.
 
+pub mod adopt;
 pub mod affinity;
 pub mod agent;
 pub mod conntrack;

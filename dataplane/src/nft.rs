@@ -72,6 +72,12 @@ pub trait NftRunner: Send + Sync {
         let _ = (family, stale);
         Ok(0)
     }
+
+    /// The netlink socket to list and write the kernel's tables with, for a restarted agent
+    /// to adopt the tables it finds ([`crate::adopt`]); `None` for runners without one.
+    fn netlink(&self) -> Option<Arc<Netlink>> {
+        None
+    }
 }
 
 /// Selects affinity entries to delete: the map's name and the entry.
@@ -108,6 +114,10 @@ impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
 
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
         (**self).purge_affinity(family, stale)
+    }
+
+    fn netlink(&self) -> Option<Arc<Netlink>> {
+        (**self).netlink()
     }
 }
 
@@ -279,6 +289,10 @@ impl NftRunner for NftCommand {
         Ok(Some(Box::new(Steps::new(self.clone(), netlink.clone()))))
     }
 
+    fn netlink(&self) -> Option<Arc<Netlink>> {
+        self.netlink.clone()
+    }
+
     fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
         let mut purged = 0;
         for pass in 1..=PURGE_PASSES {
@@ -343,6 +357,9 @@ pub struct SyncReport {
     pub writer: Writer,
     /// ClientIP affinity entries deleted because the sync made them invalid.
     pub affinity_purged: usize,
+    /// Why the first full resync of a restarted agent replaced the tables it found rather than
+    /// adopting them ([`crate::adopt`]).
+    pub replaced: Option<String>,
 }
 
 /// Keeps the applied ruleset and turns desired rulesets into transactions.
@@ -392,6 +409,7 @@ impl<R: NftRunner> Applier<R> {
             apply_time: Duration::ZERO,
             writer: Writer::None,
             affinity_purged: 0,
+            replaced: None,
         };
         if plan.is_empty() {
             return Ok(report);

@@ -52,6 +52,8 @@ pub const ENDPOINT_MAP_BUCKETS: u32 = 256;
 /// Smallest key range reserved for a Service port in an endpoint map; ranges are powers of
 /// two so that a port can gain endpoints without moving.
 pub const MIN_SLOT_CAPACITY: u32 = 16;
+/// What the names of the shared endpoint maps start with.
+pub const ENDPOINT_MAP_PREFIX: &str = "endpoints-";
 
 /// Rendering settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +220,7 @@ pub fn render_with_slots<'a>(
             }
         }
         ruleset.tables.insert(family, table);
+        ruleset.slots.insert(family, fixed.used.into_iter().collect());
     }
     ruleset
 }
@@ -255,6 +258,21 @@ impl SlotTable {
     /// Forgets `port_id`'s slot; its range stays reserved until released.
     pub fn unassign(&mut self, port_id: &str) -> Option<Slot> {
         self.assigned.remove(port_id)
+    }
+
+    /// Gives `port_id` the slot a previous agent left it (see [`crate::adopt`]), unless the
+    /// port has one or the keys overlap a slot taken already; returns whether it did.
+    pub fn adopt(&mut self, port_id: &str, slot: Slot) -> bool {
+        let start = u64::from(slot.offset);
+        let end = start + u64::from(slot.capacity);
+        let ranges = self.taken.entry(slot.bucket).or_default();
+        let overlaps = ranges.range(..end).next_back().is_some_and(|(_, e)| *e > start);
+        if overlaps || self.assigned.contains_key(port_id) {
+            return false;
+        }
+        ranges.insert(start, end);
+        self.assigned.insert(port_id.to_string(), slot);
+        true
     }
 
     /// Makes `slot`'s keys available again.
@@ -584,7 +602,7 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
 /// One set of endpoint maps per protocol: with a shared `th dport` in the `typeof`, nft 1.0.6
 /// rejects rules added to an existing map ("conflicting protocols specified: tcp vs. th").
 fn endpoint_map_name(proto: &str, bucket: u32) -> String {
-    format!("endpoints-{proto}-{bucket:02x}")
+    format!("{ENDPOINT_MAP_PREFIX}{proto}-{bucket:02x}")
 }
 
 fn render_service(

@@ -16,13 +16,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::adopt::{
+    Adoption, Elements, Gathered, Live, check_script, delete_check_table, diff_elements, list_check, list_elements,
+    plan,
+};
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
+use crate::diff::{FragmentSink, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
-use crate::netlink::Batch;
+use crate::netlink::{Batch, Netlink};
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
@@ -68,6 +72,10 @@ pub struct Syncer<R> {
     record_chains: HashMap<(Family, String), usize>,
     stale: BTreeSet<Stale>,
     full_next: bool,
+    /// Until a sync succeeds: a full resync over existing tables adopts them.
+    adopting: bool,
+    /// While adopting: the Service ports that asked for an endpoint-map slot.
+    asked: Option<HashSet<(Family, String)>>,
     /// Slots given up, free once the transaction that stops using them is committed.
     to_release: Vec<(Family, Slot)>,
     flows: BTreeSet<StaleFlow>,
@@ -89,6 +97,8 @@ impl<R: NftRunner> Syncer<R> {
             record_chains: HashMap::new(),
             stale: BTreeSet::new(),
             full_next: true,
+            adopting: true,
+            asked: None,
             to_release: Vec::new(),
             flows: BTreeSet::new(),
             rules: 0,
@@ -149,20 +159,51 @@ impl<R: NftRunner> Syncer<R> {
         if full && let Some(writer) = self.runner.stepwise()? {
             return self.sync_stepwise(changes, health, writer.as_ref(), started);
         }
+        // The first sync of a restarted agent, over the tables a previous one left: their
+        // slots are taken over, and only what differs is written.
+        let live = if full && self.adopting { self.list_live() } else { Err(None) };
+        let mut adopted = Vec::new();
+        let mut listing = None;
+        if let Ok(live) = &live {
+            for (family, port, slot) in live.slots() {
+                if self.slots.entry(family).or_default().adopt(&port, slot) {
+                    adopted.push((family, port, slot));
+                }
+            }
+            // The elements (most of the listing) are listed while the Services are rendered.
+            listing = self.runner.netlink().map(|netlink| {
+                delete_check_table(&netlink);
+                ElementListing::start(netlink, live.element_sets())
+            });
+        }
+        // Adopting, the whole ruleset is gathered from the fragments as they are rendered.
+        let mut gathered = live.is_ok().then(Gathered::default);
+        self.asked = live.is_ok().then(HashSet::new);
         let mut deltas: BTreeMap<Family, Delta> = BTreeMap::new();
         let mut changed = Vec::new();
         for (key, model) in changes {
             if self.models.get(&key) == model.as_ref() {
                 continue;
             }
-            self.update(&key, model, (!full).then_some(&mut deltas), None);
+            let sink = gathered.as_mut().map(|g| g as &mut dyn FragmentSink);
+            self.update(&key, model, (!full).then_some(&mut deltas), sink);
             changed.push(key);
         }
         let mut counts = None;
         let mut batch = None;
         let mut full_ruleset = None;
         let (script, chains_written, elements_changed, stale_after) = if full {
-            let (ruleset, chains, (rules, elements)) = self.render_whole();
+            let (ruleset, chains, (rules, elements)) = match gathered.take() {
+                Some(mut gathered) => {
+                    self.add_kept(&changed, &mut gathered);
+                    let ruleset = gathered.finish(&self.config, self.shared_elements().into_iter());
+                    let chains = ruleset.tables.values().map(|t| t.chains.len()).sum();
+                    let counts = (ruleset.rule_count(), ruleset.element_count());
+                    (ruleset, chains, counts)
+                }
+                None => self.render_whole(),
+            };
+            self.release_unused(&adopted);
             counts = Some((rules, elements));
             full_ruleset = Some(ruleset);
             (String::new(), chains, elements, BTreeSet::new())
@@ -185,8 +226,25 @@ impl<R: NftRunner> Syncer<R> {
             apply_time: Duration::ZERO,
             writer: Writer::None,
             affinity_purged: 0,
+            replaced: None,
         };
-        if full_ruleset.is_some() || !script.is_empty() {
+        let adoption = match (&full_ruleset, live, listing) {
+            (Some(ruleset), Ok(live), Some(listing)) => {
+                let applying = Instant::now();
+                let adoption = self.adopt(&live, listing, ruleset);
+                report.apply_time = applying.elapsed();
+                adoption
+            }
+            (_, Err(why), _) => Err(why),
+            _ => Err(None),
+        };
+        if let Ok(adoption) = &adoption {
+            report.writer = Writer::Netlink;
+            report.applied = true;
+            report.chains_written = adoption.chains_written;
+            report.elements_changed = adoption.elements_changed;
+        } else if full_ruleset.is_some() || !script.is_empty() {
+            report.replaced = adoption.err().flatten();
             let applying = Instant::now();
             let written = match &full_ruleset {
                 Some(ruleset) => self.runner.run_full(&FullSync::new(ruleset)),
@@ -197,13 +255,86 @@ impl<R: NftRunner> Syncer<R> {
             report.apply_time = applying.elapsed();
             report.applied = true;
         }
+        let adopted_tables = report.writer == Writer::Netlink && full;
         self.committed(stale_after, counts, &changed, &deltas, health);
         for (family, delta) in &deltas {
             if let Some(narrowed) = delta.narrowed_affinity() {
                 report.affinity_purged += self.purge_affinity(*family, &narrowed)?;
             }
         }
+        if adopted_tables {
+            // Clients the previous agent recorded: those the tables no longer allow go. (IPv6
+            // entries name their endpoint's rule, which is gone with the endpoint.)
+            let every = Narrowed { every: true, ..Narrowed::default() };
+            report.affinity_purged += self.purge_affinity(Family::V4, &every)?;
+        }
         Ok(report)
+    }
+
+    /// Both tables as the kernel holds them, to adopt; `Err(None)` when there is nothing to
+    /// adopt (no netlink socket, or a table missing), `Err(Some(why))` when they cannot be
+    /// listed.
+    fn list_live(&self) -> Result<Live, Option<String>> {
+        let netlink = self.runner.netlink().ok_or(None)?;
+        match Live::list(&netlink) {
+            Ok(Some(live)) => Ok(live),
+            Ok(None) => Err(None),
+            Err(e) => Err(Some(format!("listing the tables: {e}"))),
+        }
+    }
+
+    /// Adopted slots that the render did not use as they were are released (a port gone, or
+    /// moved to a slot of its size).
+    fn release_unused(&mut self, adopted: &[(Family, String, Slot)]) {
+        let asked = self.asked.take().unwrap_or_default();
+        for (family, port, slot) in adopted {
+            let used = asked.contains(&(*family, port.clone()));
+            if let Some(table) = self.slots.get_mut(family) {
+                if used && table.get(port) == Some(*slot) {
+                    continue;
+                }
+                if table.get(port) == Some(*slot) {
+                    table.unassign(port);
+                }
+                table.release(*slot);
+            }
+        }
+    }
+
+    /// Writes what differs between the kernel's tables (`live`) and `desired`, in one netlink
+    /// transaction, after checking the frame through a check table ([`crate::adopt`]).
+    /// `Err(Some(why))` when only a replacement will do; nothing was changed then.
+    fn adopt(&self, live: &Live, listing: ElementListing, desired: &Ruleset) -> Result<Adoption, Option<String>> {
+        let netlink = self.runner.netlink().ok_or(None)?;
+        let script = check_script(desired);
+        // nft writes the check table while the elements are compared.
+        let (checked, elements) = std::thread::scope(|scope| {
+            let check = scope.spawn(|| self.runner.run(&script));
+            // The listing shares the socket: it ends before anything else is sent on it.
+            let elements = listing
+                .finish()
+                .map_err(|e| format!("listing the elements: {e}"))
+                .and_then(|elements| diff_elements(live, &elements, desired));
+            let checked = check.join().unwrap_or_else(|_| Err(listing_panicked()));
+            (checked, elements)
+        });
+        let adopted = checked
+            .map_err(|e| format!("writing the check table: {e}"))
+            .and(elements)
+            .and_then(|elements| {
+                let check = list_check(&netlink)
+                    .map_err(|e| format!("listing the check table: {e}"))?
+                    .ok_or_else(|| "the check table is missing".to_string())?;
+                plan(live, &elements, &check, desired)
+            })
+            .and_then(|adoption| {
+                netlink.commit(&adoption.batch).map_err(|e| format!("the adopting transaction: {e}"))?;
+                Ok(adoption)
+            });
+        if adopted.is_err() {
+            delete_check_table(&netlink);
+        }
+        adopted.map_err(Some)
     }
 
     /// A full resync into a kernel without our tables, written in steps ([`Stepwise`]) while
@@ -244,20 +375,8 @@ impl<R: NftRunner> Syncer<R> {
                 self.update(&key, model, None, Some(&mut steps));
                 changed.push(key);
             }
-            // Kept Services that did not change (a resync of kept state) are written as kept.
-            let fresh: HashSet<&ServiceKey> = changed.iter().collect();
-            for model in self.models.values().filter(|m| !fresh.contains(&m.key)) {
-                for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
-                    let Some(slots) = self.slots.get(&family) else { continue };
-                    let mut fixed = FixedSlots { table: slots, used: Vec::new() };
-                    steps.add(family, &render_fragment(model, family, &self.config, &mut fixed));
-                }
-            }
-            let activating: Vec<(Family, &'static str, &str, String)> = self
-                .shared
-                .iter()
-                .filter_map(|((family, name, key), owners)| Some((*family, *name, key.as_str(), effective(owners)?)))
-                .collect();
+            self.add_kept(&changed, &mut steps);
+            let activating = self.shared_elements();
             rendered = started.elapsed();
             steps.finish(activating.iter().map(|(family, name, key, value)| (*family, *name, *key, value.as_str())))
         });
@@ -270,6 +389,7 @@ impl<R: NftRunner> Syncer<R> {
             apply_time: Duration::ZERO,
             writer: Writer::NftThenNetlink,
             affinity_purged: 0,
+            replaced: None,
         };
         let counts = match written {
             Ok(Some(written)) => {
@@ -299,6 +419,26 @@ impl<R: NftRunner> Syncer<R> {
         Ok(report)
     }
 
+    /// Kept Services that did not change (a resync of kept state), rendered as kept.
+    fn add_kept(&self, changed: &[ServiceKey], sink: &mut dyn FragmentSink) {
+        let fresh: HashSet<&ServiceKey> = changed.iter().collect();
+        for model in self.models.values().filter(|m| !fresh.contains(&m.key)) {
+            for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
+                let Some(slots) = self.slots.get(&family) else { continue };
+                let mut fixed = FixedSlots { table: slots, used: Vec::new() };
+                sink.add_owned(family, render_fragment(model, family, &self.config, &mut fixed));
+            }
+        }
+    }
+
+    /// The elements of the dispatch maps and the hairpin set, as their owners decide.
+    fn shared_elements(&self) -> Vec<(Family, &'static str, &str, String)> {
+        let shared = self.shared.iter();
+        shared
+            .filter_map(|((family, name, key), owners)| Some((*family, *name, key.as_str(), effective(owners)?)))
+            .collect()
+    }
+
     /// Every kept model rendered, with its number of chains, and of rules and elements.
     fn render_whole(&self) -> (Ruleset, usize, (usize, usize)) {
         let ruleset = render_with_slots(self.models.values(), &self.config, &self.slots);
@@ -318,6 +458,7 @@ impl<R: NftRunner> Syncer<R> {
         health: &HealthState,
     ) {
         self.full_next = false;
+        self.adopting = false;
         self.stale = stale_after;
         for (family, slot) in self.to_release.drain(..) {
             if let Some(table) = self.slots.get_mut(&family) {
@@ -379,7 +520,7 @@ impl<R: NftRunner> Syncer<R> {
         key: &ServiceKey,
         model: Option<ServiceModel>,
         mut deltas: Option<&mut BTreeMap<Family, Delta>>,
-        mut steps: Option<&mut Stepwise<'_>>,
+        mut steps: Option<&mut dyn FragmentSink>,
     ) {
         let old = self.models.remove(key);
         let endpoints = |m: Option<&ServiceModel>| m.map_or(0, |m| m.ports.iter().map(|p| p.endpoints.len()).sum());
@@ -404,6 +545,9 @@ impl<R: NftRunner> Syncer<R> {
                 }
                 None => (None, Vec::new()),
             };
+            if let Some(log) = self.asked.as_mut() {
+                log.extend(asked.iter().map(|port| (family, port.clone())));
+            }
             for (port, slot) in had {
                 if !asked.contains(&port) {
                     slots.unassign(&port);
@@ -415,11 +559,11 @@ impl<R: NftRunner> Syncer<R> {
             if before.is_none() && after.is_none() {
                 continue;
             }
-            if let (Some(steps), Some(after)) = (steps.as_deref_mut(), after.as_ref()) {
-                steps.add(family, after);
-            }
             let delta = deltas.as_deref_mut().map(|d| d.entry(family).or_default());
-            self.merge(family, &owner, before.unwrap_or_default(), after.unwrap_or_default(), delta);
+            self.merge(family, &owner, before.unwrap_or_default(), after.as_ref().unwrap_or(&Table::default()), delta);
+            if let (Some(steps), Some(after)) = (steps.as_deref_mut(), after) {
+                steps.add_owned(family, after);
+            }
         }
         if let Some(model) = model {
             self.models.insert(key.clone(), model);
@@ -431,22 +575,22 @@ impl<R: NftRunner> Syncer<R> {
         family: Family,
         owner: &Arc<ServiceKey>,
         before: Table,
-        after: Table,
+        after: &Table,
         mut delta: Option<&mut Delta>,
     ) {
-        let (mut before_chains, mut after_chains) = (before.chains, after.chains);
+        let mut before_chains = before.chains;
         // Affinity recording chains are shared by every port with their policy, timeout and
         // protocol: they come and go with the first and last of those ports.
         let record: Vec<String> = before_chains
             .keys()
-            .chain(after_chains.keys())
+            .chain(after.chains.keys())
             .filter(|n| n.starts_with(AFFINITY_RECORD_PREFIX))
             .cloned()
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         for name in record {
-            let (old, new) = (before_chains.remove(&name), after_chains.remove(&name));
+            let (old, new) = (before_chains.remove(&name), after.chains.get(&name).cloned());
             let chain = new.clone().or_else(|| old.clone()).unwrap_or_default();
             let users = self.record_chains.entry((family, name.clone())).or_insert(0);
             let was = *users > 0;
@@ -464,8 +608,8 @@ impl<R: NftRunner> Syncer<R> {
             for (name, chain) in before_chains {
                 d.chains.entry(name).or_insert((None, None)).0 = Some(chain);
             }
-            for (name, chain) in after_chains {
-                d.chains.entry(name).or_insert((None, None)).1 = Some(chain);
+            for (name, chain) in after.chains.iter().filter(|(n, _)| !n.starts_with(AFFINITY_RECORD_PREFIX)) {
+                d.chains.entry(name.clone()).or_insert((None, None)).1 = Some(chain.clone());
             }
         }
         let mut names: BTreeSet<&String> = before.collections.keys().collect();
@@ -536,6 +680,33 @@ impl<R: NftRunner> Syncer<R> {
     }
 }
 
+/// The elements of the kernel's collections, listed on a thread of their own; joined when
+/// dropped, so that the socket is never used by two threads at once.
+struct ElementListing(Option<std::thread::JoinHandle<Result<Elements, NftError>>>);
+
+impl ElementListing {
+    fn start(netlink: Arc<Netlink>, sets: Vec<(Family, String)>) -> Self {
+        Self(Some(std::thread::spawn(move || list_elements(&netlink, &sets))))
+    }
+
+    fn finish(mut self) -> Result<Elements, NftError> {
+        let handle = self.0.take().ok_or_else(listing_panicked)?;
+        handle.join().map_err(|_| listing_panicked())?
+    }
+}
+
+impl Drop for ElementListing {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn listing_panicked() -> NftError {
+    NftError::Rejected { status: "panicked".into(), stderr: "the thread listing the elements panicked".into() }
+}
+
 /// The value of the greatest Service key among those wanting an element.
 fn effective(owners: &[(Arc<ServiceKey>, String)]) -> Option<String> {
     owners.iter().max_by(|a, b| a.0.cmp(&b.0)).map(|(_, v)| v.clone())
@@ -558,6 +729,8 @@ impl SlotSource for Recording<'_> {
 /// frontends may have become invalid.
 #[derive(Debug, Default)]
 struct Narrowed {
+    /// Every entry (the clients a previous agent recorded).
+    every: bool,
     /// Endpoint address, protocol, port.
     endpoints: HashSet<(IpAddr, &'static str, u16)>,
     /// Frontend address (none for a NodePort), protocol, port.
@@ -566,7 +739,8 @@ struct Narrowed {
 
 impl Narrowed {
     fn touches(&self, e: &AffinityEntry) -> bool {
-        self.endpoints.contains(&(e.endpoint, e.protocol, e.endpoint_port))
+        self.every
+            || self.endpoints.contains(&(e.endpoint, e.protocol, e.endpoint_port))
             || self.frontends.contains(&(Some(e.frontend), e.protocol, e.port))
             || self.frontends.contains(&(None, e.protocol, e.port))
     }

@@ -966,3 +966,106 @@ fn refused_netlink_batch_changes_nothing_and_the_next_sync_repairs() {
     assert!(lab.sync(&[web().build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap().full);
     assert_eq!(lab.servers(LB, 80, 8), set(&["pod2"]));
 }
+
+/// Both tables' tokens without the clients ClientIP affinity recorded (their timers run).
+fn static_tables(lab: &Lab) -> Vec<Vec<String>> {
+    both_tables(lab).into_iter().map(|t| t.into_iter().filter(|t| !t.contains(" expires ")).collect()).collect()
+}
+
+/// The agent restarting: a new syncer with empty inputs, over the kernel as it is.
+fn restart(lab: &mut Lab, config: hawser_dataplane::render::RenderConfig) {
+    lab.syncer = hawser_dataplane::sync::Syncer::new(Box::new(node_nft(&lab.node, true)), config);
+    lab.inputs = hawser_dataplane::inputs::ClusterInputs::default();
+}
+
+/// A restarted agent adopts the tables it finds: when they already say what it wants it
+/// writes nothing (only its check table comes and goes) and the clients ClientIP affinity
+/// recorded stay; what changed while it was away, or was changed by hand, is written in one
+/// netlink transaction, ending as a full write would; a frame that differs (here another
+/// masquerade bit) makes it replace the tables atomically, as before.
+#[test]
+fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
+    use hawser_dataplane::nft::Writer;
+    use hawser_dataplane::render::RenderConfig;
+    let mut lab = lab!(3);
+    let dual = lab.ipv6;
+    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np);
+    let plain = svc("plain", "203.0.113.1", "2001:db8::1", 30001).build();
+    let single = svc("single", "203.0.113.2", "2001:db8::2", 30002).build();
+    let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
+    sticky.affinity_timeout = Some(600);
+    let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
+    ranged.source_ranges = vec!["192.168.100.0/24"];
+    let empty = svc("empty", "203.0.113.5", "2001:db8::5", 30005).build();
+    let all = vec![plain, single, sticky.build(), ranged.build(), empty];
+    let pods = |n: usize| -> Vec<Ep<'static>> {
+        let mut v: Vec<Ep<'static>> =
+            ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
+        if dual {
+            v.extend(["fd00:1::2", "fd00:2::2", "fd00:3::2"][..n].iter().map(|ip| Ep::ready(ip, NODE)));
+        }
+        v
+    };
+    let slices = |counts: &[(&'static str, usize)]| -> Vec<EndpointSlice> {
+        counts.iter().map(|(name, n)| slice("ns", name, name, PORTS, &pods(*n))).collect()
+    };
+    let before = slices(&[("plain", 3), ("single", 1), ("sticky", 3), ("ranged", 2), ("empty", 0)]);
+    assert_eq!(lab.sync(&all, &before).unwrap().writer, Writer::NftThenNetlink);
+    let sticky_pod = tcp(&lab.client, "203.0.113.3", 80).server();
+    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1);
+    let written = static_tables(&lab);
+
+    // Nothing changed: nothing but the check table is written, and the client stays recorded.
+    restart(&mut lab, RenderConfig::default());
+    let report = lab.sync(&all, &before).unwrap();
+    assert!(report.full);
+    assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Netlink, None));
+    assert_eq!((report.chains_written, report.elements_changed), (0, 0), "{report:?}");
+    assert_eq!(static_tables(&lab), written);
+    assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1, "the recorded client stays");
+    for _ in 0..8 {
+        assert_eq!(tcp(&lab.client, "203.0.113.3", 80).server(), sticky_pod);
+    }
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(!tables.contains("hawser-check"), "{tables}");
+
+    // Changed while the agent was away: plain lost an endpoint, sticky lost the one its client
+    // was sent to, empty was deleted; and by hand, a rule and an element of single's went.
+    let nft = node_nft(&lab.node, false);
+    nft.run("flush chain ip hawser svc-ns/single/tcp/80\ndelete element ip hawser service-nodeports { tcp . 30002 }\n")
+        .unwrap();
+    let n = |pod: &str| pod.trim_start_matches("pod").parse::<usize>().unwrap();
+    let gone = [format!("10.0.{}.2", n(&sticky_pod)), format!("fd00:{}::2", n(&sticky_pod))];
+    let mut after = slices(&[("plain", 2), ("single", 1), ("ranged", 2)]);
+    let sticky_eps: Vec<Ep<'static>> = pods(3).into_iter().filter(|e| !gone.iter().any(|g| g == e.ip)).collect();
+    after.push(slice("ns", "sticky", "sticky", PORTS, &sticky_eps));
+    let remaining: Vec<_> = all.iter().filter(|s| s.metadata.name.as_deref() != Some("empty")).cloned().collect();
+    restart(&mut lab, RenderConfig::default());
+    let report = lab.sync(&remaining, &after).unwrap();
+    assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Netlink, None), "{report:?}");
+    assert!(report.chains_written >= 3 && report.elements_changed >= 4, "{report:?}");
+    assert_eq!(report.affinity_purged, 1, "the client recorded for a gone endpoint");
+    let adopted = static_tables(&lab);
+    assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
+    assert_eq!(lab.servers(NODE_IP, 30002, 4), set(&["pod1"]), "single's NodePort is back");
+    assert_ne!(tcp(&lab.client, "203.0.113.3", 80).server(), sticky_pod);
+    assert_eq!(tcp(&lab.client, "203.0.113.5", 80), Outcome::Timeout, "empty is gone: nothing answers");
+    // Exactly what a write from nothing gives, with the same slots.
+    lab.syncer.cleanup().unwrap();
+    assert_eq!(lab.sync(&remaining, &after).unwrap().writer, Writer::NftThenNetlink);
+    assert_eq!(static_tables(&lab), adopted, "adopted tables differ from a full write");
+
+    // Another masquerade bit: the frame differs, and the tables are replaced atomically.
+    restart(&mut lab, RenderConfig { masquerade_mark: 0x0080_0000 });
+    let report = lab.sync(&remaining, &after).unwrap();
+    assert_eq!(report.writer, Writer::Nft, "{report:?}");
+    assert!(report.replaced.as_deref().is_some_and(|r| r.contains("nat-postrouting")), "{report:?}");
+    assert!(lab.list_chain("ip", "nat-postrouting").contains("0x00800000"));
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(!tables.contains("hawser-check"), "{tables}");
+    assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
+    let replaced = static_tables(&lab);
+    lab.syncer.cleanup().unwrap();
+    lab.sync(&remaining, &after).unwrap();
+    assert_eq!(static_tables(&lab), replaced, "the replacement differs from a full write");
+}

@@ -1,0 +1,563 @@
+//! Adopting the tables a previous agent left: the first sync of a restarted agent lists what
+//! the kernel holds, over netlink, and writes only what differs from what it wants, in one
+//! netlink transaction. Replacing 10k Services' tables atomically through nft takes 1.5 s at
+//! 10k Services and resets every ClientIP affinity entry; an agent restarted over tables that
+//! already say what it wants writes nothing, and its recorded clients stay.
+//!
+//! The tables are compared in two parts:
+//! - **What the encoder writes** (`svc-…` chains, the elements of the dispatch, endpoint,
+//!   hairpin and affinity-endpoint collections): each wanted rule and element is encoded as
+//!   the kernel lists it ([`expected_rule`], [`known_element`]) and compared with the listing.
+//!   A chain that differs is rewritten, elements that differ are deleted or added, chains and
+//!   sets nobody wants any more are deleted, all in the one transaction.
+//! - **The frame** (base chains and their hooks, the dispatch, filter, reject and affinity
+//!   chains, every set's declaration): nft writes it into a check table of its own
+//!   ([`CHECK_TABLE`], base chains without hooks, so it sees no packet), which is listed and
+//!   compared with ours, anonymous sets by their content. Any difference there (an upgrade
+//!   that changed a rule's shape, another masquerade bit, a hand edit) or anything the
+//!   encoder does not know makes the sync fall back to the atomic replacement.
+//!
+//! The endpoint-map slots the `svc-…` rules use are adopted too ([`Live::slots`]), so that a
+//! Service keeps its keys and an unchanged table compares equal.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+
+use crate::diff::FragmentSink;
+use crate::model::Family;
+use crate::netlink::{
+    Batch, Hook, KernelRule, KnownElement, ListedSet, Netlink, endpoint_slot, expected_rule, known_element,
+    listed_chain, listed_rule, listed_set,
+};
+use crate::nft::NftError;
+use crate::render::{
+    Chain, Collection, ENDPOINT_MAP_PREFIX, MIN_SLOT_CAPACITY, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, TABLE,
+    Table, base_table, family_name,
+};
+
+/// The whole ruleset gathered from the fragments a full resync renders, rather than
+/// rendered a second time: each family's base table, the fragments' chains and endpoint maps,
+/// and the shared collections' elements as their owners decide ([`Gathered::finish`]).
+#[derive(Debug, Default)]
+pub struct Gathered {
+    tables: BTreeMap<Family, Table>,
+}
+
+impl FragmentSink for Gathered {
+    fn add(&mut self, family: Family, fragment: &Table) {
+        self.add_owned(family, fragment.clone());
+    }
+
+    fn add_owned(&mut self, family: Family, fragment: Table) {
+        let table = self.tables.entry(family).or_default();
+        for (name, chain) in fragment.chains {
+            table.chains.entry(name).or_insert(chain);
+        }
+        for (name, c) in fragment.collections {
+            if SHARED_COLLECTIONS.contains(&name.as_str()) {
+                continue;
+            }
+            match table.collections.get_mut(&name) {
+                Some(collection) => collection.elements.extend(c.elements),
+                None => {
+                    table.collections.insert(name, c);
+                }
+            }
+        }
+    }
+}
+
+impl Gathered {
+    /// The ruleset, with the shared collections' elements (family, collection, key, value).
+    pub fn finish<'a>(
+        self,
+        config: &RenderConfig,
+        shared: impl Iterator<Item = (Family, &'a str, &'a str, String)>,
+    ) -> Ruleset {
+        let mut ruleset = Ruleset::default();
+        let mut gathered = self.tables;
+        for family in FAMILIES {
+            let mut table = base_table(family, config);
+            let fragments = gathered.remove(&family).unwrap_or_default();
+            table.chains.extend(fragments.chains);
+            table.collections.extend(fragments.collections);
+            ruleset.tables.insert(family, table);
+        }
+        for (family, name, key, value) in shared {
+            if let Some(c) = ruleset.tables.get_mut(&family).and_then(|t| t.collections.get_mut(name)) {
+                c.elements.insert(key.to_string(), value);
+            }
+        }
+        ruleset
+    }
+}
+
+/// The table nft writes the frame into, to compare ours with (see the module's doc).
+pub const CHECK_TABLE: &str = "hawser-check";
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// One family's table as the kernel lists it.
+#[derive(Debug, Clone, Default)]
+struct LiveTable {
+    chains: BTreeMap<String, LiveChain>,
+    /// Named sets and maps.
+    sets: BTreeMap<String, ListedSet>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LiveChain {
+    hook: Option<Hook>,
+    rules: Vec<KernelRule>,
+}
+
+impl LiveTable {
+    /// Table `table` of `family`; `None` when it does not exist. Anonymous sets are named by
+    /// their content in the rules that use them, so that two tables with the same rules
+    /// compare equal whatever the kernel numbered their anonymous sets.
+    fn list(netlink: &Netlink, family: Family, table: &str) -> Result<Option<Self>, NftError> {
+        let Some(listed) = netlink.list_table(family, table)? else { return Ok(None) };
+        let mut live = LiveTable::default();
+        let mut anonymous: HashMap<String, Vec<u8>> = HashMap::new();
+        for set in listed.sets.iter().filter_map(listed_set) {
+            if set.anonymous {
+                let mut content = b"anonymous ".to_vec();
+                for (kind, value) in &set.decl {
+                    content.extend_from_slice(&kind.to_be_bytes());
+                    content.extend_from_slice(value);
+                }
+                let mut elements = netlink.list_elements(family, table, &set.name)?;
+                elements.sort();
+                for element in elements {
+                    for (kind, value) in element {
+                        content.extend_from_slice(&kind.to_be_bytes());
+                        content.extend_from_slice(&value);
+                    }
+                }
+                anonymous.insert(set.name.clone(), content);
+            } else {
+                live.sets.insert(set.name.clone(), set);
+            }
+        }
+        for (name, hook) in listed.chains.iter().filter_map(listed_chain) {
+            live.chains.insert(name, LiveChain { hook, rules: Vec::new() });
+        }
+        for (chain, rule) in listed.rules.iter().filter_map(|r| listed_rule(r, &anonymous)) {
+            live.chains.entry(chain).or_default().rules.push(rule);
+        }
+        Ok(Some(live))
+    }
+}
+
+/// Both of our tables as the kernel holds them: chains, rules, set declarations.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    tables: BTreeMap<Family, LiveTable>,
+}
+
+/// The elements of the collections the adoption compares, by family and collection, sorted.
+pub type Elements = BTreeMap<(Family, String), Vec<KnownElement>>;
+
+/// Lists the elements of `sets` ([`Live::element_sets`]).
+pub fn list_elements(netlink: &Netlink, sets: &[(Family, String)]) -> Result<Elements, NftError> {
+    let mut all = Elements::new();
+    for (family, name) in sets {
+        if let Some(mut elements) = netlink.list_known_elements(*family, name)? {
+            elements.sort_unstable();
+            all.insert((*family, name.clone()), elements);
+        }
+    }
+    Ok(all)
+}
+
+impl Live {
+    /// Lists both tables, without the sets' elements; `None` unless both exist.
+    pub fn list(netlink: &Netlink) -> Result<Option<Self>, NftError> {
+        let mut live = Live::default();
+        for family in FAMILIES {
+            let Some(table) = LiveTable::list(netlink, family, TABLE)? else { return Ok(None) };
+            live.tables.insert(family, table);
+        }
+        Ok(Some(live))
+    }
+
+    /// The sets and maps whose elements are compared: those the packet path does not fill.
+    pub fn element_sets(&self) -> Vec<(Family, String)> {
+        let sets =
+            self.tables.iter().flat_map(|(f, t)| t.sets.values().filter(|s| !s.dynamic).map(|s| (*f, s.name.clone())));
+        sets.collect()
+    }
+
+    /// The endpoint-map slots the `svc-…` chains use: family, Service port
+    /// (`NS/NAME/PROTO/PORT`) and slot, its capacity the least a slot for its endpoints has.
+    pub fn slots(&self) -> Vec<(Family, String, Slot)> {
+        let mut slots = Vec::new();
+        for (family, table) in &self.tables {
+            for (name, chain) in &table.chains {
+                let Some(port) = name.strip_prefix("svc-") else { continue };
+                let Some((map, modulus, offset)) = chain.rules.iter().find_map(endpoint_slot) else {
+                    continue;
+                };
+                let Some(bucket) = map.rsplit_once('-').and_then(|(_, b)| u32::from_str_radix(b, 16).ok()) else {
+                    continue;
+                };
+                let Some(capacity) = modulus.checked_next_power_of_two() else { continue };
+                slots.push((
+                    *family,
+                    port.to_string(),
+                    Slot { bucket, offset, capacity: capacity.max(MIN_SLOT_CAPACITY) },
+                ));
+            }
+        }
+        slots
+    }
+}
+
+/// The nft script writing the frame of `desired` (see the module's doc) into [`CHECK_TABLE`],
+/// which must not exist. (A `delete table` in the script would have nft list every table
+/// first, ours with its 10k chains included.)
+pub fn check_script(desired: &Ruleset) -> String {
+    let mut out = String::new();
+    for (family, table) in &desired.tables {
+        let fam = family_name(*family);
+        let _ = writeln!(out, "add table {fam} {CHECK_TABLE}");
+        for (name, c) in checked_collections(table) {
+            let kind = if c.is_map { "map" } else { "set" };
+            let _ = writeln!(out, "add {kind} {fam} {CHECK_TABLE} {name} {{ {} }}", c.decl);
+        }
+        let frame: Vec<(&String, &Chain)> = table.chains.iter().filter(|(n, c)| !encoded(n, c)).collect();
+        for (name, _) in &frame {
+            let _ = writeln!(out, "add chain {fam} {CHECK_TABLE} {name}");
+        }
+        for (name, chain) in &frame {
+            for rule in &chain.rules {
+                let _ = writeln!(out, "add rule {fam} {CHECK_TABLE} {name} {rule}");
+            }
+        }
+    }
+    out
+}
+
+/// The collections the check table declares: every one but the endpoint maps, of which one
+/// per declaration stands for all (they differ only by name, and only the `svc-…` rules,
+/// which the check table does not hold, refer to them).
+fn checked_collections(table: &Table) -> impl Iterator<Item = (&String, &Collection)> {
+    let mut seen = BTreeSet::new();
+    table.collections.iter().filter(move |(name, c)| !name.starts_with(ENDPOINT_MAP_PREFIX) || seen.insert(&c.decl))
+}
+
+/// The collection of the check table whose declaration `name` (of `table`) must have.
+fn checked_as<'a>(table: &'a Table, name: &'a String) -> Option<&'a String> {
+    let decl = &table.collections.get(name)?.decl;
+    if !name.starts_with(ENDPOINT_MAP_PREFIX) {
+        return Some(name);
+    }
+    checked_collections(table).find(|(n, c)| n.starts_with(ENDPOINT_MAP_PREFIX) && c.decl == *decl).map(|(n, _)| n)
+}
+
+/// Deletes the check table of both families, if there is one (a failed adoption or a crash
+/// may have left it).
+pub fn delete_check_table(netlink: &Netlink) {
+    for family in FAMILIES {
+        // One transaction each: deleting a table that is not there fails the whole batch.
+        let mut batch = Batch::new();
+        batch.delete_table(family, CHECK_TABLE);
+        let _ = netlink.commit(&batch);
+    }
+}
+
+/// Lists the check table nft wrote ([`check_script`]); `None` unless both families have one.
+pub fn list_check(netlink: &Netlink) -> Result<Option<BTreeMap<Family, LiveFrame>>, NftError> {
+    let mut frames = BTreeMap::new();
+    for family in FAMILIES {
+        let Some(table) = LiveTable::list(netlink, family, CHECK_TABLE)? else { return Ok(None) };
+        frames.insert(family, LiveFrame(table));
+    }
+    Ok(Some(frames))
+}
+
+/// The frame as nft writes it, listed from the check table.
+#[derive(Debug, Clone)]
+pub struct LiveFrame(LiveTable);
+
+/// Whether the chain is one the adoption compares rule by rule, as the encoder writes it: a
+/// `svc-…` chain (one holding a rule the encoder does not know makes the adoption fall back).
+fn encoded(name: &str, chain: &Chain) -> bool {
+    chain.base.is_none() && name.starts_with("svc-")
+}
+
+/// The transaction bringing the kernel's tables to `desired`, and what it writes.
+#[derive(Debug)]
+pub struct Adoption {
+    /// Everything that differs, in one transaction; it also deletes the check table.
+    pub batch: Batch,
+    /// Chains created or rewritten.
+    pub chains_written: usize,
+    /// Elements added or deleted.
+    pub elements_changed: usize,
+}
+
+/// What differs in the elements of the collections the adoption compares: by family and
+/// collection, the keys to delete (a changed value is deleted, then added) and the elements to
+/// add.
+#[derive(Debug, Default)]
+pub struct ElementDiff {
+    collections: Vec<CollectionDiff>,
+}
+
+/// Family, collection, keys to delete, elements (key, value) to add.
+type CollectionDiff = (Family, String, Vec<Vec<u8>>, Vec<(String, String)>);
+
+/// Compares the elements the kernel holds (`elements`, of `live`'s collections) with those
+/// `desired` wants; `Err` with the reason when one is not an element the encoder knows.
+pub fn diff_elements(live: &Live, elements: &Elements, desired: &Ruleset) -> Result<ElementDiff, String> {
+    let mut diff = ElementDiff::default();
+    for (family, want) in &desired.tables {
+        let fam = family_name(*family);
+        let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
+        for (name, collection) in &want.collections {
+            let Some(set) = have.sets.get(name) else { return Err(format!("{fam}: set {name} is missing")) };
+            if set.dynamic {
+                continue;
+            }
+            let Some(listed) = elements.get(&(*family, name.clone())) else {
+                if collection.elements.is_empty() {
+                    continue;
+                }
+                return Err(format!("{fam}: set {name}: elements the encoder does not know"));
+            };
+            let mut wanted = Vec::with_capacity(collection.elements.len());
+            for (key, value) in &collection.elements {
+                let element = known_element(*family, name, key, value)
+                    .ok_or_else(|| format!("{fam}: set {name}: element {key} the encoder does not know"))?;
+                wanted.push((element, key, value));
+            }
+            wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let (stale, missing) = walk(listed, &wanted);
+            if !stale.is_empty() || !missing.is_empty() {
+                diff.collections.push((*family, name.clone(), stale, missing));
+            }
+        }
+    }
+    Ok(diff)
+}
+
+/// Walks the elements the kernel holds and those wanted, both sorted, side by side by key:
+/// the keys to delete, and the elements to add.
+fn walk(listed: &[KnownElement], wanted: &[(KnownElement, &String, &String)]) -> (Vec<Vec<u8>>, Vec<(String, String)>) {
+    let (mut stale, mut missing) = (Vec::new(), Vec::new());
+    let (mut have, mut want) = (listed.iter().peekable(), wanted.iter().peekable());
+    loop {
+        match (have.peek(), want.peek()) {
+            (None, None) => break,
+            (Some(h), Some((w, key, value))) if h.key() == w.key() => {
+                if *h != w {
+                    stale.push(h.key().to_vec());
+                    missing.push(((*key).clone(), (*value).clone()));
+                }
+                have.next();
+                want.next();
+            }
+            (Some(h), Some((w, ..))) if h.key() < w.key() => {
+                stale.push(h.key().to_vec());
+                have.next();
+            }
+            (Some(h), None) => {
+                stale.push(h.key().to_vec());
+                have.next();
+            }
+            (_, Some((_, key, value))) => {
+                missing.push(((*key).clone(), (*value).clone()));
+                want.next();
+            }
+        }
+    }
+    (stale, missing)
+}
+
+/// What the kernel (`live`) needs to hold `desired`, given what differs in the elements
+/// ([`diff_elements`]) and the frame as nft writes it (`check`); `Err` with the reason when
+/// only a replacement will do.
+pub fn plan(
+    live: &Live,
+    elements: &ElementDiff,
+    check: &BTreeMap<Family, LiveFrame>,
+    desired: &Ruleset,
+) -> Result<Adoption, String> {
+    let mut adoption = Adoption { batch: Batch::new(), chains_written: 0, elements_changed: 0 };
+    for (family, want) in &desired.tables {
+        let fam = family_name(*family);
+        let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
+        let frame = &check.get(family).ok_or_else(|| format!("no {fam} check table"))?.0;
+        check_frame(have, frame, want).map_err(|why| format!("{fam}: {why}"))?;
+        plan_family(&mut adoption, *family, elements, have, want).map_err(|why| format!("{fam}: {why}"))?;
+    }
+    for family in desired.tables.keys() {
+        adoption.batch.delete_table(*family, CHECK_TABLE);
+    }
+    Ok(adoption)
+}
+
+/// The frame of our table is as nft writes it: every frame chain with its hook and rules,
+/// every set's declaration.
+fn check_frame(have: &LiveTable, frame: &LiveTable, want: &Table) -> Result<(), String> {
+    for (name, chain) in want.chains.iter().filter(|(n, c)| !encoded(n, c)) {
+        let live = have.chains.get(name).ok_or_else(|| format!("chain {name} is missing"))?;
+        let hook = chain.base.as_deref().map(|b| parse_hook(b).ok_or_else(|| format!("base chain {name}: {b}")));
+        if live.hook != hook.transpose()? {
+            return Err(format!("chain {name} has another hook"));
+        }
+        let written = frame.chains.get(name).ok_or_else(|| format!("chain {name} is not in the check table"))?;
+        if live.rules != written.rules {
+            return Err(format!("chain {name} has other rules"));
+        }
+    }
+    let mut reference: HashMap<&String, &String> = HashMap::new();
+    for name in want.collections.keys() {
+        let live = have.sets.get(name).ok_or_else(|| format!("set {name} is missing"))?;
+        let decl = &want.collections[name].decl;
+        let checked = match reference.get(decl) {
+            Some(checked) => *checked,
+            None => {
+                let checked = checked_as(want, name).ok_or_else(|| format!("set {name} is not checked"))?;
+                reference.insert(decl, checked);
+                checked
+            }
+        };
+        let written = frame.sets.get(checked).ok_or_else(|| format!("set {checked} is not in the check table"))?;
+        if live.decl != written.decl {
+            return Err(format!("set {name} is declared otherwise"));
+        }
+    }
+    Ok(())
+}
+
+/// `type KIND hook HOOK priority PRIO; policy POLICY;`, as the renderer writes base chains.
+fn parse_hook(base: &str) -> Option<Hook> {
+    let words: Vec<&str> = base.split(|c: char| c.is_whitespace() || c == ';').filter(|w| !w.is_empty()).collect();
+    let value = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+    let hook = match value("hook")? {
+        "prerouting" => 0,
+        "input" => 1,
+        "forward" => 2,
+        "output" => 3,
+        "postrouting" => 4,
+        _ => return None,
+    };
+    let policy = match value("policy").unwrap_or("accept") {
+        "accept" => 1,
+        "drop" => 0,
+        _ => return None,
+    };
+    Some(Hook { kind: value("type")?.to_string(), hook, priority: value("priority")?.parse().ok()?, policy })
+}
+
+fn plan_family(
+    adoption: &mut Adoption,
+    family: Family,
+    elements: &ElementDiff,
+    have: &LiveTable,
+    want: &Table,
+) -> Result<(), String> {
+    // Chains the encoder writes: created, or rewritten when a rule differs.
+    let mut write: Vec<(&String, &Chain)> = Vec::new();
+    for (name, chain) in want.chains.iter().filter(|(n, c)| encoded(n, c)) {
+        let expected: Vec<KernelRule> = chain
+            .rules
+            .iter()
+            .map(|r| expected_rule(family, r))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("chain {name}: a rule the encoder does not know"))?;
+        match have.chains.get(name) {
+            Some(live) if live.hook.is_none() && live.rules == expected => {}
+            Some(live) if live.hook.is_some() => return Err(format!("chain {name} is a base chain")),
+            Some(_) => write.push((name, chain)),
+            None => {
+                adoption.batch.new_chain(family, name);
+                write.push((name, chain));
+            }
+        }
+    }
+    // Elements that differ go first, then the chains are written, then elements are added.
+    let collections = elements.collections.iter().filter(|(f, ..)| *f == family);
+    for (_, name, stale, _) in collections.clone().filter(|(.., stale, _)| !stale.is_empty()) {
+        adoption.elements_changed += stale.len();
+        adoption.batch.delete_raw_elements(family, name, stale.iter().map(Vec::as_slice));
+    }
+    for (name, chain) in write {
+        adoption.batch.flush_chain(family, name);
+        for rule in &chain.rules {
+            if !adoption.batch.add_rule(family, name, rule) {
+                return Err(format!("chain {name}: a rule the encoder does not know"));
+            }
+        }
+        adoption.chains_written += 1;
+    }
+    for (_, name, _, missing) in collections.filter(|(.., missing)| !missing.is_empty()) {
+        adoption.elements_changed += missing.len();
+        if !adoption.batch.elements(family, name, true, missing.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            return Err(format!("set {name}: an element the encoder does not know"));
+        }
+    }
+    // What nobody wants any more: chains emptied, then deleted; sets after the rules using them.
+    for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
+        adoption.batch.flush_chain(family, name);
+        adoption.batch.delete_chain(family, name);
+    }
+    for name in have.sets.keys().filter(|n| !want.collections.contains_key(*n)) {
+        adoption.batch.delete_set(family, name);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_chains_are_read_as_the_kernel_lists_their_hooks() {
+        assert_eq!(
+            parse_hook("type nat hook postrouting priority 90; policy accept;"),
+            Some(Hook { kind: "nat".into(), hook: 4, priority: 90, policy: 1 })
+        );
+        assert_eq!(
+            parse_hook("type filter hook output priority -115; policy accept;"),
+            Some(Hook { kind: "filter".into(), hook: 3, priority: -115, policy: 1 })
+        );
+        assert_eq!(parse_hook("type nat hook ingress priority 0;"), None);
+    }
+
+    #[test]
+    fn elements_that_differ_are_deleted_and_added_and_equal_ones_stay() {
+        let family = Family::V4;
+        let map = "endpoints-tcp-01";
+        let element = |k: &str, v: &str| known_element(family, map, k, v).unwrap_or_else(|| panic!("{k} : {v}"));
+        let mut listed =
+            vec![element("1", "10.0.0.1 . 80"), element("2", "10.0.0.2 . 80"), element("4", "10.0.0.4 . 80")];
+        listed.sort();
+        let (k1, k2, k3) = ("1".to_string(), "2".to_string(), "3".to_string());
+        let (v1, v2, v3) = ("10.0.0.1 . 80".to_string(), "10.0.0.9 . 80".to_string(), "10.0.0.3 . 80".to_string());
+        let mut wanted =
+            vec![(element(&k3, &v3), &k3, &v3), (element(&k1, &v1), &k1, &v1), (element(&k2, &v2), &k2, &v2)];
+        wanted.sort_by(|a, b| a.0.cmp(&b.0));
+        let (stale, missing) = walk(&listed, &wanted);
+        // Key 2 changed its value, key 4 is no longer wanted; key 3 is new.
+        assert_eq!(stale, vec![2u32.to_ne_bytes().to_vec(), 4u32.to_ne_bytes().to_vec()]);
+        assert_eq!(missing, vec![(k2.clone(), v2.clone()), (k3.clone(), v3.clone())]);
+        assert_eq!(walk(&listed[..1], &wanted[..1]), (Vec::new(), Vec::new()), "equal: nothing to write");
+    }
+
+    #[test]
+    fn the_check_table_declares_one_endpoint_map_per_declaration() {
+        let decl = |d: &str| Collection { decl: d.into(), is_map: true, elements: BTreeMap::new() };
+        let mut table = Table::default();
+        table.collections.insert("endpoints-tcp-01".into(), decl("tcp"));
+        table.collections.insert("endpoints-tcp-02".into(), decl("tcp"));
+        table.collections.insert("endpoints-udp-01".into(), decl("udp"));
+        table.collections.insert("service-addresses".into(), decl("verdict"));
+        let checked: Vec<&String> = checked_collections(&table).map(|(n, _)| n).collect();
+        assert_eq!(checked, ["endpoints-tcp-01", "endpoints-udp-01", "service-addresses"]);
+        let name = "endpoints-tcp-02".to_string();
+        assert_eq!(checked_as(&table, &name).map(String::as_str), Some("endpoints-tcp-01"));
+    }
+}
