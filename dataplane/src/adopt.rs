@@ -1,8 +1,9 @@
-//! Adopting the tables a previous agent left: the first sync of a restarted agent lists what
-//! the kernel holds, over netlink, and writes only what differs from what it wants, in one
-//! netlink transaction. Replacing 10k Services' tables atomically through nft takes 1.5 s at
-//! 10k Services and resets every ClientIP affinity entry; an agent restarted over tables that
-//! already say what it wants writes nothing, and its recorded clients stay.
+//! Adopting the tables the kernel holds: a full resync over existing tables (an agent
+//! restarted over the tables it left, the periodic resync, the repair after a failure) lists
+//! them over netlink and writes only what differs from what it wants, in one netlink
+//! transaction. Replacing them atomically through nft takes 1.5 s at 10k Services and resets
+//! every ClientIP affinity entry; tables that already say what the agent wants get nothing
+//! written, and their recorded clients stay.
 //!
 //! The tables are compared in two parts:
 //! - **What the encoder writes** (`svc-…` chains, the elements of the dispatch, endpoint,

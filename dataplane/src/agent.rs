@@ -239,7 +239,7 @@ async fn sync_loop(
                 }
                 debug!(?report, "synced");
                 if let Some(why) = &report.replaced {
-                    info!(reason = %why, "replaced the tables found at start instead of adopting them");
+                    info!(reason = %why, "replaced the tables instead of adopting them");
                 }
                 if report.applied {
                     metrics.kernel_writes.get_or_create(&WriterLabel { writer: report.writer.as_str() }).inc();

@@ -45,8 +45,9 @@ struct Args {
     /// Sync at least this often (seconds); /healthz fails after twice this without a sync.
     #[arg(long, env = "HAWSER_RESYNC_PERIOD_SECONDS", default_value_t = 30)]
     resync_period_seconds: u64,
-    /// Replace the tables with a full resync this often (seconds), repairing changes others
-    /// made to them; 0 disables. ClientIP affinity entries are reset by a full resync.
+    /// Compare the tables with what they should hold this often (seconds), repairing changes
+    /// others made to them; 0 disables. Recorded ClientIP affinity clients stay, unless the
+    /// tables' frame (base chains, set declarations) had to be replaced.
     #[arg(long, env = "HAWSER_FULL_RESYNC_PERIOD_SECONDS", default_value_t = 3600)]
     full_resync_period_seconds: u64,
     /// Upper bound of the exponential backoff between failed syncs (seconds).

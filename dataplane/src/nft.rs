@@ -73,8 +73,8 @@ pub trait NftRunner: Send + Sync {
         Ok(0)
     }
 
-    /// The netlink socket to list and write the kernel's tables with, for a restarted agent
-    /// to adopt the tables it finds ([`crate::adopt`]); `None` for runners without one.
+    /// The netlink socket to list and write the kernel's tables with, for a full resync to
+    /// adopt the tables it finds ([`crate::adopt`]); `None` for runners without one.
     fn netlink(&self) -> Option<Arc<Netlink>> {
         None
     }
@@ -357,8 +357,8 @@ pub struct SyncReport {
     pub writer: Writer,
     /// ClientIP affinity entries deleted because the sync made them invalid.
     pub affinity_purged: usize,
-    /// Why the first full resync of a restarted agent replaced the tables it found rather than
-    /// adopting them ([`crate::adopt`]).
+    /// Why a full resync replaced the tables it found rather than adopting them
+    /// ([`crate::adopt`]).
     pub replaced: Option<String>,
 }
 

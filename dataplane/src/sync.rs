@@ -72,8 +72,6 @@ pub struct Syncer<R> {
     record_chains: HashMap<(Family, String), usize>,
     stale: BTreeSet<Stale>,
     full_next: bool,
-    /// Until a sync succeeds: a full resync over existing tables adopts them.
-    adopting: bool,
     /// While adopting: the Service ports that asked for an endpoint-map slot.
     asked: Option<HashSet<(Family, String)>>,
     /// Slots given up, free once the transaction that stops using them is committed.
@@ -97,7 +95,6 @@ impl<R: NftRunner> Syncer<R> {
             record_chains: HashMap::new(),
             stale: BTreeSet::new(),
             full_next: true,
-            adopting: true,
             asked: None,
             to_release: Vec::new(),
             flows: BTreeSet::new(),
@@ -159,9 +156,10 @@ impl<R: NftRunner> Syncer<R> {
         if full && let Some(writer) = self.runner.stepwise()? {
             return self.sync_stepwise(changes, health, writer.as_ref(), started);
         }
-        // The first sync of a restarted agent, over the tables a previous one left: their
-        // slots are taken over, and only what differs is written.
-        let live = if full && self.adopting { self.list_live() } else { Err(None) };
+        // A full resync over tables that exist (an agent restarted over the tables it left,
+        // the periodic resync, the repair after a failure) adopts them: the slots their rules
+        // use are taken over where free, and only what differs is written.
+        let live = if full { self.list_live() } else { Err(None) };
         let mut adopted = Vec::new();
         let mut listing = None;
         if let Ok(live) = &live {
@@ -458,7 +456,6 @@ impl<R: NftRunner> Syncer<R> {
         health: &HealthState,
     ) {
         self.full_next = false;
-        self.adopting = false;
         self.stale = stale_after;
         for (family, slot) in self.to_release.drain(..) {
             if let Some(table) = self.slots.get_mut(&family) {

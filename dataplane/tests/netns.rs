@@ -651,7 +651,7 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
 /// A full sync into a node without our tables writes the skeleton (with the filter chains:
 /// source ranges, rejects) through nft and the rest (plain and affinity `svc-…` chains, every
 /// element) in netlink batches. The tables list exactly as an atomic nft replacement writes
-/// them, and serve. Tables that exist are replaced by nft alone.
+/// them, and serve. Tables that exist are adopted.
 #[test]
 fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     use hawser_dataplane::nft::Writer;
@@ -684,11 +684,24 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     assert_eq!(report.writer, Writer::NftThenNetlink);
     let split = both_tables(&lab);
     assert!(split[0].iter().any(|t| t.contains("203.0.113.1 . tcp . 80")), "elements missing: {split:?}");
+    // A full resync over the tables it wrote adopts them: nothing differs.
     lab.syncer.force_full_resync();
     let report = lab.sync(&services, &slices).unwrap();
-    assert_eq!(report.writer, Writer::Nft, "tables that exist are replaced atomically");
+    assert_eq!((report.writer, report.chains_written, report.elements_changed), (Writer::Netlink, 0, 0));
+    // What nft alone writes (no netlink: neither steps nor adoption), replacing the tables.
+    let stepwise = std::mem::replace(
+        &mut lab.syncer,
+        hawser_dataplane::sync::Syncer::new(
+            Box::new(node_nft(&lab.node, false)),
+            hawser_dataplane::render::RenderConfig::default(),
+        ),
+    );
+    lab.inputs = hawser_dataplane::inputs::ClusterInputs::default();
+    let report = lab.sync(&services, &slices).unwrap();
+    assert_eq!(report.writer, Writer::Nft, "without netlink, tables that exist are replaced atomically");
     let whole = both_tables(&lab);
     assert_eq!(split, whole, "written in steps, the tables differ from nft's");
+    lab.syncer = stepwise;
 
     // After a cleanup the kernel has no tables again: the split path, now of the kept state
     // (nothing changed since), and traffic.
