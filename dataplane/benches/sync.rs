@@ -132,6 +132,7 @@ impl Agent {
 
     /// One sync of the agent loop: take the changed Services, program them.
     fn sync(&mut self) -> SyncReport {
+        self.syncer.prefetch();
         let changes = self.inputs.take_changes(&cfg(), &mut Vec::new());
         self.syncer.sync(changes, &self.health).unwrap()
     }

@@ -216,6 +216,8 @@ async fn sync_loop(
 
         let started = Instant::now();
         last_sync = started;
+        // A full resync lists the kernel's tables while the models are built.
+        syncer.prefetch();
         let mut warnings = Vec::new();
         let changes = shared.inputs().take_changes(&config.model, &mut warnings);
         for w in &warnings {

@@ -74,6 +74,8 @@ pub struct Syncer<R> {
     full_next: bool,
     /// While adopting: the Service ports that asked for an endpoint-map slot.
     asked: Option<HashSet<(Family, String)>>,
+    /// The tables' listing [`Syncer::prefetch`] started.
+    prefetched: Option<std::thread::JoinHandle<Result<Option<Live>, NftError>>>,
     /// Slots given up, free once the transaction that stops using them is committed.
     to_release: Vec<(Family, Slot)>,
     flows: BTreeSet<StaleFlow>,
@@ -96,6 +98,7 @@ impl<R: NftRunner> Syncer<R> {
             stale: BTreeSet::new(),
             full_next: true,
             asked: None,
+            prefetched: None,
             to_release: Vec::new(),
             flows: BTreeSet::new(),
             rules: 0,
@@ -153,13 +156,22 @@ impl<R: NftRunner> Syncer<R> {
     pub fn sync(&mut self, changes: Vec<Change>, health: &HealthState) -> Result<SyncReport, NftError> {
         let started = Instant::now();
         let full = self.full_next;
-        if full && let Some(writer) = self.runner.stepwise()? {
-            return self.sync_stepwise(changes, health, writer.as_ref(), started);
-        }
         // A full resync over tables that exist (an agent restarted over the tables it left,
         // the periodic resync, the repair after a failure) adopts them: the slots their rules
         // use are taken over where free, and only what differs is written.
-        let live = if full { self.list_live() } else { Err(None) };
+        let prefetched =
+            self.prefetched.take().map(|listing| listing.join().unwrap_or_else(|_| Err(listing_panicked())));
+        let live = match (full, prefetched) {
+            (false, _) => Err(None),
+            (true, Some(listed)) => live_or_why(listed),
+            (true, None) => self.list_live(),
+        };
+        if live.as_ref().is_err_and(Option::is_none)
+            && full
+            && let Some(writer) = self.runner.stepwise()?
+        {
+            return self.sync_stepwise(changes, health, writer.as_ref(), started);
+        }
         let mut adopted = Vec::new();
         let mut listing = None;
         if let Ok(live) = &live {
@@ -274,10 +286,18 @@ impl<R: NftRunner> Syncer<R> {
     /// listed.
     fn list_live(&self) -> Result<Live, Option<String>> {
         let netlink = self.runner.netlink().ok_or(None)?;
-        match Live::list(&netlink) {
-            Ok(Some(live)) => Ok(live),
-            Ok(None) => Err(None),
-            Err(e) => Err(Some(format!("listing the tables: {e}"))),
+        live_or_why(Live::list(&netlink))
+    }
+
+    /// When the next sync is a full resync, starts listing the kernel's tables for it on a
+    /// thread of its own (see [`Syncer::sync`]), so that the listing overlaps what comes
+    /// before the sync, such as building the models.
+    pub fn prefetch(&mut self) {
+        if !self.full_next || self.prefetched.is_some() {
+            return;
+        }
+        if let Some(netlink) = self.runner.netlink() {
+            self.prefetched = Some(std::thread::spawn(move || Live::list(&netlink)));
         }
     }
 
@@ -674,6 +694,15 @@ impl<R: NftRunner> Syncer<R> {
                 d.elements.entry(collection.to_string()).or_default().entry(key.clone()).or_insert((was, None)).1 = now;
             }
         }
+    }
+}
+
+/// The tables listed, or why there is nothing to adopt: `None` when a table is missing.
+fn live_or_why(listed: Result<Option<Live>, NftError>) -> Result<Live, Option<String>> {
+    match listed {
+        Ok(Some(live)) => Ok(live),
+        Ok(None) => Err(None),
+        Err(e) => Err(Some(format!("listing the tables: {e}"))),
     }
 }
 

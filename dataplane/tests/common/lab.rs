@@ -354,6 +354,8 @@ impl Lab {
     pub fn sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Result<SyncReport, NftError> {
         let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
         self.inputs.replace(services, slices, &config.load_balancer_class);
+        // As the agent does: a full resync's listing of the tables overlaps the models' build.
+        self.syncer.prefetch();
         let changes = self.inputs.take_changes(&config, &mut Vec::new());
         let report = self.syncer.sync(changes, &self.health)?;
         for flow in self.syncer.take_stale_flows() {

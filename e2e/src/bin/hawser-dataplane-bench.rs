@@ -12,7 +12,8 @@
 //!   `sync_duration_seconds{kind="full"}`: from the lists in hand to the kernel's acknowledgement).
 //! - `fresh_node_rss_mib`, `restart_rss_mib`, `rss_mib`: the agent's resident memory a second
 //!   after each full sync and after the changes, run as the chart runs it
-//!   (`MIMALLOC_PURGE_DELAY=0 MIMALLOC_ALLOW_THP=0`).
+//!   (`MIMALLOC_PURGE_DELAY=0 MIMALLOC_ALLOW_THP=0`); `…_peak_rss_mib`: the most it had
+//!   until then.
 //!
 //! One `key=value` line per figure, with its target; it asserts nothing. Needs root, `ip`, `nft`
 //! and `conntrack`. Run it with:
@@ -178,10 +179,19 @@ fn unix_now() -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// The most the agent's resident memory has been since it started.
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     kib / 1024.0
@@ -331,7 +341,11 @@ async fn main() -> anyhow::Result<()> {
             std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().unwrap_or("?"),
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
-        println!("{label}_rss_mib={:.1} target_mib=100", rss_mib(child.id()));
+        println!(
+            "{label}_rss_mib={:.1} {label}_peak_rss_mib={:.1} target_mib=100",
+            rss_mib(child.id()),
+            peak_rss_mib(child.id())
+        );
         agent = Some(child);
     }
     let mut agent = agent.context("no agent")?;
