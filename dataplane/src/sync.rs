@@ -14,10 +14,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use crate::adopt::{
-    Adoption, Elements, Gathered, Live, check_script, delete_check_table, diff_elements, list_check, list_elements,
+    Adoption, ElementDiff, Gathered, Live, check_script, delete_check_table, diff_elements, list_check, list_elements,
     plan,
 };
 use crate::affinity::AffinityEntry;
@@ -159,13 +160,16 @@ impl<R: NftRunner> Syncer<R> {
         // A full resync over tables that exist (an agent restarted over the tables it left,
         // the periodic resync, the repair after a failure) adopts them: the slots their rules
         // use are taken over where free, and only what differs is written.
-        let prefetched =
-            self.prefetched.take().map(|listing| listing.join().unwrap_or_else(|_| Err(listing_panicked())));
+        let prefetched = self
+            .prefetched
+            .take()
+            .map(|listing| listing.join().unwrap_or_else(|_| Err(panicked("listing the tables"))));
         let live = match (full, prefetched) {
             (false, _) => Err(None),
             (true, Some(listed)) => live_or_why(listed),
             (true, None) => self.list_live(),
-        };
+        }
+        .map(Arc::new);
         if live.as_ref().is_err_and(Option::is_none)
             && full
             && let Some(writer) = self.runner.stepwise()?
@@ -183,7 +187,7 @@ impl<R: NftRunner> Syncer<R> {
             // The elements (most of the listing) are listed while the Services are rendered.
             listing = self.runner.netlink().map(|netlink| {
                 delete_check_table(&netlink);
-                ElementListing::start(netlink, live.element_sets())
+                ElementListing::start(netlink, live.clone())
             });
         }
         // Adopting, the whole ruleset is gathered from the fragments as they are rendered.
@@ -215,7 +219,7 @@ impl<R: NftRunner> Syncer<R> {
             };
             self.release_unused(&adopted);
             counts = Some((rules, elements));
-            full_ruleset = Some(ruleset);
+            full_ruleset = Some(Arc::new(ruleset));
             (String::new(), chains, elements, BTreeSet::new())
         } else {
             let mut plan = PartialScript::default();
@@ -322,19 +326,15 @@ impl<R: NftRunner> Syncer<R> {
     /// Writes what differs between the kernel's tables (`live`) and `desired`, in one netlink
     /// transaction, after checking the frame through a check table ([`crate::adopt`]).
     /// `Err(Some(why))` when only a replacement will do; nothing was changed then.
-    fn adopt(&self, live: &Live, listing: ElementListing, desired: &Ruleset) -> Result<Adoption, Option<String>> {
+    fn adopt(&self, live: &Live, listing: ElementListing, desired: &Arc<Ruleset>) -> Result<Adoption, Option<String>> {
         let netlink = self.runner.netlink().ok_or(None)?;
+        // nft writes the check table while the listing's thread compares the elements. The
+        // listing shares the socket: it ends before anything else is sent on it.
         let script = check_script(desired);
-        // nft writes the check table while the elements are compared.
         let (checked, elements) = std::thread::scope(|scope| {
             let check = scope.spawn(|| self.runner.run(&script));
-            // The listing shares the socket: it ends before anything else is sent on it.
-            let elements = listing
-                .finish()
-                .map_err(|e| format!("listing the elements: {e}"))
-                .and_then(|elements| diff_elements(live, &elements, desired));
-            let checked = check.join().unwrap_or_else(|_| Err(listing_panicked()));
-            (checked, elements)
+            let elements = listing.finish(desired.clone());
+            (check.join().unwrap_or_else(|_| Err(panicked("writing the check table"))), elements)
         });
         let adopted = checked
             .map_err(|e| format!("writing the check table: {e}"))
@@ -706,31 +706,48 @@ fn live_or_why(listed: Result<Option<Live>, NftError>) -> Result<Live, Option<St
     }
 }
 
-/// The elements of the kernel's collections, listed on a thread of their own; joined when
-/// dropped, so that the socket is never used by two threads at once.
-struct ElementListing(Option<std::thread::JoinHandle<Result<Elements, NftError>>>);
+/// The elements of the kernel's collections, listed on a thread of their own while the
+/// Services render, then compared there with those wanted ([`ElementListing::finish`]), so
+/// that the listing is freed by the thread that made it. Joined when dropped, so that the
+/// socket is never used by two threads at once.
+struct ElementListing {
+    wanted: Option<SyncSender<Arc<Ruleset>>>,
+    thread: Option<std::thread::JoinHandle<Result<ElementDiff, String>>>,
+}
 
 impl ElementListing {
-    fn start(netlink: Arc<Netlink>, sets: Vec<(Family, String)>) -> Self {
-        Self(Some(std::thread::spawn(move || list_elements(&netlink, &sets))))
+    fn start(netlink: Arc<Netlink>, live: Arc<Live>) -> Self {
+        let (wanted, desired) = std::sync::mpsc::sync_channel::<Arc<Ruleset>>(1);
+        let thread = std::thread::spawn(move || {
+            let elements = list_elements(&netlink, &live.element_sets());
+            let desired = desired.recv().map_err(|_| "nothing to compare the elements with".to_string())?;
+            diff_elements(&live, &elements.map_err(|e| format!("listing the elements: {e}"))?, &desired)
+        });
+        Self { wanted: Some(wanted), thread: Some(thread) }
     }
 
-    fn finish(mut self) -> Result<Elements, NftError> {
-        let handle = self.0.take().ok_or_else(listing_panicked)?;
-        handle.join().map_err(|_| listing_panicked())?
+    /// What differs between the elements listed and those `desired` wants.
+    fn finish(mut self, desired: Arc<Ruleset>) -> Result<ElementDiff, String> {
+        if let Some(wanted) = self.wanted.take() {
+            let _ = wanted.send(desired);
+        }
+        let thread = self.thread.take().ok_or_else(|| "the elements were compared already".to_string())?;
+        thread.join().map_err(|_| panicked("listing the elements").to_string())?
     }
 }
 
 impl Drop for ElementListing {
     fn drop(&mut self) {
-        if let Some(handle) = self.0.take() {
-            let _ = handle.join();
+        // Without what is wanted, the thread ends once it has listed.
+        self.wanted.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-fn listing_panicked() -> NftError {
-    NftError::Rejected { status: "panicked".into(), stderr: "the thread listing the elements panicked".into() }
+fn panicked(thread: &str) -> NftError {
+    NftError::Rejected { status: "panicked".into(), stderr: format!("the thread {thread} panicked") }
 }
 
 /// The value of the greatest Service key among those wanting an element.
