@@ -1235,8 +1235,13 @@ impl Netlink {
 
     /// Whether our table of `family` exists (`nft list table FAMILY hawser` succeeding).
     pub fn table_exists(&self, family: Family) -> Result<bool, NftError> {
+        self.has_table(family, TABLE)
+    }
+
+    /// Whether table `table` of `family` exists.
+    fn has_table(&self, family: Family, table: &str) -> Result<bool, NftError> {
         let mut m = Message::new(NFT_MSG_GETTABLE, NLM_F_ACK, family);
-        m.str(NFTA_TABLE_NAME, TABLE);
+        m.str(NFTA_TABLE_NAME, table);
         let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };
         self.drain();
         (&self.socket).write_all(&m.finish(1)).map_err(io)?;
@@ -1306,15 +1311,28 @@ impl Netlink {
     /// Table `table` of `family` as the kernel lists it: its chains, rules and sets, each as
     /// its attributes; `None` when there is no such table.
     pub fn list_table(&self, family: Family, table: &str) -> Result<Option<Listed>, NftError> {
+        if !self.has_table(family, table)? {
+            return Ok(None);
+        }
         let mut listed = Listed::default();
         let objects = [
             (NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, &mut listed.chains),
             (NFT_MSG_GETRULE, NFTA_RULE_TABLE, &mut listed.rules),
             (NFT_MSG_GETSET, NFTA_SET_TABLE, &mut listed.sets),
         ];
+        let name = [table.as_bytes(), &[0]].concat();
         for (kind, table_attr, out) in objects {
-            match self.dump(kind, family, &[(table_attr, table)], |body| out.push(owned(body))) {
+            // The kernel filters some listings by table, not all (chains: none): filtered here.
+            let ours = |attrs: &Attrs| attrs.iter().any(|(t, v)| *t == table_attr && c_bytes(v) == c_bytes(&name));
+            let each = |body: &[u8]| {
+                let attrs = owned(body);
+                if ours(&attrs) {
+                    out.push(attrs);
+                }
+            };
+            match self.dump(kind, family, &[(table_attr, table)], each) {
                 Ok(()) => {}
+                // Deleted meanwhile.
                 Err(Dump::Refused(ENOENT)) => return Ok(None),
                 Err(e) => return Err(e.listing(table)),
             }

@@ -1028,6 +1028,10 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1);
     let written = static_tables(&lab);
 
+    // Another proxy's table beside ours, with chains of the same names, is none of ours.
+    let other = "add table ip other\nadd chain ip other services\nadd chain ip other svc-ns/plain/tcp/80\n\
+                 add rule ip other svc-ns/plain/tcp/80 counter\n";
+    node_nft(&lab.node, false).run(other).unwrap();
     // Nothing changed: nothing but the check table is written, and the client stays recorded.
     restart(&mut lab, RenderConfig::default());
     let report = lab.sync(&all, &before).unwrap();
@@ -1041,6 +1045,16 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     }
     let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
     assert!(!tables.contains("hawser-check"), "{tables}");
+    let kept = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chain", "ip", "other", "svc-ns/plain/tcp/80"]);
+    assert!(kept.contains("counter"), "{kept}");
+
+    // A check table a crash left behind is no obstacle; a periodic full resync with nothing
+    // changed writes nothing either.
+    node_nft(&lab.node, false).run("add table ip hawser-check\nadd chain ip hawser-check stray\n").unwrap();
+    lab.syncer.force_full_resync();
+    let report = lab.sync(&all, &before).unwrap();
+    assert_eq!((report.writer, report.chains_written, report.elements_changed), (Writer::Netlink, 0, 0), "{report:?}");
+    assert_eq!(static_tables(&lab), written);
 
     // Changed while the agent was away: plain lost an endpoint, sticky lost the one its client
     // was sent to, empty was deleted; and by hand, a rule and an element of single's went.
@@ -1081,4 +1095,15 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     lab.syncer.cleanup().unwrap();
     lab.sync(&remaining, &after).unwrap();
     assert_eq!(static_tables(&lab), replaced, "the replacement differs from a full write");
+
+    // A hand edit of the frame (the dispatch chain emptied): the periodic full resync replaces
+    // the tables, and traffic flows again.
+    node_nft(&lab.node, false).run("flush chain ip hawser services\n").unwrap();
+    assert_eq!(tcp(&lab.client, "203.0.113.1", 80), Outcome::Timeout, "nothing is DNATed without the chain");
+    lab.syncer.force_full_resync();
+    let report = lab.sync(&remaining, &after).unwrap();
+    assert_eq!(report.writer, Writer::Nft, "{report:?}");
+    assert!(report.replaced.as_deref().is_some_and(|r| r.contains("chain services has other rules")), "{report:?}");
+    assert_eq!(static_tables(&lab), replaced);
+    assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
 }
