@@ -14,9 +14,11 @@
 //! - **The frame** (base chains and their hooks, the dispatch, filter, reject and affinity
 //!   chains, every set's declaration): nft writes it into a check table of its own
 //!   ([`CHECK_TABLE`], base chains without hooks, so it sees no packet), which is listed and
-//!   compared with ours, anonymous sets by their content. Any difference there (an upgrade
-//!   that changed a rule's shape, another masquerade bit, a hand edit) or anything the
-//!   encoder does not know makes the sync fall back to the atomic replacement.
+//!   compared with ours, anonymous sets by their content. A set our table lacks (a Service's
+//!   first endpoint map) is declared in the transaction, as nft declared the check table's.
+//!   Any other difference there (an upgrade that changed a rule's shape, another masquerade
+//!   bit, a hand edit, a chain missing) or anything the encoder does not know makes the sync
+//!   fall back to the atomic replacement.
 //!
 //! The endpoint-map slots the `svc-…` rules use are adopted too ([`Live::slots`]), so that a
 //! Service keeps its keys and an unchanged table compares equal.
@@ -27,7 +29,7 @@ use std::fmt::Write as _;
 use crate::diff::FragmentSink;
 use crate::model::Family;
 use crate::netlink::{
-    Batch, Hook, KernelRule, KnownElement, ListedSet, Netlink, endpoint_slot, expected_rule, known_element,
+    Attrs, Batch, Hook, KernelRule, KnownElement, ListedSet, Netlink, endpoint_slot, expected_rule, known_element,
     listed_chain, listed_rule, listed_set,
 };
 use crate::nft::NftError;
@@ -317,15 +319,15 @@ pub fn diff_elements(live: &Live, elements: &Elements, desired: &Ruleset) -> Res
         let fam = family_name(*family);
         let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
         for (name, collection) in &want.collections {
-            let Some(set) = have.sets.get(name) else { return Err(format!("{fam}: set {name} is missing")) };
-            if set.dynamic {
+            if collection.elements.is_empty() && have.sets.get(name).is_none_or(|s| s.dynamic) {
                 continue;
             }
-            let Some(listed) = elements.get(&(*family, name.clone())) else {
-                if collection.elements.is_empty() {
-                    continue;
-                }
-                return Err(format!("{fam}: set {name}: elements the encoder does not know"));
+            let listed = match (have.sets.get(name), elements.get(&(*family, name.clone()))) {
+                (Some(set), _) if set.dynamic => continue,
+                (Some(_), Some(listed)) => listed.as_slice(),
+                // A set the adoption declares (see `plan`): it starts empty.
+                (None, _) => &[],
+                (Some(_), None) => return Err(format!("{fam}: set {name}: elements the encoder does not know")),
             };
             let mut wanted = Vec::with_capacity(collection.elements.len());
             for (key, value) in &collection.elements {
@@ -390,7 +392,11 @@ pub fn plan(
         let fam = family_name(*family);
         let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
         let frame = &check.get(family).ok_or_else(|| format!("no {fam} check table"))?.0;
-        check_frame(have, frame, want).map_err(|why| format!("{fam}: {why}"))?;
+        let missing = check_frame(have, frame, want).map_err(|why| format!("{fam}: {why}"))?;
+        // Sets first: a Service whose endpoint map did not exist yet refers to it.
+        for (name, decl) in missing {
+            adoption.batch.new_set(*family, name, decl);
+        }
         plan_family(&mut adoption, *family, elements, have, want).map_err(|why| format!("{fam}: {why}"))?;
     }
     for family in desired.tables.keys() {
@@ -401,7 +407,7 @@ pub fn plan(
 
 /// The frame of our table is as nft writes it: every frame chain with its hook and rules,
 /// every set's declaration.
-fn check_frame(have: &LiveTable, frame: &LiveTable, want: &Table) -> Result<(), String> {
+fn check_frame<'a>(have: &LiveTable, frame: &'a LiveTable, want: &'a Table) -> Result<Missing<'a>, String> {
     for (name, chain) in want.chains.iter().filter(|(n, c)| !encoded(n, c)) {
         let live = have.chains.get(name).ok_or_else(|| format!("chain {name} is missing"))?;
         let hook = chain.base.as_deref().map(|b| parse_hook(b).ok_or_else(|| format!("base chain {name}: {b}")));
@@ -414,8 +420,8 @@ fn check_frame(have: &LiveTable, frame: &LiveTable, want: &Table) -> Result<(), 
         }
     }
     let mut reference: HashMap<&String, &String> = HashMap::new();
+    let mut missing = Vec::new();
     for name in want.collections.keys() {
-        let live = have.sets.get(name).ok_or_else(|| format!("set {name} is missing"))?;
         let decl = &want.collections[name].decl;
         let checked = match reference.get(decl) {
             Some(checked) => *checked,
@@ -426,12 +432,18 @@ fn check_frame(have: &LiveTable, frame: &LiveTable, want: &Table) -> Result<(), 
             }
         };
         let written = frame.sets.get(checked).ok_or_else(|| format!("set {checked} is not in the check table"))?;
-        if live.decl != written.decl {
-            return Err(format!("set {name} is declared otherwise"));
+        match have.sets.get(name) {
+            Some(live) if live.decl != written.decl => return Err(format!("set {name} is declared otherwise")),
+            Some(_) => {}
+            // Declared as nft declared the check table's.
+            None => missing.push((name, &written.decl)),
         }
     }
-    Ok(())
+    Ok(missing)
 }
+
+/// Sets the kernel's table lacks, each with the declaration nft gave the check table's.
+type Missing<'a> = Vec<(&'a String, &'a Attrs)>;
 
 /// `type KIND hook HOOK priority PRIO; policy POLICY;`, as the renderer writes base chains.
 fn parse_hook(base: &str) -> Option<Hook> {

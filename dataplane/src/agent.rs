@@ -241,6 +241,7 @@ async fn sync_loop(
                 }
                 debug!(?report, "synced");
                 if let Some(why) = &report.replaced {
+                    metrics.tables_replaced.inc();
                     info!(reason = %why, "replaced the tables instead of adopting them");
                 }
                 if report.applied {

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// Full resyncs done.
     pub full_syncs: Counter,
+    /// Full resyncs that replaced existing tables rather than adopting them.
+    pub tables_replaced: Counter,
     /// Transactions written to the kernel, by writer.
     pub kernel_writes: Family<WriterLabel, Counter>,
     /// Services programmed.
@@ -74,6 +76,7 @@ impl Metrics {
         let last_sync_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let sync_failures = Counter::default();
         let full_syncs = Counter::default();
+        let tables_replaced = Counter::default();
         let kernel_writes = Family::<WriterLabel, Counter>::default();
         let services = Gauge::default();
         let endpoints = Gauge::default();
@@ -93,6 +96,11 @@ impl Metrics {
         );
         registry.register("sync_failures", "Syncs that failed", sync_failures.clone());
         registry.register("full_syncs", "Full resyncs", full_syncs.clone());
+        registry.register(
+            "tables_replaced",
+            "Full resyncs that replaced existing tables through nft instead of adopting them (their frame differed, or they could not be listed)",
+            tables_replaced.clone(),
+        );
         registry.register(
             "kernel_writes",
             "Syncs written to the kernel, by writer (nft, hawser's netlink batches, or both for a full sync into a node without our tables)",
@@ -114,6 +122,7 @@ impl Metrics {
             last_sync_timestamp,
             sync_failures,
             full_syncs,
+            tables_replaced,
             kernel_writes,
             services,
             endpoints,

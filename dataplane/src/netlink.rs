@@ -47,6 +47,7 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
@@ -76,6 +77,11 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_HANDLE: u16 = 16;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_EXPR: u16 = 17;
+const NFTA_SET_EXPRESSIONS: u16 = 18;
+/// A set's attributes that nest others.
+const NESTED_SET_ATTRIBUTES: [u16; 3] = [NFTA_SET_DESC, NFTA_SET_EXPR, NFTA_SET_EXPRESSIONS];
 const NFTA_SET_TYPE: u16 = 19;
 const NFTA_SET_COUNT: u16 = 20;
 const NFT_SET_ANONYMOUS: u32 = 0x1;
@@ -165,6 +171,8 @@ const ELEMENTS_PER_MESSAGE: usize = 256;
 pub struct Batch {
     buf: Vec<u8>,
     messages: u32,
+    /// Sets declared, numbering their ids in the transaction.
+    sets: u32,
 }
 
 impl Batch {
@@ -196,6 +204,21 @@ impl Batch {
     /// Deletes an empty, unreferenced chain.
     pub fn delete_chain(&mut self, family: Family, name: &str) {
         self.named(NFT_MSG_DELCHAIN, 0, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
+    }
+
+    /// Declares set or map `name` with the declaration `decl` another set was listed with
+    /// (see [`listed_set`]).
+    pub fn new_set(&mut self, family: Family, name: &str, decl: &Attrs) {
+        let mut m = Message::new(NFT_MSG_NEWSET, NLM_F_CREATE, family);
+        m.str(NFTA_SET_TABLE, TABLE);
+        m.str(NFTA_SET_NAME, name);
+        self.sets += 1;
+        m.u32(NFTA_SET_ID, self.sets);
+        for (kind, value) in decl {
+            let kind = if NESTED_SET_ATTRIBUTES.contains(kind) { *kind | NLA_F_NESTED } else { *kind };
+            m.attr(kind, value);
+        }
+        self.push(m);
     }
 
     /// Deletes table `table` of `family` with everything in it.

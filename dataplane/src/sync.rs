@@ -176,6 +176,13 @@ impl<R: NftRunner> Syncer<R> {
         {
             return self.sync_stepwise(changes, health, writer.as_ref(), started);
         }
+        // Neither steps (a table exists) nor adoption (one is missing): replaced.
+        let live = match live {
+            Err(None) if full && self.runner.netlink().is_some() => {
+                Err(Some("one of the two tables is missing".into()))
+            }
+            live => live,
+        };
         let mut adopted = Vec::new();
         let mut listing = None;
         if let Ok(live) = &live {

@@ -1010,7 +1010,8 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
     ranged.source_ranges = vec!["192.168.100.0/24"];
     let empty = svc("empty", "203.0.113.5", "2001:db8::5", 30005).build();
-    let all = vec![plain, single, sticky.build(), ranged.build(), empty];
+    let grown = svc("grown", "203.0.113.6", "2001:db8::6", 30006).build();
+    let all = vec![plain, single, sticky.build(), ranged.build(), empty, grown];
     let pods = |n: usize| -> Vec<Ep<'static>> {
         let mut v: Vec<Ep<'static>> =
             ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
@@ -1022,7 +1023,7 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     let slices = |counts: &[(&'static str, usize)]| -> Vec<EndpointSlice> {
         counts.iter().map(|(name, n)| slice("ns", name, name, PORTS, &pods(*n))).collect()
     };
-    let before = slices(&[("plain", 3), ("single", 1), ("sticky", 3), ("ranged", 2), ("empty", 0)]);
+    let before = slices(&[("plain", 3), ("single", 1), ("sticky", 3), ("ranged", 2), ("empty", 0), ("grown", 1)]);
     assert_eq!(lab.sync(&all, &before).unwrap().writer, Writer::NftThenNetlink);
     let sticky_pod = tcp(&lab.client, "203.0.113.3", 80).server();
     assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1);
@@ -1057,13 +1058,16 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     assert_eq!(static_tables(&lab), written);
 
     // Changed while the agent was away: plain lost an endpoint, sticky lost the one its client
-    // was sent to, empty was deleted; and by hand, a rule and an element of single's went.
+    // was sent to, empty was deleted, grown went from one endpoint to three (its endpoint maps
+    // are new); and by hand, a rule and an element of single's went.
+    let maps = |tables: &[Vec<String>]| tables.iter().flatten().filter(|t| t.starts_with("map endpoints-")).count();
+    let maps_before = maps(&static_tables(&lab));
     let nft = node_nft(&lab.node, false);
     nft.run("flush chain ip hawser svc-ns/single/tcp/80\ndelete element ip hawser service-nodeports { tcp . 30002 }\n")
         .unwrap();
     let n = |pod: &str| pod.trim_start_matches("pod").parse::<usize>().unwrap();
     let gone = [format!("10.0.{}.2", n(&sticky_pod)), format!("fd00:{}::2", n(&sticky_pod))];
-    let mut after = slices(&[("plain", 2), ("single", 1), ("ranged", 2)]);
+    let mut after = slices(&[("plain", 2), ("single", 1), ("ranged", 2), ("grown", 3)]);
     let sticky_eps: Vec<Ep<'static>> = pods(3).into_iter().filter(|e| !gone.iter().any(|g| g == e.ip)).collect();
     after.push(slice("ns", "sticky", "sticky", PORTS, &sticky_eps));
     let remaining: Vec<_> = all.iter().filter(|s| s.metadata.name.as_deref() != Some("empty")).cloned().collect();
@@ -1075,6 +1079,8 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     let adopted = static_tables(&lab);
     assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
     assert_eq!(lab.servers(NODE_IP, 30002, 4), set(&["pod1"]), "single's NodePort is back");
+    assert_eq!(lab.servers("203.0.113.6", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert!(maps(&adopted) > maps_before, "grown's endpoint maps were not declared");
     assert_ne!(tcp(&lab.client, "203.0.113.3", 80).server(), sticky_pod);
     assert_eq!(tcp(&lab.client, "203.0.113.5", 80), Outcome::Timeout, "empty is gone: nothing answers");
     // Exactly what a write from nothing gives, with the same slots.
@@ -1106,4 +1112,11 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     assert!(report.replaced.as_deref().is_some_and(|r| r.contains("chain services has other rules")), "{report:?}");
     assert_eq!(static_tables(&lab), replaced);
     assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
+
+    // One family's table deleted by hand: nothing to adopt it from, the tables are replaced.
+    node_nft(&lab.node, false).run("delete table ip6 hawser\n").unwrap();
+    restart(&mut lab, RenderConfig { masquerade_mark: 0x0080_0000 });
+    let report = lab.sync(&remaining, &after).unwrap();
+    assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Nft, Some("one of the two tables is missing")));
+    assert_eq!(static_tables(&lab), replaced);
 }

@@ -56,4 +56,11 @@ pub trait Backend: Sync {
     /// Kills the operator without warning and starts it again with `extra_args` added;
     /// `Ok(false)` when the backend cannot.
     async fn restart_operator(&self, extra_args: &[&str]) -> anyhow::Result<bool>;
+    /// Stops the dataplane of worker `node` (index in [`Backend::nodes`]) as Kubernetes stops
+    /// a pod (SIGTERM) and waits until it has exited; `Ok(false)` when the backend cannot.
+    async fn stop_dataplane(&self, node: usize) -> anyhow::Result<bool>;
+    /// Starts that dataplane again and waits until it is healthy.
+    async fn start_dataplane(&self, node: usize) -> anyhow::Result<()>;
+    /// The Prometheus metrics of that dataplane, when the backend can read them.
+    fn dataplane_metrics(&self, node: usize) -> Option<String>;
 }

@@ -224,4 +224,18 @@ impl Backend for KindBackend {
         // from an empty cloud, which is not the crash this scenario is about.
         Ok(false)
     }
+
+    async fn stop_dataplane(&self, _node: usize) -> anyhow::Result<bool> {
+        // A DaemonSet pod deleted is replaced at once; stopping one and checking the node
+        // meanwhile needs the local backend.
+        Ok(false)
+    }
+
+    async fn start_dataplane(&self, _node: usize) -> anyhow::Result<()> {
+        anyhow::bail!("the kind backend does not stop dataplanes")
+    }
+
+    fn dataplane_metrics(&self, _node: usize) -> Option<String> {
+        None
+    }
 }

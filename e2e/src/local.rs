@@ -100,7 +100,11 @@ struct LocalNode {
     address: Ipv4Addr,
     pod_base: Ipv4Addr,
     netns: Netns,
-    dataplane: Child,
+    /// `None` while stopped ([`Backend::stop_dataplane`]).
+    dataplane: Mutex<Option<Child>>,
+    /// The dataplane's command line and environment, to start it again.
+    dataplane_argv: Vec<String>,
+    dataplane_env: Vec<(&'static str, PathBuf)>,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -251,6 +255,12 @@ pub fn clean_stale(prefix: &str) {
     sh_quiet(&["ip", "link", "del", &format!("{prefix}-h")]);
 }
 
+/// Starts node `name`'s dataplane, logging to its file in `dir`.
+fn spawn_dataplane(argv: &[String], env: &[(&'static str, PathBuf)], dir: &Path, name: &str) -> anyhow::Result<Child> {
+    let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    spawn_logged(argv, &env, &dir.join(format!("{name}.log")))
+}
+
 fn spawn_logged(argv: &[String], envs: &[(&str, &Path)], log: &Path) -> anyhow::Result<Child> {
     let out = File::options().create(true).append(true).open(log)?;
     let (cmd, rest) = argv.split_first().context("empty command")?;
@@ -387,10 +397,21 @@ impl LocalCluster {
             .map(String::from)
             .to_vec();
             // Each sync's report, for the logs printed when a scenario fails.
-            let log_level = Path::new("info,hawser_dataplane::agent=debug");
-            let envs = [("KUBECONFIG", kubeconfig.as_path()), ("RUST_LOG", log_level)];
-            let child = spawn_logged(&argv, &envs, &dir.join(format!("{name}.log")))?;
-            nodes.push(LocalNode { name, address, pod_base, netns: ns, dataplane: child, forwarders });
+            let env = vec![
+                ("KUBECONFIG", kubeconfig.clone()),
+                ("RUST_LOG", PathBuf::from("info,hawser_dataplane::agent=debug")),
+            ];
+            let child = spawn_dataplane(&argv, &env, &dir, &name)?;
+            nodes.push(LocalNode {
+                name,
+                address,
+                pod_base,
+                netns: ns,
+                dataplane: Mutex::new(Some(child)),
+                dataplane_argv: argv,
+                dataplane_env: env,
+                forwarders,
+            });
         }
 
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -504,7 +525,8 @@ impl LocalCluster {
 
     /// PIDs of the child processes (for the sandbox's crash record).
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.nodes.iter().map(|n| n.dataplane.id()).collect();
+        let mut pids: Vec<u32> =
+            self.nodes.iter().filter_map(|n| n.dataplane.lock().ok()?.as_ref().map(Child::id)).collect();
         if let Ok(op) = self.operator.lock()
             && let Some(c) = op.as_ref()
         {
@@ -670,8 +692,12 @@ impl Drop for LocalCluster {
             let _ = c.wait();
         }
         for n in &mut self.nodes {
-            let _ = n.dataplane.kill();
-            let _ = n.dataplane.wait();
+            if let Ok(mut slot) = n.dataplane.lock()
+                && let Some(mut c) = slot.take()
+            {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
             n.forwarders.drain(..).for_each(|f| f.abort());
         }
         if let Ok(mut pods) = self.pods.lock() {
@@ -883,6 +909,31 @@ impl Backend for LocalCluster {
     async fn restart_operator(&self, extra_args: &[&str]) -> anyhow::Result<bool> {
         self.start_operator(extra_args)?;
         Ok(true)
+    }
+
+    async fn stop_dataplane(&self, node: usize) -> anyhow::Result<bool> {
+        let n = self.nodes.get(node).with_context(|| format!("no node {node}"))?;
+        let child = n.dataplane.lock().map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?.take();
+        let Some(mut child) = child else { bail!("node {node}'s dataplane is not running") };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "node {node}'s dataplane exited with {status} on SIGTERM");
+        Ok(true)
+    }
+
+    async fn start_dataplane(&self, node: usize) -> anyhow::Result<()> {
+        let n = self.nodes.get(node).with_context(|| format!("no node {node}"))?;
+        {
+            let mut slot = n.dataplane.lock().map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
+            anyhow::ensure!(slot.is_none(), "node {node}'s dataplane is running");
+            *slot = Some(spawn_dataplane(&n.dataplane_argv, &n.dataplane_env, &self.dir, &n.name)?);
+        }
+        self.wait_ready().await
+    }
+
+    fn dataplane_metrics(&self, node: usize) -> Option<String> {
+        self.node_metrics(node).ok()
     }
 }
 

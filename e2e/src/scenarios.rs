@@ -643,6 +643,50 @@ pub async fn operator_restart_no_duplicate(b: &impl Backend) -> anyhow::Result<(
     Ok(())
 }
 
+/// A node's dataplane restarted (a DaemonSet rolling update): it leaves its rules on SIGTERM,
+/// so the node keeps serving while no agent runs; the agent that starts adopts the tables:
+/// one full sync, which replaces nothing, and no failure. A change made while it was down (a
+/// second backend: the Service's first endpoint map) reaches the node.
+pub async fn dataplane_restart(b: &impl Backend) -> anyhow::Result<()> {
+    let kube = b.kube();
+    let ns = namespace(&kube, "dp-restart").await?;
+    b.deploy(&ns, APP, 1).await?;
+    create_service(&kube, &ns, SVC, json!({}), json!({})).await?;
+    let addr = wait_ingress(&kube, &ns, SVC).await?;
+    let svc = get_service(&kube, &ns, SVC).await?;
+    let np = node_port(&svc, 80, "TCP").context("no nodePort")?;
+    let node = b.nodes().await?.into_iter().next().context("no node")?;
+    let client = b.client();
+    let first = wait_reply(&client, node.address, np, "/hostname").await?;
+    if !b.stop_dataplane(0).await? {
+        eprintln!("skipping: this backend cannot stop a dataplane");
+        cleanup(&kube, &ns).await;
+        return Ok(());
+    }
+    // No agent on the node: its rules still serve, through its NodePort and the load balancer.
+    let seen = answering(&client, node.address, np, 8).await?;
+    ensure!(distinct(&seen) == BTreeSet::from([first.clone()]), "while the agent was down: {seen:?}");
+    wait_reply(&client, addr, 80, "/hostname").await?;
+    b.scale(&ns, APP, 2).await?;
+    b.start_dataplane(0).await?;
+    let both = backend_names(b, &ns).await?;
+    until("the restarted agent sends to both backends", CONVERGE, || async {
+        let seen = distinct(&answering(&client, node.address, np, 16).await?);
+        if seen == both { Ok(()) } else { Err(anyhow::anyhow!("answered by {seen:?}, not {both:?}")) }
+    })
+    .await?;
+    if let Some(metrics) = b.dataplane_metrics(0) {
+        let count = |name: &str| {
+            metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        ensure!(count("hawser_dataplane_full_syncs_total") == 1.0, "one full sync, not:\n{metrics}");
+        ensure!(count("hawser_dataplane_tables_replaced_total") == 0.0, "the tables were replaced:\n{metrics}");
+        ensure!(count("hawser_dataplane_sync_failures_total") == 0.0, "a sync failed:\n{metrics}");
+    }
+    cleanup(&kube, &ns).await;
+    Ok(())
+}
+
 /// Replacing every backend one by one under steady load loses no request: each is answered
 /// within the time a client's TCP takes to resend its SYN twice (see `Client::steady_load`).
 pub async fn rolling_replacement(b: &impl Backend) -> anyhow::Result<()> {

@@ -70,6 +70,7 @@ scenario!(
     other_class_untouched,
     invalid_annotation,
     operator_restart_no_duplicate,
+    dataplane_restart,
     rolling_replacement,
     load_balancer_group,
 );
