@@ -262,6 +262,17 @@ fn main() {
         report.elements_changed,
         report.replaced.is_some()
     );
+    // The periodic full resync (drift repair) over the tables it adopted, nothing changed.
+    restarted.syncer.force_full_resync();
+    let t = Instant::now();
+    let report = restarted.sync();
+    println!(
+        "periodic_full_resync_ms={} writer={} chains_written={} elements_changed={}",
+        ms(t.elapsed()),
+        report.writer.as_str(),
+        report.chains_written,
+        report.elements_changed
+    );
     drop(restarted);
 
     // RSS of a child process holding the agent's state for n Services, with mimalloc set as the

@@ -258,14 +258,15 @@ fn checked_as<'a>(table: &'a Table, name: &'a String) -> Option<&'a String> {
     checked_collections(table).find(|(n, c)| n.starts_with(ENDPOINT_MAP_PREFIX) && c.decl == *decl).map(|(n, _)| n)
 }
 
-/// Deletes the check table of both families, if there is one (a failed adoption or a crash
-/// may have left it).
+/// Deletes the check table of both families, where there is one (a failed adoption or a
+/// crash may have left it).
 pub fn delete_check_table(netlink: &Netlink) {
     for family in FAMILIES {
-        // One transaction each: deleting a table that is not there fails the whole batch.
-        let mut batch = Batch::new();
-        batch.delete_table(family, CHECK_TABLE);
-        let _ = netlink.commit(&batch);
+        if netlink.has_table(family, CHECK_TABLE).unwrap_or(true) {
+            let mut batch = Batch::new();
+            batch.delete_table(family, CHECK_TABLE);
+            let _ = netlink.commit(&batch);
+        }
     }
 }
 
@@ -292,7 +293,7 @@ fn encoded(name: &str, chain: &Chain) -> bool {
 /// The transaction bringing the kernel's tables to `desired`, and what it writes.
 #[derive(Debug)]
 pub struct Adoption {
-    /// Everything that differs, in one transaction; it also deletes the check table.
+    /// Everything that differs, in one transaction (empty when nothing does).
     pub batch: Batch,
     /// Chains created or rewritten.
     pub chains_written: usize,
@@ -398,9 +399,6 @@ pub fn plan(
             adoption.batch.new_set(*family, name, decl);
         }
         plan_family(&mut adoption, *family, elements, have, want).map_err(|why| format!("{fam}: {why}"))?;
-    }
-    for family in desired.tables.keys() {
-        adoption.batch.delete_table(*family, CHECK_TABLE);
     }
     Ok(adoption)
 }

@@ -1262,7 +1262,7 @@ impl Netlink {
     }
 
     /// Whether table `table` of `family` exists.
-    fn has_table(&self, family: Family, table: &str) -> Result<bool, NftError> {
+    pub fn has_table(&self, family: Family, table: &str) -> Result<bool, NftError> {
         let mut m = Message::new(NFT_MSG_GETTABLE, NLM_F_ACK, family);
         m.str(NFTA_TABLE_NAME, table);
         let io = |e: std::io::Error| NftError::Spawn { program: "nfnetlink".into(), source: e };

@@ -18,8 +18,8 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use crate::adopt::{
-    Adoption, ElementDiff, Gathered, Live, check_script, delete_check_table, diff_elements, list_check, list_elements,
-    plan,
+    Adoption, CHECK_TABLE, ElementDiff, Gathered, Live, LiveFrame, check_script, delete_check_table, diff_elements,
+    list_check, list_elements, plan,
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
@@ -77,6 +77,8 @@ pub struct Syncer<R> {
     asked: Option<HashSet<(Family, String)>>,
     /// The tables' listing [`Syncer::prefetch`] started.
     prefetched: Option<std::thread::JoinHandle<Result<Option<Live>, NftError>>>,
+    /// The frame the last adoption checked: its check table's script and listing.
+    frame: Option<(String, BTreeMap<Family, LiveFrame>)>,
     /// Slots given up, free once the transaction that stops using them is committed.
     to_release: Vec<(Family, Slot)>,
     flows: BTreeSet<StaleFlow>,
@@ -100,6 +102,7 @@ impl<R: NftRunner> Syncer<R> {
             full_next: true,
             asked: None,
             prefetched: None,
+            frame: None,
             to_release: Vec::new(),
             flows: BTreeSet::new(),
             rules: 0,
@@ -259,9 +262,10 @@ impl<R: NftRunner> Syncer<R> {
             (_, Err(why), _) => Err(why),
             _ => Err(None),
         };
+        let adopted_ok = adoption.is_ok();
         if let Ok(adoption) = &adoption {
-            report.writer = Writer::Netlink;
-            report.applied = true;
+            report.applied = !adoption.batch.is_empty();
+            report.writer = if report.applied { Writer::Netlink } else { Writer::None };
             report.chains_written = adoption.chains_written;
             report.elements_changed = adoption.elements_changed;
         } else if full_ruleset.is_some() || !script.is_empty() {
@@ -276,7 +280,7 @@ impl<R: NftRunner> Syncer<R> {
             report.apply_time = applying.elapsed();
             report.applied = true;
         }
-        let adopted_tables = report.writer == Writer::Netlink && full;
+        let adopted_tables = full && adopted_ok;
         self.committed(stale_after, counts, &changed, &deltas, health);
         for (family, delta) in &deltas {
             if let Some(narrowed) = delta.narrowed_affinity() {
@@ -333,33 +337,55 @@ impl<R: NftRunner> Syncer<R> {
     /// Writes what differs between the kernel's tables (`live`) and `desired`, in one netlink
     /// transaction, after checking the frame through a check table ([`crate::adopt`]).
     /// `Err(Some(why))` when only a replacement will do; nothing was changed then.
-    fn adopt(&self, live: &Live, listing: ElementListing, desired: &Arc<Ruleset>) -> Result<Adoption, Option<String>> {
+    fn adopt(
+        &mut self,
+        live: &Live,
+        listing: ElementListing,
+        desired: &Arc<Ruleset>,
+    ) -> Result<Adoption, Option<String>> {
         let netlink = self.runner.netlink().ok_or(None)?;
-        // nft writes the check table while the listing's thread compares the elements. The
+        // The frame as nft writes it: listed from a check table nft writes while the listing's
+        // thread compares the elements, or, when it is the frame the last adoption checked, as
+        // listed then (a resync that finds nothing changed then writes nothing at all). The
         // listing shares the socket: it ends before anything else is sent on it.
         let script = check_script(desired);
+        let cached = self.frame.take().filter(|(checked, _)| *checked == script).map(|(_, frames)| frames);
+        let write_check = cached.is_none();
         let (checked, elements) = std::thread::scope(|scope| {
-            let check = scope.spawn(|| self.runner.run(&script));
+            let check = write_check.then(|| scope.spawn(|| self.runner.run(&script)));
             let elements = listing.finish(desired.clone());
-            (check.join().unwrap_or_else(|_| Err(panicked("writing the check table"))), elements)
+            let checked =
+                check.map_or(Ok(()), |c| c.join().unwrap_or_else(|_| Err(panicked("writing the check table"))));
+            (checked, elements)
         });
-        let adopted = checked
-            .map_err(|e| format!("writing the check table: {e}"))
-            .and(elements)
-            .and_then(|elements| {
-                let check = list_check(&netlink)
+        let adopted = checked.map_err(|e| format!("writing the check table: {e}")).and(elements).and_then(|elements| {
+            let frames = match cached {
+                Some(frames) => frames,
+                None => list_check(&netlink)
                     .map_err(|e| format!("listing the check table: {e}"))?
-                    .ok_or_else(|| "the check table is missing".to_string())?;
-                plan(live, &elements, &check, desired)
-            })
-            .and_then(|adoption| {
-                netlink.commit(&adoption.batch).map_err(|e| format!("the adopting transaction: {e}"))?;
+                    .ok_or_else(|| "the check table is missing".to_string())?,
+            };
+            let mut adoption = plan(live, &elements, &frames, desired)?;
+            if write_check {
+                for family in desired.tables.keys() {
+                    adoption.batch.delete_table(*family, CHECK_TABLE);
+                }
+            }
+            netlink.commit(&adoption.batch).map_err(|e| format!("the adopting transaction: {e}"))?;
+            Ok((adoption, frames))
+        });
+        match adopted {
+            Ok((adoption, frames)) => {
+                self.frame = Some((script, frames));
                 Ok(adoption)
-            });
-        if adopted.is_err() {
-            delete_check_table(&netlink);
+            }
+            Err(why) => {
+                if write_check {
+                    delete_check_table(&netlink);
+                }
+                Err(Some(why))
+            }
         }
-        adopted.map_err(Some)
     }
 
     /// A full resync into a kernel without our tables, written in steps ([`Stepwise`]) while

@@ -1049,13 +1049,19 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     let kept = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "chain", "ip", "other", "svc-ns/plain/tcp/80"]);
     assert!(kept.contains("counter"), "{kept}");
 
-    // A check table a crash left behind is no obstacle; a periodic full resync with nothing
-    // changed writes nothing either.
+    // The periodic full resync with nothing changed writes nothing at all: the frame is the
+    // one this agent checked last. A check table a crash left behind is deleted.
+    lab.syncer.force_full_resync();
+    let report = lab.sync(&all, &before).unwrap();
+    assert!(report.full);
+    assert_eq!((report.writer, report.applied, report.replaced.as_deref()), (Writer::None, false, None), "{report:?}");
     node_nft(&lab.node, false).run("add table ip hawser-check\nadd chain ip hawser-check stray\n").unwrap();
     lab.syncer.force_full_resync();
     let report = lab.sync(&all, &before).unwrap();
-    assert_eq!((report.writer, report.chains_written, report.elements_changed), (Writer::Netlink, 0, 0), "{report:?}");
+    assert_eq!((report.writer, report.chains_written, report.elements_changed), (Writer::None, 0, 0), "{report:?}");
     assert_eq!(static_tables(&lab), written);
+    let tables = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "tables"]);
+    assert!(!tables.contains("hawser-check"), "{tables}");
 
     // Changed while the agent was away: plain lost an endpoint, sticky lost the one its client
     // was sent to, empty was deleted, grown went from one endpoint to three (its endpoint maps
