@@ -35,6 +35,8 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
+/// A listing that another change interrupted (`NLM_F_DUMP_INTR`).
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -1301,7 +1303,8 @@ impl Netlink {
     pub fn list_known_elements(&self, family: Family, set: &str) -> Result<Option<Vec<KnownElement>>, NftError> {
         let Some(kind) = CollectionKind::of(set) else { return Ok(None) };
         let mut elements = Vec::new();
-        self.list_elements_with(family, TABLE, set, |elem| {
+        let request = [(NFTA_SET_ELEM_LIST_TABLE, TABLE), (NFTA_SET_ELEM_LIST_SET, set)];
+        let known = |elements: &mut Vec<KnownElement>, elem: &[u8]| {
             let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) else { return };
             let value = if kind.has_value() {
                 attributes(elem).find(|(t, _)| *t == NFTA_SET_ELEM_DATA).and_then(|(_, data)| decode_value(data))
@@ -1309,7 +1312,18 @@ impl Netlink {
                 None
             };
             elements.extend(KnownElement::new(key, value.as_ref()));
-        })?;
+        };
+        let each = |body: &[u8], fresh: bool| {
+            if fresh {
+                elements.clear();
+            }
+            for (t, list) in attributes(body) {
+                if t == NFTA_SET_ELEM_LIST_ELEMENTS {
+                    attributes(list).for_each(|(_, elem)| known(&mut elements, elem));
+                }
+            }
+        };
+        self.dump_consistent(NFT_MSG_GETSETELEM, family, &request, each).map_err(|e| e.listing(set))?;
         Ok(Some(elements))
     }
 
@@ -1347,13 +1361,16 @@ impl Netlink {
         for (kind, table_attr, out) in objects {
             // The kernel filters some listings by table, not all (chains: none): filtered here.
             let ours = |attrs: &Attrs| attrs.iter().any(|(t, v)| *t == table_attr && c_bytes(v) == c_bytes(&name));
-            let each = |body: &[u8]| {
+            let each = |body: &[u8], fresh: bool| {
+                if fresh {
+                    out.clear();
+                }
                 let attrs = owned(body);
                 if ours(&attrs) {
                     out.push(attrs);
                 }
             };
-            match self.dump(kind, family, &[(table_attr, table)], each) {
+            match self.dump_consistent(kind, family, &[(table_attr, table)], each) {
                 Ok(()) => {}
                 // Deleted meanwhile.
                 Err(Dump::Refused(ENOENT)) => return Ok(None),
@@ -1379,10 +1396,13 @@ impl Netlink {
         self.drain();
         (&self.socket).write_all(&m.finish(1)).map_err(Dump::Io)?;
         let mut buf = vec![0u8; 1 << 17];
+        let mut interrupted = false;
         loop {
             let n = (&self.socket).read(&mut buf).map_err(Dump::Io)?;
-            for (kind, _, body) in messages(&buf[..n]) {
+            for (kind, flags, _, body) in messages_with_flags(&buf[..n]) {
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 match kind {
+                    NLMSG_DONE if interrupted => return Err(Dump::Interrupted),
                     NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => match error_code(body) {
                         0 => {}
@@ -1392,6 +1412,30 @@ impl Netlink {
                 }
             }
         }
+    }
+
+    /// [`Netlink::dump`] again while another transaction changed the ruleset during the
+    /// listing (the kernel flags it: a listing in parts may then miss or repeat objects), at
+    /// most [`CONSISTENT_ATTEMPTS`] times; `each` is given `true` with the first object of
+    /// each new attempt.
+    fn dump_consistent(
+        &self,
+        kind: u16,
+        family: Family,
+        request: &[(u16, &str)],
+        mut each: impl FnMut(&[u8], bool),
+    ) -> Result<(), Dump> {
+        for attempt in 1..=CONSISTENT_ATTEMPTS {
+            let mut fresh = true;
+            let listed = self.dump(kind, family, request, |body| {
+                each(body, std::mem::take(&mut fresh));
+            });
+            match listed {
+                Err(Dump::Interrupted) if attempt < CONSISTENT_ATTEMPTS => {}
+                listed => return listed,
+            }
+        }
+        Err(Dump::Interrupted)
     }
 
     /// Reads the kernel's answers up to the acknowledgement of message `last`: whether other
@@ -1427,15 +1471,21 @@ impl Netlink {
 
 /// The netlink messages in one read: type, sequence number and body (after the header).
 fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    messages_with_flags(buf).map(|(kind, _, seq, body)| (kind, seq, body))
+}
+
+/// The same, with each message's flags.
+fn messages_with_flags(buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
         let header = buf.get(at..at + 16)?;
         let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let flags = u16::from_ne_bytes([header[6], header[7]]);
         let seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
         let body = buf.get(at + 16..at + len.max(16))?;
         at += len.max(16).next_multiple_of(4);
-        Some((kind, seq, body))
+        Some((kind, flags, seq, body))
     })
 }
 
@@ -1468,11 +1518,17 @@ enum Answer {
 
 const ENOENT: i32 = 2;
 
-/// Why a listing ended without its last message.
+/// Why a listing ended without its last message, or is not to be trusted.
 enum Dump {
     Io(std::io::Error),
     Refused(i32),
+    /// Another transaction changed the ruleset while it was listed.
+    Interrupted,
 }
+
+/// Listings of a table, or of a set's elements, that another transaction interrupted are
+/// taken again, at most this many times in all.
+const CONSISTENT_ATTEMPTS: usize = 3;
 
 impl Dump {
     fn listing(self, what: &str) -> NftError {
@@ -1481,6 +1537,12 @@ impl Dump {
             Self::Refused(errno) => NftError::Rejected {
                 status: format!("errno {errno}"),
                 stderr: format!("listing {what}: {}", std::io::Error::from_raw_os_error(errno)),
+            },
+            Self::Interrupted => NftError::Rejected {
+                status: "interrupted".into(),
+                stderr: format!(
+                    "listing {what}: other transactions changed the ruleset during each of {CONSISTENT_ATTEMPTS} listings"
+                ),
             },
         }
     }
