@@ -1126,3 +1126,51 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Nft, Some("one of the two tables is missing")));
     assert_eq!(static_tables(&lab), replaced);
 }
+
+/// A listing of our table while another table's chains come and go (another proxy at work)
+/// is exact or refused, never wrong: the kernel counts every table's chains when it resumes a
+/// listing, and flags one another transaction interrupted; such a listing is taken again.
+#[test]
+fn a_table_listed_while_another_changes_is_exact() {
+    use hawser_dataplane::model::Family;
+    use hawser_dataplane::netlink::Netlink;
+    let lab = lab!(1);
+    let nft = node_nft(&lab.node, false);
+    // The other table first: its chains come before ours in the kernel's count.
+    let mut script = String::from("add table ip other\nadd table ip hawser\n");
+    for i in 0..2000 {
+        script.push_str(&format!("add chain ip hawser svc-ns/s{i}/tcp/80\n"));
+    }
+    nft.run(&script).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (stop, nft) = (stop.clone(), nft.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let script = format!("add chain ip other c{i}\nadd chain ip other d{i}\ndelete chain ip other c{i}\n");
+                nft.run(&script).unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let netlink = common::lab::in_netns(&lab.node, Netlink::open).unwrap();
+    let (mut exact, mut refused) = (0, 0);
+    for _ in 0..40 {
+        match netlink.list_table(Family::V4, "hawser") {
+            Ok(Some(listed)) => {
+                assert_eq!(listed.chains.len(), 2000, "a listing skipped or repeated chains");
+                exact += 1;
+            }
+            Ok(None) => panic!("the table is there"),
+            Err(e) => {
+                assert!(e.to_string().contains("other transactions changed the ruleset"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let churned = churn.join().unwrap();
+    assert!(churned > 0 && exact > 0, "{churned} changes, {exact} exact listings, {refused} refused");
+}
