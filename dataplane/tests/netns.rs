@@ -529,6 +529,34 @@ fn dual_stack_svc(dual: bool, name: &'static str, lb: &'static str, lb6: &'stati
     s
 }
 
+/// A Service of each kind (dual-stack when `dual`), `svc-…` chains and frame alike: `plain`,
+/// `single`, `sticky` (ClientIP affinity of `timeout` seconds), `ranged` (source ranges) and
+/// `empty`, on 203.0.113.1–5 and NodePorts 30001–30005.
+fn every_kind(dual: bool, timeout: i32) -> Vec<k8s_openapi::api::core::v1::Service> {
+    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np);
+    let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
+    sticky.affinity_timeout = Some(timeout);
+    let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
+    ranged.source_ranges = vec!["192.168.100.0/24"];
+    vec![
+        svc("plain", "203.0.113.1", "2001:db8::1", 30001).build(),
+        svc("single", "203.0.113.2", "2001:db8::2", 30002).build(),
+        sticky.build(),
+        ranged.build(),
+        svc("empty", "203.0.113.5", "2001:db8::5", 30005).build(),
+    ]
+}
+
+/// The first `n` of the three pods as ready endpoints on this node (IPv6 too when `dual`).
+fn node_pods(dual: bool, n: usize) -> Vec<Ep<'static>> {
+    let mut v: Vec<Ep<'static>> =
+        ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
+    if dual {
+        v.extend(["fd00:1::2", "fd00:2::2", "fd00:3::2"][..n].iter().map(|ip| Ep::ready(ip, NODE)));
+    }
+    v
+}
+
 #[test]
 fn partial_syncs_leave_the_tables_a_full_resync_would_write() {
     let mut lab = lab!(3);
@@ -657,26 +685,10 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     use hawser_dataplane::nft::Writer;
     let mut lab = lab!(3);
     let dual = lab.ipv6;
-    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np);
-    let plain = svc("plain", "203.0.113.1", "2001:db8::1", 30001).build();
-    let single = svc("single", "203.0.113.2", "2001:db8::2", 30002).build();
-    let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
-    sticky.affinity_timeout = Some(60);
-    let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
-    ranged.source_ranges = vec!["192.168.100.0/24"];
-    let empty = svc("empty", "203.0.113.5", "2001:db8::5", 30005).build();
-    let services = [plain, single, sticky.build(), ranged.build(), empty];
-    let pods = |n: usize| -> Vec<Ep<'static>> {
-        let mut v: Vec<Ep<'static>> =
-            ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
-        if dual {
-            v.extend(["fd00:1::2", "fd00:2::2", "fd00:3::2"][..n].iter().map(|ip| Ep::ready(ip, NODE)));
-        }
-        v
-    };
+    let services = every_kind(dual, 60);
     let slices: Vec<EndpointSlice> = [("plain", 3), ("single", 1), ("sticky", 3), ("ranged", 2), ("empty", 0)]
         .into_iter()
-        .map(|(name, n)| slice("ns", name, name, PORTS, &pods(n)))
+        .map(|(name, n)| slice("ns", name, name, PORTS, &node_pods(dual, n)))
         .collect();
 
     let report = lab.sync(&services, &slices).unwrap();
@@ -1002,24 +1014,9 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     use hawser_dataplane::render::RenderConfig;
     let mut lab = lab!(3);
     let dual = lab.ipv6;
-    let svc = |name, lb, lb6, np| dual_stack_svc(dual, name, lb, lb6, np);
-    let plain = svc("plain", "203.0.113.1", "2001:db8::1", 30001).build();
-    let single = svc("single", "203.0.113.2", "2001:db8::2", 30002).build();
-    let mut sticky = svc("sticky", "203.0.113.3", "2001:db8::3", 30003);
-    sticky.affinity_timeout = Some(600);
-    let mut ranged = svc("ranged", "203.0.113.4", "2001:db8::4", 30004);
-    ranged.source_ranges = vec!["192.168.100.0/24"];
-    let empty = svc("empty", "203.0.113.5", "2001:db8::5", 30005).build();
-    let grown = svc("grown", "203.0.113.6", "2001:db8::6", 30006).build();
-    let all = vec![plain, single, sticky.build(), ranged.build(), empty, grown];
-    let pods = |n: usize| -> Vec<Ep<'static>> {
-        let mut v: Vec<Ep<'static>> =
-            ["10.0.1.2", "10.0.2.2", "10.0.3.2"][..n].iter().map(|ip| Ep::ready(ip, NODE)).collect();
-        if dual {
-            v.extend(["fd00:1::2", "fd00:2::2", "fd00:3::2"][..n].iter().map(|ip| Ep::ready(ip, NODE)));
-        }
-        v
-    };
+    let mut all = every_kind(dual, 600);
+    all.push(dual_stack_svc(dual, "grown", "203.0.113.6", "2001:db8::6", 30006).build());
+    let pods = |n: usize| node_pods(dual, n);
     let slices = |counts: &[(&'static str, usize)]| -> Vec<EndpointSlice> {
         counts.iter().map(|(name, n)| slice("ns", name, name, PORTS, &pods(*n))).collect()
     };
