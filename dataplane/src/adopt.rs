@@ -119,7 +119,15 @@ impl LiveTable {
     /// their content in the rules that use them, so that two tables with the same rules
     /// compare equal whatever the kernel numbered their anonymous sets.
     fn list(netlink: &Netlink, family: Family, table: &str) -> Result<Option<Self>, NftError> {
-        let Some(listed) = netlink.list_table(family, table)? else { return Ok(None) };
+        // Base chains are asked for by name, for their hooks; the others are known by their
+        // rules (an empty chain nothing refers to is left as it is).
+        let skeleton = base_table(family, &RenderConfig::default());
+        let base: Vec<&str> = if table == TABLE {
+            skeleton.chains.iter().filter(|(_, c)| c.base.is_some()).map(|(n, _)| n.as_str()).collect()
+        } else {
+            Vec::new()
+        };
+        let Some(listed) = netlink.list_table(family, table, &base)? else { return Ok(None) };
         let mut live = LiveTable::default();
         let mut anonymous: HashMap<String, Vec<u8>> = HashMap::new();
         for set in listed.sets.iter().filter_map(listed_set) {
@@ -406,13 +414,20 @@ pub fn plan(
 /// The frame of our table is as nft writes it: every frame chain with its hook and rules,
 /// every set's declaration.
 fn check_frame<'a>(have: &LiveTable, frame: &'a LiveTable, want: &'a Table) -> Result<Missing<'a>, String> {
+    let empty = LiveChain::default();
     for (name, chain) in want.chains.iter().filter(|(n, c)| !encoded(n, c)) {
-        let live = have.chains.get(name).ok_or_else(|| format!("chain {name} is missing"))?;
+        // Chains are known by their rules (base chains by name too): an empty one that is not
+        // listed may be there or not, and nothing that is there can refer to one that is not.
+        let live = match have.chains.get(name) {
+            Some(live) => live,
+            None if chain.rules.is_empty() && chain.base.is_none() => &empty,
+            None => return Err(format!("chain {name} is missing, or has no rules")),
+        };
         let hook = chain.base.as_deref().map(|b| parse_hook(b).ok_or_else(|| format!("base chain {name}: {b}")));
         if live.hook != hook.transpose()? {
             return Err(format!("chain {name} has another hook"));
         }
-        let written = frame.chains.get(name).ok_or_else(|| format!("chain {name} is not in the check table"))?;
+        let written = frame.chains.get(name).unwrap_or(&empty);
         if live.rules != written.rules {
             return Err(format!("chain {name} has other rules"));
         }

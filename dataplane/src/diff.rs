@@ -214,7 +214,9 @@ impl<'scope> Stepwise<'scope> {
             chains,
             written,
         };
-        steps.send(Step::Script(full_plan(skeleton).script));
+        // Adds only: there is no table of ours to replace, and a `delete table` would have nft
+        // list every table first (another proxy's may be large).
+        steps.send(Step::Script(to_script(skeleton)));
         steps
     }
 

@@ -35,8 +35,6 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-/// A listing that another change interrupted (`NLM_F_DUMP_INTR`).
-const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -1303,8 +1301,7 @@ impl Netlink {
     pub fn list_known_elements(&self, family: Family, set: &str) -> Result<Option<Vec<KnownElement>>, NftError> {
         let Some(kind) = CollectionKind::of(set) else { return Ok(None) };
         let mut elements = Vec::new();
-        let request = [(NFTA_SET_ELEM_LIST_TABLE, TABLE), (NFTA_SET_ELEM_LIST_SET, set)];
-        let known = |elements: &mut Vec<KnownElement>, elem: &[u8]| {
+        self.list_elements_with(family, TABLE, set, |elem| {
             let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) else { return };
             let value = if kind.has_value() {
                 attributes(elem).find(|(t, _)| *t == NFTA_SET_ELEM_DATA).and_then(|(_, data)| decode_value(data))
@@ -1312,18 +1309,7 @@ impl Netlink {
                 None
             };
             elements.extend(KnownElement::new(key, value.as_ref()));
-        };
-        let each = |body: &[u8], fresh: bool| {
-            if fresh {
-                elements.clear();
-            }
-            for (t, list) in attributes(body) {
-                if t == NFTA_SET_ELEM_LIST_ELEMENTS {
-                    attributes(list).for_each(|(_, elem)| known(&mut elements, elem));
-                }
-            }
-        };
-        self.dump_consistent(NFT_MSG_GETSETELEM, family, &request, each).map_err(|e| e.listing(set))?;
+        })?;
         Ok(Some(elements))
     }
 
@@ -1345,32 +1331,37 @@ impl Netlink {
         .map_err(|e| e.listing(set))
     }
 
-    /// Table `table` of `family` as the kernel lists it: its chains, rules and sets, each as
-    /// its attributes; `None` when there is no such table.
-    pub fn list_table(&self, family: Family, table: &str) -> Result<Option<Listed>, NftError> {
+    /// Table `table` of `family` as the kernel lists it: its rules and sets, and of its chains
+    /// those named in `chains` (the base chains, for their hooks), each as its attributes;
+    /// `None` when there is no such table. The kernel lists chains only all together, every
+    /// table's (another proxy's table may hold 100k), so chains are asked for by name: the
+    /// others are known by their rules.
+    pub fn list_table(&self, family: Family, table: &str, chains: &[&str]) -> Result<Option<Listed>, NftError> {
         if !self.has_table(family, table)? {
             return Ok(None);
         }
         let mut listed = Listed::default();
-        let objects = [
-            (NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, &mut listed.chains),
-            (NFT_MSG_GETRULE, NFTA_RULE_TABLE, &mut listed.rules),
-            (NFT_MSG_GETSET, NFTA_SET_TABLE, &mut listed.sets),
-        ];
+        for chain in chains {
+            let mut m = Message::new(NFT_MSG_GETCHAIN, NLM_F_ACK, family);
+            m.str(NFTA_CHAIN_TABLE, table);
+            m.str(NFTA_CHAIN_NAME, chain);
+            listed.chains.extend(self.get(m).map_err(|e| e.listing(table))?);
+        }
+        let objects =
+            [(NFT_MSG_GETRULE, NFTA_RULE_TABLE, &mut listed.rules), (NFT_MSG_GETSET, NFTA_SET_TABLE, &mut listed.sets)];
         let name = [table.as_bytes(), &[0]].concat();
         for (kind, table_attr, out) in objects {
-            // The kernel filters some listings by table, not all (chains: none): filtered here.
+            // Filtered by the kernel too; a table of another name is never ours.
             let ours = |attrs: &Attrs| attrs.iter().any(|(t, v)| *t == table_attr && c_bytes(v) == c_bytes(&name));
-            let each = |body: &[u8], fresh: bool| {
-                if fresh {
-                    out.clear();
-                }
+            let each = |body: &[u8]| {
                 let attrs = owned(body);
                 if ours(&attrs) {
                     out.push(attrs);
                 }
             };
-            match self.dump_consistent(kind, family, &[(table_attr, table)], each) {
+            // Counted within the table: other tables' changes while it is listed in parts do
+            // not make a part skip or repeat any of its objects.
+            match self.dump(kind, family, &[(table_attr, table)], each) {
                 Ok(()) => {}
                 // Deleted meanwhile.
                 Err(Dump::Refused(ENOENT)) => return Ok(None),
@@ -1378,6 +1369,32 @@ impl Netlink {
             }
         }
         Ok(Some(listed))
+    }
+
+    /// The one object a `GET…` request `m` asks for, as its attributes; `None` when there is
+    /// no such object.
+    fn get(&self, m: Message) -> Result<Option<Attrs>, Dump> {
+        let seq = 1;
+        self.drain();
+        (&self.socket).write_all(&m.finish(seq)).map_err(Dump::Io)?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut object = None;
+        loop {
+            let n = (&self.socket).read(&mut buf).map_err(Dump::Io)?;
+            for (kind, got, body) in messages(&buf[..n]) {
+                match kind {
+                    NLMSG_ERROR if got == seq => {
+                        return match error_code(body) {
+                            0 => Ok(object),
+                            code if -code == ENOENT => Ok(None),
+                            code => Err(Dump::Refused(-code)),
+                        };
+                    }
+                    NLMSG_ERROR => {}
+                    _ => object = Some(owned(body.get(4..).unwrap_or_default())),
+                }
+            }
+        }
     }
 
     /// Sends one `NLM_F_DUMP` request of `kind` with string attributes `request` and calls
@@ -1396,13 +1413,10 @@ impl Netlink {
         self.drain();
         (&self.socket).write_all(&m.finish(1)).map_err(Dump::Io)?;
         let mut buf = vec![0u8; 1 << 17];
-        let mut interrupted = false;
         loop {
             let n = (&self.socket).read(&mut buf).map_err(Dump::Io)?;
-            for (kind, flags, _, body) in messages_with_flags(&buf[..n]) {
-                interrupted |= flags & NLM_F_DUMP_INTR != 0;
+            for (kind, _, body) in messages(&buf[..n]) {
                 match kind {
-                    NLMSG_DONE if interrupted => return Err(Dump::Interrupted),
                     NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => match error_code(body) {
                         0 => {}
@@ -1412,30 +1426,6 @@ impl Netlink {
                 }
             }
         }
-    }
-
-    /// [`Netlink::dump`] again while another transaction changed the ruleset during the
-    /// listing (the kernel flags it: a listing in parts may then miss or repeat objects), at
-    /// most [`CONSISTENT_ATTEMPTS`] times; `each` is given `true` with the first object of
-    /// each new attempt.
-    fn dump_consistent(
-        &self,
-        kind: u16,
-        family: Family,
-        request: &[(u16, &str)],
-        mut each: impl FnMut(&[u8], bool),
-    ) -> Result<(), Dump> {
-        for attempt in 1..=CONSISTENT_ATTEMPTS {
-            let mut fresh = true;
-            let listed = self.dump(kind, family, request, |body| {
-                each(body, std::mem::take(&mut fresh));
-            });
-            match listed {
-                Err(Dump::Interrupted) if attempt < CONSISTENT_ATTEMPTS => {}
-                listed => return listed,
-            }
-        }
-        Err(Dump::Interrupted)
     }
 
     /// Reads the kernel's answers up to the acknowledgement of message `last`: whether other
@@ -1471,21 +1461,15 @@ impl Netlink {
 
 /// The netlink messages in one read: type, sequence number and body (after the header).
 fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
-    messages_with_flags(buf).map(|(kind, _, seq, body)| (kind, seq, body))
-}
-
-/// The same, with each message's flags.
-fn messages_with_flags(buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
         let header = buf.get(at..at + 16)?;
         let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let kind = u16::from_ne_bytes([header[4], header[5]]);
-        let flags = u16::from_ne_bytes([header[6], header[7]]);
         let seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
         let body = buf.get(at + 16..at + len.max(16))?;
         at += len.max(16).next_multiple_of(4);
-        Some((kind, flags, seq, body))
+        Some((kind, seq, body))
     })
 }
 
@@ -1518,17 +1502,11 @@ enum Answer {
 
 const ENOENT: i32 = 2;
 
-/// Why a listing ended without its last message, or is not to be trusted.
+/// Why a listing ended without its last message.
 enum Dump {
     Io(std::io::Error),
     Refused(i32),
-    /// Another transaction changed the ruleset while it was listed.
-    Interrupted,
 }
-
-/// Listings of a table, or of a set's elements, that another transaction interrupted are
-/// taken again, at most this many times in all.
-const CONSISTENT_ATTEMPTS: usize = 3;
 
 impl Dump {
     fn listing(self, what: &str) -> NftError {
@@ -1537,12 +1515,6 @@ impl Dump {
             Self::Refused(errno) => NftError::Rejected {
                 status: format!("errno {errno}"),
                 stderr: format!("listing {what}: {}", std::io::Error::from_raw_os_error(errno)),
-            },
-            Self::Interrupted => NftError::Rejected {
-                status: "interrupted".into(),
-                stderr: format!(
-                    "listing {what}: other transactions changed the ruleset during each of {CONSISTENT_ATTEMPTS} listings"
-                ),
             },
         }
     }
