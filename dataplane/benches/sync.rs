@@ -3,7 +3,10 @@
 //! target it is judged by: 10k Services × 10 endpoints full sync, one-endpoint change, one
 //! Service added, a resync with nothing changed, RSS (a child process holding the agent's
 //! state), ClientIP affinity vs none; then new-connection latency and NodePort throughput.
-//! Needs root, `ip` and `nft` (runs inside its own network namespaces).
+//! Needs root, `ip` and `nft` (runs inside its own network namespaces). Environment:
+//! `HAWSER_BENCH_SERVICES`, `HAWSER_BENCH_AFFINITY_SERVICES` (10k), `HAWSER_BENCH_NETLINK=0`
+//! (nft only), `HAWSER_BENCH_NEIGHBOUR=FILE` (an nft script run first: another proxy's table
+//! beside ours).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/common/mod.rs"]
@@ -213,6 +216,12 @@ fn main() {
         std::env::var("HAWSER_BENCH_AFFINITY_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(n);
     let lab = Lab::new(1).unwrap();
     spawn_sink(&lab.pods[0], 9000);
+    // Another proxy's table beside ours (an nft script, e.g. of kube-proxy's size), when given.
+    if let Ok(script) = std::env::var("HAWSER_BENCH_NEIGHBOUR") {
+        let t = Instant::now();
+        node_nft(&lab.node, false).run(&std::fs::read_to_string(&script).unwrap()).unwrap();
+        eprintln!("neighbour table from {script} written in {:.1}s", t.elapsed().as_secs_f64());
+    }
 
     let mut agent = Agent::new(&lab.node);
     let (full, report) = full_sync(&mut agent, lists(n, 10, false));
