@@ -38,12 +38,77 @@ use crate::render::{
     Table, base_table, family_name,
 };
 
-/// The whole ruleset gathered from the fragments a full resync renders, rather than
-/// rendered a second time: each family's base table, the fragments' chains and endpoint maps,
-/// and the shared collections' elements as their owners decide ([`Gathered::finish`]).
+/// The wanted ruleset of a full resync that adopts: the chains and declarations of both
+/// tables, and the elements of every collection the encoder knows, encoded as the kernel
+/// lists them (less than half the memory of their text at 10k Services), sorted by key.
+#[derive(Debug, Default)]
+pub struct Desired {
+    /// Chains, declarations, and the elements the encoder does not know.
+    pub ruleset: Ruleset,
+    /// The other elements, by family and collection, sorted.
+    pub encoded: BTreeMap<(Family, String), Vec<KnownElement>>,
+}
+
+impl Desired {
+    /// Rules, and elements.
+    pub fn counts(&self) -> (usize, usize) {
+        let encoded: usize = self.encoded.values().map(Vec::len).sum();
+        (self.ruleset.rule_count(), self.ruleset.element_count() + encoded)
+    }
+}
+
+/// The wanted ruleset gathered from the fragments a full resync renders, rather than rendered
+/// a second time: each family's base table, the fragments' chains and endpoint maps, and the
+/// shared collections' elements as their owners decide ([`Gathered::finish`]). Elements are
+/// encoded as they come, their text dropped.
 #[derive(Debug, Default)]
 pub struct Gathered {
-    tables: BTreeMap<Family, Table>,
+    desired: Desired,
+}
+
+impl Gathered {
+    /// Adds `elements` of `family`'s collection `name`: encoded, or as text when the encoder
+    /// does not know them.
+    fn elements(&mut self, family: Family, name: &str, elements: impl Iterator<Item = (String, String)>) {
+        let mut unknown = Vec::new();
+        let encoded = self.desired.encoded.entry((family, name.to_string())).or_default();
+        for (key, value) in elements {
+            match known_element(family, name, &key, &value) {
+                Some(element) => encoded.push(element),
+                None => unknown.push((key, value)),
+            }
+        }
+        if !unknown.is_empty() {
+            let table = self.desired.ruleset.tables.entry(family).or_default();
+            table.collections.entry(name.to_string()).or_default().elements.extend(unknown);
+        }
+    }
+
+    /// The wanted ruleset, with the shared collections' elements (family, collection, key,
+    /// value).
+    pub fn finish<'a>(
+        mut self,
+        config: &RenderConfig,
+        shared: impl Iterator<Item = (Family, &'a str, &'a str, String)>,
+    ) -> Desired {
+        for (family, name, key, value) in shared {
+            self.elements(family, name, std::iter::once((key.to_string(), value)));
+        }
+        let mut desired = self.desired;
+        for family in FAMILIES {
+            let mut table = base_table(family, config);
+            let fragments = desired.ruleset.tables.remove(&family).unwrap_or_default();
+            table.chains.extend(fragments.chains);
+            for (name, c) in fragments.collections {
+                let collection = table.collections.entry(name).or_insert_with(|| c.clone_empty());
+                collection.elements.extend(c.elements);
+            }
+            desired.ruleset.tables.insert(family, table);
+        }
+        desired.encoded.retain(|_, elements| !elements.is_empty());
+        desired.encoded.values_mut().for_each(|elements| elements.sort_unstable());
+        desired
+    }
 }
 
 impl FragmentSink for Gathered {
@@ -52,7 +117,7 @@ impl FragmentSink for Gathered {
     }
 
     fn add_owned(&mut self, family: Family, fragment: Table) {
-        let table = self.tables.entry(family).or_default();
+        let table = self.desired.ruleset.tables.entry(family).or_default();
         for (name, chain) in fragment.chains {
             table.chains.entry(name).or_insert(chain);
         }
@@ -60,38 +125,11 @@ impl FragmentSink for Gathered {
             if SHARED_COLLECTIONS.contains(&name.as_str()) {
                 continue;
             }
-            match table.collections.get_mut(&name) {
-                Some(collection) => collection.elements.extend(c.elements),
-                None => {
-                    table.collections.insert(name, c);
-                }
-            }
+            let Collection { decl, is_map, elements } = c;
+            let table = self.desired.ruleset.tables.entry(family).or_default();
+            table.collections.entry(name.clone()).or_insert(Collection { decl, is_map, elements: BTreeMap::new() });
+            self.elements(family, &name, elements.into_iter());
         }
-    }
-}
-
-impl Gathered {
-    /// The ruleset, with the shared collections' elements (family, collection, key, value).
-    pub fn finish<'a>(
-        self,
-        config: &RenderConfig,
-        shared: impl Iterator<Item = (Family, &'a str, &'a str, String)>,
-    ) -> Ruleset {
-        let mut ruleset = Ruleset::default();
-        let mut gathered = self.tables;
-        for family in FAMILIES {
-            let mut table = base_table(family, config);
-            let fragments = gathered.remove(&family).unwrap_or_default();
-            table.chains.extend(fragments.chains);
-            table.collections.extend(fragments.collections);
-            ruleset.tables.insert(family, table);
-        }
-        for (family, name, key, value) in shared {
-            if let Some(c) = ruleset.tables.get_mut(&family).and_then(|t| t.collections.get_mut(name)) {
-                c.elements.insert(key.to_string(), value);
-            }
-        }
-        ruleset
     }
 }
 
@@ -317,18 +355,22 @@ pub struct ElementDiff {
     collections: Vec<CollectionDiff>,
 }
 
-/// Family, collection, keys to delete, elements (key, value) to add.
-type CollectionDiff = (Family, String, Vec<Vec<u8>>, Vec<(String, String)>);
+/// Family, collection, keys to delete, elements to add.
+type CollectionDiff = (Family, String, Vec<Vec<u8>>, Vec<KnownElement>);
 
 /// Compares the elements the kernel holds (`elements`, of `live`'s collections) with those
 /// `desired` wants; `Err` with the reason when one is not an element the encoder knows.
-pub fn diff_elements(live: &Live, elements: &Elements, desired: &Ruleset) -> Result<ElementDiff, String> {
+pub fn diff_elements(live: &Live, elements: &Elements, desired: &Desired) -> Result<ElementDiff, String> {
     let mut diff = ElementDiff::default();
-    for (family, want) in &desired.tables {
+    for (family, want) in &desired.ruleset.tables {
         let fam = family_name(*family);
         let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
         for (name, collection) in &want.collections {
-            if collection.elements.is_empty() && have.sets.get(name).is_none_or(|s| s.dynamic) {
+            if let Some(key) = collection.elements.keys().next() {
+                return Err(format!("{fam}: set {name}: element {key} the encoder does not know"));
+            }
+            let wanted = desired.encoded.get(&(*family, name.clone())).map_or(&[][..], Vec::as_slice);
+            if wanted.is_empty() && have.sets.get(name).is_none_or(|s| s.dynamic) {
                 continue;
             }
             let listed = match (have.sets.get(name), elements.get(&(*family, name.clone()))) {
@@ -338,14 +380,7 @@ pub fn diff_elements(live: &Live, elements: &Elements, desired: &Ruleset) -> Res
                 (None, _) => &[],
                 (Some(_), None) => return Err(format!("{fam}: set {name}: elements the encoder does not know")),
             };
-            let mut wanted = Vec::with_capacity(collection.elements.len());
-            for (key, value) in &collection.elements {
-                let element = known_element(*family, name, key, value)
-                    .ok_or_else(|| format!("{fam}: set {name}: element {key} the encoder does not know"))?;
-                wanted.push((element, key, value));
-            }
-            wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            let (stale, missing) = walk(listed, &wanted);
+            let (stale, missing) = walk(listed, wanted);
             if !stale.is_empty() || !missing.is_empty() {
                 diff.collections.push((*family, name.clone(), stale, missing));
             }
@@ -356,21 +391,21 @@ pub fn diff_elements(live: &Live, elements: &Elements, desired: &Ruleset) -> Res
 
 /// Walks the elements the kernel holds and those wanted, both sorted, side by side by key:
 /// the keys to delete, and the elements to add.
-fn walk(listed: &[KnownElement], wanted: &[(KnownElement, &String, &String)]) -> (Vec<Vec<u8>>, Vec<(String, String)>) {
+fn walk(listed: &[KnownElement], wanted: &[KnownElement]) -> (Vec<Vec<u8>>, Vec<KnownElement>) {
     let (mut stale, mut missing) = (Vec::new(), Vec::new());
     let (mut have, mut want) = (listed.iter().peekable(), wanted.iter().peekable());
     loop {
         match (have.peek(), want.peek()) {
             (None, None) => break,
-            (Some(h), Some((w, key, value))) if h.key() == w.key() => {
-                if *h != w {
+            (Some(h), Some(w)) if h.key() == w.key() => {
+                if h != w {
                     stale.push(h.key().to_vec());
-                    missing.push(((*key).clone(), (*value).clone()));
+                    missing.push((*w).clone());
                 }
                 have.next();
                 want.next();
             }
-            (Some(h), Some((w, ..))) if h.key() < w.key() => {
+            (Some(h), Some(w)) if h.key() < w.key() => {
                 stale.push(h.key().to_vec());
                 have.next();
             }
@@ -378,8 +413,8 @@ fn walk(listed: &[KnownElement], wanted: &[(KnownElement, &String, &String)]) ->
                 stale.push(h.key().to_vec());
                 have.next();
             }
-            (_, Some((_, key, value))) => {
-                missing.push(((*key).clone(), (*value).clone()));
+            (_, Some(w)) => {
+                missing.push((*w).clone());
                 want.next();
             }
         }
@@ -521,9 +556,7 @@ fn plan_family(
     }
     for (_, name, _, missing) in collections.filter(|(.., missing)| !missing.is_empty()) {
         adoption.elements_changed += missing.len();
-        if !adoption.batch.elements(family, name, true, missing.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
-            return Err(format!("set {name}: an element the encoder does not know"));
-        }
+        adoption.batch.known_elements(family, name, missing);
     }
     // What nobody wants any more: chains emptied, then deleted; sets after the rules using them.
     for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
@@ -561,16 +594,32 @@ mod tests {
         let mut listed =
             vec![element("1", "10.0.0.1 . 80"), element("2", "10.0.0.2 . 80"), element("4", "10.0.0.4 . 80")];
         listed.sort();
-        let (k1, k2, k3) = ("1".to_string(), "2".to_string(), "3".to_string());
-        let (v1, v2, v3) = ("10.0.0.1 . 80".to_string(), "10.0.0.9 . 80".to_string(), "10.0.0.3 . 80".to_string());
         let mut wanted =
-            vec![(element(&k3, &v3), &k3, &v3), (element(&k1, &v1), &k1, &v1), (element(&k2, &v2), &k2, &v2)];
-        wanted.sort_by(|a, b| a.0.cmp(&b.0));
+            vec![element("3", "10.0.0.3 . 80"), element("1", "10.0.0.1 . 80"), element("2", "10.0.0.9 . 80")];
+        wanted.sort();
         let (stale, missing) = walk(&listed, &wanted);
         // Key 2 changed its value, key 4 is no longer wanted; key 3 is new.
         assert_eq!(stale, vec![2u32.to_ne_bytes().to_vec(), 4u32.to_ne_bytes().to_vec()]);
-        assert_eq!(missing, vec![(k2.clone(), v2.clone()), (k3.clone(), v3.clone())]);
+        assert_eq!(missing, vec![element("2", "10.0.0.9 . 80"), element("3", "10.0.0.3 . 80")]);
         assert_eq!(walk(&listed[..1], &wanted[..1]), (Vec::new(), Vec::new()), "equal: nothing to write");
+    }
+
+    #[test]
+    fn encoded_elements_are_written_back_as_they_were_given() {
+        let mut batch = Batch::new();
+        let endpoint = known_element(Family::V4, "endpoints-tcp-01", "7", "10.0.0.7 . 8080");
+        let dispatch = known_element(Family::V6, "service-addresses", "2001:db8::1 . tcp . 80", "goto svc-ns/a/tcp/80");
+        let (endpoint, dispatch) = (endpoint.unwrap_or_else(|| panic!()), dispatch.unwrap_or_else(|| panic!()));
+        let mut text = Batch::new();
+        assert!(text.elements(Family::V4, "endpoints-tcp-01", true, [("7", "10.0.0.7 . 8080")].into_iter()));
+        batch.known_elements(Family::V4, "endpoints-tcp-01", &[endpoint]);
+        assert_eq!(format!("{batch:?}"), format!("{text:?}"), "the same messages");
+        let mut text = Batch::new();
+        let element = ("2001:db8::1 . tcp . 80", "goto svc-ns/a/tcp/80");
+        assert!(text.elements(Family::V6, "service-addresses", true, [element].into_iter()));
+        let mut batch = Batch::new();
+        batch.known_elements(Family::V6, "service-addresses", &[dispatch]);
+        assert_eq!(format!("{batch:?}"), format!("{text:?}"), "the same messages");
     }
 
     #[test]

@@ -301,6 +301,17 @@ impl Batch {
             };
             encoded.push((k, v));
         }
+        self.push_elements(family, collection, add, &encoded);
+        true
+    }
+
+    /// Adds elements as [`known_element`] encoded them to one of our collections.
+    pub fn known_elements(&mut self, family: Family, collection: &str, elements: &[KnownElement]) {
+        let encoded: Vec<(Vec<u8>, Option<Value>)> = elements.iter().map(|e| (e.key().to_vec(), e.value())).collect();
+        self.push_elements(family, collection, true, &encoded);
+    }
+
+    fn push_elements(&mut self, family: Family, collection: &str, add: bool, encoded: &[(Vec<u8>, Option<Value>)]) {
         let kind_msg = if add { NFT_MSG_NEWSETELEM } else { NFT_MSG_DELSETELEM };
         for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
             let mut m = Message::new(kind_msg, if add { NLM_F_CREATE } else { 0 }, family);
@@ -333,7 +344,6 @@ impl Batch {
             m.end(list);
             self.push(m);
         }
-        true
     }
 
     /// Deletes the elements with these keys (as [`Netlink::dump_elements`] returns them) from
@@ -946,6 +956,21 @@ impl KnownElement {
     pub fn key(&self) -> &[u8] {
         let len = usize::from(self.0.first().copied().unwrap_or_default());
         self.0.get(1..1 + len).unwrap_or_default()
+    }
+
+    /// The value, as [`Batch::known_elements`] writes it.
+    fn value(&self) -> Option<Value> {
+        let rest = self.0.get(1 + self.key().len()..)?;
+        let (tag, value) = rest.split_first()?;
+        match tag {
+            1 => Some(Value::Data(value.to_vec())),
+            2 => {
+                let (code, chain) = value.split_at_checked(4)?;
+                let code = i32::from_be_bytes(code.try_into().ok()?);
+                Some(Value::Verdict(code, String::from_utf8_lossy(chain).into_owned()))
+            }
+            _ => None,
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use crate::adopt::{
-    Adoption, CHECK_TABLE, ElementDiff, Gathered, Live, LiveFrame, check_script, delete_check_table, diff_elements,
-    list_check, list_elements, plan,
+    Adoption, CHECK_TABLE, Desired, ElementDiff, Gathered, Live, LiveFrame, check_script, delete_check_table,
+    diff_elements, list_check, list_elements, plan,
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
@@ -215,21 +215,27 @@ impl<R: NftRunner> Syncer<R> {
         }
         let mut counts = None;
         let mut batch = None;
+        // A full resync's ruleset: as text to replace the tables, gathered to adopt them.
         let mut full_ruleset = None;
+        let mut desired = None;
         let (script, chains_written, elements_changed, stale_after) = if full {
-            let (ruleset, chains, (rules, elements)) = match gathered.take() {
+            let (chains, (rules, elements)) = match gathered.take() {
                 Some(mut gathered) => {
                     self.add_kept(&changed, &mut gathered);
-                    let ruleset = gathered.finish(&self.config, self.shared_elements().into_iter());
-                    let chains = ruleset.tables.values().map(|t| t.chains.len()).sum();
-                    let counts = (ruleset.rule_count(), ruleset.element_count());
-                    (ruleset, chains, counts)
+                    let wanted = gathered.finish(&self.config, self.shared_elements().into_iter());
+                    let chains = wanted.ruleset.tables.values().map(|t| t.chains.len()).sum();
+                    let counts = wanted.counts();
+                    desired = Some(Arc::new(wanted));
+                    (chains, counts)
                 }
-                None => self.render_whole(),
+                None => {
+                    let (ruleset, chains, counts) = self.render_whole();
+                    full_ruleset = Some(ruleset);
+                    (chains, counts)
+                }
             };
             self.release_unused(&adopted);
             counts = Some((rules, elements));
-            full_ruleset = Some(Arc::new(ruleset));
             (String::new(), chains, elements, BTreeSet::new())
         } else {
             let mut plan = PartialScript::default();
@@ -252,10 +258,10 @@ impl<R: NftRunner> Syncer<R> {
             affinity_purged: 0,
             replaced: None,
         };
-        let adoption = match (&full_ruleset, live, listing) {
-            (Some(ruleset), Ok(live), Some(listing)) => {
+        let adoption = match (&desired, live, listing) {
+            (Some(desired), Ok(live), Some(listing)) => {
                 let applying = Instant::now();
-                let adoption = self.adopt(&live, listing, ruleset);
+                let adoption = self.adopt(&live, listing, desired);
                 report.apply_time = applying.elapsed();
                 adoption
             }
@@ -268,12 +274,16 @@ impl<R: NftRunner> Syncer<R> {
             report.writer = if report.applied { Writer::Netlink } else { Writer::None };
             report.chains_written = adoption.chains_written;
             report.elements_changed = adoption.elements_changed;
-        } else if full_ruleset.is_some() || !script.is_empty() {
+        } else if full || !script.is_empty() {
             report.replaced = adoption.err().flatten();
+            drop(desired);
             let applying = Instant::now();
-            let written = match &full_ruleset {
-                Some(ruleset) => self.runner.run_full(&FullSync::new(ruleset)),
-                None => self.runner.run_partial(&script, batch.as_ref()),
+            let written = if full {
+                // Not adopted: the tables are replaced with the ruleset rendered whole.
+                let ruleset = full_ruleset.take().unwrap_or_else(|| self.render_whole().0);
+                self.runner.run_full(&FullSync::new(&ruleset))
+            } else {
+                self.runner.run_partial(&script, batch.as_ref())
             };
             // After a failure the kernel keeps the previous rules; the next sync is a full resync.
             report.writer = written.inspect_err(|_| self.full_next = true)?;
@@ -341,14 +351,14 @@ impl<R: NftRunner> Syncer<R> {
         &mut self,
         live: &Live,
         listing: ElementListing,
-        desired: &Arc<Ruleset>,
+        desired: &Arc<Desired>,
     ) -> Result<Adoption, Option<String>> {
         let netlink = self.runner.netlink().ok_or(None)?;
         // The frame as nft writes it: listed from a check table nft writes while the listing's
         // thread compares the elements, or, when it is the frame the last adoption checked, as
         // listed then (a resync that finds nothing changed then writes nothing at all). The
         // listing shares the socket: it ends before anything else is sent on it.
-        let script = check_script(desired);
+        let script = check_script(&desired.ruleset);
         let cached = self.frame.take().filter(|(checked, _)| *checked == script).map(|(_, frames)| frames);
         let write_check = cached.is_none();
         let (checked, elements) = std::thread::scope(|scope| {
@@ -365,9 +375,9 @@ impl<R: NftRunner> Syncer<R> {
                     .map_err(|e| format!("listing the check table: {e}"))?
                     .ok_or_else(|| "the check table is missing".to_string())?,
             };
-            let mut adoption = plan(live, &elements, &frames, desired)?;
+            let mut adoption = plan(live, &elements, &frames, &desired.ruleset)?;
             if write_check {
-                for family in desired.tables.keys() {
+                for family in desired.ruleset.tables.keys() {
                     adoption.batch.delete_table(*family, CHECK_TABLE);
                 }
             }
@@ -744,13 +754,13 @@ fn live_or_why(listed: Result<Option<Live>, NftError>) -> Result<Live, Option<St
 /// that the listing is freed by the thread that made it. Joined when dropped, so that the
 /// socket is never used by two threads at once.
 struct ElementListing {
-    wanted: Option<SyncSender<Arc<Ruleset>>>,
+    wanted: Option<SyncSender<Arc<Desired>>>,
     thread: Option<std::thread::JoinHandle<Result<ElementDiff, String>>>,
 }
 
 impl ElementListing {
     fn start(netlink: Arc<Netlink>, live: Arc<Live>) -> Self {
-        let (wanted, desired) = std::sync::mpsc::sync_channel::<Arc<Ruleset>>(1);
+        let (wanted, desired) = std::sync::mpsc::sync_channel::<Arc<Desired>>(1);
         let thread = std::thread::spawn(move || {
             let elements = list_elements(&netlink, &live.element_sets());
             let desired = desired.recv().map_err(|_| "nothing to compare the elements with".to_string())?;
@@ -760,7 +770,7 @@ impl ElementListing {
     }
 
     /// What differs between the elements listed and those `desired` wants.
-    fn finish(mut self, desired: Arc<Ruleset>) -> Result<ElementDiff, String> {
+    fn finish(mut self, desired: Arc<Desired>) -> Result<ElementDiff, String> {
         if let Some(wanted) = self.wanted.take() {
             let _ = wanted.send(desired);
         }
