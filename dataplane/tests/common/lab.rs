@@ -198,7 +198,19 @@ pub fn udp(ns: &str, dst: &str, port: u16, src_port: u16) -> Outcome {
         } else {
             SocketAddr::new("::".parse().unwrap(), src_port)
         };
-        let sock = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("binding UDP {bind} in {name}: {e}"));
+        // A fixed source port was once refused as in use during a parallel run of the suite,
+        // after an earlier exchange of the same test from it had ended (cause unknown): try
+        // again for a while.
+        let mut attempts = 0;
+        let sock = loop {
+            match UdpSocket::bind(bind) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 40 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                bound => break bound.unwrap_or_else(|e| panic!("binding UDP {bind} in {name}: {e}")),
+            }
+        };
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
         sock.send_to(b"ping", SocketAddr::new(dst, port)).unwrap();
         let mut buf = [0u8; 256];
