@@ -25,7 +25,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::model::{Family, Protocol as L4};
 use crate::nft::NftError;
-use crate::render::{AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, TABLE};
+use crate::render::{
+    AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, SERVICE_ADDRESSES, SERVICE_ADDRESSES_LOCAL,
+    SERVICE_NODEPORTS, SERVICE_NODEPORTS_LOCAL, TABLE,
+};
 
 const AF_NETLINK: i32 = 16;
 const NETLINK_NETFILTER: i32 = 12;
@@ -490,8 +493,12 @@ enum CollectionKind {
 impl CollectionKind {
     fn of(name: &str) -> Option<Self> {
         match name {
-            "filter-addresses" | "service-addresses" | AFFINITY_ADDRESSES => Some(Self::Addresses),
-            "filter-nodeports" | "service-nodeports" | AFFINITY_NODEPORTS => Some(Self::NodePorts),
+            "filter-addresses" | SERVICE_ADDRESSES | SERVICE_ADDRESSES_LOCAL | AFFINITY_ADDRESSES => {
+                Some(Self::Addresses)
+            }
+            "filter-nodeports" | SERVICE_NODEPORTS | SERVICE_NODEPORTS_LOCAL | AFFINITY_NODEPORTS => {
+                Some(Self::NodePorts)
+            }
             "hairpin" => Some(Self::Hairpin),
             AFFINITY_ENDPOINTS => Some(Self::AffinityEndpoints),
             _ if name.starts_with("endpoints-") => Some(Self::Endpoints),
@@ -756,7 +763,6 @@ impl Expr {
 
 /// The expressions of a `svc-…` rule as the renderer writes it, the same nft generates for
 /// that text; `None` for any other rule. Known shapes:
-/// - `meta mark set meta mark | MARK`, alone or followed by one of the DNATs below
 /// - `meta l4proto PROTO dnat to numgen random mod N offset K map @MAP`
 /// - `meta l4proto PROTO dnat to ADDR:PORT` (`[ADDR]:PORT` for IPv6)
 /// - the IPv6 ClientIP affinity rules (see [`affinity_expressions`])
@@ -764,23 +770,6 @@ pub fn rule_expressions(family: Family, text: &str) -> Option<Vec<Expr>> {
     if family == Family::V6
         && let Some(exprs) = affinity_expressions(text)
     {
-        return Some(exprs);
-    }
-    if let Some(rest) = text.strip_prefix("meta mark set meta mark | ") {
-        let (mark, then) = rest.split_once(' ').unwrap_or((rest, ""));
-        let mark = hex_u32(mark)?;
-        let mut exprs = vec![
-            Expr::MetaLoad { key: NFT_META_MARK, dreg: REG_1 },
-            Expr::Bitwise { reg: REG_1, mask: (!mark).to_ne_bytes().to_vec(), xor: mark.to_ne_bytes().to_vec() },
-            Expr::MetaSet { key: NFT_META_MARK, sreg: REG_1 },
-        ];
-        // The DNAT of the same rule may follow (not another mark).
-        if !then.is_empty() {
-            if then.starts_with("meta mark ") {
-                return None;
-            }
-            exprs.extend(rule_expressions(family, then)?);
-        }
         return Some(exprs);
     }
     let rest = text.strip_prefix("meta l4proto ")?;
@@ -1601,11 +1590,11 @@ mod tests {
 
     #[test]
     fn rules_are_compared_as_the_kernel_lists_them_and_name_their_endpoint_slot() {
-        let text = "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 3 offset 32 map @endpoints-tcp-1a";
+        let text = "meta l4proto tcp dnat to numgen random mod 3 offset 32 map @endpoints-tcp-1a";
         let rule = expected_rule(Family::V4, text).unwrap_or_else(|| panic!("{text}"));
         assert_eq!(endpoint_slot(&rule), Some(("endpoints-tcp-1a".into(), 3, 32)));
         let names: Vec<&[u8]> = rule.expressions().map(|(n, _)| n).collect();
-        assert_eq!(names, [&b"meta"[..], b"bitwise", b"meta", b"meta", b"cmp", b"numgen", b"lookup", b"nat"]);
+        assert_eq!(names, [&b"meta"[..], b"cmp", b"numgen", b"lookup", b"nat"]);
         let single = expected_rule(Family::V4, "meta l4proto tcp dnat to 10.0.0.3:8443").unwrap_or_else(|| panic!());
         assert_eq!(endpoint_slot(&single), None);
         // What the kernel adds when it lists a DNAT: the register ranges and both flags.
@@ -1618,15 +1607,6 @@ mod tests {
 
     #[test]
     fn rule_shapes_the_renderer_writes_are_encoded() {
-        let mark = rule_expressions(Family::V4, "meta mark set meta mark | 0x00400000").unwrap_or_default();
-        assert_eq!(
-            mark[1],
-            Expr::Bitwise {
-                reg: REG_1,
-                mask: 0xffbf_ffffu32.to_ne_bytes().to_vec(),
-                xor: 0x0040_0000u32.to_ne_bytes().to_vec()
-            }
-        );
         let map = rule_expressions(
             Family::V6,
             "meta l4proto udp dnat to numgen random mod 10 offset 16 map @endpoints-udp-1b",
@@ -1635,20 +1615,6 @@ mod tests {
         assert_eq!(map[1], Expr::CmpEq { reg: REG_1, data: vec![17] });
         assert_eq!(map[2], Expr::NumgenRandom { dreg: REG_1, modulus: 10, offset: 16 });
         assert_eq!(map[4], Expr::Dnat { family: Family::V6, addr: REG_1, proto: REG_2, flags: None });
-        // The mark and the DNAT in one rule: the mark's three expressions, then the DNAT's.
-        let both = rule_expressions(
-            Family::V4,
-            "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 3 offset 0 map @endpoints-tcp-00",
-        )
-        .unwrap_or_default();
-        assert_eq!(both.len(), 8);
-        assert_eq!(both[2], Expr::MetaSet { key: NFT_META_MARK, sreg: REG_1 });
-        assert_eq!(both[5], Expr::NumgenRandom { dreg: REG_1, modulus: 3, offset: 0 });
-        assert_eq!(
-            rule_expressions(Family::V4, "meta mark set meta mark | 0x1 meta mark set meta mark | 0x2"),
-            None,
-            "one mark only"
-        );
         let one = rule_expressions(Family::V6, "meta l4proto tcp dnat to [fd00::5]:8080").unwrap_or_default();
         assert_eq!(one[3], Expr::Immediate { dreg: REG_2, data: vec![0x1f, 0x90] });
         assert_eq!(one.len(), 5);
@@ -1705,6 +1671,8 @@ mod tests {
             "meta l4proto tcp dnat to numgen random mod 10 map { 0 : 10.0.0.1 . 80 }",
             "meta l4proto tcp dnat to 10.0.0.1:80 extra",
             "meta l4proto icmp dnat to 10.0.0.1:80",
+            // The masquerade mark is set in `services`, never in a `svc-…` chain.
+            "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to 10.0.0.1:80",
         ] {
             assert_eq!(rule_expressions(Family::V4, rule), None, "{rule}");
         }
@@ -1722,6 +1690,21 @@ mod tests {
         assert!(!b.elements(Family::V4, "service-addresses", true, [("10.0.0.1 . tcp . 80", "accept")].into_iter()));
         assert!(!b.elements(Family::V4, "hairpin", true, [("fd00::1 . fd00::1", "")].into_iter()));
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn every_collection_the_renderer_fills_is_written_over_netlink() {
+        use crate::render::{RenderConfig, base_table, declared_endpoint_map};
+        for family in [Family::V4, Family::V6] {
+            let table = base_table(family, &RenderConfig::default());
+            let endpoints = [declared_endpoint_map(family, "tcp", 1), declared_endpoint_map(family, "sctp", 255)];
+            let collections = table.collections.iter().map(|(n, c)| (n.clone(), c.clone())).chain(endpoints);
+            for (name, collection) in collections {
+                // The dynamic affinity maps are the kernel's to fill.
+                let written = CollectionKind::of(&name).is_some();
+                assert_eq!(written, !collection.decl.contains("dynamic"), "{family:?} {name}");
+            }
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //!   (Local with no local endpoint) new connections;
 //! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
 //!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
-//!   `service-addresses` and `service-nodeports` to the per-port `svc-…` chains;
-//! - `svc-…` DNATs in one rule (which first sets the masquerade mark, for Cluster policy):
-//!   `dnat to numgen random mod N offset K map
+//!   `service-addresses-local` and `service-nodeports-local` (Local policy), then, with the
+//!   masquerade mark set, `service-addresses` and `service-nodeports` (Cluster policy) to the
+//!   per-port `svc-…` chains, and clears the mark when none matched;
+//! - `svc-…` DNATs in one rule: `dnat to numgen random mod N offset K map
 //!   @endpoints-PROTO-BB`, where the Service port owns the keys `K..K+N` of one of
 //!   [`ENDPOINT_MAP_BUCKETS`] shared maps of its protocol (see [`Slot`]); a single endpoint
 //!   is a plain `dnat to`. IPv4 ports with ClientIP affinity have the same rule: `services`
@@ -193,7 +194,7 @@ pub fn render_from(model: &ClusterModel, config: &RenderConfig, previous: Option
         let mut slots = SlotAllocator::new(previous.and_then(|p| p.slots.get(&family)));
         for svc in model.services.values() {
             if svc.families.contains(&family) {
-                render_service(&mut table, &mut slots, svc, family, config);
+                render_service(&mut table, &mut slots, svc, family);
             }
         }
         ruleset.tables.insert(family, table);
@@ -216,7 +217,7 @@ pub fn render_with_slots<'a>(
         let mut fixed = FixedSlots { table: slots.get(&family).unwrap_or(&empty), used: Vec::new() };
         for svc in services.clone() {
             if svc.families.contains(&family) {
-                render_service(&mut table, &mut fixed, svc, family, config);
+                render_service(&mut table, &mut fixed, svc, family);
             }
         }
         ruleset.tables.insert(family, table);
@@ -227,9 +228,9 @@ pub fn render_with_slots<'a>(
 
 /// What one Service renders to in one family: its own chains and sets, and its elements of
 /// the shared maps (the shared collections are present, holding only its elements).
-pub fn render_fragment(svc: &ServiceModel, family: Family, config: &RenderConfig, slots: &mut dyn SlotSource) -> Table {
-    let mut table = Table { chains: BTreeMap::new(), collections: shared_collections(family) };
-    render_service(&mut table, slots, svc, family, config);
+pub fn render_fragment(svc: &ServiceModel, family: Family, slots: &mut dyn SlotSource) -> Table {
+    let mut table = Table::default();
+    render_service(&mut table, slots, svc, family);
     table
 }
 
@@ -447,14 +448,24 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             ],
         },
     );
+    // Local policy keeps the client's address. Cluster policy masquerades all it DNATs: the
+    // rule sets our mark bit before its lookup, and the last rule clears it again when neither
+    // Cluster lookup matched. Marking in the `svc-…` chains instead would cost the kernel three
+    // more expressions to parse for each of them (about a fifth of a 10k-Service load). The
+    // bit is ours: a packet that enters with it and is not for a Service leaves without it.
     let mut services = vec![
-        format!("{fam} daddr . meta l4proto . th dport vmap @service-addresses"),
-        format!("{nodeport_match} meta l4proto . th dport vmap @service-nodeports"),
+        format!("{fam} daddr . meta l4proto . th dport vmap @{SERVICE_ADDRESSES_LOCAL}"),
+        format!("{nodeport_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS_LOCAL}"),
+        format!(
+            "meta mark set meta mark | {mark:#010x} {fam} daddr . meta l4proto . th dport vmap @{SERVICE_ADDRESSES}"
+        ),
+        format!("{nodeport_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"),
+        format!("meta mark set meta mark & {:#010x}", !mark),
     ];
     if family == Family::V4 {
         // A client with a ClientIP affinity entry for this frontend goes back to its endpoint
         // (the entry exists only while that endpoint serves the frontend's port; see
-        // `affinity-dispatch`); Cluster policy marks it for masquerade, as its `svc-` chain
+        // `affinity-dispatch`); Cluster policy marks it for masquerade, as the dispatch below
         // would. An entry is keyed by the frontend itself, so the only check needed is that a
         // NodePort entry's address is this node's: its recording cannot tell (a connection
         // another proxy DNATed, to a port equal to one of our NodePorts, is recorded too).
@@ -525,12 +536,27 @@ fn affinity_recording(t: &mut Table, fam: &str) {
     t.chains.insert("affinity-dispatch".into(), Chain { base: None, rules });
 }
 
+/// The verdict maps from a Cluster-policy Service's frontend (`address . protocol . port`) to
+/// its `svc-…` chain; `services` marks what they match for masquerade.
+pub const SERVICE_ADDRESSES: &str = "service-addresses";
+/// The same from its NodePort (`protocol . port`).
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+/// [`SERVICE_ADDRESSES`] of Local-policy Services, which keep the client's address.
+pub const SERVICE_ADDRESSES_LOCAL: &str = "service-addresses-local";
+/// [`SERVICE_NODEPORTS`] of Local-policy Services.
+pub const SERVICE_NODEPORTS_LOCAL: &str = "service-nodeports-local";
+const SERVICE_MAPS: [&str; 2] = [SERVICE_ADDRESSES, SERVICE_NODEPORTS];
+const SERVICE_MAPS_LOCAL: [&str; 2] = [SERVICE_ADDRESSES_LOCAL, SERVICE_NODEPORTS_LOCAL];
+const FILTER_MAPS: [&str; 2] = ["filter-addresses", "filter-nodeports"];
+
 /// Names of the collections of the skeleton that every Service adds elements to.
-pub const SHARED_COLLECTIONS: [&str; 13] = [
+pub const SHARED_COLLECTIONS: [&str; 15] = [
     "filter-addresses",
-    "service-addresses",
+    SERVICE_ADDRESSES,
+    SERVICE_ADDRESSES_LOCAL,
     "filter-nodeports",
-    "service-nodeports",
+    SERVICE_NODEPORTS,
+    SERVICE_NODEPORTS_LOCAL,
     "hairpin",
     AFFINITY_ENDPOINTS,
     AFFINITY_ADDRESSES,
@@ -542,6 +568,19 @@ pub const SHARED_COLLECTIONS: [&str; 13] = [
     AFFINITY_SET,
 ];
 
+/// Shared collection `name` of `table`, declared as the skeleton does when `table` (a
+/// fragment) has no element of it yet; `None` when the skeleton of `family` has none of that
+/// name.
+fn shared<'t>(table: &'t mut Table, family: Family, name: &str) -> Option<&'t mut Collection> {
+    static SKELETON: std::sync::LazyLock<[BTreeMap<String, Collection>; 2]> =
+        std::sync::LazyLock::new(|| [shared_collections(Family::V4), shared_collections(Family::V6)]);
+    if !table.collections.contains_key(name) {
+        let declared = SKELETON[usize::from(family == Family::V6)].get(name)?;
+        table.collections.insert(name.to_string(), declared.clone());
+    }
+    table.collections.get_mut(name)
+}
+
 /// The skeleton's dispatch maps and hairpin set, empty.
 fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
     let mut collections = BTreeMap::new();
@@ -549,9 +588,11 @@ fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
     let port_map = "type inet_proto . inet_service : verdict;".to_string();
     for (name, decl) in [
         ("filter-addresses", &addr_map),
-        ("service-addresses", &addr_map),
+        (SERVICE_ADDRESSES, &addr_map),
+        (SERVICE_ADDRESSES_LOCAL, &addr_map),
         ("filter-nodeports", &port_map),
-        ("service-nodeports", &port_map),
+        (SERVICE_NODEPORTS, &port_map),
+        (SERVICE_NODEPORTS_LOCAL, &port_map),
     ] {
         collections.insert(name.into(), Collection { decl: decl.clone(), is_map: true, elements: BTreeMap::new() });
     }
@@ -605,15 +646,8 @@ fn endpoint_map_name(proto: &str, bucket: u32) -> String {
     format!("{ENDPOINT_MAP_PREFIX}{proto}-{bucket:02x}")
 }
 
-fn render_service(
-    table: &mut Table,
-    slots: &mut dyn SlotSource,
-    svc: &ServiceModel,
-    family: Family,
-    config: &RenderConfig,
-) {
+fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceModel, family: Family) {
     let fam = addr_kw(family);
-    let mark = config.masquerade_mark;
     let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();
     let allowed: Option<Vec<IpNet>> = svc.source_ranges.as_ref().map(|ranges| {
         // nft rejects overlapping intervals in one anonymous set ("conflicting intervals"),
@@ -658,44 +692,36 @@ fn render_service(
         if !fw_rules.is_empty() {
             let fw = format!("fw-{pid}");
             table.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
-            insert_dispatch(table, "filter", &addresses, port, &format!("goto {fw}"));
+            insert_dispatch(table, family, FILTER_MAPS, &addresses, port, &format!("goto {fw}"));
         }
 
         if endpoints.is_empty() {
             continue;
         }
 
-        // NAT: one service chain. Cluster policy masquerades all it DNATs (the mark); Local
-        // keeps the client's address, so only a pod reaching itself (hairpin) is masqueraded.
+        // NAT: one service chain. Cluster policy masquerades all it DNATs (`services` marks
+        // it); Local keeps the client's address, so only a pod reaching itself (hairpin) is
+        // masqueraded.
         let svc_chain = format!("svc-{pid}");
-        let masquerade =
-            (svc.traffic_policy == TrafficPolicy::Cluster).then(|| format!("meta mark set meta mark | {mark:#010x}"));
-        if masquerade.is_none()
-            && let Some(hairpin) = table.collections.get_mut("hairpin")
-        {
+        let local = svc.traffic_policy == TrafficPolicy::Local;
+        if local && let Some(hairpin) = shared(table, family, "hairpin") {
             for ep in &endpoints {
                 hairpin.elements.insert(format!("{} . {}", ep.ip, ep.ip), String::new());
             }
         }
         let mut rules = Vec::new();
         match (svc.affinity_timeout, family) {
-            (Some(timeout), Family::V6) => {
-                rules.extend(masquerade);
-                affinity_rules_v6(&mut rules, &pid, proto, &endpoints, timeout);
-            }
+            (Some(timeout), Family::V6) => affinity_rules_v6(&mut rules, &pid, proto, &endpoints, timeout),
             (affinity, _) => {
                 if let Some(timeout) = affinity {
                     record_affinity(table, &addresses, port, &endpoints, family, svc.traffic_policy, timeout);
                 }
                 dnat_rules(table, slots, &mut rules, &pid, proto, &endpoints, family);
-                // One rule: the mark, then the DNAT.
-                if let (Some(mark), [dnat]) = (masquerade, rules.as_mut_slice()) {
-                    *dnat = format!("{mark} {dnat}");
-                }
             }
         }
         table.chains.insert(svc_chain.clone(), Chain { base: None, rules });
-        insert_dispatch(table, "service", &addresses, port, &format!("goto {svc_chain}"));
+        let maps = if local { SERVICE_MAPS_LOCAL } else { SERVICE_MAPS };
+        insert_dispatch(table, family, maps, &addresses, port, &format!("goto {svc_chain}"));
     }
 }
 
@@ -780,13 +806,20 @@ fn record_affinity(
             )],
         });
     }
-    if let Some(set) = table.collections.get_mut(AFFINITY_ENDPOINTS) {
+    if let Some(set) = shared(table, family, AFFINITY_ENDPOINTS) {
         for ep in endpoints {
             set.elements.insert(format!("{} . {proto} . {}", ep.ip, ep.port), String::new());
         }
     }
     let [to_addresses, to_node_port] = chains.map(|chain| format!("jump {chain}"));
-    insert_dispatch_to(table, "affinity", addresses, port, [&to_addresses, &to_node_port]);
+    insert_dispatch_to(
+        table,
+        family,
+        [AFFINITY_ADDRESSES, AFFINITY_NODEPORTS],
+        addresses,
+        port,
+        [&to_addresses, &to_node_port],
+    );
 }
 
 /// The dynamic maps of ClientIP affinity entries, per traffic policy (a Cluster-policy entry
@@ -894,25 +927,38 @@ fn affinity_key(pid: &str) -> u32 {
     stable_hash(pid)
 }
 
-fn insert_dispatch(table: &mut Table, prefix: &str, addresses: &[IpAddr], port: &PortModel, verdict: &str) {
-    insert_dispatch_to(table, prefix, addresses, port, [verdict, verdict]);
+/// Adds `port`'s frontends to a pair of dispatch maps (addresses, NodePorts), with `verdict`.
+fn insert_dispatch(
+    table: &mut Table,
+    family: Family,
+    maps: [&str; 2],
+    addresses: &[IpAddr],
+    port: &PortModel,
+    verdict: &str,
+) {
+    insert_dispatch_to(table, family, maps, addresses, port, [verdict, verdict]);
 }
 
 /// The same with a verdict for the addresses and another for the NodePort.
 fn insert_dispatch_to(
     table: &mut Table,
-    prefix: &str,
+    family: Family,
+    [address_map, node_port_map]: [&str; 2],
     addresses: &[IpAddr],
     port: &PortModel,
     [address_verdict, node_port_verdict]: [&str; 2],
 ) {
     let proto = port.protocol.nft_name();
-    if let Some(map) = table.collections.get_mut(&format!("{prefix}-addresses")) {
+    if !addresses.is_empty()
+        && let Some(map) = shared(table, family, address_map)
+    {
         for addr in addresses {
             map.elements.insert(format!("{addr} . {proto} . {}", port.port), address_verdict.to_string());
         }
     }
-    if let (Some(node_port), Some(map)) = (port.node_port, table.collections.get_mut(&format!("{prefix}-nodeports"))) {
+    if let Some(node_port) = port.node_port
+        && let Some(map) = shared(table, family, node_port_map)
+    {
         map.elements.insert(format!("{proto} . {node_port}"), node_port_verdict.to_string());
     }
 }

@@ -487,7 +487,7 @@ impl<R: NftRunner> Syncer<R> {
             for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
                 let Some(slots) = self.slots.get(&family) else { continue };
                 let mut fixed = FixedSlots { table: slots, used: Vec::new() };
-                sink.add_owned(family, render_fragment(model, family, &self.config, &mut fixed));
+                sink.add_owned(family, render_fragment(model, family, &mut fixed));
             }
         }
     }
@@ -592,7 +592,7 @@ impl<R: NftRunner> Syncer<R> {
             let (before, had) = match old.as_ref().filter(|m| m.families.contains(&family)) {
                 Some(m) => {
                     let mut fixed = FixedSlots { table: &*slots, used: Vec::new() };
-                    let t = render_fragment(m, family, &self.config, &mut fixed);
+                    let t = render_fragment(m, family, &mut fixed);
                     (Some(t), fixed.used)
                 }
                 None => (None, Vec::new()),
@@ -600,7 +600,7 @@ impl<R: NftRunner> Syncer<R> {
             let (after, asked) = match model.as_ref().filter(|m| m.families.contains(&family)) {
                 Some(m) => {
                     let mut recording = Recording { table: slots, asked: Vec::new() };
-                    let t = render_fragment(m, family, &self.config, &mut recording);
+                    let t = render_fragment(m, family, &mut recording);
                     (Some(t), recording.asked)
                 }
                 None => (None, Vec::new()),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::fixtures::{Ep, Svc, slice};
-use common::lab::{CLIENT_IP, CLIENT_IP6, Lab, NODE, NODE_IP, NODE_IP6, Outcome, exec_in, node_nft, sh, tcp, udp};
+use common::lab::{
+    CLIENT_IP, CLIENT_IP6, Lab, NODE, NODE_IP, NODE_IP6, Outcome, TCP_PORT, exec_in, node_nft, sh, tcp, udp,
+};
 use hawser_dataplane::affinity::{AffinityEntry, parse_listing};
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -54,6 +56,10 @@ fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
         let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
         assert_eq!(out.peer().to_string(), want);
     }
+    // Traffic through the node for no Service keeps its source: `services` takes back the
+    // masquerade mark it set before its Cluster-policy lookups.
+    let direct = tcp(&lab.client, "10.0.1.2", TCP_PORT);
+    assert_eq!((direct.server(), direct.peer().to_string()), ("pod1".to_string(), CLIENT_IP.to_string()));
     // UDP too.
     let u = udp(&lab.client, LB, 53, 0);
     assert!(["pod1", "pod2"].contains(&u.server().as_str()), "{u:?}");

@@ -159,15 +159,23 @@ fn cluster_service_dispatches_to_random_endpoints_with_masquerade() {
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
     let slot = r.slots[&Family::V4]["ns/web/tcp/80"];
     let map = format!("endpoints-tcp-{:02x}", slot.bucket);
-    // One rule: the masquerade mark, then the DNAT.
-    assert_eq!(
-        svc[0],
-        format!(
-            "meta mark set meta mark | 0x00400000 meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}",
-            slot.offset
-        )
-    );
+    // One rule: the DNAT. `services` marked the packet for masquerade on its way here.
+    assert_eq!(svc[0], format!("meta l4proto tcp dnat to numgen random mod 2 offset {} map @{map}", slot.offset));
     assert_eq!(svc.len(), 1);
+    assert!(t.collections["service-addresses-local"].elements.is_empty());
+    assert!(t.collections["service-nodeports-local"].elements.is_empty());
+    let services = &t.chains["services"].rules;
+    let marking = services.iter().position(|r| r.ends_with("vmap @service-addresses")).unwrap();
+    assert!(services[marking].starts_with("meta mark set meta mark | 0x00400000 "), "{services:?}");
+    let nodeports = services.iter().position(|r| r.ends_with("vmap @service-nodeports")).unwrap();
+    assert_eq!(nodeports, marking + 1, "the NodePort lookup runs with the mark set: {services:?}");
+    // Nothing matched: the mark is taken off again, and it is the last rule.
+    assert_eq!(services.last().unwrap(), "meta mark set meta mark & 0xffbfffff");
+    // Local policy's lookups come first, without the mark.
+    for map in ["service-addresses-local", "service-nodeports-local"] {
+        let at = services.iter().position(|r| r.ends_with(&format!("vmap @{map}"))).unwrap();
+        assert!(at < marking && !services[at].contains("mark"), "{services:?}");
+    }
     let eps = &t.collections[&map];
     assert!(eps.is_map && eps.decl.contains("typeof numgen random mod 2 : ip daddr . tcp dport"));
     assert_eq!(eps.elements[&slot.offset.to_string()], "10.0.0.1 . 8080");
@@ -196,8 +204,13 @@ fn local_service_keeps_client_ip_and_drops_without_local_endpoints() {
     let with_local = model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.1", "node-a")])]);
     let r = rules(&with_local);
     let svc = &v4(&r).chains["svc-ns/web/tcp/80"].rules;
-    assert!(!svc.iter().any(|r| r.starts_with("meta mark set")), "no masquerade: {svc:?}");
     assert_eq!(svc, &vec!["meta l4proto tcp dnat to 10.0.0.1:8080".to_string()], "one endpoint: plain dnat");
+    // Dispatched through the maps `services` looks up before it sets the masquerade mark.
+    let t = v4(&r);
+    assert_eq!(t.collections["service-addresses-local"].elements["203.0.113.10 . tcp . 80"], "goto svc-ns/web/tcp/80");
+    assert_eq!(t.collections["service-nodeports-local"].elements["tcp . 30080"], "goto svc-ns/web/tcp/80");
+    assert!(t.collections["service-addresses"].elements.is_empty());
+    assert!(t.collections["service-nodeports"].elements.is_empty());
 
     let remote_only = model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("10.0.0.2", "node-b")])]);
     let r = rules(&remote_only);
@@ -379,10 +392,10 @@ fn ipv6_client_ip_affinity_keeps_two_rules_per_endpoint_on_one_set() {
     );
     assert!(!t.chains.keys().any(|c| c.starts_with("affinity-")), "no recording chains");
     let svc = &t.chains["svc-ns/web/tcp/80"].rules;
-    // Mark, then a lookup per endpoint, a pick per endpoint, and a DNAT for a full set.
-    assert_eq!(svc.len(), 6, "{svc:?}");
-    assert_eq!(svc[5], "meta l4proto tcp dnat to [fd00::2]:8080");
-    let (lookup, pick) = (&svc[1], &svc[3]);
+    // A lookup per endpoint, a pick per endpoint, and a DNAT for a full set.
+    assert_eq!(svc.len(), 5, "{svc:?}");
+    assert_eq!(svc[4], "meta l4proto tcp dnat to [fd00::2]:8080");
+    let (lookup, pick) = (&svc[0], &svc[2]);
     assert!(
         lookup.starts_with("ip6 saddr . ip6 daddr & :: | fd00::1 . th dport & 0 | 8080 . meta mark & 0 | 0x"),
         "{lookup}"
@@ -390,7 +403,7 @@ fn ipv6_client_ip_affinity_keeps_two_rules_per_endpoint_on_one_set() {
     assert!(lookup.contains(" @affinity update @affinity { ip6 saddr . fd00::1 . 8080 . 0x"), "{lookup}");
     assert!(lookup.ends_with(" timeout 30s } meta l4proto tcp dnat to [fd00::1]:8080"), "{lookup}");
     assert!(pick.starts_with("numgen random mod 2 == 0 update @affinity { ip6 saddr . fd00::1 . 8080 . 0x"), "{pick}");
-    assert!(svc[4].ends_with(" timeout 30s } meta l4proto tcp dnat to [fd00::2]:8080"), "{svc:?}");
+    assert!(svc[3].ends_with(" timeout 30s } meta l4proto tcp dnat to [fd00::2]:8080"), "{svc:?}");
 }
 
 #[test]
@@ -404,8 +417,8 @@ fn ipv6_endpoints_render_into_the_ip6_table() {
     assert_eq!(t.chains["svc-ns/web/tcp/80"].rules, ["meta l4proto tcp dnat to [fd00::1]:8080"]);
     assert!(t.collections["hairpin"].elements.contains_key("fd00::1 . fd00::1"));
     assert_eq!(t.collections["hairpin"].decl, "type ipv6_addr . ipv6_addr;");
-    assert!(t.collections["service-addresses"].elements.contains_key("2001:db8::10 . tcp . 80"));
-    assert!(v4(&r).collections["service-nodeports"].elements.is_empty());
+    assert!(t.collections["service-addresses-local"].elements.contains_key("2001:db8::10 . tcp . 80"));
+    assert!(v4(&r).collections["service-nodeports-local"].elements.is_empty());
 }
 
 /// Compares a rendered script to `tests/golden/NAME.nft`; `UPDATE_GOLDEN=1` rewrites it.
@@ -581,7 +594,7 @@ fn changed_map_values_are_replaced_element_wise() {
     let before = rules(&two_services(&[Ep::ready("10.0.1.1", "node-a")]));
     let after = rules(&two_services(&[]));
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
-    assert!(plan.script.contains("delete element ip hawser service-addresses { 203.0.113.20 . tcp . 80 }"));
+    assert!(plan.script.contains("delete element ip hawser service-addresses-local { 203.0.113.20 . tcp . 80 }"));
     assert!(
         plan.script
             .contains("add element ip hawser filter-addresses { 203.0.113.20 . tcp . 80 : goto fw-ns/b/tcp/80 }")
