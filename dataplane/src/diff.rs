@@ -97,8 +97,9 @@ impl<'a> FullSync<'a> {
 /// 1. the skeleton through `nft`: tables, base chains, the chains and rules of the skeleton,
 ///    and every set and map declared, without elements;
 /// 2. the `svc-…` chains ([`Stepwise::add`], as they are rendered) in netlink batches of
-///    about `batch_bytes`; chains the encoder does not know, and the other chains, are kept
-///    for step 4;
+///    about `batch_bytes`, the first ones smaller so that the kernel does not wait for a whole
+///    batch to be rendered while the skeleton is already in; chains the encoder does not
+///    know, and the other chains, are kept for step 4;
 /// 3. the endpoint maps' elements, map by map. They come after every rule: a rule referring
 ///    to a map checks each element the map holds, which costs far more than an element
 ///    added to a map checking each rule (measured: 0.3–0.4 s more at 10k Services);
@@ -115,6 +116,9 @@ pub struct Stepwise<'scope> {
     writer: Option<ScopedJoinHandle<'scope, Result<Duration, NftError>>>,
     batch: Batch,
     batch_bytes: usize,
+    /// Size at which the batch being built is handed over: [`FIRST_BATCH_BYTES`], doubled at
+    /// each batch up to `batch_bytes`.
+    flush_at: usize,
     /// Endpoint maps of the skeleton, with whether an element was added to them.
     declared: BTreeMap<(Family, String), bool>,
     /// Endpoint-map elements, written after every rule.
@@ -208,6 +212,7 @@ impl<'scope> Stepwise<'scope> {
             writer: Some(handle),
             batch: Batch::new(),
             batch_bytes,
+            flush_at: FIRST_BATCH_BYTES.min(batch_bytes),
             declared,
             elements: BTreeMap::new(),
             kept: String::new(),
@@ -304,9 +309,10 @@ impl<'scope> Stepwise<'scope> {
         Ok(encodable.then_some(Written { write_time: took, ..self.written }))
     }
 
-    /// Hands the batch to the writer once it is about `batch_bytes` (or when `force`d).
+    /// Hands the batch to the writer once it is about `flush_at` (or when `force`d).
     fn flush(&mut self, force: bool) {
-        if (force || self.batch.len() >= self.batch_bytes) && !self.batch.is_empty() {
+        if (force || self.batch.len() >= self.flush_at) && !self.batch.is_empty() {
+            self.flush_at = (self.flush_at * 2).min(self.batch_bytes);
             let batch = std::mem::take(&mut self.batch);
             self.send(Step::Batch(batch));
         }
@@ -323,6 +329,10 @@ impl<'scope> Stepwise<'scope> {
 /// Bytes of one netlink batch of a full sync written in steps: large enough that the kernel's fixed cost
 /// per transaction does not matter, small enough to encode the next while it is written.
 pub const SPLIT_BATCH_BYTES: usize = 1 << 20;
+
+/// Bytes of the first batch of a [`Stepwise`] write: the kernel starts on the chains about
+/// 5 ms after the rendering does, rather than 35 ms (a 1 MiB batch at 10k Services).
+const FIRST_BATCH_BYTES: usize = 128 << 10;
 
 /// Elements encoded between two checks of the batch's size.
 const ELEMENTS_PER_STEP: usize = 4096;

@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::debug;
+
 use crate::affinity::{self, AffinityEntry};
 use crate::diff::{FullSync, Plan, Stale, StepWriter, cleanup_script, full_plan, partial_plan};
 use crate::model::Family;
@@ -254,11 +256,17 @@ impl Steps {
 
 impl StepWriter for Steps {
     fn script(&self, script: &str) -> Result<(), NftError> {
-        self.nft.run(script)
+        let started = Instant::now();
+        self.nft.run(script)?;
+        debug!(bytes = script.len(), ms = started.elapsed().as_secs_f64() * 1e3, "full sync step written by nft");
+        Ok(())
     }
 
     fn batch(&self, batch: &Batch) -> Result<(), NftError> {
-        self.netlink.commit(batch)
+        let started = Instant::now();
+        self.netlink.commit(batch)?;
+        debug!(bytes = batch.len(), ms = started.elapsed().as_secs_f64() * 1e3, "full sync step written over netlink");
+        Ok(())
     }
 }
 
