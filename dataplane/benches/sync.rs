@@ -317,19 +317,10 @@ fn main() {
     );
     // One recorded client per affinity Service (as the kernel records them), then Service 1
     // loses the endpoint its client was sent to: the sync lists every entry and deletes that one.
-    let mut entries = Vec::new();
-    for i in 1..affinity_n {
-        let (a, b) = (i / 250, i % 250 + 1);
-        entries.push(format!(
-            "100.64.{a}.{b} . 198.18.{a}.{b} . tcp . 80 : 10.{}.{}.10 . 8080",
-            100 + i / 250,
-            i % 250
-        ));
+    // Service 0 has no such client (it is the lab's real pod), so this needs two Services.
+    if affinity_n >= 2 {
+        affinity_endpoint_removed(&lab.node, &mut sticky, affinity_n);
     }
-    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
-    node_nft(&lab.node, false).run(&script).unwrap();
-    let report = timed_sync(&mut sticky, "affinity_endpoint_removed", |inputs| inputs.apply_slice(&endpoints(1, 9)));
-    println!("affinity_entries={} affinity_purged={}", entries.len(), report.affinity_purged);
     sticky.syncer.cleanup().unwrap();
     let mut agent = Agent::new(&lab.node);
     full_sync(&mut agent, lists(n, 10, false));
@@ -389,4 +380,22 @@ fn main() {
         nodeport / direct
     );
     agent.syncer.cleanup().unwrap();
+}
+
+/// Records one client per affinity Service but Service 0, then removes the endpoint Service 1's
+/// client was sent to, and prints that sync's figures.
+fn affinity_endpoint_removed(node: &str, sticky: &mut Agent, affinity_n: usize) {
+    let mut entries = Vec::new();
+    for i in 1..affinity_n {
+        let (a, b) = (i / 250, i % 250 + 1);
+        entries.push(format!(
+            "100.64.{a}.{b} . 198.18.{a}.{b} . tcp . 80 : 10.{}.{}.10 . 8080",
+            100 + i / 250,
+            i % 250
+        ));
+    }
+    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
+    node_nft(node, false).run(&script).unwrap();
+    let report = timed_sync(sticky, "affinity_endpoint_removed", |inputs| inputs.apply_slice(&endpoints(1, 9)));
+    println!("affinity_entries={} affinity_purged={}", entries.len(), report.affinity_purged);
 }
