@@ -227,7 +227,8 @@ pub fn render_with_slots<'a>(
 }
 
 /// What one Service renders to in one family: its own chains and sets, and its elements of
-/// the shared maps (the shared collections are present, holding only its elements).
+/// the shared maps (only the shared collections it adds to are present, holding only its
+/// elements).
 pub fn render_fragment(svc: &ServiceModel, family: Family, slots: &mut dyn SlotSource) -> Table {
     let mut table = Table::default();
     render_service(&mut table, slots, svc, family);
