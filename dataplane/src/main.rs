@@ -56,7 +56,9 @@ struct Args {
     /// Minimum time between syncs (milliseconds); changes in between are batched.
     #[arg(long, env = "HAWSER_MIN_SYNC_INTERVAL_MS", default_value_t = 1000)]
     min_sync_interval_ms: u64,
-    /// Packet-mark bit (0-31) requesting masquerade; must differ from kube-proxy's (14).
+    /// Packet-mark bit (0-31) requesting masquerade; must differ from kube-proxy's (14) and
+    /// from any other use on the node: it is cleared on new connections that are for no
+    /// Service.
     #[arg(long, env = "HAWSER_MASQUERADE_BIT", default_value_t = 22, value_parser = clap::value_parser!(u8).range(0..32))]
     masquerade_bit: u8,
     /// Command running nft, split on whitespace (e.g. "ip netns exec node1 nft").
