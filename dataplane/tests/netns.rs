@@ -102,6 +102,35 @@ fn local_policy_preserves_client_ip_uses_local_endpoints_and_drops_without_one()
     assert_eq!(tcp(&lab.client, NODE_IP, NP), Outcome::Timeout);
 }
 
+/// A Service switching traffic policy moves its frontends between the dispatch maps that
+/// `services` looks up with and without the masquerade mark; its chain stays as it is.
+#[test]
+fn a_traffic_policy_switch_moves_only_dispatch_elements_and_masquerades_accordingly() {
+    use hawser_dataplane::nft::Writer;
+    let mut lab = lab!(2);
+    let mut svc = web();
+    let both = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
+    lab.sync(&[svc.build()], &both).unwrap();
+    let masqueraded = |out: &Outcome| if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
+    for local in [true, false] {
+        svc.local = local;
+        let report = lab.sync(&[svc.build()], &both).unwrap();
+        assert!(!report.full && report.applied, "{report:?}");
+        assert_eq!(report.writer, Writer::Netlink, "{report:?}");
+        assert_eq!(report.chains_written, 0, "the svc chain is the same: {report:?}");
+        // Both ports' address and NodePort out of one pair of maps and into the other (8),
+        // and the hairpin pairs of both endpoints, which only Local policy has (2).
+        assert_eq!(report.elements_changed, 10, "{report:?}");
+        for (dst, port) in [(LB, 80), (NODE_IP, NP)] {
+            for _ in 0..4 {
+                let out = tcp(&lab.client, dst, port);
+                let want = if local { CLIENT_IP } else { masqueraded(&out) };
+                assert_eq!(out.peer().to_string(), want, "local={local} {dst}:{port}");
+            }
+        }
+    }
+}
+
 #[test]
 fn no_endpoints_is_connection_refused() {
     let mut lab = lab!(1);
