@@ -103,7 +103,6 @@ const NFT_GOTO: i32 = -4;
 
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
-const NFTA_META_SREG: u16 = 3;
 const NFT_META_MARK: u32 = 3;
 const NFT_META_L4PROTO: u32 = 16;
 const NFTA_BITWISE_SREG: u16 = 1;
@@ -593,13 +592,6 @@ pub enum Expr {
         /// Destination register.
         dreg: u32,
     },
-    /// `meta set KEY with reg`
-    MetaSet {
-        /// `NFT_META_*`.
-        key: u32,
-        /// Source register.
-        sreg: u32,
-    },
     /// `reg = (reg & mask) ^ xor`, over as many bytes as the mask has.
     Bitwise {
         /// Register.
@@ -677,7 +669,7 @@ pub enum Expr {
 impl Expr {
     fn encode(&self, m: &mut Message) {
         let name = match self {
-            Self::MetaLoad { .. } | Self::MetaSet { .. } => "meta",
+            Self::MetaLoad { .. } => "meta",
             Self::Bitwise { .. } => "bitwise",
             Self::Payload { .. } => "payload",
             Self::DynsetUpdate { .. } => "dynset",
@@ -693,10 +685,6 @@ impl Expr {
             Self::MetaLoad { key, dreg } => {
                 m.u32(NFTA_META_KEY, *key);
                 m.u32(NFTA_META_DREG, *dreg);
-            }
-            Self::MetaSet { key, sreg } => {
-                m.u32(NFTA_META_KEY, *key);
-                m.u32(NFTA_META_SREG, *sreg);
             }
             Self::Bitwise { reg, mask, xor } => {
                 m.u32(NFTA_BITWISE_SREG, *reg);
