@@ -498,7 +498,7 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
         },
     );
-    t.collections = shared_collections(family);
+    t.collections = shared_collections(family).clone();
     t
 }
 
@@ -573,17 +573,21 @@ pub const SHARED_COLLECTIONS: [&str; 15] = [
 /// fragment) has no element of it yet; `None` when the skeleton of `family` has none of that
 /// name.
 fn shared<'t>(table: &'t mut Table, family: Family, name: &str) -> Option<&'t mut Collection> {
-    static SKELETON: std::sync::LazyLock<[BTreeMap<String, Collection>; 2]> =
-        std::sync::LazyLock::new(|| [shared_collections(Family::V4), shared_collections(Family::V6)]);
     if !table.collections.contains_key(name) {
-        let declared = SKELETON[usize::from(family == Family::V6)].get(name)?;
+        let declared = shared_collections(family).get(name)?;
         table.collections.insert(name.to_string(), declared.clone());
     }
     table.collections.get_mut(name)
 }
 
-/// The skeleton's dispatch maps and hairpin set, empty.
-fn shared_collections(family: Family) -> BTreeMap<String, Collection> {
+/// The skeleton's dispatch maps and hairpin set, empty, declared once per family.
+fn shared_collections(family: Family) -> &'static BTreeMap<String, Collection> {
+    static DECLARED: std::sync::LazyLock<[BTreeMap<String, Collection>; 2]> =
+        std::sync::LazyLock::new(|| [declare_shared(Family::V4), declare_shared(Family::V6)]);
+    &DECLARED[usize::from(family == Family::V6)]
+}
+
+fn declare_shared(family: Family) -> BTreeMap<String, Collection> {
     let mut collections = BTreeMap::new();
     let addr_map = format!("type {} . inet_proto . inet_service : verdict;", addr_type(family));
     let port_map = "type inet_proto . inet_service : verdict;".to_string();
