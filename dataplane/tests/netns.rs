@@ -53,8 +53,7 @@ fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
     // Cluster policy: the pod sees the node's address on its link, not the client.
     for _ in 0..6 {
         let out = tcp(&lab.client, LB, 80);
-        let want = if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
-        assert_eq!(out.peer().to_string(), want);
+        assert_eq!(out.peer().to_string(), masqueraded(&out));
     }
     // Traffic through the node for no Service keeps its source: `services` takes back the
     // masquerade mark it set before its Cluster-policy lookups.
@@ -69,6 +68,11 @@ fn ready_endpoints_only_spread_over_address_and_nodeport_with_masquerade() {
     assert!(from_host.is_subset(&set(&["pod1", "pod2"])) && !from_host.is_empty());
     // The NodePort is not served on loopback.
     assert_ne!(tcp(&node, "127.0.0.1", NP).server_or_none(), Some("pod1".to_string()));
+}
+
+/// The address a pod sees for a masqueraded client: the node's, on that pod's link.
+fn masqueraded(out: &Outcome) -> &'static str {
+    if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" }
 }
 
 trait ServerOrNone {
@@ -111,7 +115,6 @@ fn a_traffic_policy_switch_moves_only_dispatch_elements_and_masquerades_accordin
     let mut svc = web();
     let both = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
     lab.sync(&[svc.build()], &both).unwrap();
-    let masqueraded = |out: &Outcome| if out.server() == "pod1" { "10.0.1.1" } else { "10.0.2.1" };
     for local in [true, false] {
         svc.local = local;
         let report = lab.sync(&[svc.build()], &both).unwrap();
