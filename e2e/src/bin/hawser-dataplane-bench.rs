@@ -66,6 +66,9 @@ struct Args {
     /// The agent's --min-sync-interval-ms (its default).
     #[arg(long, default_value_t = 1000)]
     min_sync_interval_ms: u64,
+    /// Keep the agent's log (both runs) in this file; set RUST_LOG for more of it.
+    #[arg(long)]
+    agent_log: Option<PathBuf>,
 }
 
 fn service(i: usize) -> anyhow::Result<Service> {
@@ -223,7 +226,7 @@ fn start_agent(args: &Args, kubeconfig: &std::path::Path, log: &std::path::Path)
         Some(p) => p.clone(),
         None => binaries::binary("hawser-dataplane")?,
     };
-    let out = std::fs::File::create(log)?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new("ip")
         .args(["netns", "exec", NODE_NS])
         .arg(&dataplane)
@@ -309,7 +312,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let lists_ms = listed.elapsed().as_secs_f64() * 1000.0;
 
-    let log = dir.path().join("dataplane.log");
+    let log = args.agent_log.clone().unwrap_or_else(|| dir.path().join("dataplane.log"));
+    // Both runs append to it.
+    let _ = std::fs::remove_file(&log);
     // First into a node without our tables, then restarted over the tables it left.
     let mut agent: Option<Child> = None;
     for label in ["fresh_node", "restart"] {
