@@ -168,17 +168,23 @@ fn lists(n: usize, eps: usize, affinity: bool) -> Vec<(Service, EndpointSlice)> 
 }
 
 /// Feeds the initial lists as watch events (each object dropped after its event, as the
-/// watcher does) and runs the full sync: from the lists received to rules in the kernel.
+/// watcher does) and runs the full sync: from the lists received to rules in the kernel. As
+/// the agent does, into a node without our tables the frame is written while the lists come in.
 fn full_sync(agent: &mut Agent, lists: impl IntoIterator<Item = (Service, EndpointSlice)>) -> (Duration, SyncReport) {
     let t = Instant::now();
-    agent.inputs.begin_service_relist();
-    agent.inputs.begin_slice_relist();
-    for (service, slice) in lists {
-        agent.inputs.apply_service(&service, CLASS);
-        agent.inputs.apply_slice(&slice);
-    }
-    agent.inputs.end_service_relist();
-    agent.inputs.end_slice_relist();
+    let (inputs, syncer) = (&mut agent.inputs, &mut agent.syncer);
+    std::thread::scope(|scope| {
+        let preparing = scope.spawn(|| syncer.prepare().unwrap());
+        inputs.begin_service_relist();
+        inputs.begin_slice_relist();
+        for (service, slice) in lists {
+            inputs.apply_service(&service, CLASS);
+            inputs.apply_slice(&slice);
+        }
+        inputs.end_service_relist();
+        inputs.end_slice_relist();
+        preparing.join().unwrap()
+    });
     let report = agent.sync();
     assert!(report.full);
     (t.elapsed(), report)

@@ -175,14 +175,6 @@ async fn sync_loop(
     health: &HealthState,
     metrics: &Metrics,
 ) -> Result<(), AgentError> {
-    while !shared.all_listed() {
-        let listed = shared.first_lists.notified();
-        if shared.all_listed() {
-            break;
-        }
-        listed.await;
-    }
-    info!(services = shared.inputs().services(), "initial lists done; starting full sync");
     let mut nft = NftCommand::with_argv(config.nft_argv.clone());
     if config.netlink {
         match Netlink::open() {
@@ -191,6 +183,25 @@ async fn sync_loop(
         }
     }
     let mut syncer = Syncer::new(nft, config.render);
+    // Into a node without our tables, the frame the first sync fills goes in while the
+    // initial lists load.
+    let preparing = tokio::task::spawn_blocking(move || {
+        match syncer.prepare() {
+            Ok(true) => debug!("wrote the tables' frame while the initial lists load"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "cannot write the tables' frame ahead; the first sync writes it"),
+        }
+        syncer
+    });
+    while !shared.all_listed() {
+        let listed = shared.first_lists.notified();
+        if shared.all_listed() {
+            break;
+        }
+        listed.await;
+    }
+    let mut syncer = preparing.await?;
+    info!(services = shared.inputs().services(), "initial lists done; starting full sync");
     let conntrack = ConntrackCommand::with_argv(config.conntrack_argv.clone());
     let mut last_sync = Instant::now() - config.min_sync_interval;
     let mut last_full = Instant::now();

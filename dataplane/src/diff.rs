@@ -8,17 +8,18 @@
 //! chain or map that is still referenced (EBUSY), and the rules of a rewritten `svc-…` chain
 //! may still reference it until that transaction commits.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::mpsc::SyncSender;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::model::Family;
-use crate::netlink::Batch;
+use crate::model::{Family, Protocol};
+use crate::netlink::{Attrs, Batch};
 use crate::nft::NftError;
 use crate::render::{
-    Chain, Ruleset, TABLE, Table, family_name, to_script, write_chain_decl, write_elements, write_rules,
+    Chain, ENDPOINT_MAP_PREFIX, RenderConfig, Ruleset, TABLE, Table, base_table, declared_endpoint_map, family_name,
+    to_script, write_chain_decl, write_elements, write_rules,
 };
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
@@ -94,19 +95,22 @@ impl<'a> FullSync<'a> {
 
 /// A full resync into a kernel without our tables, written in steps while it is rendered, so
 /// that the kernel takes in one part while the next is rendered and encoded:
-/// 1. the skeleton through `nft`: tables, base chains, the chains and rules of the skeleton,
-///    and every set and map declared, without elements;
+/// 1. the [`Frame`] through `nft`, before the write starts (the agent writes it while the
+///    initial lists load): tables, base chains and their rules, the shared sets and maps, and
+///    one endpoint map per family and protocol, without elements;
 /// 2. the `svc-…` chains ([`Stepwise::add`], as they are rendered) in netlink batches of
 ///    about `batch_bytes`, the first ones smaller so that the kernel does not wait for a whole
-///    batch to be rendered while the skeleton is already in; chains the encoder does not
-///    know, and the other chains, are kept for step 4;
+///    batch to be rendered while it has nothing to do; an endpoint map a chain uses that the
+///    frame lacks is declared just before it, as the frame's map of its family and protocol
+///    lists (the same declaration nft writes). Chains the encoder does not know, and the
+///    other chains, are kept for step 4;
 /// 3. the endpoint maps' elements, map by map. They come after every rule: a rule referring
 ///    to a map checks each element the map holds, which costs far more than an element
 ///    added to a map checking each rule (measured: 0.3–0.4 s more at 10k Services);
 /// 4. the kept chains through `nft`;
-/// 5. last, in one batch: the endpoint maps declared in step 1 that no Service port used,
-///    deleted, and the dispatch maps' and the hairpin set's elements, which is what starts
-///    sending traffic anywhere.
+/// 5. last, in one batch: the frame's endpoint maps that no Service port used, deleted, and
+///    the dispatch maps' and the hairpin set's elements, which is what starts sending
+///    traffic anywhere.
 ///
 /// Until that last batch the tables match nothing, so traffic is treated as with no tables
 /// at all, and a failure part-way leaves nothing that acts (the next full resync then
@@ -119,11 +123,16 @@ pub struct Stepwise<'scope> {
     /// Size at which the batch being built is handed over: [`FIRST_BATCH_BYTES`], doubled at
     /// each batch up to `batch_bytes`.
     flush_at: usize,
-    /// Endpoint maps of the skeleton, with whether an element was added to them.
+    /// Endpoint maps declared (by the frame or a batch), with whether an element was added to
+    /// them.
     declared: BTreeMap<(Family, String), bool>,
-    /// Endpoint-map elements, written after every rule.
+    /// Declarations of endpoint maps, by family and protocol (see [`Frame::templates`]).
+    templates: HashMap<(Family, String), Attrs>,
+    /// Endpoint-map elements, written after every rule that refers to their map.
     elements: BTreeMap<(Family, String), Vec<(String, String)>>,
-    /// Script of the chains for step 4, and the chains it or the skeleton holds.
+    /// Whether every element written so far is one the encoder knows.
+    encodable: bool,
+    /// Script of the chains for step 4, and the chains it or the frame holds.
     kept: String,
     chains: HashSet<(Family, String)>,
     written: Written,
@@ -148,11 +157,81 @@ enum Step {
 }
 
 /// Where the steps of a [`Stepwise`] write go.
-pub trait StepWriter: Sync {
+pub trait StepWriter: Send + Sync {
     /// Runs an nft script, one transaction.
     fn script(&self, script: &str) -> Result<(), NftError>;
     /// Commits a netlink batch, one transaction.
     fn batch(&self, batch: &Batch) -> Result<(), NftError>;
+    /// The declaration of set or map `name` of our `family` table as the kernel lists it
+    /// ([`crate::netlink::listed_set`]); `None` when there is no such set, or the writer cannot
+    /// list (the endpoint maps the frame lacks then go through nft).
+    fn declaration(&self, family: Family, name: &str) -> Result<Option<Attrs>, NftError> {
+        let _ = (family, name);
+        Ok(None)
+    }
+}
+
+/// Our tables as a full sync written in steps ([`Stepwise`]) starts from, once written: the
+/// skeleton ([`Frame::skeleton`], or one given), and the declarations of its endpoint maps as
+/// the kernel lists them.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    chains: HashSet<(Family, String)>,
+    rules: usize,
+    declared: Vec<(Family, String)>,
+    templates: HashMap<(Family, String), Attrs>,
+}
+
+impl Frame {
+    /// The tables before any Service: both base tables, each with an empty endpoint map (of
+    /// bucket 0) per protocol, the declaration the others are copied from.
+    pub fn skeleton(config: &RenderConfig) -> Ruleset {
+        let mut skeleton = Ruleset::default();
+        for family in [Family::V4, Family::V6] {
+            let mut table = base_table(family, config);
+            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                let (name, map) = declared_endpoint_map(family, proto.nft_name(), 0);
+                table.collections.insert(name, map);
+            }
+            skeleton.tables.insert(family, table);
+        }
+        skeleton
+    }
+
+    /// Writes `skeleton` (only adding: there is no table of ours to replace, and a `delete
+    /// table` would have nft list every table first, and another proxy's may be large) through
+    /// `writer`, one transaction, and lists the declarations of its endpoint maps.
+    pub fn write(writer: &dyn StepWriter, skeleton: &Ruleset) -> Result<Self, NftError> {
+        writer.script(&to_script(skeleton))?;
+        let mut frame = Self::default();
+        for (family, table) in &skeleton.tables {
+            for name in table.collections.keys().filter(|name| !activates(name)) {
+                frame.declared.push((*family, name.clone()));
+                let Some(proto) = endpoint_map_protocol(name) else { continue };
+                let key = (*family, proto.to_string());
+                if !frame.templates.contains_key(&key)
+                    && let Some(decl) = writer.declaration(*family, name)?
+                {
+                    frame.templates.insert(key, decl);
+                }
+            }
+            for (name, chain) in &table.chains {
+                frame.chains.insert((*family, name.clone()));
+                frame.rules += chain.rules.len();
+            }
+        }
+        Ok(frame)
+    }
+}
+
+/// The protocol of endpoint map `name` (`endpoints-PROTO-BUCKET`).
+fn endpoint_map_protocol(name: &str) -> Option<&str> {
+    Some(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.0)
+}
+
+/// The bucket of endpoint map `name` (`endpoints-PROTO-BUCKET`, in hex).
+fn endpoint_map_bucket(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.1, 16).ok()
 }
 
 /// Takes the fragments a sync renders, one Service and family at a time (see
@@ -174,11 +253,11 @@ impl FragmentSink for Stepwise<'_> {
 }
 
 impl<'scope> Stepwise<'scope> {
-    /// Starts the write with `skeleton` (step 1) on a thread of `scope`.
+    /// Starts the write on a thread of `scope`, over `frame`, which is in the kernel.
     pub fn start<'env>(
         scope: &'scope Scope<'scope, 'env>,
         writer: &'env dyn StepWriter,
-        skeleton: &Ruleset,
+        frame: Frame,
         batch_bytes: usize,
     ) -> Self {
         let (to_writer, steps) = std::sync::mpsc::sync_channel::<Step>(2);
@@ -194,35 +273,22 @@ impl<'scope> Stepwise<'scope> {
             }
             Ok(took)
         });
-        let mut declared = BTreeMap::new();
-        let mut chains = HashSet::new();
-        let mut written = Written::default();
-        for (family, table) in &skeleton.tables {
-            for name in table.collections.keys().filter(|name| !activates(name)) {
-                declared.insert((*family, name.clone()), false);
-            }
-            for (name, chain) in &table.chains {
-                chains.insert((*family, name.clone()));
-                written.rules += chain.rules.len();
-            }
-            written.chains += table.chains.len();
-        }
-        let steps = Self {
+        let Frame { chains, rules, declared, templates } = frame;
+        let written = Written { chains: chains.len(), rules, ..Written::default() };
+        Self {
             to_writer: Some(to_writer),
             writer: Some(handle),
             batch: Batch::new(),
             batch_bytes,
             flush_at: FIRST_BATCH_BYTES.min(batch_bytes),
-            declared,
+            declared: declared.into_iter().map(|key| (key, false)).collect(),
+            templates,
             elements: BTreeMap::new(),
+            encodable: true,
             kept: String::new(),
             chains,
             written,
-        };
-        // Adds only: there is no table of ours to replace, and a `delete table` would have nft
-        // list every table first (another proxy's may be large).
-        steps.send(Step::Script(to_script(skeleton)));
-        steps
+        }
     }
 
     /// Adds the chains and endpoint-map elements of `table` (one Service's, or a whole
@@ -230,12 +296,23 @@ impl<'scope> Stepwise<'scope> {
     /// dispatch maps and the hairpin set are left to [`Stepwise::finish`].
     pub fn add(&mut self, family: Family, table: &Table) {
         let fam = family_name(family);
-        // A Service whose endpoint map the skeleton lacks is written through nft in step 4,
-        // map declaration, chains and elements together.
-        let undeclared = table
-            .collections
-            .keys()
-            .any(|name| !activates(name) && !self.declared.contains_key(&(family, name.clone())));
+        // An endpoint map the frame lacks is declared as the frame's of its protocol was. A
+        // Service whose map cannot be (no declaration to copy) is written through nft in step
+        // 4, map declaration, chains and elements together.
+        let mut undeclared = false;
+        for name in table.collections.keys().filter(|name| !activates(name)) {
+            let key = (family, name.clone());
+            if self.declared.contains_key(&key) {
+                continue;
+            }
+            match endpoint_map_protocol(name).and_then(|proto| self.templates.get(&(family, proto.to_string()))) {
+                Some(decl) => {
+                    self.batch.new_set(family, name, decl);
+                    self.declared.insert(key, false);
+                }
+                None => undeclared = true,
+            }
+        }
         if undeclared {
             for (name, c) in table.collections.iter().filter(|(name, _)| !activates(name)) {
                 let kind = if c.is_map { "map" } else { "set" };
@@ -268,6 +345,32 @@ impl<'scope> Stepwise<'scope> {
         }
     }
 
+    /// Writes the elements of the endpoint maps of buckets below `bucket` now, rather than
+    /// after every rule: the caller adds no rule that refers to them from here on (it adds
+    /// the Services in order of the first bucket their ports use), and the kernel takes them
+    /// in while the rest is rendered.
+    pub fn fill_maps_below(&mut self, bucket: u32) {
+        let filled: Vec<(Family, String)> = self
+            .elements
+            .keys()
+            .filter(|(_, name)| endpoint_map_bucket(name).is_some_and(|b| b < bucket))
+            .cloned()
+            .collect();
+        for key in filled {
+            if let Some(elements) = self.elements.remove(&key) {
+                self.write_elements(key, &elements);
+            }
+        }
+    }
+
+    fn write_elements(&mut self, (family, name): (Family, String), elements: &[(String, String)]) {
+        for chunk in elements.chunks(ELEMENTS_PER_STEP) {
+            self.encodable &=
+                self.batch.elements(family, &name, true, chunk.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            self.flush(false);
+        }
+    }
+
     /// Writes steps 3 to 5, `activating` being the dispatch maps' and the hairpin set's
     /// elements (family, collection, key, value), and waits for the writes. `Ok(None)` when an
     /// element is one the encoder does not know: the tables are then part-written, and match
@@ -276,20 +379,17 @@ impl<'scope> Stepwise<'scope> {
         mut self,
         activating: impl Iterator<Item = (Family, &'a str, &'a str, &'a str)>,
     ) -> Result<Option<Written>, NftError> {
-        let mut encodable = true;
-        for ((family, name), elements) in std::mem::take(&mut self.elements) {
-            for chunk in elements.chunks(ELEMENTS_PER_STEP) {
-                encodable &=
-                    self.batch.elements(family, &name, true, chunk.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                self.flush(false);
-            }
+        for (key, elements) in std::mem::take(&mut self.elements) {
+            self.write_elements(key, &elements);
         }
+        let mut encodable = self.encodable;
         self.flush(true);
         if !self.kept.is_empty() {
             let kept = std::mem::take(&mut self.kept);
             self.send(Step::Script(kept));
         }
         let mut last = Batch::new();
+        // The frame's endpoint maps no port used (none of those declared since).
         for (family, name) in self.declared.iter().filter(|(_, used)| !**used).map(|(k, _)| k) {
             last.delete_set(*family, name);
         }
@@ -346,7 +446,7 @@ fn is_service_chain(name: &str, chain: &Chain) -> bool {
 /// change how it leaves (the hairpin set), rather than only being read by chains that nothing
 /// reaches yet.
 fn activates(name: &str) -> bool {
-    !name.starts_with("endpoints-")
+    !name.starts_with(ENDPOINT_MAP_PREFIX)
 }
 
 fn panicked() -> NftError {

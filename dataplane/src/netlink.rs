@@ -1373,6 +1373,15 @@ impl Netlink {
         Ok(Some(listed))
     }
 
+    /// Set or map `set` of our `family` table as the kernel lists it (see [`listed_set`]);
+    /// `None` when there is no such set.
+    pub fn get_set(&self, family: Family, set: &str) -> Result<Option<ListedSet>, NftError> {
+        let mut m = Message::new(NFT_MSG_GETSET, NLM_F_ACK, family);
+        m.str(NFTA_SET_TABLE, TABLE);
+        m.str(NFTA_SET_NAME, set);
+        Ok(self.get(m).map_err(|e| e.listing(set))?.as_ref().and_then(listed_set))
+    }
+
     /// The one object a `GET…` request `m` asks for, as its attributes; `None` when there is
     /// no such object.
     fn get(&self, m: Message) -> Result<Option<Attrs>, Dump> {

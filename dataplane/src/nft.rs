@@ -16,7 +16,7 @@ use tracing::debug;
 use crate::affinity::{self, AffinityEntry};
 use crate::diff::{FullSync, Plan, Stale, StepWriter, cleanup_script, full_plan, partial_plan};
 use crate::model::Family;
-use crate::netlink::{Batch, Netlink};
+use crate::netlink::{Attrs, Batch, Netlink};
 use crate::render::{AFFINITY_MAPS, Ruleset, TABLE, family_name};
 
 /// Failure to run an nft transaction.
@@ -267,6 +267,10 @@ impl StepWriter for Steps {
         self.netlink.commit(batch)?;
         debug!(bytes = batch.len(), ms = started.elapsed().as_secs_f64() * 1e3, "full sync step written over netlink");
         Ok(())
+    }
+
+    fn declaration(&self, family: Family, name: &str) -> Result<Option<Attrs>, NftError> {
+        Ok(self.netlink.get_set(family, name)?.map(|set| set.decl))
     }
 }
 

@@ -386,10 +386,14 @@ pub fn base_table(family: Family, config: &RenderConfig) -> Table {
     skeleton(family, config)
 }
 
-/// The endpoint maps `svc` may use, one per port, as protocol and bucket: a port with two
-/// endpoints or more takes its slot in the map of its protocol and bucket.
-pub fn endpoint_buckets(svc: &ServiceModel) -> impl Iterator<Item = (&'static str, u32)> + '_ {
-    svc.ports.iter().map(|port| (port.protocol.nft_name(), stable_hash(&port_id(svc, port)) % ENDPOINT_MAP_BUCKETS))
+/// The first (lowest) bucket of the endpoint maps `svc`'s ports would take slots in
+/// ([`ENDPOINT_MAP_BUCKETS`] for a Service without ports).
+pub fn first_endpoint_bucket(svc: &ServiceModel) -> u32 {
+    svc.ports
+        .iter()
+        .map(|port| stable_hash(&port_id(svc, port)) % ENDPOINT_MAP_BUCKETS)
+        .min()
+        .unwrap_or(ENDPOINT_MAP_BUCKETS)
 }
 
 /// The endpoint map of `proto` and `bucket` in `family`, declared empty: its name and

@@ -23,7 +23,7 @@ use crate::adopt::{
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{FragmentSink, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
+use crate::diff::{FragmentSink, Frame, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
@@ -31,9 +31,9 @@ use crate::netlink::{Batch, Netlink};
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
-    Chain, Collection, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource, SlotTable, TABLE,
-    Table, base_table, declared_endpoint_map, endpoint_buckets, family_name, render_fragment, render_with_slots,
-    write_chain_decl, write_elements, write_rules,
+    Chain, Collection, ENDPOINT_MAP_BUCKETS, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource,
+    SlotTable, TABLE, Table, family_name, first_endpoint_bucket, render_fragment, render_with_slots, write_chain_decl,
+    write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -79,6 +79,9 @@ pub struct Syncer<R> {
     prefetched: Option<std::thread::JoinHandle<Result<Option<Live>, NftError>>>,
     /// The frame the last adoption checked: its check table's script and listing.
     frame: Option<(String, BTreeMap<Family, LiveFrame>)>,
+    /// The frame [`Syncer::prepare`] wrote into a kernel without our tables, for the first
+    /// full sync to write the Services over.
+    prepared: Option<(Frame, Box<dyn StepWriter>)>,
     /// Slots given up, free once the transaction that stops using them is committed.
     to_release: Vec<(Family, Slot)>,
     flows: BTreeSet<StaleFlow>,
@@ -103,6 +106,7 @@ impl<R: NftRunner> Syncer<R> {
             asked: None,
             prefetched: None,
             frame: None,
+            prepared: None,
             to_release: Vec::new(),
             flows: BTreeSet::new(),
             rules: 0,
@@ -157,7 +161,31 @@ impl<R: NftRunner> Syncer<R> {
     /// Programs `changes` in one transaction (a full resync when one is due) and records the
     /// changed Services' health. After a failure the kernel keeps the previous rules and the
     /// next sync is a full resync.
-    pub fn sync(&mut self, changes: Vec<Change>, health: &HealthState) -> Result<SyncReport, NftError> {
+    pub fn sync(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+        health: &HealthState,
+    ) -> Result<SyncReport, NftError> {
+        let mut changes = changes.into_iter();
+        let synced = self.sync_changes(&mut changes, health);
+        if synced.is_err() {
+            // What a failed sync did not take in is recorded all the same, for the full resync
+            // that follows to program.
+            self.full_next = true;
+            for (key, model) in changes {
+                if self.models.get(&key) != model.as_ref() {
+                    self.update(&key, model, None, None);
+                }
+            }
+        }
+        synced
+    }
+
+    fn sync_changes(
+        &mut self,
+        changes: &mut impl Iterator<Item = Change>,
+        health: &HealthState,
+    ) -> Result<SyncReport, NftError> {
         let started = Instant::now();
         let full = self.full_next;
         // A full resync over tables that exist (an agent restarted over the tables it left,
@@ -173,11 +201,14 @@ impl<R: NftRunner> Syncer<R> {
             (true, None) => self.list_live(),
         }
         .map(Arc::new);
+        if full && let Some((frame, writer)) = self.prepared.take() {
+            return self.sync_stepwise(changes, health, writer.as_ref(), Some(frame), started);
+        }
         if live.as_ref().is_err_and(Option::is_none)
             && full
             && let Some(writer) = self.runner.stepwise()?
         {
-            return self.sync_stepwise(changes, health, writer.as_ref(), started);
+            return self.sync_stepwise(changes, health, writer.as_ref(), None, started);
         }
         // Neither steps (a table exists) nor adoption (one is missing): replaced.
         let live = match live {
@@ -318,7 +349,7 @@ impl<R: NftRunner> Syncer<R> {
     /// thread of its own (see [`Syncer::sync`]), so that the listing overlaps what comes
     /// before the sync, such as building the models.
     pub fn prefetch(&mut self) {
-        if !self.full_next || self.prefetched.is_some() {
+        if !self.full_next || self.prefetched.is_some() || self.prepared.is_some() {
             return;
         }
         if let Some(netlink) = self.runner.netlink() {
@@ -398,40 +429,55 @@ impl<R: NftRunner> Syncer<R> {
         }
     }
 
+    /// Into a kernel without our tables, writes the frame the first full sync writes the
+    /// Services over ([`Frame`]), so that it is done before the Services are known (the agent
+    /// calls this while the initial lists load). Returns whether it did; with tables in the
+    /// kernel, or a runner that cannot write in steps, the first sync does as it would have.
+    pub fn prepare(&mut self) -> Result<bool, NftError> {
+        if !self.full_next || self.prepared.is_some() {
+            return Ok(false);
+        }
+        let Some(writer) = self.runner.stepwise()? else { return Ok(false) };
+        let frame = Frame::write(writer.as_ref(), &Frame::skeleton(&self.config))?;
+        self.prepared = Some((frame, writer));
+        Ok(true)
+    }
+
     /// A full resync into a kernel without our tables, written in steps ([`Stepwise`]) while
     /// the changed Services are taken in: each Service's chains and endpoint-map elements as
-    /// soon as they are rendered, so the kernel takes in the rules while the rest render.
+    /// soon as they are rendered, so the kernel takes in the rules while the rest render. Over
+    /// `frame` when [`Syncer::prepare`] wrote it, else over one written first.
     fn sync_stepwise(
         &mut self,
-        changes: Vec<Change>,
+        changes: &mut impl Iterator<Item = Change>,
         health: &HealthState,
         writer: &dyn StepWriter,
+        frame: Option<Frame>,
         started: Instant,
     ) -> Result<SyncReport, NftError> {
-        // The skeleton declares every endpoint map a Service port may take a slot in; those
-        // no port took are deleted by the last step.
-        let mut buckets: BTreeSet<(Family, &'static str, u32)> = BTreeSet::new();
-        for model in changes.iter().filter_map(|(_, m)| m.as_ref()).chain(self.models.values()) {
-            for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
-                buckets.extend(endpoint_buckets(model).map(|(proto, bucket)| (family, proto, bucket)));
-            }
-        }
-        let mut skeleton = Ruleset::default();
-        for family in FAMILIES {
-            let mut table = base_table(family, &self.config);
-            for (_, proto, bucket) in buckets.iter().filter(|(f, ..)| *f == family) {
-                let (name, map) = declared_endpoint_map(family, proto, *bucket);
-                table.collections.insert(name, map);
-            }
-            skeleton.tables.insert(family, table);
+        let frame = match frame {
+            Some(frame) => frame,
+            None => Frame::write(writer, &Frame::skeleton(&self.config)).inspect_err(|_| self.full_next = true)?,
+        };
+        // Into a node with no Services yet (nothing kept, rendered after the changes), the
+        // Services go map by map, in order of the first endpoint map their ports use: the maps
+        // all of whose rules are written get their elements while the rest render, so the
+        // kernel does not wait for the renderer.
+        let mut changes: Vec<Change> = changes.collect();
+        let ordered = self.models.is_empty();
+        if ordered {
+            changes.sort_by_cached_key(|(_, model)| model.as_ref().map_or(ENDPOINT_MAP_BUCKETS, first_endpoint_bucket));
         }
         let mut changed = Vec::new();
         let mut rendered = Duration::ZERO;
         let written = std::thread::scope(|scope| {
-            let mut steps = Stepwise::start(scope, writer, &skeleton, SPLIT_BATCH_BYTES);
+            let mut steps = Stepwise::start(scope, writer, frame, SPLIT_BATCH_BYTES);
             for (key, model) in changes {
                 if self.models.get(&key) == model.as_ref() {
                     continue;
+                }
+                if ordered && let Some(model) = &model {
+                    steps.fill_maps_below(first_endpoint_bucket(model));
                 }
                 self.update(&key, model, None, Some(&mut steps));
                 changed.push(key);

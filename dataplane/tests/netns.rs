@@ -767,18 +767,115 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
         let served: BTreeSet<String> = (0..30).map(|_| tcp(&lab.client, "2001:db8::1", 80).server()).collect();
         assert_eq!(served, set(&["pod1", "pod2", "pod3"]));
     }
+
+    // A starting agent writes the frame while its lists load: tables with no Service in them,
+    // which the first sync fills.
+    lab.syncer.cleanup().unwrap();
+    lab.syncer = hawser_dataplane::sync::Syncer::new(
+        Box::new(node_nft(&lab.node, true)),
+        hawser_dataplane::render::RenderConfig::default(),
+    );
+    lab.inputs = hawser_dataplane::inputs::ClusterInputs::default();
+    assert!(lab.syncer.prepare().unwrap(), "no tables: the frame is written");
+    assert!(!lab.syncer.prepare().unwrap(), "written once");
+    let frame = both_tables(&lab);
+    assert!(frame[0].iter().any(|t| t == "chain services"), "{frame:?}");
+    assert!(frame.iter().flatten().all(|t| !t.contains("svc-") && !t.contains("203.0.113.")), "{frame:?}");
+    assert_eq!(tcp(&lab.client, NODE_IP, 30002), Outcome::Refused, "the frame serves nothing");
+    let report = lab.sync(&services, &slices).unwrap();
+    assert_eq!(report.writer, Writer::NftThenNetlink);
+    assert_eq!(both_tables(&lab), whole, "written over the prepared frame, the tables differ from nft's");
+    assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers(NODE_IP, 30002, 10), set(&["pod1"]));
+    // Over tables that exist there is no frame to write.
+    lab.syncer.force_full_resync();
+    assert!(!lab.syncer.prepare().unwrap());
 }
 
-/// Writes `ruleset` in steps from `skeleton` (what the syncer does while it renders, here in
-/// one pass over a whole ruleset), in netlink batches of about `batch_bytes`.
+/// Runs nft and netlink batches in the node netns; when armed, the full sync written in steps
+/// has its frame refused.
+struct SabotageFrame {
+    inner: NftCommand,
+    armed: Arc<AtomicBool>,
+}
+
+struct RefusedFrame {
+    inner: Box<dyn hawser_dataplane::diff::StepWriter>,
+    armed: Arc<AtomicBool>,
+}
+
+impl NftRunner for SabotageFrame {
+    fn run(&self, script: &str) -> Result<(), NftError> {
+        self.inner.run(script)
+    }
+
+    fn stepwise(&self) -> Result<Option<Box<dyn hawser_dataplane::diff::StepWriter>>, NftError> {
+        let armed = self.armed.clone();
+        Ok(self
+            .inner
+            .stepwise()?
+            .map(|inner| Box::new(RefusedFrame { inner, armed }) as Box<dyn hawser_dataplane::diff::StepWriter>))
+    }
+
+    fn netlink(&self) -> Option<Arc<hawser_dataplane::netlink::Netlink>> {
+        self.inner.netlink()
+    }
+}
+
+impl hawser_dataplane::diff::StepWriter for RefusedFrame {
+    fn script(&self, script: &str) -> Result<(), NftError> {
+        if self.armed.load(Ordering::SeqCst) {
+            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
+        }
+        self.inner.script(script)
+    }
+
+    fn batch(&self, batch: &hawser_dataplane::netlink::Batch) -> Result<(), NftError> {
+        self.inner.batch(batch)
+    }
+
+    fn declaration(
+        &self,
+        family: hawser_dataplane::model::Family,
+        name: &str,
+    ) -> Result<Option<hawser_dataplane::netlink::Attrs>, NftError> {
+        self.inner.declaration(family, name)
+    }
+}
+
+/// A full sync that fails before it has taken in its Services (here, its frame refused) still
+/// records them: the full resync that follows programs them, though the inputs have nothing
+/// new for it.
+#[test]
+fn a_sync_that_fails_before_taking_its_changes_in_loses_none() {
+    let armed = Arc::new(AtomicBool::new(true));
+    let flag = armed.clone();
+    let Some(mut lab) =
+        Lab::with_runner(2, move |node| Box::new(SabotageFrame { inner: node_nft(node, true), armed: flag }))
+    else {
+        return;
+    };
+    let two = eps(&[Ep::ready("10.0.1.2", NODE), Ep::ready("10.0.2.2", NODE)]);
+    let err = lab.sync(&[web().build()], &two).unwrap_err();
+    assert!(err.to_string().contains("refused by the test"), "{err}");
+    assert_eq!(tcp(&lab.client, LB, 80), Outcome::Timeout, "nothing is programmed yet");
+    armed.store(false, Ordering::SeqCst);
+    let report = lab.sync(&[web().build()], &two).unwrap();
+    assert!(report.full);
+    assert_eq!(lab.servers(LB, 80, 16), set(&["pod1", "pod2"]));
+}
+
+/// Writes `ruleset` in steps over the frame `skeleton` (what the syncer does while it
+/// renders, here in one pass over a whole ruleset), in netlink batches of about `batch_bytes`.
 fn write_in_steps(
     writer: &dyn hawser_dataplane::diff::StepWriter,
     skeleton: &hawser_dataplane::render::Ruleset,
     ruleset: &hawser_dataplane::render::Ruleset,
     batch_bytes: usize,
 ) -> Result<Option<hawser_dataplane::diff::Written>, NftError> {
+    let frame = hawser_dataplane::diff::Frame::write(writer, skeleton)?;
     std::thread::scope(|scope| {
-        let mut steps = hawser_dataplane::diff::Stepwise::start(scope, writer, skeleton, batch_bytes);
+        let mut steps = hawser_dataplane::diff::Stepwise::start(scope, writer, frame, batch_bytes);
         for (family, table) in &ruleset.tables {
             steps.add(*family, table);
         }
@@ -823,6 +920,14 @@ impl hawser_dataplane::diff::StepWriter for CountedSteps {
             return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
         }
         self.inner.batch(batch)
+    }
+
+    fn declaration(
+        &self,
+        family: hawser_dataplane::model::Family,
+        name: &str,
+    ) -> Result<Option<hawser_dataplane::netlink::Attrs>, NftError> {
+        self.inner.declaration(family, name)
     }
 }
 
@@ -888,11 +993,12 @@ fn stepwise_full_sync_survives_unknown_chains_and_a_refused_batch() {
     assert_eq!(lab.servers("203.0.113.50", 80, 16), set(&["pod1", "pod2"]));
 }
 
-/// Written in steps, a Service whose endpoint map the skeleton did not declare goes through
-/// nft with its map, and a map the skeleton declared that no Service port used is deleted:
-/// the tables end as the atomic replacement writes them, and serve.
+/// Written in steps, an endpoint map the frame did not declare is declared over netlink as
+/// the frame's map of its protocol lists, or, with no such map to copy, goes through nft with
+/// its Service; a map the frame declared that no Service port used is deleted. Either way the
+/// tables end as the atomic replacement writes them, and serve.
 #[test]
-fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used() {
+fn stepwise_write_declares_what_the_frame_lacks_and_drops_what_no_port_used() {
     use hawser_dataplane::diff::FullSync;
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
     use hawser_dataplane::netlink::Netlink;
@@ -917,28 +1023,37 @@ fn stepwise_write_declares_what_the_skeleton_lacks_and_drops_what_no_port_used()
     let used: Vec<String> =
         ruleset.tables[&Family::V4].collections.keys().filter(|n| n.starts_with("endpoints-")).cloned().collect();
     assert!(!used.is_empty());
-    // The skeleton lacks the first used map, and declares one nobody uses.
-    let mut skeleton = skeleton_of(&ruleset);
-    let declared = skeleton.tables.get_mut(&Family::V4).unwrap();
-    let lacked = declared.collections.remove(&used[0]).unwrap();
     let unused = (0..=255).map(|b| format!("endpoints-tcp-{b:02x}")).find(|n| !used.contains(n)).unwrap();
-    declared.collections.insert(unused.clone(), lacked);
+    // A frame that declares only a map nobody uses: the used ones are copied from it.
+    let mut copied = skeleton_of(&ruleset);
+    let declared = copied.tables.get_mut(&Family::V4).unwrap();
+    let decl = declared.collections.get(&used[0]).unwrap().clone_empty();
+    declared.collections.retain(|name, _| !name.starts_with("endpoints-"));
+    declared.collections.insert(unused.clone(), decl);
+    // A frame that declares no endpoint map: there is none to copy.
+    let mut bare = skeleton_of(&ruleset);
+    bare.tables.get_mut(&Family::V4).unwrap().collections.retain(|name, _| !name.starts_with("endpoints-"));
 
     let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
-    let steps = Steps::new(nft.clone(), Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap()));
-    let written = write_in_steps(&steps, &skeleton, &ruleset, 1 << 20);
-    let written = written.unwrap().expect("every element is one the encoder knows");
-    assert_eq!(written.rules, ruleset.rule_count());
-    assert_eq!(written.elements, ruleset.element_count());
-    let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);
-    assert!(!maps.contains(&unused), "the map no port used is still there:\n{maps}");
-    assert!(maps.contains(&used[0]), "the map the skeleton lacked is missing:\n{maps}");
-    let stepwise = both_tables(&lab);
-    for (i, _) in names.iter().enumerate() {
-        assert_eq!(lab.servers(&format!("203.0.113.{}", i + 1), 80, 16), set(&["pod1", "pod2"]));
-    }
     nft.run(&FullSync::new(&ruleset).script()).unwrap();
-    assert_eq!(stepwise, both_tables(&lab), "written in steps, the tables differ from nft's");
+    let whole = both_tables(&lab);
+    let steps = Steps::new(nft.clone(), Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap()));
+    for (frame, through_nft) in [(&copied, false), (&bare, true)] {
+        nft.run(&hawser_dataplane::diff::cleanup_script()).unwrap();
+        let written = write_in_steps(&steps, frame, &ruleset, 1 << 20);
+        let written = written.unwrap().expect("every element is one the encoder knows");
+        assert_eq!(written.rules, ruleset.rule_count());
+        assert_eq!(written.elements, ruleset.element_count());
+        let maps = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "maps", "ip"]);
+        assert!(!maps.contains(&unused), "the map no port used is still there:\n{maps}");
+        for map in &used {
+            assert!(maps.contains(map), "{map}, which the frame lacked, is missing:\n{maps}");
+        }
+        assert_eq!(both_tables(&lab), whole, "written in steps (through nft: {through_nft}), the tables differ");
+        for (i, _) in names.iter().enumerate() {
+            assert_eq!(lab.servers(&format!("203.0.113.{}", i + 1), 80, 16), set(&["pod1", "pod2"]));
+        }
+    }
 }
 
 /// A batch larger than the socket's initial send buffer (2 MiB; a full sync's, or a partial one
