@@ -95,7 +95,7 @@ impl NftRunner for Counted {
 
     fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
         let writer = self.inner.stepwise()?;
-        // Written in steps: the skeleton through nft, the rest over netlink.
+        // Written in steps: the frame through nft, the rest over netlink.
         if writer.is_some() {
             self.runs.fetch_add(2, Ordering::SeqCst);
         }

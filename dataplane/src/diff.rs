@@ -104,9 +104,13 @@ impl<'a> FullSync<'a> {
 ///    frame lacks is declared just before it, as the frame's map of its family and protocol
 ///    lists (the same declaration nft writes). Chains the encoder does not know, and the
 ///    other chains, are kept for step 4;
-/// 3. the endpoint maps' elements, map by map. They come after every rule: a rule referring
-///    to a map checks each element the map holds, which costs far more than an element
-///    added to a map checking each rule (measured: 0.3–0.4 s more at 10k Services);
+/// 3. the endpoint maps' elements, map by map, each after every rule that refers to its map:
+///    a rule referring to a map checks each element the map holds, which costs far more than
+///    an element added to a map checking each rule (measured: 0.3–0.4 s more at 10k
+///    Services). A caller that adds the Services in order of their first endpoint map has
+///    each map's elements written as soon as it moves past the map
+///    ([`Stepwise::fill_maps_below`]), so the kernel takes them in while the rest renders;
+///    otherwise they follow the last chain;
 /// 4. the kept chains through `nft`;
 /// 5. last, in one batch: the frame's endpoint maps that no Service port used, deleted, and
 ///    the dispatch maps' and the hairpin set's elements, which is what starts sending
@@ -183,6 +187,11 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Declarations of endpoint maps as the kernel lists them, by family and protocol.
+    pub fn templates(&self) -> &HashMap<(Family, String), Attrs> {
+        &self.templates
+    }
+
     /// The tables before any Service: both base tables, each with an empty endpoint map (of
     /// bucket 0) per protocol, the declaration the others are copied from.
     pub fn skeleton(config: &RenderConfig) -> Ruleset {
@@ -225,7 +234,7 @@ impl Frame {
 }
 
 /// The protocol of endpoint map `name` (`endpoints-PROTO-BUCKET`).
-fn endpoint_map_protocol(name: &str) -> Option<&str> {
+pub fn endpoint_map_protocol(name: &str) -> Option<&str> {
     Some(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.0)
 }
 
@@ -292,7 +301,7 @@ impl<'scope> Stepwise<'scope> {
     }
 
     /// Adds the chains and endpoint-map elements of `table` (one Service's, or a whole
-    /// ruleset's), leaving out what the skeleton or an earlier call had. Elements of the
+    /// ruleset's), leaving out what the frame or an earlier call had. Elements of the
     /// dispatch maps and the hairpin set are left to [`Stepwise::finish`].
     pub fn add(&mut self, family: Family, table: &Table) {
         let fam = family_name(family);

@@ -132,8 +132,9 @@ pub enum Writer {
     Nft,
     /// hawser's own nfnetlink batch.
     Netlink,
-    /// A full resync into a kernel without our tables: `nft -f -` for the skeleton, then
-    /// netlink batches for the rest (see [`Stepwise`](crate::diff::Stepwise)).
+    /// A full resync into a kernel without our tables: `nft -f -` for the frame (written
+    /// ahead by the agent while its lists load), then netlink batches for the rest (see
+    /// [`Stepwise`](crate::diff::Stepwise)).
     NftThenNetlink,
 }
 
@@ -288,7 +289,7 @@ impl NftRunner for NftCommand {
         }
     }
 
-    /// Into a kernel that has neither of our tables, the skeleton through nft and the bulk in
+    /// Into a kernel that has neither of our tables, the frame through nft and the bulk in
     /// netlink batches (nft spends seconds parsing 10k Services' elements); tables that exist
     /// are replaced atomically by [`NftRunner::run_full`].
     fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {

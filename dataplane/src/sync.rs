@@ -23,11 +23,13 @@ use crate::adopt::{
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{FragmentSink, Frame, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
+use crate::diff::{
+    FragmentSink, Frame, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise, endpoint_map_protocol,
+};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
-use crate::netlink::{Batch, Netlink};
+use crate::netlink::{Attrs, Batch, Netlink};
 use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
@@ -82,6 +84,9 @@ pub struct Syncer<R> {
     /// The frame [`Syncer::prepare`] wrote into a kernel without our tables, for the first
     /// full sync to write the Services over.
     prepared: Option<(Frame, Box<dyn StepWriter>)>,
+    /// Endpoint-map declarations as the kernel lists them, by family and protocol: a map a
+    /// partial sync declares is a copy, written over netlink.
+    templates: HashMap<(Family, String), Attrs>,
     /// Slots given up, free once the transaction that stops using them is committed.
     to_release: Vec<(Family, Slot)>,
     flows: BTreeSet<StaleFlow>,
@@ -107,6 +112,7 @@ impl<R: NftRunner> Syncer<R> {
             prefetched: None,
             frame: None,
             prepared: None,
+            templates: HashMap::new(),
             to_release: Vec::new(),
             flows: BTreeSet::new(),
             rules: 0,
@@ -272,7 +278,9 @@ impl<R: NftRunner> Syncer<R> {
             let mut plan = PartialScript::default();
             for family in FAMILIES {
                 let empty = Delta::default();
-                plan.family(family, deltas.get(&family).unwrap_or(&empty), &self.stale, &self.map_sizes);
+                let delta = deltas.get(&family).unwrap_or(&empty);
+                self.copy_declarations(family, delta);
+                plan.family(family, delta, &self.stale, &self.map_sizes, &self.templates);
             }
             batch = plan.batch;
             (plan.script, plan.chains_written, plan.elements_changed, plan.stale_after)
@@ -459,6 +467,7 @@ impl<R: NftRunner> Syncer<R> {
             Some(frame) => frame,
             None => Frame::write(writer, &Frame::skeleton(&self.config)).inspect_err(|_| self.full_next = true)?,
         };
+        self.templates.extend(frame.templates().iter().map(|(k, v)| (k.clone(), v.clone())));
         // Into a node with no Services yet (nothing kept, rendered after the changes), the
         // Services go map by map, in order of the first endpoint map their ports use: the maps
         // all of whose rules are written get their elements while the rest render, so the
@@ -524,6 +533,31 @@ impl<R: NftRunner> Syncer<R> {
         };
         self.committed(BTreeSet::new(), Some(counts), &changed, &BTreeMap::new(), health);
         Ok(report)
+    }
+
+    /// Makes sure a declaration to copy is at hand for each protocol of the endpoint maps
+    /// `delta` declares: listed from a map of the same family and protocol that the kernel
+    /// has. Without one, the map goes through nft.
+    fn copy_declarations(&mut self, family: Family, delta: &Delta) {
+        let Some(netlink) = self.runner.netlink() else { return };
+        for (name, (before, _)) in &delta.maps {
+            let Some(proto) = endpoint_map_protocol(name) else { continue };
+            let key = (family, proto.to_string());
+            if *before > 0 || self.templates.contains_key(&key) {
+                continue;
+            }
+            // A map the kernel has: not new in this sync.
+            let existing = self.map_sizes.keys().find(|(f, other)| {
+                *f == family
+                    && endpoint_map_protocol(other) == Some(proto)
+                    && delta.maps.get(other).is_none_or(|(before, _)| *before > 0)
+            });
+            if let Some((_, other)) = existing
+                && let Ok(Some(listed)) = netlink.get_set(family, other)
+            {
+                self.templates.insert(key, listed.decl);
+            }
+        }
     }
 
     /// Kept Services that did not change (a resync of kept state), rendered as kept.
@@ -971,6 +1005,7 @@ impl PartialScript {
         d: &Delta,
         stale: &BTreeSet<Stale>,
         map_sizes: &HashMap<(Family, String), usize>,
+        templates: &HashMap<(Family, String), Attrs>,
     ) {
         use std::fmt::Write as _;
         let fam = family_name(family);
@@ -984,7 +1019,13 @@ impl PartialScript {
         for (name, (before, decl)) in &d.maps {
             if *before == 0 && map_sizes.contains_key(&(family, name.clone())) {
                 let _ = writeln!(self.script, "add map {fam} {TABLE} {name} {{ {decl} }}");
-                self.batch = None;
+                match endpoint_map_protocol(name).and_then(|proto| templates.get(&(family, proto.to_string()))) {
+                    Some(copied) => self.encode(|b| {
+                        b.new_set(family, name, copied);
+                        true
+                    }),
+                    None => self.batch = None,
+                }
             }
         }
         for (name, (old, new)) in &d.chains {

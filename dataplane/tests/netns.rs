@@ -676,7 +676,7 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
         all.extend(eps("b", nb));
         all
     };
-    // Creates both Services and their endpoint maps (new maps are declared through nft).
+    // Creates both Services and their endpoint maps.
     lab.sync(&[a(), b()], &both(2, 2)).unwrap();
     let check =
         |lab: &mut Lab, services: &[k8s_openapi::api::core::v1::Service], slices: &[EndpointSlice], step: &str| {
@@ -686,11 +686,12 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
             let full = both_tables(lab);
             assert_eq!(partial, full, "{step}: netlink-written tables differ from a full resync");
         };
-    // Declaring a map and "no endpoints" (a filter chain that rejects) are left to nft.
+    // "No endpoints" (a filter chain that rejects) is left to nft. A map is declared over
+    // netlink, a copy of one the kernel lists.
     let steps: Vec<(&str, Vec<_>, Vec<EndpointSlice>, Writer)> = vec![
         ("a gains an endpoint (its rule is rewritten)", vec![a(), b()], both(3, 2), Writer::Netlink),
         ("a loses two (a single endpoint is a plain dnat)", vec![a(), b()], both(1, 2), Writer::Netlink),
-        ("a back to three (its emptied map is declared again)", vec![a(), b()], both(3, 2), Writer::Nft),
+        ("a back to three (its emptied map is declared again)", vec![a(), b()], both(3, 2), Writer::Netlink),
         ("b loses one", vec![a(), b()], both(3, 1), Writer::Netlink),
         ("b loses its last", vec![a(), b()], both(3, 0), Writer::Nft),
         ("b is deleted", vec![a()], both(3, 0), Writer::Netlink),
@@ -712,6 +713,15 @@ fn plain_partial_syncs_go_over_netlink_and_list_as_nft_writes_them() {
         assert_eq!(served, set(&["pod1", "pod2", "pod3"]));
     }
     assert_eq!(tcp(&lab.client, "203.0.113.2", 80), Outcome::Timeout, "b is gone: nothing answers");
+
+    // Restarted over these tables, an agent copies the declaration from a map it lists.
+    restart(&mut lab, hawser_dataplane::render::RenderConfig::default());
+    assert!(lab.sync(&[a(), b()], &both(1, 2)).unwrap().full);
+    let report = lab.sync(&[a(), b()], &both(3, 2)).unwrap();
+    assert_eq!(report.writer, Writer::Netlink, "a's map declared again, copied from b's");
+    check(&mut lab, &[a(), b()], &both(3, 2), "a's map declared again, after a restart");
+    assert_eq!(lab.servers("203.0.113.1", 80, 30), set(&["pod1", "pod2", "pod3"]));
+    assert_eq!(lab.servers("203.0.113.2", 80, 30), set(&["pod1", "pod2"]));
 }
 
 /// A full sync into a node without our tables writes the skeleton (with the filter chains:
