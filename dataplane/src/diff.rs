@@ -18,8 +18,8 @@ use crate::model::{Family, Protocol};
 use crate::netlink::{Attrs, Batch};
 use crate::nft::NftError;
 use crate::render::{
-    Chain, ENDPOINT_MAP_PREFIX, RenderConfig, Ruleset, TABLE, Table, base_table, declared_endpoint_map, family_name,
-    to_script, write_chain_decl, write_elements, write_rules,
+    Chain, ENDPOINT_MAP_PREFIX, RenderConfig, Ruleset, TABLE, Table, base_table, declared_endpoint_map,
+    endpoint_map_bucket, endpoint_map_protocol, family_name, to_script, write_chain_decl, write_elements, write_rules,
 };
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
@@ -231,16 +231,6 @@ impl Frame {
         }
         Ok(frame)
     }
-}
-
-/// The protocol of endpoint map `name` (`endpoints-PROTO-BUCKET`).
-pub fn endpoint_map_protocol(name: &str) -> Option<&str> {
-    Some(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.0)
-}
-
-/// The bucket of endpoint map `name` (`endpoints-PROTO-BUCKET`, in hex).
-fn endpoint_map_bucket(name: &str) -> Option<u32> {
-    u32::from_str_radix(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.1, 16).ok()
 }
 
 /// Takes the fragments a sync renders, one Service and family at a time (see

@@ -655,6 +655,16 @@ fn endpoint_map_name(proto: &str, bucket: u32) -> String {
     format!("{ENDPOINT_MAP_PREFIX}{proto}-{bucket:02x}")
 }
 
+/// The protocol of endpoint map `name` (`endpoints-PROTO-BUCKET`).
+pub fn endpoint_map_protocol(name: &str) -> Option<&str> {
+    Some(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.0)
+}
+
+/// The bucket of endpoint map `name` (`endpoints-PROTO-BUCKET`, the bucket in hex).
+pub fn endpoint_map_bucket(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.1, 16).ok()
+}
+
 fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceModel, family: Family) {
     let fam = addr_kw(family);
     let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();

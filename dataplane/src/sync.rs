@@ -23,9 +23,7 @@ use crate::adopt::{
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
-use crate::diff::{
-    FragmentSink, Frame, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise, endpoint_map_protocol,
-};
+use crate::diff::{FragmentSink, Frame, FullSync, SPLIT_BATCH_BYTES, Stale, StepWriter, Stepwise};
 use crate::health::HealthState;
 use crate::inputs::Change;
 use crate::model::{Family, Protocol, ServiceKey, ServiceModel};
@@ -34,8 +32,8 @@ use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
     Chain, Collection, ENDPOINT_MAP_BUCKETS, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource,
-    SlotTable, TABLE, Table, family_name, first_endpoint_bucket, render_fragment, render_with_slots, write_chain_decl,
-    write_elements, write_rules,
+    SlotTable, TABLE, Table, endpoint_map_protocol, family_name, first_endpoint_bucket, render_fragment,
+    render_with_slots, write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];

@@ -681,3 +681,31 @@ fn many_changed_services_are_built_whole_and_in_order() {
     let warned: BTreeSet<String> = warnings.iter().map(|w| w.service.to_string()).collect();
     assert_eq!(warned, BTreeSet::from(["ns/s0999".to_string(), "ns/s1999".to_string(), "ns/s2999".to_string()]));
 }
+
+/// A full sync into a node with no Services goes in order of `first_endpoint_bucket`, and
+/// writes a map's elements once it has moved past the map's bucket: that bucket is the
+/// lowest of the endpoint maps the Service's rules refer to, and each map's name gives back
+/// its protocol and bucket.
+#[test]
+fn a_services_first_endpoint_bucket_is_the_lowest_map_its_rules_use() {
+    use hawser_dataplane::render::{endpoint_map_bucket, endpoint_map_protocol, first_endpoint_bucket};
+    let eps = [Ep::ready("10.0.0.1", "n"), Ep::ready("10.0.0.2", "n")];
+    for i in 0..64 {
+        let name: &'static str = Box::leak(format!("svc-{i}").into_boxed_str());
+        let mut s = Svc::new("ns", name);
+        s.ports = vec![("http", "TCP", 80, Some(30080)), ("dns", "UDP", 53, Some(30053))];
+        let m = model(&[s.build()], &[slice("ns", name, "s1", &[("http", "TCP", 8080), ("dns", "UDP", 5353)], &eps)]);
+        let r = rules(&m);
+        let maps: Vec<(String, u32)> = r.tables[&Family::V4]
+            .collections
+            .keys()
+            .filter_map(|n| Some((endpoint_map_protocol(n)?.to_string(), endpoint_map_bucket(n)?)))
+            .collect();
+        assert_eq!(maps.iter().map(|(p, _)| p.as_str()).collect::<BTreeSet<_>>(), BTreeSet::from(["tcp", "udp"]));
+        let used =
+            r.tables[&Family::V4].chains.values().flat_map(|c| &c.rules).filter(|r| r.contains("map @endpoints-"));
+        assert_eq!(used.count(), 2, "{r:?}");
+        let svc = &m.services[&ServiceKey::new("ns", name)];
+        assert_eq!(first_endpoint_bucket(svc), maps.iter().map(|(_, b)| *b).min().unwrap(), "{maps:?}");
+    }
+}
