@@ -170,13 +170,13 @@ impl<R: NftRunner> Syncer<R> {
         changes: impl IntoIterator<Item = Change>,
         health: &HealthState,
     ) -> Result<SyncReport, NftError> {
-        let mut changes = changes.into_iter();
+        let mut changes = Some(changes.into_iter());
         let synced = self.sync_changes(&mut changes, health);
         if synced.is_err() {
             // What a failed sync did not take in is recorded all the same, for the full resync
             // that follows to program.
             self.full_next = true;
-            for (key, model) in changes {
+            for (key, model) in changes.into_iter().flatten() {
                 if self.models.get(&key) != model.as_ref() {
                     self.update(&key, model, None, None);
                 }
@@ -185,9 +185,11 @@ impl<R: NftRunner> Syncer<R> {
         synced
     }
 
+    /// [`Syncer::sync`]: `changes` is taken (and with it what holds them dropped, so that a
+    /// full resync does not keep it while it renders) once it is consumed.
     fn sync_changes(
         &mut self,
-        changes: &mut impl Iterator<Item = Change>,
+        changes: &mut Option<impl Iterator<Item = Change>>,
         health: &HealthState,
     ) -> Result<SyncReport, NftError> {
         let started = Instant::now();
@@ -240,7 +242,7 @@ impl<R: NftRunner> Syncer<R> {
         self.asked = live.is_ok().then(HashSet::new);
         let mut deltas: BTreeMap<Family, Delta> = BTreeMap::new();
         let mut changed = Vec::new();
-        for (key, model) in changes {
+        for (key, model) in changes.take().into_iter().flatten() {
             if self.models.get(&key) == model.as_ref() {
                 continue;
             }
@@ -455,7 +457,7 @@ impl<R: NftRunner> Syncer<R> {
     /// `frame` when [`Syncer::prepare`] wrote it, else over one written first.
     fn sync_stepwise(
         &mut self,
-        changes: &mut impl Iterator<Item = Change>,
+        changes: &mut Option<impl Iterator<Item = Change>>,
         health: &HealthState,
         writer: &dyn StepWriter,
         frame: Option<Frame>,
@@ -470,7 +472,7 @@ impl<R: NftRunner> Syncer<R> {
         // Services go map by map, in order of the first endpoint map their ports use: the maps
         // all of whose rules are written get their elements while the rest render, so the
         // kernel does not wait for the renderer.
-        let mut changes: Vec<Change> = changes.collect();
+        let mut changes: Vec<Change> = changes.take().into_iter().flatten().collect();
         let ordered = self.models.is_empty();
         if ordered {
             changes.sort_by_cached_key(|(_, model)| model.as_ref().map_or(ENDPOINT_MAP_BUCKETS, first_endpoint_bucket));
