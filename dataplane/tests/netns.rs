@@ -809,11 +809,6 @@ struct SabotageFrame {
     armed: Arc<AtomicBool>,
 }
 
-struct RefusedFrame {
-    inner: Box<dyn hawser_dataplane::diff::StepWriter>,
-    armed: Arc<AtomicBool>,
-}
-
 impl NftRunner for SabotageFrame {
     fn run(&self, script: &str) -> Result<(), NftError> {
         self.inner.run(script)
@@ -821,35 +816,14 @@ impl NftRunner for SabotageFrame {
 
     fn stepwise(&self) -> Result<Option<Box<dyn hawser_dataplane::diff::StepWriter>>, NftError> {
         let armed = self.armed.clone();
-        Ok(self
-            .inner
-            .stepwise()?
-            .map(|inner| Box::new(RefusedFrame { inner, armed }) as Box<dyn hawser_dataplane::diff::StepWriter>))
+        Ok(self.inner.stepwise()?.map(|inner| {
+            Box::new(CountedSteps { inner, batches: 0.into(), refuse: 0, refuse_scripts: armed })
+                as Box<dyn hawser_dataplane::diff::StepWriter>
+        }))
     }
 
     fn netlink(&self) -> Option<Arc<hawser_dataplane::netlink::Netlink>> {
         self.inner.netlink()
-    }
-}
-
-impl hawser_dataplane::diff::StepWriter for RefusedFrame {
-    fn script(&self, script: &str) -> Result<(), NftError> {
-        if self.armed.load(Ordering::SeqCst) {
-            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
-        }
-        self.inner.script(script)
-    }
-
-    fn batch(&self, batch: &hawser_dataplane::netlink::Batch) -> Result<(), NftError> {
-        self.inner.batch(batch)
-    }
-
-    fn declaration(
-        &self,
-        family: hawser_dataplane::model::Family,
-        name: &str,
-    ) -> Result<Option<hawser_dataplane::netlink::Attrs>, NftError> {
-        self.inner.declaration(family, name)
     }
 }
 
@@ -913,15 +887,20 @@ fn skeleton_of(ruleset: &hawser_dataplane::render::Ruleset) -> hawser_dataplane:
     skeleton
 }
 
-/// The netlink steps of a full sync written in steps, counted; the `refuse`th is refused.
+/// The steps of a full sync written in steps: the netlink ones counted, the `refuse`th of
+/// them refused, and every nft one while `refuse_scripts` holds.
 struct CountedSteps {
-    inner: hawser_dataplane::nft::Steps,
+    inner: Box<dyn hawser_dataplane::diff::StepWriter>,
     batches: std::sync::atomic::AtomicUsize,
     refuse: usize,
+    refuse_scripts: Arc<AtomicBool>,
 }
 
 impl hawser_dataplane::diff::StepWriter for CountedSteps {
     fn script(&self, script: &str) -> Result<(), NftError> {
+        if self.refuse_scripts.load(Ordering::SeqCst) {
+            return Err(NftError::Rejected { status: "test".into(), stderr: "refused by the test".into() });
+        }
         self.inner.script(script)
     }
 
@@ -978,9 +957,10 @@ fn stepwise_full_sync_survives_unknown_chains_and_a_refused_batch() {
     let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
     let netlink = Arc::new(common::lab::in_netns(&lab.node, Netlink::open).unwrap());
     let counted = |refuse| CountedSteps {
-        inner: Steps::new(nft.clone(), netlink.clone()),
+        inner: Box::new(Steps::new(nft.clone(), netlink.clone())),
         batches: std::sync::atomic::AtomicUsize::new(0),
         refuse,
+        refuse_scripts: Arc::new(AtomicBool::new(false)),
     };
     // Small batches, so that there are several, and the third is refused.
     let refusing = counted(3);
