@@ -348,7 +348,7 @@ impl Batch {
         }
     }
 
-    /// Deletes the elements with these keys (as [`Netlink::dump_elements`] returns them) from
+    /// Deletes the elements with these keys (as [`Netlink::each_element`] gives them) from
     /// set or map `set`.
     pub fn delete_raw_elements<'a>(&mut self, family: Family, set: &str, keys: impl Iterator<Item = &'a [u8]>) {
         let keys: Vec<&[u8]> = keys.collect();
@@ -1278,16 +1278,15 @@ impl Netlink {
         }
     }
 
-    /// Every element of set or map `set` of our `family` table: key and data (empty for a
-    /// set), as the kernel lays them out in registers.
-    pub fn dump_elements(&self, family: Family, set: &str) -> Result<Vec<RawElement>, NftError> {
-        let mut elements = Vec::new();
+    /// Calls `each` with the key and data (empty for a set) of every element of set or map
+    /// `set` of our `family` table, as the kernel lays them out in registers; nothing is
+    /// copied.
+    pub fn each_element(&self, family: Family, set: &str, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), NftError> {
         self.list_elements_with(family, TABLE, set, |elem| {
             if let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) {
-                elements.push((key.to_vec(), nested_value(elem, NFTA_SET_ELEM_DATA).unwrap_or_default().to_vec()));
+                each(key, nested_value(elem, NFTA_SET_ELEM_DATA).unwrap_or_default());
             }
-        })?;
-        Ok(elements)
+        })
     }
 
     /// Every element of set or map `set` of table `table` as the kernel lists it: its
@@ -1488,9 +1487,6 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
 fn error_code(body: &[u8]) -> i32 {
     body.get(..4).map_or(0, |c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
 }
-
-/// A set or map element as the kernel lists it: key and data (empty for a set).
-pub type RawElement = (Vec<u8>, Vec<u8>);
 
 /// The attributes in `buf`: type (without the nested and byte-order flags) and payload.
 fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {

@@ -198,17 +198,16 @@ impl NftCommand {
         if let Some(netlink) = &self.netlink {
             let mut batch = Batch::new();
             for map in AFFINITY_MAPS.map(|m| m.name) {
-                let elements = netlink.dump_elements(family, map)?;
-                listed = listed.max(elements.len());
-                let keys: Vec<&[u8]> = elements
-                    .iter()
-                    .filter_map(|(key, data)| {
-                        let entry = AffinityEntry::from_registers(family, key, data)?;
-                        stale(map, &entry).then_some(key.as_slice())
-                    })
-                    .collect();
+                let (mut count, mut keys) = (0, Vec::new());
+                netlink.each_element(family, map, |key, data| {
+                    count += 1;
+                    if AffinityEntry::from_registers(family, key, data).is_some_and(|entry| stale(map, &entry)) {
+                        keys.push(key.to_vec());
+                    }
+                })?;
+                listed = listed.max(count);
                 purged += keys.len();
-                batch.delete_raw_elements(family, map, keys.into_iter());
+                batch.delete_raw_elements(family, map, keys.iter().map(Vec::as_slice));
             }
             netlink.commit(&batch)?;
             return Ok((purged, listed));
