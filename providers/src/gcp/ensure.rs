@@ -88,6 +88,11 @@ impl GcpProvider {
                 self.remove_elsewhere(&plan, id, family).await?;
                 self.release_own_address(id, family).await?;
             }
+        } else {
+            // And one out of any group keeps no part on a group's address, now that its own
+            // serves it: the operator leaves the group the Service's status names, but a join
+            // cut short before the status named it leaves rules only the cloud remembers.
+            self.leave_remembered_groups(&plan, id).await?;
         }
 
         let mut ports = Vec::new();
@@ -426,6 +431,32 @@ impl GcpProvider {
 
     /// Removes the Service's forwarding rules and firewall of `family` in the other place: its
     /// own address when it is a group member, its group's when it is not.
+    /// Deletes the member rules and firewalls a Service that is in no group still has on a
+    /// group's address, then releases that address if no other member uses it.
+    async fn leave_remembered_groups(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
+        let c = &self.compute;
+        let mut groups = BTreeSet::new();
+        for &family in FAMILIES {
+            let (rules, firewall) = plan.elsewhere(family);
+            for name in rules {
+                if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
+                    && owned_by_service(f.description.as_deref(), id)
+                {
+                    groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
+                    self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
+                }
+            }
+            self.delete_owned_firewall(id, &firewall).await?;
+        }
+        for group in &groups {
+            info!(%group, "took the rules of a join that was cut short off the load-balancer group's address");
+            for &family in FAMILIES {
+                self.release_group_address(group, family).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn remove_elsewhere(&self, plan: &Plan, id: &ServiceIdentity, family: IpFamily) -> Result<(), ProviderError> {
         let (rules, firewall) = plan.elsewhere(family);
         self.delete_forwarding_rules(id, rules).await?;

@@ -412,6 +412,30 @@ impl GcpProvider {
             for change in own.changes {
                 out.push(change.because(format!("the Service moves into load-balancer group {group}")));
             }
+        } else {
+            // Parts a Service out of any group still has on a group's address.
+            let mut groups = BTreeSet::new();
+            let mut left = ChangePlan::default();
+            for &family in FAMILIES {
+                let (rules, firewall) = plan.elsewhere(family);
+                for name in rules {
+                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
+                        && owned_by_service(f.description.as_deref(), id)
+                    {
+                        groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
+                        left.push(Change::new(Action::Delete, "forwarding rule", name));
+                    }
+                }
+                self.plan_owned_deletion(id, "firewall", &firewall, &mut left).await?;
+            }
+            for change in left.changes {
+                out.push(change.because("the Service is in no load-balancer group".to_owned()));
+            }
+            for group in &groups {
+                for &family in FAMILIES {
+                    self.plan_group_address_release(id, group, family, &mut out).await?;
+                }
+            }
         }
         Ok(out)
     }

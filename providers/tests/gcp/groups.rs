@@ -149,23 +149,37 @@ async fn moving_into_and_out_of_a_group_keeps_an_address_throughout() {
     assert!(rules_on(&fake, &own_ip.to_string()).is_empty());
     assert_settled(&p, &web).await;
 
-    // Out: an address of its own first (a new IP); its rule leaves the group when told.
+    // Out: an address of its own first (a new IP), then its rule leaves the group's, in the
+    // same ensure: the cloud remembers the group even where the operator cannot (a join cut
+    // short before the Service's status named the group).
     web.group = None;
+    let plan = p.plan(&web).await.unwrap();
+    assert!(has(&plan, Action::Delete, "forwarding rule", "-g-tcp"), "{plan}");
+    fake.clear_mutations();
     let out = p.ensure(&web).await.unwrap().ingress[0].ip.unwrap();
     assert_ne!(out, group_ip);
-    assert_eq!(rules_on(&fake, &group_ip.to_string()).len(), 2, "kept until it leaves");
-    p.leave_group(&web.identity, "shop/edge").await.unwrap();
+    let m = fake.mutations();
+    let created = m.iter().position(|x| x.starts_with("POST") && x.ends_with("forwardingRules")).expect("a rule made");
+    let left = m.iter().position(|x| x.starts_with("DELETE") && x.contains("-g-tcp")).expect("the group's rule gone");
+    assert!(created < left, "its own address serves before it leaves the group's: {m:?}");
     assert_eq!(rules_on(&fake, &group_ip.to_string()).len(), 1, "only api's");
+    fake.clear_mutations();
+    p.leave_group(&web.identity, "shop/edge").await.unwrap();
+    let m = fake.mutations();
+    assert!(m.iter().all(|x| x.contains("/addresses/hawser-g-")), "the operator's leave finds no part left: {m:?}");
+    assert_eq!(rules_on(&fake, &group_ip.to_string()).len(), 1, "api's rule keeps the group's address");
     assert_settled(&p, &web).await;
     assert_settled(&p, &api).await;
 
-    // The last member leaving releases the group's address.
+    // The last member leaving releases the group's address, and the plan says so.
     let mut alone = api.clone();
     alone.group = None;
+    let plan = p.plan(&alone).await.unwrap();
+    assert!(has(&plan, Action::Delete, "address", "hawser-g-"), "{plan}");
     p.ensure(&alone).await.unwrap();
-    p.leave_group(&alone.identity, "shop/edge").await.unwrap();
     let left: Vec<String> = fake.list(ADDRESSES).into_keys().collect();
     assert!(left.iter().all(|n| !n.starts_with("hawser-g-")), "{left:?}");
+    assert_settled(&p, &alone).await;
     for id in [&web.identity, &api.identity] {
         p.delete(id).await.unwrap();
     }
