@@ -27,16 +27,18 @@ impl GcpProvider {
         &self,
         id: &ServiceIdentity,
         rules: impl IntoIterator<Item = String>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<BTreeSet<String>, ProviderError> {
         let c = &self.compute;
+        let mut groups = BTreeSet::new();
         for name in rules {
             if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
                 && owned_by_service(f.description.as_deref(), id)
             {
+                groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
                 self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
             }
         }
-        Ok(())
+        Ok(groups)
     }
 
     pub(super) async fn delete_inner(&self, id: &ServiceIdentity) -> Result<(), ProviderError> {

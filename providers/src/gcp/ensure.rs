@@ -429,27 +429,15 @@ impl GcpProvider {
         Ok(())
     }
 
-    /// Removes the Service's forwarding rules and firewall of `family` in the other place: its
-    /// own address when it is a group member, its group's when it is not.
     /// Deletes the member rules and firewalls a Service that is in no group still has on a
     /// group's address, then releases that address if no other member uses it.
     async fn leave_remembered_groups(&self, plan: &Plan, id: &ServiceIdentity) -> Result<(), ProviderError> {
-        let c = &self.compute;
         let mut groups = BTreeSet::new();
         for &family in FAMILIES {
-            let (rules, firewall) = plan.elsewhere(family);
-            for name in rules {
-                if let Some(f) = c.get_forwarding_rule(&name).await.map_err(ApiFailure::into_error)?
-                    && owned_by_service(f.description.as_deref(), id)
-                {
-                    groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
-                    self.delete_ignoring_absent(c.delete_forwarding_rule(&name).await)?;
-                }
-            }
-            self.delete_owned_firewall(id, &firewall).await?;
+            groups.extend(self.remove_elsewhere(plan, id, family).await?);
         }
         for group in &groups {
-            info!(%group, "took the rules of a join that was cut short off the load-balancer group's address");
+            info!(%group, "took the Service's rules off the load-balancer group's address");
             for &family in FAMILIES {
                 self.release_group_address(group, family).await?;
             }
@@ -457,10 +445,19 @@ impl GcpProvider {
         Ok(())
     }
 
-    async fn remove_elsewhere(&self, plan: &Plan, id: &ServiceIdentity, family: IpFamily) -> Result<(), ProviderError> {
+    /// Removes the Service's forwarding rules and firewall of `family` in the other place (its
+    /// own address when it is a group member, its group's when it is not); returns the groups
+    /// the removed rules named.
+    async fn remove_elsewhere(
+        &self,
+        plan: &Plan,
+        id: &ServiceIdentity,
+        family: IpFamily,
+    ) -> Result<BTreeSet<String>, ProviderError> {
         let (rules, firewall) = plan.elsewhere(family);
-        self.delete_forwarding_rules(id, rules).await?;
-        self.delete_owned_firewall(id, &firewall).await
+        let groups = self.delete_forwarding_rules(id, rules).await?;
+        self.delete_owned_firewall(id, &firewall).await?;
+        Ok(groups)
     }
 
     async fn ensure_firewall(&self, plan: &Plan, id: &ServiceIdentity, ip: IpAddr) -> Result<(), ProviderError> {

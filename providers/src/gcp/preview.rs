@@ -393,44 +393,34 @@ impl GcpProvider {
         for frontend in plan.frontends.iter().filter(|f| f.requested_ip.is_some()) {
             self.plan_address_release(&plan, frontend.family, &mut out).await?;
         }
-        // A Service moving into its group: its own rules, firewalls and address go once the
-        // group's address serves it.
-        if let Some(group) = plan.group_key() {
-            let mut own = ChangePlan::default();
-            for &family in FAMILIES {
-                let (rules, firewall) = plan.elsewhere(family);
-                for name in rules {
-                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
-                        && owned_by_service(f.description.as_deref(), id)
-                    {
-                        own.push(Change::new(Action::Delete, "forwarding rule", name));
-                    }
+        // What the Service has in the other place goes once this plan serves it: moving into
+        // its group, its own rules, firewalls and address; in no group, its parts on a group's
+        // address (that address too, when no other member uses it).
+        let mut elsewhere = ChangePlan::default();
+        let mut groups = BTreeSet::new();
+        for &family in FAMILIES {
+            let (rules, firewall) = plan.elsewhere(family);
+            for name in rules {
+                if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
+                    && owned_by_service(f.description.as_deref(), id)
+                {
+                    groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
+                    elsewhere.push(Change::new(Action::Delete, "forwarding rule", name));
                 }
-                self.plan_owned_deletion(id, "firewall", &firewall, &mut own).await?;
-                self.plan_owned_deletion(id, "address", &plan.names.address_of(family), &mut own).await?;
             }
-            for change in own.changes {
-                out.push(change.because(format!("the Service moves into load-balancer group {group}")));
+            self.plan_owned_deletion(id, "firewall", &firewall, &mut elsewhere).await?;
+            if plan.group.is_some() {
+                self.plan_owned_deletion(id, "address", &plan.names.address_of(family), &mut elsewhere).await?;
             }
-        } else {
-            // Parts a Service out of any group still has on a group's address.
-            let mut groups = BTreeSet::new();
-            let mut left = ChangePlan::default();
-            for &family in FAMILIES {
-                let (rules, firewall) = plan.elsewhere(family);
-                for name in rules {
-                    if let Some(f) = c.get_forwarding_rule(&name).await.map_err(get)?
-                        && owned_by_service(f.description.as_deref(), id)
-                    {
-                        groups.extend(Ownership::from_description(f.description.as_deref()).and_then(|o| o.group));
-                        left.push(Change::new(Action::Delete, "forwarding rule", name));
-                    }
-                }
-                self.plan_owned_deletion(id, "firewall", &firewall, &mut left).await?;
-            }
-            for change in left.changes {
-                out.push(change.because("the Service is in no load-balancer group".to_owned()));
-            }
+        }
+        let reason = match plan.group_key() {
+            Some(group) => format!("the Service moves into load-balancer group {group}"),
+            None => "the Service is in no load-balancer group".to_owned(),
+        };
+        for change in elsewhere.changes {
+            out.push(change.because(reason.clone()));
+        }
+        if plan.group.is_none() {
             for group in &groups {
                 for &family in FAMILIES {
                     self.plan_group_address_release(id, group, family, &mut out).await?;
