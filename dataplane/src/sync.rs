@@ -194,6 +194,10 @@ impl<R: NftRunner> Syncer<R> {
     ) -> Result<SyncReport, NftError> {
         let started = Instant::now();
         let full = self.full_next;
+        // Over the frame written ahead there is nothing to list: the kernel holds only it.
+        if full && let Some((frame, writer)) = self.prepared.take() {
+            return self.sync_stepwise(changes, health, writer.as_ref(), Some(frame), started);
+        }
         // A full resync over tables that exist (an agent restarted over the tables it left,
         // the periodic resync, the repair after a failure) adopts them: the slots their rules
         // use are taken over where free, and only what differs is written.
@@ -207,9 +211,6 @@ impl<R: NftRunner> Syncer<R> {
             (true, None) => self.list_live(),
         }
         .map(Arc::new);
-        if full && let Some((frame, writer)) = self.prepared.take() {
-            return self.sync_stepwise(changes, health, writer.as_ref(), Some(frame), started);
-        }
         if live.as_ref().is_err_and(Option::is_none)
             && full
             && let Some(writer) = self.runner.stepwise()?
