@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::names::{CONDITION_TYPE, CONTROLLER_NAME, FINALIZER};
 use crate::nodes::NodePolicy;
 use crate::retry::RetryPolicy;
-use crate::status::{DesiredCondition, StatusChange, ingress_of, status_patch};
+use crate::status::{DesiredCondition, GroupRecord, StatusChange, ingress_of, patched, status_patch};
 
 /// Settings of the reconciler.
 #[derive(Debug, Clone)]
@@ -65,6 +65,9 @@ pub struct Ensured {
 struct EnsuredBook {
     by_uid: HashMap<String, Ensured>,
     per_lb: HashMap<String, usize>,
+    /// Services whose cloud may have moved off their record: a change began after it and did
+    /// not finish, so even their recorded spec must be ensured again.
+    unsettled: std::collections::HashSet<String>,
 }
 
 impl EnsuredBook {
@@ -72,7 +75,20 @@ impl EnsuredBook {
         self.by_uid.get(uid)
     }
 
+    /// The record of `uid`, if the cloud is known to match it.
+    fn settled(&self, uid: &str) -> Option<&Ensured> {
+        self.by_uid.get(uid).filter(|_| !self.unsettled.contains(uid))
+    }
+
+    /// A change of `uid`'s load balancer begins.
+    fn unsettle(&mut self, uid: &str) {
+        if self.by_uid.contains_key(uid) {
+            self.unsettled.insert(uid.to_owned());
+        }
+    }
+
     fn insert(&mut self, uid: String, record: Ensured) {
+        self.unsettled.remove(&uid);
         *self.per_lb.entry(record.status.id.clone()).or_default() += 1;
         if let Some(old) = self.by_uid.insert(uid, record) {
             self.release(&old.status.id);
@@ -80,6 +96,7 @@ impl EnsuredBook {
     }
 
     fn remove(&mut self, uid: &str) -> Option<Ensured> {
+        self.unsettled.remove(uid);
         let old = self.by_uid.remove(uid)?;
         self.release(&old.status.id);
         Some(old)
@@ -360,17 +377,37 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         return refused(svc, &spec, group, conflict, ctx, api).await;
     }
     let digest = spec_digest(&spec);
-    let previous = ctx.ensured().get(&uid).cloned();
-    if let Some(done) = previous.as_ref().filter(|p| p.spec_digest == digest) {
-        // Nothing the cloud must know changed since the last ensure, and the drift check has not
-        // found the cloud changed behind our back: at most the Service's status needs repair.
+    let (previous, settled) = {
+        let book = ctx.ensured();
+        (book.get(&uid).cloned(), book.settled(&uid).is_some())
+    };
+    if let Some(done) = previous.as_ref().filter(|p| settled && p.spec_digest == digest) {
+        // Nothing the cloud must know changed since the last ensure, no change begun since was
+        // cut short, and the drift check has not found the cloud changed behind our back: at most
+        // the Service's status needs repair.
         write_status(svc, ctx, api, ready_change(&done.status, group.as_deref())).await?;
         ctx.retry.on_success(&key(svc));
         return Ok(Action::await_change());
     }
     let changed = match &previous {
-        Some(previous) => previous.spec_digest != digest,
+        Some(previous) => previous.spec_digest != digest || !settled,
         None => !condition_is_true(svc),
+    };
+    // Every group whose load balancer may hold parts of this Service once the ensure is under
+    // way: the ones recorded, the one it served in, and the one it joins. The record is written
+    // before the first cloud write of a join, so that however the operator is stopped, the
+    // groups it must leave are known: from memory, or else from the status.
+    let recorded = GroupRecord::of(svc.status.as_ref());
+    let mut holding = recorded.clone();
+    let before = previous.as_ref().and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
+    holding.extend(before.iter().chain(&group).cloned());
+    let written;
+    let svc = if holding == recorded {
+        svc
+    } else {
+        let change = StatusChange { groups: Some(GroupRecord::changing(holding.clone())), ..StatusChange::default() };
+        written = write_status(svc, ctx, api, change).await?;
+        written.as_ref().unwrap_or(svc)
     };
     if changed {
         let note = format!(
@@ -380,23 +417,26 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
         );
         publish(ctx, svc, EventType::Normal, "EnsuringLoadBalancer", "Ensure", note).await;
     }
+    // Until this ensure and its leaves succeed, the cloud may be anywhere between the record and
+    // the new spec: going back to the recorded spec must ensure again.
+    ctx.ensured().unsettle(&uid);
     match ctx.provider.ensure(&spec).await {
         Ok(status) => {
-            // A Service that left its group (or moved to another) is served by its new load
-            // balancer now: its part of the old group's goes. Until that succeeds, its Ready
-            // condition keeps naming the old group, so a restarted operator still knows.
-            let before = previous.as_ref().and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
-            if let Some(left) = before.as_deref().filter(|b| group.as_deref() != Some(*b)) {
+            // A Service that left its group (or moved to another, or whose join was cut short
+            // before the group was taken off it) is served by its new load balancer now: its part
+            // of the other groups' goes. Until that succeeds, the status keeps naming them.
+            let left: Vec<String> = holding.iter().filter(|g| Some(*g) != group.as_ref()).cloned().collect();
+            for old in &left {
                 // One change at a time on the old group's load balancer too (a member joining it
                 // must not see its address released under it). A Service moving from one group
                 // to another holds its new group's lock already and takes no second one, so
                 // that two moving the other way cannot wait on each other.
-                let lock = group.is_none().then(|| ctx.group_lock(left));
+                let lock = group.is_none().then(|| ctx.group_lock(old));
                 let _left_guard = match &lock {
                     Some(lock) => Some(lock.lock().await),
                     None => None,
                 };
-                ctx.provider.leave_group(&spec.identity, left).await?;
+                ctx.provider.leave_group(&spec.identity, old).await?;
             }
             let change = ready_change(&status, group.as_deref());
             write_status(svc, ctx, api, change).await?;
@@ -405,7 +445,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 publish(ctx, svc, EventType::Normal, "EnsuredLoadBalancer", "Ensure", message).await;
                 info!(load_balancer = %status.id, "load balancer ensured");
             }
-            announce_group_move(svc, ctx, before.as_deref(), group.as_deref()).await;
+            announce_group_move(svc, ctx, before.as_deref(), &left, group.as_deref()).await;
             // Only a change of group or of ports can let a waiting member in; a change of nodes,
             // which every member sees at once, cannot.
             let ports = |s: &LoadBalancerStatus| s.ingress.first().map(|i| i.ports.clone()).unwrap_or_default();
@@ -423,8 +463,8 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             ctx.retry.on_success(&key(svc));
             // The other members may have been waiting for a port this one gave up, or for the
             // group this one left.
-            if moved {
-                for g in [before, group].into_iter().flatten() {
+            if moved || !left.is_empty() {
+                for g in left.into_iter().chain(group) {
                     ctx.wake_group(&g, &uid);
                 }
             }
@@ -452,8 +492,8 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 ctx,
                 api,
                 StatusChange {
-                    ingress: None,
                     condition: Some(Some(DesiredCondition::not_ready(reason, e.to_string()))),
+                    ..StatusChange::default()
                 },
             )
             .await?;
@@ -511,13 +551,19 @@ async fn refused(
         ctx.ensured().remove(&spec.identity.uid);
         ctx.set_managed();
     }
-    let condition = DesiredCondition::not_ready("GroupConflict", message);
-    write_status(svc, ctx, api, StatusChange { ingress: Some(Vec::new()), condition: Some(Some(condition)) }).await?;
+    // Withdrawn, it holds no part of any group's load balancer.
+    let change = StatusChange {
+        ingress: Some(Vec::new()),
+        condition: Some(Some(DesiredCondition::not_ready("GroupConflict", message))),
+        groups: (!already).then(GroupRecord::default),
+    };
+    write_status(svc, ctx, api, change).await?;
     Err(Error::Invalid(vec![InvalidField::new(conflict.setting, conflict.message)]))
 }
 
-/// Tells the user when a Service joined or left a load-balancer group.
-async fn announce_group_move(svc: &Service, ctx: &Context, before: Option<&str>, now: Option<&str>) {
+/// Tells the user when a Service joined a load-balancer group (it served in `before`) or left
+/// some.
+async fn announce_group_move(svc: &Service, ctx: &Context, before: Option<&str>, left: &[String], now: Option<&str>) {
     if let Some(now) = now
         && before != Some(now)
         && !groups::is_serving_in(svc, now)
@@ -525,10 +571,8 @@ async fn announce_group_move(svc: &Service, ctx: &Context, before: Option<&str>,
         let note = format!("Joined load-balancer group {now}: the Service now shares its load balancer and address");
         publish(ctx, svc, EventType::Normal, "JoinedLoadBalancerGroup", "Ensure", note).await;
     }
-    if let Some(before) = before
-        && now != Some(before)
-    {
-        let note = format!("Left load-balancer group {before}");
+    for old in left {
+        let note = format!("Left load-balancer group {old}");
         publish(ctx, svc, EventType::Normal, "LeftLoadBalancerGroup", "Ensure", note).await;
     }
 }
@@ -552,7 +596,8 @@ async fn invalid(svc: &Service, ctx: &Context, api: &Api<Service>, fields: Vec<I
         publish(ctx, svc, EventType::Warning, "InvalidConfiguration", "Validate", message.clone()).await;
         warn!(problems = %message, "invalid load balancer configuration");
     }
-    write_status(svc, ctx, api, StatusChange { ingress: None, condition: Some(Some(condition)) }).await?;
+    let change = StatusChange { condition: Some(Some(condition)), ..StatusChange::default() };
+    write_status(svc, ctx, api, change).await?;
     Err(Error::Invalid(fields))
 }
 
@@ -579,14 +624,19 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
         uid: svc.uid().unwrap_or_default(),
     };
     publish(ctx, svc, EventType::Normal, "DeletingLoadBalancer", "Delete", "Deleting load balancer".to_owned()).await;
-    // A member leaves its group's load balancer under the group's lock, like every change to it.
-    let lock = group_of(svc).map(|g| ctx.group_lock(&format!("{}/{g}", identity.namespace)));
-    let guard = match &lock {
-        Some(lock) => Some(lock.lock().await),
-        None => None,
-    };
+    // A member leaves its group's load balancer under the group's lock, like every change to it:
+    // the locks of every group that may hold a part of it (the one it names, and the ones its
+    // record or memory name), taken in order so that two deletions never wait on each other.
+    let mut groups = GroupRecord::of(svc.status.as_ref());
+    groups.extend(group_of(svc).map(|g| format!("{}/{g}", identity.namespace)));
+    groups.extend(groups::serving_group(svc));
+    groups.extend(ctx.ensured().get(&identity.uid).and_then(|e| e.group.clone()));
+    let mut guards = Vec::with_capacity(groups.len());
+    for group in &groups {
+        guards.push(ctx.group_lock(group).lock_owned().await);
+    }
     let deleted = ctx.provider.delete(&identity).await;
-    drop(guard);
+    drop(guards);
     if let Err(e) = deleted {
         publish(ctx, svc, EventType::Warning, "SyncFailed", "Delete", format!("Error deleting load balancer: {e}"))
             .await;
@@ -600,7 +650,9 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
         ctx.wake_group(&group, &identity.uid);
     }
     ctx.retry.on_success(&key(svc));
-    write_status(svc, ctx, api, StatusChange { ingress: Some(Vec::new()), condition: Some(None) }).await?;
+    let change =
+        StatusChange { ingress: Some(Vec::new()), condition: Some(None), groups: Some(GroupRecord::default()) };
+    write_status(svc, ctx, api, change).await?;
     Ok(Action::await_change())
 }
 
@@ -612,11 +664,12 @@ fn ready_message(status: &LoadBalancerStatus, group: Option<&str>) -> String {
     format!("Load balancer {}{of_group}serves {}", status.id, addresses.join(", "))
 }
 
-/// The status a Service with this load balancer should show.
+/// The status a Service with this load balancer, in this group and no other, should show.
 fn ready_change(status: &LoadBalancerStatus, group: Option<&str>) -> StatusChange {
     StatusChange {
         ingress: Some(ingress_of(status)),
         condition: Some(Some(DesiredCondition::ready(ready_message(status, group)))),
+        groups: Some(GroupRecord::settled(group)),
     }
 }
 
@@ -627,15 +680,28 @@ fn condition_is_true(svc: &Service) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == CONDITION_TYPE && c.status == "True"))
 }
 
-async fn write_status(svc: &Service, ctx: &Context, api: &Api<Service>, change: StatusChange) -> Result<(), Error> {
+/// Writes what `change` asks that the Service's status lacks; returns the Service with its status
+/// as written, if anything was.
+async fn write_status(
+    svc: &Service,
+    ctx: &Context,
+    api: &Api<Service>,
+    change: StatusChange,
+) -> Result<Option<Service>, Error> {
     let Some(patch) = status_patch(svc.status.as_ref(), svc.metadata.generation, &change, (ctx.now)()) else {
-        return Ok(());
+        return Ok(None);
     };
     let params = PatchParams { field_manager: Some(CONTROLLER_NAME.to_owned()), ..PatchParams::default() };
-    match api.patch_status(&svc.name_any(), &params, &Patch::Strategic(patch)).await {
-        Ok(_) => Ok(()),
+    match api.patch_status(&svc.name_any(), &params, &Patch::Strategic(&patch)).await {
+        Ok(_) => {
+            // What this reconcile wrote, over what it read: not the reply, whose spec may be newer
+            // than the one reconciled.
+            let mut written = svc.clone();
+            written.status = Some(patched(svc.status.as_ref(), &patch));
+            Ok(Some(written))
+        }
         // The Service is gone: nothing left to report on.
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -208,6 +208,77 @@ async fn group_members_share_one_nlb_a_clash_is_refused_and_the_last_takes_it_aw
     w.server.stop().await;
 }
 
+/// The load-balancer groups a Service's status records, by the condition's reason.
+fn group_record(svc: &Service) -> Option<(String, String)> {
+    let conditions = svc.status.as_ref()?.conditions.as_ref()?;
+    let c = conditions.iter().find(|c| c.type_ == "hawser.dev/LoadBalancerGroup")?;
+    Some((c.reason.clone(), c.message.clone()))
+}
+
+/// The operator is killed after a join's cloud writes but before its status write, and the
+/// group is then taken off the Service: the next operator must still take its part off the
+/// group's NLB. AWS's ensure of a Service in no group does not look for such a part (that would
+/// list every target group in the account), so the group recorded before the join is all that
+/// tells it.
+#[tokio::test]
+async fn a_join_cut_short_then_taken_back_leaves_the_group() {
+    let Some(mut w) = start().await else { return };
+    let services: Api<Service> = Api::namespaced(w.client.clone(), "default");
+    services.create(&PostParams::default(), &member("web", 80)).await.unwrap();
+    let mut solo = member("solo", 8080);
+    solo.metadata.annotations = None;
+    services.create(&PostParams::default(), &solo).await.unwrap();
+    let shared =
+        wait_for("web on the group's NLB", || async { services.get("web").await.ok().as_ref().and_then(hostname) })
+            .await;
+    wait_for("solo on an NLB of its own", || async { services.get("solo").await.ok().as_ref().and_then(hostname) })
+        .await;
+
+    // solo joins, under an operator that cannot reach the cloud: what it writes before the
+    // join's first cloud write is what a kill at any later moment leaves in the status.
+    drop(w.op.take());
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let blind = operator(&unreachable, &w.world.vpc, w.server.kubeconfig_path());
+    let join = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": "edge"}}});
+    services.patch("solo", &PatchParams::default(), &Patch::Merge(&join)).await.unwrap();
+    let before_join = wait_for("the group recorded before any cloud write", || async {
+        let svc = services.get("solo").await.ok()?;
+        let (reason, message) = group_record(&svc)?;
+        (reason == "ChangingGroup" && message.ends_with(": default/edge")).then(|| svc.status.clone().unwrap())
+    })
+    .await;
+    drop(blind);
+
+    // The join's cloud writes happen...
+    let op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
+    wait_for("solo on the group's NLB", || async {
+        services.get("solo").await.ok().as_ref().and_then(hostname).filter(|h| *h == shared)
+    })
+    .await;
+    assert_eq!(group_ports(&w.aws).await, Some(vec![80, 8080]));
+    drop(op);
+    // ...but the operator is killed before the status says so, and the group is taken back.
+    let status = json!({"status": before_join});
+    services.patch_status("solo", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let leave = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": null}}});
+    services.patch("solo", &PatchParams::default(), &Patch::Merge(&leave)).await.unwrap();
+
+    let _op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
+    wait_for("solo's part gone from the group's NLB", || async {
+        (group_ports(&w.aws).await == Some(vec![80])).then_some(())
+    })
+    .await;
+    let own = wait_for("solo on an NLB of its own again, its record gone", || async {
+        let svc = services.get("solo").await.ok()?;
+        hostname(&svc).filter(|h| *h != shared && group_record(&svc).is_none())
+    })
+    .await;
+    assert_ne!(own, shared);
+    assert_eq!(aws_problems(&w.aws, &w.world.node_sg, &services).await, None);
+    assert_eq!(hostname(&services.get("web").await.unwrap()), Some(shared), "web keeps the group's address");
+    w.server.stop().await;
+}
+
 /// Where one Service is served on AWS: an NLB (its own, or its group's), its hostname, and the
 /// listener ports of the Service's part of it.
 #[derive(Debug)]

@@ -518,3 +518,113 @@ fn the_gauges_count_services_and_the_cloud_load_balancers_behind_them() {
     book.remove("c");
     assert!(book.per_lb.is_empty());
 }
+
+/// The group's record in a status patch: (reason, message), or `"deleted"`.
+fn group_record(body: &Value) -> Option<(String, String)> {
+    let conditions = body["status"]["conditions"].as_array()?;
+    let c = conditions.iter().find(|c| c["type"] == "hawser.dev/LoadBalancerGroup")?;
+    if c.get("$patch").is_some() {
+        return Some(("deleted".into(), String::new()));
+    }
+    Some((c["reason"].as_str()?.to_owned(), c["message"].as_str()?.to_owned()))
+}
+
+#[tokio::test]
+async fn a_join_records_its_group_before_any_cloud_write_so_a_restart_after_a_cut_short_join_leaves_it() {
+    let cloud = cloud();
+    let mut h = harness(cloud.clone());
+    let pre = Arc::new(std::sync::Mutex::new(Value::Null));
+    let (seen, c) = (pre.clone(), cloud.clone());
+    let script = vec![
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", move |body| {
+            let (reason, message) = group_record(body).expect("the group's record");
+            assert_eq!(reason, "ChangingGroup");
+            assert!(message.ends_with(": shop/edge"), "{message}");
+            assert!(body["status"].get("loadBalancer").is_none(), "only the record: {body}");
+            assert!(c.calls().iter().all(|call| !call.is_mutating()), "written before any cloud write");
+            *seen.lock().unwrap() = body.clone();
+        }),
+        event("EnsuringLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(
+                group_record(body),
+                Some(("Member".into(), "Shares the load balancer of load-balancer group: shop/edge".into()))
+            );
+            let ready = &body["status"]["conditions"][0];
+            assert_eq!(ready["type"], "hawser.dev/LoadBalancerReady");
+            assert!(ready["message"].as_str().unwrap().contains(" of group shop/edge "), "{body}");
+        }),
+        event("EnsuredLoadBalancer", "Normal"),
+        event("JoinedLoadBalancerGroup", "Normal"),
+    ];
+    let verifier = h.expect_all(script);
+    let member = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": "edge"}}});
+    h.reconcile(with_finalizer(member)).await.unwrap();
+    h.finish(verifier).await;
+    let groups =
+        |cloud: &MockCloud| -> Vec<Option<String>> { cloud.load_balancers().iter().map(|l| l.group.clone()).collect() };
+    assert_eq!(groups(&cloud), [Some("shop/edge".to_owned())]);
+
+    // The operator was killed after the join's cloud writes but before its status write, and the
+    // group was then taken off the Service: a new operator knows the group only from the record.
+    let mut h = harness(cloud.clone());
+    let status = crate::status::patched(None, &pre.lock().unwrap());
+    let script = vec![
+        event("EnsuringLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(group_record(body), Some(("deleted".into(), String::new())), "{body}");
+            let ready = &body["status"]["conditions"][0];
+            assert!(!ready["message"].as_str().unwrap().contains("group"), "{body}");
+        }),
+        event("EnsuredLoadBalancer", "Normal"),
+        expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", |body| {
+            assert_eq!(body["reason"], "LeftLoadBalancerGroup");
+            assert_eq!(body["note"], "Left load-balancer group shop/edge");
+        }),
+    ];
+    let verifier = h.expect_all(script);
+    h.reconcile(with_finalizer(json!({"status": status}))).await.unwrap();
+    h.finish(verifier).await;
+    assert_eq!(groups(&cloud), [None], "on its own load balancer only");
+}
+
+#[tokio::test]
+async fn a_change_cut_short_is_ensured_again_even_when_the_spec_goes_back() {
+    let cloud = cloud();
+    let mut h = harness(cloud.clone());
+    let written = Arc::new(std::sync::Mutex::new(Value::Null));
+    let mut script = first_ensure(written.clone());
+    script.extend([
+        event("EnsuringLoadBalancer", "Normal"),
+        event("SyncFailed", "Warning"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(body["status"]["conditions"][0]["reason"], "SyncFailed", "{body}");
+        }),
+        // The same Events as the first ensure's: counted up.
+        event_again(),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(body["status"]["conditions"][0]["reason"], "LoadBalancerReady", "{body}");
+        }),
+        event_again(),
+    ]);
+    let verifier = h.expect_all(script);
+    h.reconcile(with_finalizer(json!({}))).await.unwrap();
+    let ensured = written.lock().unwrap().clone();
+    let mut changed = ensured.clone();
+    merge(
+        &mut changed,
+        json!({"metadata": {"generation": 2}, "spec": {"ports": [
+            {"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "https", "port": 443, "protocol": "TCP", "nodePort": 30443}
+        ]}}),
+    );
+    cloud.lose_answers(1);
+    assert!(h.reconcile(with_finalizer(changed)).await.is_err());
+    assert_eq!(h.cloud.load_balancers()[0].listeners.len(), 2, "the cloud acted");
+    // Back to the spec ensured first: the cloud holds the other one, so it is ensured again.
+    let mut back = ensured;
+    merge(&mut back, json!({"metadata": {"generation": 3}}));
+    h.reconcile(with_finalizer(back)).await.unwrap();
+    assert_eq!(h.cloud.load_balancers()[0].listeners.len(), 1, "the listener added by the lost change is gone");
+    h.finish(verifier).await;
+}

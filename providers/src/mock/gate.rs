@@ -28,6 +28,8 @@ pub struct ApiGate {
     refilled_at: Instant,
     error_rate: f64,
     rng: SmallRng,
+    /// The answers of this many next writes are lost after the cloud acted.
+    lose_answers: u32,
 }
 
 impl ApiGate {
@@ -42,7 +44,14 @@ impl ApiGate {
             refilled_at: Instant::now(),
             error_rate,
             rng: SmallRng::seed_from_u64(seed),
+            lose_answers: 0,
         }
+    }
+
+    /// Loses the answers of the next `n` writes after the cloud acted on them: an operator killed
+    /// in the middle of a change, deterministically.
+    pub fn lose_answers(&mut self, n: u32) {
+        self.lose_answers = n;
     }
 
     /// Decides the fate of one call.
@@ -56,6 +65,10 @@ impl ApiGate {
                 return Admission::Throttle(Duration::from_secs_f64((1.0 - self.tokens) / rate));
             }
             self.tokens -= 1.0;
+        }
+        if mutating && self.lose_answers > 0 {
+            self.lose_answers -= 1;
+            return Admission::FailAfter;
         }
         if self.error_rate > 0.0 && self.rng.random::<f64>() < self.error_rate {
             // Half of the faults on a write happen after the write took effect: the nastiest case

@@ -204,6 +204,12 @@ impl MockCloud {
         self.lock().calls.iter().cloned().collect()
     }
 
+    /// Loses the answers of the next `n` writes after the cloud acted on them, as an operator
+    /// killed between a cloud write and its answer would.
+    pub fn lose_answers(&self, n: u32) {
+        self.lock().gate.lose_answers(n);
+    }
+
     /// The load balancers in the cloud.
     pub fn load_balancers(&self) -> Vec<MockLoadBalancer> {
         self.lock().state.load_balancers().values().cloned().collect()
