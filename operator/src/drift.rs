@@ -141,6 +141,7 @@ mod tests {
             id: format!("lb-{uid}"),
             fingerprint: fingerprint.map(str::to_owned),
             detached: false,
+            group: None,
         }
     }
 

@@ -23,55 +23,60 @@ use tracing::{debug, info, warn};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::reconcile::{has_finalizer, is_ours};
 
-/// One lock per Service UID: a reconcile holds its Service's while it runs, and the collector
-/// holds it while deleting a leftover of that Service. A leftover judged unused is then never
-/// deleted while an ensure is attaching it again. (AWS refuses to delete a target group a
-/// listener uses; moto does not, and with a one-second grace period the race showed there.)
+/// Locks by key, kept only while held or awaited.
+///
+/// Two registries exist. One per Service UID: a reconcile holds its Service's while it runs, and
+/// the collector holds it while deleting a leftover of that Service, so a leftover judged unused
+/// is never deleted while an ensure is attaching it again. (AWS refuses to delete a target group
+/// a listener uses; moto does not, and with a one-second grace period the race showed there.)
+/// One per load-balancer group (`namespace/name`): every change to a group's load balancer, by a
+/// member's reconcile or by the collector removing a vanished member's part, holds it, so that
+/// no member joins a load balancer another is deleting as its last member.
 #[derive(Debug, Default)]
-pub struct OwnerLocks {
+pub struct KeyedLocks {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// A held [`OwnerLocks`] lock; released on drop, and forgotten when nobody else wants it.
+/// A held [`KeyedLocks`] lock; released on drop, and forgotten when nobody else wants it.
 #[derive(Debug)]
-pub struct OwnerGuard {
-    locks: Arc<OwnerLocks>,
-    uid: String,
+pub struct KeyedGuard {
+    locks: Arc<KeyedLocks>,
+    key: String,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl OwnerLocks {
-    fn get(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+impl KeyedLocks {
+    fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.entry(uid.to_owned()).or_default().clone()
+        locks.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Waits for `uid`'s lock.
-    pub async fn lock(self: &Arc<Self>, uid: &str) -> OwnerGuard {
-        let guard = self.get(uid).lock_owned().await;
-        OwnerGuard { locks: self.clone(), uid: uid.to_owned(), guard: Some(guard) }
+    /// Waits for `key`'s lock.
+    pub async fn lock(self: &Arc<Self>, key: &str) -> KeyedGuard {
+        let guard = self.get(key).lock_owned().await;
+        KeyedGuard { locks: self.clone(), key: key.to_owned(), guard: Some(guard) }
     }
 
-    /// `uid`'s lock if nobody holds it.
-    pub fn try_lock(self: &Arc<Self>, uid: &str) -> Option<OwnerGuard> {
-        let guard = self.get(uid).try_lock_owned().ok();
-        let held = OwnerGuard { locks: self.clone(), uid: uid.to_owned(), guard };
+    /// `key`'s lock if nobody holds it.
+    pub fn try_lock(self: &Arc<Self>, key: &str) -> Option<KeyedGuard> {
+        let guard = self.get(key).try_lock_owned().ok();
+        let held = KeyedGuard { locks: self.clone(), key: key.to_owned(), guard };
         held.guard.is_some().then_some(held)
     }
 
     /// Whether no lock is held or awaited (none is kept for nothing).
     #[cfg(test)]
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.locks.lock().is_ok_and(|l| l.is_empty())
     }
 }
 
-impl Drop for OwnerGuard {
+impl Drop for KeyedGuard {
     fn drop(&mut self) {
         self.guard.take();
         let mut locks = self.locks.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if locks.get(&self.uid).is_some_and(|l| Arc::strong_count(l) == 1) {
-            locks.remove(&self.uid);
+        if locks.get(&self.key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(&self.key);
         }
     }
 }
@@ -198,7 +203,8 @@ pub async fn run(
     services: Store<Service>,
     settings: GcSettings,
     metrics: Arc<Metrics>,
-    owners: Arc<OwnerLocks>,
+    owners: Arc<KeyedLocks>,
+    groups: Arc<KeyedLocks>,
 ) {
     if settings.mode == GcMode::Off {
         return;
@@ -209,7 +215,7 @@ pub async fn run(
     }
     let mut collector = Collector::new(settings.grace);
     loop {
-        pass(provider.as_ref(), &services, &settings, &metrics, &mut collector, &owners).await;
+        pass(provider.as_ref(), &services, &settings, &metrics, &mut collector, &owners, &groups).await;
         tokio::time::sleep(settings.interval).await;
     }
 }
@@ -220,7 +226,8 @@ async fn pass(
     settings: &GcSettings,
     metrics: &Metrics,
     collector: &mut Collector,
-    locks: &Arc<OwnerLocks>,
+    locks: &Arc<KeyedLocks>,
+    groups: &Arc<KeyedLocks>,
 ) {
     let inventory = match provider.list_owned().await {
         Ok(inventory) => inventory,
@@ -251,9 +258,15 @@ async fn pass(
                     debug!(load_balancer = %lb.id, %service, "leftover of a Service being reconciled: next pass");
                     continue;
                 };
+                let _group = lock_group(groups, lb).await;
                 provider.delete_detached(lb).await
             }
-            Orphaned::ServiceGone | Orphaned::NotOurs => provider.delete(&lb.identity).await,
+            // A vanished member's part: with the last member's, the group's load balancer goes,
+            // which must not happen while another member joins it.
+            Orphaned::ServiceGone | Orphaned::NotOurs => {
+                let _group = lock_group(groups, lb).await;
+                provider.delete(&lb.identity).await
+            }
         };
         match deleted {
             Ok(()) => {
@@ -264,6 +277,14 @@ async fn pass(
                 warn!(load_balancer = %lb.id, %service, error = %e, "could not delete orphaned load balancer; trying again next pass")
             }
         }
+    }
+}
+
+/// The lock of the group whose load balancer `lb` is a part of, if it is a member's.
+async fn lock_group(groups: &Arc<KeyedLocks>, lb: &OwnedLoadBalancer) -> Option<KeyedGuard> {
+    match &lb.group {
+        Some(group) => Some(groups.lock(group).await),
+        None => None,
     }
 }
 
@@ -286,7 +307,87 @@ mod tests {
             id: format!("lb-{uid}"),
             fingerprint: None,
             detached: false,
+            group: None,
         }
+    }
+
+    /// A cloud holding `owned`, which records what it was asked to delete.
+    struct Inventory {
+        owned: Vec<OwnedLoadBalancer>,
+        deleted: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for Inventory {
+        fn name(&self) -> &'static str {
+            "inventory"
+        }
+
+        fn capabilities(&self) -> hawser_providers::Capabilities {
+            crate::testutil::mock_desired_config().capabilities
+        }
+
+        async fn ensure(
+            &self,
+            _: &hawser_providers::LoadBalancerSpec,
+        ) -> Result<hawser_providers::LoadBalancerStatus, hawser_providers::ProviderError> {
+            Err(hawser_providers::ProviderError::Fatal("the collector never ensures".into()))
+        }
+
+        async fn plan(
+            &self,
+            _: &hawser_providers::LoadBalancerSpec,
+        ) -> Result<hawser_providers::ChangePlan, hawser_providers::ProviderError> {
+            Err(hawser_providers::ProviderError::Fatal("the collector never plans".into()))
+        }
+
+        async fn plan_delete(
+            &self,
+            _: &ServiceIdentity,
+        ) -> Result<hawser_providers::ChangePlan, hawser_providers::ProviderError> {
+            Err(hawser_providers::ProviderError::Fatal("the collector never plans".into()))
+        }
+
+        async fn delete(&self, identity: &ServiceIdentity) -> Result<(), hawser_providers::ProviderError> {
+            self.deleted.lock().unwrap().push(identity.uid.clone());
+            Ok(())
+        }
+
+        async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, hawser_providers::ProviderError> {
+            Ok(self.owned.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vanished_members_part_is_removed_only_under_its_groups_lock() {
+        let member = OwnedLoadBalancer { group: Some("default/edge".into()), ..lb("gone-member") };
+        let provider = Arc::new(Inventory { owned: vec![lb("gone"), member], deleted: Default::default() });
+        let (store, _writer) = kube::runtime::reflector::store::<Service>();
+        let settings = GcSettings {
+            mode: GcMode::On,
+            interval: Duration::ZERO,
+            grace: Duration::ZERO,
+            class: "hawser.dev/lb".into(),
+        };
+        let groups = Arc::new(KeyedLocks::default());
+        // A member joining the group holds its lock.
+        let joining = groups.lock("default/edge").await;
+        let collecting = tokio::spawn({
+            let (provider, groups) = (provider.clone(), groups.clone());
+            async move {
+                let metrics = crate::metrics::Metrics::new();
+                let mut collector = Collector::new(Duration::ZERO);
+                let owners = Arc::new(KeyedLocks::default());
+                pass(provider.as_ref(), &store, &settings, &metrics, &mut collector, &owners, &groups).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*provider.deleted.lock().unwrap(), ["gone"], "a load balancer of its own goes at once");
+        assert!(!collecting.is_finished(), "the member's part waits for the join");
+        drop(joining);
+        collecting.await.unwrap();
+        assert_eq!(*provider.deleted.lock().unwrap(), ["gone", "gone-member"]);
+        assert!(groups.is_empty());
     }
 
     fn service(uid: &str, spec: serde_json::Value, finalizers: &[&str]) -> Service {
@@ -303,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reconcile_and_the_collector_exclude_each_other_per_service() {
-        let owners = Arc::new(OwnerLocks::default());
+        let owners = Arc::new(KeyedLocks::default());
         let reconciling = owners.lock("a").await;
         assert!(owners.try_lock("a").is_none(), "the collector must wait while Service a reconciles");
         assert!(owners.try_lock("b").is_some(), "another Service is not held up");

@@ -20,6 +20,7 @@ use tracing::{Instrument, info, warn};
 
 use crate::desired::{self, DesiredConfig};
 use crate::events::{EventPublisher, EventType, Note};
+use crate::gc::KeyedLocks;
 use crate::groups::{self, GroupConflict, Member};
 use crate::metrics::Metrics;
 use crate::names::{CONDITION_TYPE, CONTROLLER_NAME, FINALIZER};
@@ -145,10 +146,11 @@ pub struct Context {
     pub services: Option<Store<Service>>,
     /// Wakes Services: a group's other members when one of them changed or left.
     pub wake: Option<mpsc::Sender<ObjectRef<Service>>>,
-    /// One lock per Service UID, shared with the orphan collector (see [`crate::gc::OwnerLocks`]).
-    pub owners: Arc<crate::gc::OwnerLocks>,
-    /// One lock per load-balancer group: its members are admitted and ensured one at a time.
-    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per Service UID, shared with the orphan collector (see [`KeyedLocks`]).
+    pub owners: Arc<KeyedLocks>,
+    /// One lock per load-balancer group: its members are admitted and ensured one at a time, and
+    /// the orphan collector removes a vanished member's part under it too.
+    pub groups: Arc<KeyedLocks>,
 }
 
 impl Context {
@@ -176,7 +178,7 @@ impl Context {
             services: None,
             wake: None,
             owners: Arc::default(),
-            group_locks: Mutex::default(),
+            groups: Arc::default(),
         }
     }
 
@@ -205,12 +207,6 @@ impl Context {
         let ensured = self.ensured();
         self.metrics.managed_load_balancers.set(i64::try_from(ensured.by_uid.len()).unwrap_or(i64::MAX));
         self.metrics.load_balancers.set(i64::try_from(ensured.per_lb.len()).unwrap_or(i64::MAX));
-    }
-
-    fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.group_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(group.to_owned()).or_default().clone()
     }
 
     /// The other Services of `group` (`namespace/name`) in the cache, with what is needed to
@@ -366,9 +362,8 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     // A group's members are admitted and ensured one at a time, each against the others as the
     // cache holds them; admission runs even when nothing of this Service changed, as another
     // member's change may have taken its place.
-    let lock = group.as_ref().map(|g| ctx.group_lock(g));
-    let _guard = match &lock {
-        Some(lock) => Some(lock.lock().await),
+    let _guard = match &group {
+        Some(g) => Some(ctx.groups.lock(g).await),
         None => None,
     };
     if let Some(group) = &group
@@ -431,10 +426,9 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
                 // must not see its address released under it). A Service moving from one group
                 // to another holds its new group's lock already and takes no second one, so
                 // that two moving the other way cannot wait on each other.
-                let lock = group.is_none().then(|| ctx.group_lock(old));
-                let _left_guard = match &lock {
-                    Some(lock) => Some(lock.lock().await),
-                    None => None,
+                let _left_guard = match &group {
+                    None => Some(ctx.groups.lock(old).await),
+                    Some(_) => None,
                 };
                 ctx.provider.leave_group(&spec.identity, old).await?;
             }
@@ -633,7 +627,7 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
     groups.extend(ctx.ensured().get(&identity.uid).and_then(|e| e.group.clone()));
     let mut guards = Vec::with_capacity(groups.len());
     for group in &groups {
-        guards.push(ctx.group_lock(group).lock_owned().await);
+        guards.push(ctx.groups.lock(group).await);
     }
     let deleted = ctx.provider.delete(&identity).await;
     drop(guards);

@@ -298,6 +298,7 @@ async fn run_controller(
         gc_settings,
         ctx.metrics.clone(),
         ctx.owners.clone(),
+        ctx.groups.clone(),
     ));
     let controller = Controller::for_stream(services, store.clone())
         .with_config(controller::Config::default().concurrency(cli.concurrency).debounce(Duration::from_millis(100)));

@@ -47,6 +47,11 @@ pub struct OwnedLoadBalancer {
     /// balancer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detached: bool,
+    /// For a member's part of a load-balancer group's load balancer (or a leftover of one): the
+    /// group, as `namespace/name`. The orphan collector changes that load balancer under the
+    /// group's lock, as every change to it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// A cloud that builds load balancers.

@@ -543,13 +543,20 @@ async fn leftovers_without_an_nlb_are_inventoried_and_deleted_with_their_owner()
             id: tg.target_group_arn().unwrap().to_owned(),
             fingerprint: None,
             detached: true,
+            group: None,
         };
         r.delete_detached(&used).await.unwrap();
     }
     let front = seen(&r, &hawser_providers::aws::naming::load_balancer_name(&identity("uid-1"))).await.unwrap();
     let used = OwnedLoadBalancer {
         id: front.security_groups[0].clone(),
-        ..OwnedLoadBalancer { identity: identity("uid-1"), id: String::new(), fingerprint: None, detached: true }
+        ..OwnedLoadBalancer {
+            identity: identity("uid-1"),
+            id: String::new(),
+            fingerprint: None,
+            detached: true,
+            group: None,
+        }
     };
     r.delete_detached(&used).await.unwrap();
     assert_eq!(r.ensure(&s).await.unwrap(), status);

@@ -404,6 +404,7 @@ impl AwsProvider {
                 id: id.to_owned(),
                 fingerprint: None,
                 detached,
+                group: t.get(OWNERSHIP_TAG_GROUP).cloned(),
             })
         };
         let mut owned = Vec::new();

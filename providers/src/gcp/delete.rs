@@ -203,6 +203,7 @@ impl GcpProvider {
                 identity,
                 fingerprint: None,
                 detached: false,
+                group: owner.group.clone(),
             });
         }
         // An address reserved for a Service whose backend services were never made (a crash
@@ -222,6 +223,7 @@ impl GcpProvider {
                 identity,
                 fingerprint: None,
                 detached: true,
+                group: None,
             });
         }
         Ok(found.into_values().collect())

@@ -576,7 +576,7 @@ impl Provider for MockCloud {
         let cluster = self.config.cluster.clone();
         self.call("DescribeLoadBalancers", None, false, |state| {
             let mut owned = Vec::new();
-            let entry = |service: &str, uid: &str, id: &str, fingerprint: Option<String>| {
+            let entry = |service: &str, uid: &str, id: &str, fingerprint: Option<String>, group: Option<&String>| {
                 let (namespace, name) = service.split_once('/')?;
                 Some(OwnedLoadBalancer {
                     identity: ServiceIdentity {
@@ -588,18 +588,19 @@ impl Provider for MockCloud {
                     id: id.to_owned(),
                     fingerprint,
                     detached: false,
+                    group: group.cloned(),
                 })
             };
             for lb in state.load_balancers().values().filter(|lb| lb.tags.get(OWNERSHIP_TAG_CLUSTER) == Some(&cluster))
             {
                 // A group's load balancer: one entry per member, each owning its part.
                 for (uid, part) in &lb.members {
-                    owned.extend(entry(&part.service, uid, &lb.id, lb.member_fingerprint(uid)));
+                    owned.extend(entry(&part.service, uid, &lb.id, lb.member_fingerprint(uid), lb.group.as_ref()));
                 }
                 if let (Some(service), Some(uid)) =
                     (lb.tags.get(OWNERSHIP_TAG_SERVICE), lb.tags.get(OWNERSHIP_TAG_SERVICE_UID))
                 {
-                    owned.extend(entry(service, uid, &lb.id, state.fingerprint_of(&lb.id).map(str::to_owned)));
+                    owned.extend(entry(service, uid, &lb.id, state.fingerprint_of(&lb.id).map(str::to_owned), None));
                 }
             }
             Ok(owned)

@@ -389,6 +389,7 @@ async fn members_of_a_group_share_one_load_balancer_and_address_each_with_its_ow
         let expected = if o.identity.uid == "uid-web" { web2.clone() } else { member("api", "uid-api", 443) };
         assert_eq!(o.fingerprint, cloud.fingerprint(&expected), "{}", o.identity.uid);
         assert_eq!(o.identity.service_key(), expected.identity.service_key());
+        assert_eq!(o.group.as_deref(), Some("default/edge"), "the collector takes the group's lock for it");
     }
 
     // Members leave one by one; the address stays until the last goes.

@@ -155,6 +155,7 @@ async fn members_share_one_nlb_and_each_changes_only_its_part() {
         "one entry per member"
     );
     assert!(owned.iter().all(|o| o.id == shared.lb_arn));
+    assert!(owned.iter().all(|o| o.group.as_deref() == Some("shop/edge")), "each entry names its group: {owned:?}");
 
     // Updating one member touches only its part: web drops 53 and narrows its source range.
     web.listeners.retain(|l| l.port != 53);

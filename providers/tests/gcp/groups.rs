@@ -81,6 +81,7 @@ async fn members_share_one_address_and_each_changes_only_its_part() {
     uids.sort_unstable();
     assert_eq!(uids, ["uid-api", "uid-web"]);
     assert!(owned.iter().all(|o| o.id == s_web.id), "each member's entry is its part of the group's");
+    assert!(owned.iter().all(|o| o.group.as_deref() == Some("shop/edge")), "each entry names its group: {owned:?}");
 
     // web drops 53: only web's UDP rule and backend service go.
     web.listeners.retain(|l| l.port != 53);
