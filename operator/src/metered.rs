@@ -143,6 +143,10 @@ impl Provider for MeteredProvider {
         self.measured("plan_delete", self.inner.plan_delete(identity)).await
     }
 
+    async fn plan_leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<ChangePlan, ProviderError> {
+        self.measured("plan_leave_group", self.inner.plan_leave_group(identity, group)).await
+    }
+
     async fn delete(&self, identity: &ServiceIdentity) -> Result<(), ProviderError> {
         self.measured("delete", self.inner.delete(identity)).await
     }

@@ -17,6 +17,7 @@ use crate::desired::{self, DesiredConfig};
 use crate::events::{EventType, Note};
 use crate::groups::{self, GroupConflict, Member};
 use crate::reconcile::{Context, Error, group_of, has_finalizer, is_ours, spec_digest};
+use crate::status::GroupRecord;
 
 /// The UID a Service gets until the API server gives it its own (`plan -f` of a new Service).
 pub const NEW_SERVICE_UID: &str = "00000000-0000-0000-0000-000000000000";
@@ -246,11 +247,26 @@ impl Planner<'_> {
                 );
                 return Ok(plan);
             }
-            return match provider.plan(&spec).await {
-                Ok(plan) => Ok(ServicePlan::new(service, live.and_then(ResourceExt::uid), Intent::Ensure, plan, notes)),
-                Err(ProviderError::InvalidInput(problems)) => Ok(invalid(service, wanted.uid(), problems)),
-                Err(e) => Err(e),
+            let mut plan = match provider.plan(&spec).await {
+                Ok(plan) => plan,
+                Err(ProviderError::InvalidInput(problems)) => return Ok(invalid(service, wanted.uid(), problems)),
+                Err(e) => return Err(e),
             };
+            // The groups it would leave, as the reconciler finds them: those its status names.
+            if let Some(live) = live {
+                let group = spec.group.as_ref().map(|g| format!("{}/{g}", spec.identity.namespace));
+                let mut left = GroupRecord::of(live.status.as_ref());
+                left.extend(groups::serving_group(live));
+                for old in left.iter().filter(|g| Some(*g) != group.as_ref()) {
+                    let leaving = provider.plan_leave_group(&spec.identity, old).await?;
+                    if !leaving.is_empty() {
+                        notes.push(format!("the Service leaves load-balancer group {old}: its part there goes"));
+                    }
+                    plan.changes.extend(leaving.changes);
+                    plan.conflicts.extend(leaving.conflicts);
+                }
+            }
+            return Ok(ServicePlan::new(service, live.and_then(ResourceExt::uid), Intent::Ensure, plan, notes));
         }
         match live {
             Some(live) if managed(live) => {

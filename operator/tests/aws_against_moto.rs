@@ -263,6 +263,28 @@ async fn a_join_cut_short_then_taken_back_leaves_the_group() {
     let leave = json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": null}}});
     services.patch("solo", &PatchParams::default(), &Patch::Merge(&leave)).await.unwrap();
 
+    // `plan` foretells it: solo's part of the group's NLB goes, not web's, and not the NLB.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hawser-operator"))
+        .args(["--provider", "aws", "--cluster-name", "prod"])
+        .args(["--aws-region", "us-east-1", "--aws-endpoint-url", &w.cloud.url, "--aws-vpc-id", &w.world.vpc])
+        .args(["plan", "default/solo"])
+        .env("KUBECONFIG", w.server.kubeconfig_path())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let planned = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{planned}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        planned.contains("note: the Service leaves load-balancer group default/edge: its part there goes"),
+        "{planned}"
+    );
+    assert!(planned.contains("- delete   listener 8080/TCP"), "{planned}");
+    assert!(!planned.contains("listener 80/TCP") && !planned.contains("because the last member"), "{planned}");
+    assert_eq!(group_ports(&w.aws).await, Some(vec![80, 8080]), "plan changed nothing");
+
     let _op = operator(&w.cloud.url, &w.world.vpc, w.server.kubeconfig_path());
     wait_for("solo's part gone from the group's NLB", || async {
         (group_ports(&w.aws).await == Some(vec![80])).then_some(())

@@ -121,6 +121,14 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The changes [`Provider::leave_group`] would make, found by reading only. Providers whose
+    /// [`Provider::plan`] of a Service in no group already shows its part of a group going
+    /// need not.
+    async fn plan_leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<ChangePlan, ProviderError> {
+        let _ = (identity, group);
+        Ok(ChangePlan::default())
+    }
+
     /// Every load balancer this cluster owns: complete (every page) and batched, so that it costs
     /// a handful of calls however many Services there are. The periodic drift check runs on it.
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError>;

@@ -198,6 +198,10 @@ impl Provider for AwsProvider {
         self.leave_group_inner(identity, group, &parts).await
     }
 
+    async fn plan_leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<ChangePlan, ProviderError> {
+        self.plan_leave_group_inner(identity, group).await
+    }
+
     async fn list_owned(&self) -> Result<Vec<OwnedLoadBalancer>, ProviderError> {
         self.list_owned_inner().await
     }

@@ -396,8 +396,29 @@ impl AwsProvider {
             }
         }
         for (group, found) in groups {
-            self.plan_leave_group(id, &group, &found, &mut out).await?;
+            self.plan_leave_group_with(id, &group, &found, &mut out).await?;
         }
+        Ok(out)
+    }
+
+    /// What taking the Service's part out of `group`'s load balancer would change, as
+    /// [`Provider::leave_group`](crate::Provider::leave_group) finds it.
+    pub(super) async fn plan_leave_group_inner(
+        &self,
+        id: &ServiceIdentity,
+        group: &str,
+    ) -> Result<ChangePlan, ProviderError> {
+        let prefix = naming::member_target_group_prefix(id);
+        let found: Vec<FoundTargetGroup> = self
+            .detached_target_groups(id)
+            .await?
+            .into_iter()
+            .filter(|t| {
+                t.name.starts_with(&prefix) && t.tags.get(OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
+            })
+            .collect();
+        let mut out = ChangePlan::default();
+        self.plan_leave_group_with(id, group, &found, &mut out).await?;
         Ok(out)
     }
 
@@ -461,7 +482,7 @@ impl AwsProvider {
 
     /// What taking the Service's part out of `group`'s load balancer would change; with the last
     /// member, the load balancer and its frontend group go too.
-    async fn plan_leave_group(
+    async fn plan_leave_group_with(
         &self,
         id: &ServiceIdentity,
         group: &str,

@@ -275,7 +275,17 @@ async fn moving_into_and_out_of_a_group_keeps_an_address_throughout() {
     let out = p.ensure(&web).await.unwrap();
     assert_ne!(out.ingress[0].hostname, joined.ingress[0].hostname, "out of the group: its own hostname");
     assert!(seen(&p, &group_lb).await.unwrap().listeners.contains_key(&80), "kept until it leaves");
+    // What leaving would change, read only: web's listener and target group, not api's.
+    p.clear_calls();
+    let leaving = p.plan_leave_group(&web_id(), "shop/edge").await.unwrap();
+    assert!(assert_known_and_count_mutating(&p).is_empty(), "a plan changes nothing");
+    assert!(has(&leaving, Action::Delete, "listener", "80"), "{leaving}");
+    assert!(!has(&leaving, Action::Delete, "listener", "443"), "{leaving}");
+    assert!(!has(&leaving, Action::Delete, "load balancer", ""), "api still uses it: {leaving}");
+    assert_eq!(leaving.changes.iter().filter(|c| c.kind == "target group").count(), 1, "{leaving}");
+    assert!(p.plan_leave_group(&web_id(), "shop/other").await.unwrap().is_empty(), "a group it is not in");
     p.leave_group(&web_id(), "shop/edge").await.unwrap();
+    assert!(p.plan_leave_group(&web_id(), "shop/edge").await.unwrap().is_empty(), "nothing left to leave");
     let shared = seen(&p, &group_lb).await.unwrap();
     assert_eq!(shared.listeners.keys().copied().collect::<BTreeSet<_>>(), BTreeSet::from([443]));
     assert_settled(&p, &web).await;
@@ -286,6 +296,12 @@ async fn moving_into_and_out_of_a_group_keeps_an_address_throughout() {
     let mut api_alone = api.clone();
     api_alone.group = None;
     p.ensure(&api_alone).await.unwrap();
+    let leaving = p.plan_leave_group(&api_id(), "shop/edge").await.unwrap();
+    assert!(
+        has(&leaving, Action::Delete, "load balancer", &shared.lb_arn)
+            && has(&leaving, Action::Delete, "security group", ""),
+        "the last member takes the NLB and its frontend group: {leaving}"
+    );
     p.leave_group(&api_id(), "shop/edge").await.unwrap();
     assert!(seen(&p, &group_lb).await.is_none());
     assert_eq!(frontends(&p).await.len(), 2, "the two own frontend groups");
