@@ -470,7 +470,9 @@ async fn kill_campaign_with_groups_converges_without_leaks() {
     drop(w.op.take());
     let seed =
         std::env::var("HAWSER_KILL_CAMPAIGN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("AWS kill campaign seed {seed} (HAWSER_KILL_CAMPAIGN_SEED={seed} replays it)");
+    eprintln!(
+        "AWS kill campaign seed {seed} (HAWSER_KILL_CAMPAIGN_SEED={seed} repeats its changes; where the kills land depends on timing)"
+    );
     let mut rng = SmallRng::seed_from_u64(seed);
     let services: Api<Service> = Api::namespaced(w.client.clone(), "default");
     for round in 0..30 {

@@ -266,7 +266,9 @@ async fn kill_campaign_with_groups_converges_without_leaks() {
     use rand::{Rng, SeedableRng};
     let seed =
         std::env::var("HAWSER_KILL_CAMPAIGN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("GCP kill campaign seed {seed} (HAWSER_KILL_CAMPAIGN_SEED={seed} replays it)");
+    eprintln!(
+        "GCP kill campaign seed {seed} (HAWSER_KILL_CAMPAIGN_SEED={seed} repeats its changes; where the kills land depends on timing)"
+    );
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let server = FakeApiServer::start(Config::default()).await.unwrap();
     let client = server.client().await.unwrap();
