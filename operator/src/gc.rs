@@ -8,7 +8,7 @@
 //! candidates (`list_owned` finds nothing else), nothing happens before the Service cache has
 //! synced, and a failed inventory deletes nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -243,6 +243,13 @@ async fn pass(
     let orphans = find_orphans(&inventory, &owners);
     metrics.orphans.set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
     metrics.gc_passes.get_or_create(&OutcomeLabels { outcome: "success".to_owned() }).inc();
+    // The groups each owner has a part in: deleting an owner deletes all its parts.
+    let mut parts_in: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for lb in &inventory {
+        if let Some(group) = &lb.group {
+            parts_in.entry(lb.identity.uid.as_str()).or_default().insert(group.as_str());
+        }
+    }
     for (lb, why) in collector.due(&orphans, Instant::now()) {
         let service = lb.identity.service_key();
         if settings.mode == GcMode::Report {
@@ -258,13 +265,15 @@ async fn pass(
                     debug!(load_balancer = %lb.id, %service, "leftover of a Service being reconciled: next pass");
                     continue;
                 };
-                let _group = lock_group(groups, lb).await;
+                let _group = lock_groups(groups, lb.group.as_deref()).await;
                 provider.delete_detached(lb).await
             }
-            // A vanished member's part: with the last member's, the group's load balancer goes,
-            // which must not happen while another member joins it.
+            // Every part of a vanished Service goes, whichever entry is due: with a group's last
+            // member's part, the group's load balancer goes, which must not happen while another
+            // member joins it.
             Orphaned::ServiceGone | Orphaned::NotOurs => {
-                let _group = lock_group(groups, lb).await;
+                let in_groups = parts_in.get(lb.identity.uid.as_str()).into_iter().flatten().copied();
+                let _groups = lock_groups(groups, in_groups).await;
                 provider.delete(&lb.identity).await
             }
         };
@@ -280,12 +289,15 @@ async fn pass(
     }
 }
 
-/// The lock of the group whose load balancer `lb` is a part of, if it is a member's.
-async fn lock_group(groups: &Arc<KeyedLocks>, lb: &OwnedLoadBalancer) -> Option<KeyedGuard> {
-    match &lb.group {
-        Some(group) => Some(groups.lock(group).await),
-        None => None,
+/// The locks of `names` (load-balancer groups), taken in order so that two holders of several
+/// never wait on each other.
+async fn lock_groups<'a>(groups: &Arc<KeyedLocks>, names: impl IntoIterator<Item = &'a str>) -> Vec<KeyedGuard> {
+    let names: BTreeSet<&str> = names.into_iter().collect();
+    let mut held = Vec::with_capacity(names.len());
+    for name in names {
+        held.push(groups.lock(name).await);
     }
+    held
 }
 
 #[cfg(test)]
@@ -361,7 +373,10 @@ mod tests {
     #[tokio::test]
     async fn a_vanished_members_part_is_removed_only_under_its_groups_lock() {
         let member = OwnedLoadBalancer { group: Some("default/edge".into()), ..lb("gone-member") };
-        let provider = Arc::new(Inventory { owned: vec![lb("gone"), member], deleted: Default::default() });
+        // A Service with a load balancer of its own and a part of the group's (a move cut
+        // short): its deletion removes both, so it waits whichever entry is due.
+        let own = OwnedLoadBalancer { id: "lb-own".into(), ..lb("gone-member") };
+        let provider = Arc::new(Inventory { owned: vec![lb("gone"), own, member], deleted: Default::default() });
         let (store, _writer) = kube::runtime::reflector::store::<Service>();
         let settings = GcSettings {
             mode: GcMode::On,
@@ -386,7 +401,7 @@ mod tests {
         assert!(!collecting.is_finished(), "the member's part waits for the join");
         drop(joining);
         collecting.await.unwrap();
-        assert_eq!(*provider.deleted.lock().unwrap(), ["gone", "gone-member"]);
+        assert_eq!(*provider.deleted.lock().unwrap(), ["gone", "gone-member", "gone-member"]);
         assert!(groups.is_empty());
     }
 
