@@ -272,6 +272,9 @@ async fn pass(
             // member's part, the group's load balancer goes, which must not happen while another
             // member joins it.
             Orphaned::ServiceGone | Orphaned::NotOurs => {
+                // A reconcile of the Service still under way (it was deleted while its ensure
+                // ran) finishes first, or it would build on what is being deleted.
+                let _owner = locks.lock(&lb.identity.uid).await;
                 let in_groups = parts_in.get(lb.identity.uid.as_str()).into_iter().flatten().copied();
                 let _groups = lock_groups(groups, in_groups).await;
                 provider.delete(&lb.identity).await
@@ -384,25 +387,29 @@ mod tests {
             grace: Duration::ZERO,
             class: "hawser.dev/lb".into(),
         };
-        let groups = Arc::new(KeyedLocks::default());
-        // A member joining the group holds its lock.
+        let (owners, groups) = (Arc::new(KeyedLocks::default()), Arc::new(KeyedLocks::default()));
+        // A member joining the group holds its lock, and the reconcile of the Service "gone",
+        // deleted while it ran, holds its owner's.
         let joining = groups.lock("default/edge").await;
+        let reconciling = owners.lock("gone").await;
         let collecting = tokio::spawn({
-            let (provider, groups) = (provider.clone(), groups.clone());
+            let (provider, owners, groups) = (provider.clone(), owners.clone(), groups.clone());
             async move {
                 let metrics = crate::metrics::Metrics::new();
                 let mut collector = Collector::new(Duration::ZERO);
-                let owners = Arc::new(KeyedLocks::default());
                 pass(provider.as_ref(), &store, &settings, &metrics, &mut collector, &owners, &groups).await;
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(*provider.deleted.lock().unwrap(), ["gone"], "a load balancer of its own goes at once");
+        assert!(provider.deleted.lock().unwrap().is_empty(), "nothing goes while its reconcile runs");
+        drop(reconciling);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*provider.deleted.lock().unwrap(), ["gone"], "a load balancer of its own goes then");
         assert!(!collecting.is_finished(), "the member's part waits for the join");
         drop(joining);
         collecting.await.unwrap();
         assert_eq!(*provider.deleted.lock().unwrap(), ["gone", "gone-member", "gone-member"]);
-        assert!(groups.is_empty());
+        assert!(groups.is_empty() && owners.is_empty());
     }
 
     fn service(uid: &str, spec: serde_json::Value, finalizers: &[&str]) -> Service {
