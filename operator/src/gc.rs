@@ -57,6 +57,17 @@ impl KeyedLocks {
         KeyedGuard { locks: self.clone(), key: key.to_owned(), guard: Some(guard) }
     }
 
+    /// The locks of every key of `keys`, taken in order so that two holders of several never
+    /// wait on each other.
+    pub async fn lock_all<'a>(self: &Arc<Self>, keys: impl IntoIterator<Item = &'a str>) -> Vec<KeyedGuard> {
+        let keys: BTreeSet<&str> = keys.into_iter().collect();
+        let mut held = Vec::with_capacity(keys.len());
+        for key in keys {
+            held.push(self.lock(key).await);
+        }
+        held
+    }
+
     /// `key`'s lock if nobody holds it.
     pub fn try_lock(self: &Arc<Self>, key: &str) -> Option<KeyedGuard> {
         let guard = self.get(key).try_lock_owned().ok();
@@ -265,7 +276,7 @@ async fn pass(
                     debug!(load_balancer = %lb.id, %service, "leftover of a Service being reconciled: next pass");
                     continue;
                 };
-                let _group = lock_groups(groups, lb.group.as_deref()).await;
+                let _group = groups.lock_all(lb.group.as_deref()).await;
                 provider.delete_detached(lb).await
             }
             // Every part of a vanished Service goes, whichever entry is due: with a group's last
@@ -276,7 +287,7 @@ async fn pass(
                 // ran) finishes first, or it would build on what is being deleted.
                 let _owner = locks.lock(&lb.identity.uid).await;
                 let in_groups = parts_in.get(lb.identity.uid.as_str()).into_iter().flatten().copied();
-                let _groups = lock_groups(groups, in_groups).await;
+                let _groups = groups.lock_all(in_groups).await;
                 provider.delete(&lb.identity).await
             }
         };
@@ -290,17 +301,6 @@ async fn pass(
             }
         }
     }
-}
-
-/// The locks of `names` (load-balancer groups), taken in order so that two holders of several
-/// never wait on each other.
-async fn lock_groups<'a>(groups: &Arc<KeyedLocks>, names: impl IntoIterator<Item = &'a str>) -> Vec<KeyedGuard> {
-    let names: BTreeSet<&str> = names.into_iter().collect();
-    let mut held = Vec::with_capacity(names.len());
-    for name in names {
-        held.push(groups.lock(name).await);
-    }
-    held
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! refused. The refused member gets a Warning naming the Service and setting it clashes with;
 //! the others are not touched.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use hawser_providers::{GroupLimits, LoadBalancerSpec, Protocol};
@@ -18,6 +19,7 @@ use kube::ResourceExt;
 
 use crate::annotations;
 use crate::names::CONDITION_TYPE;
+use crate::status::GroupRecord;
 
 /// A member of a group, with the spec built from it.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +68,15 @@ pub fn serving_group(svc: &Service) -> Option<String> {
     let (_, rest) = ready.message.split_once(" of group ")?;
     let (group, _) = rest.split_once(' ')?;
     Some(group.to_owned())
+}
+
+/// Every group whose load balancer the Service's status says may hold a part of it: the ones
+/// its record names, and the one its Ready condition says it serves in (a status written before
+/// the record existed).
+pub fn named_in_status(svc: &Service) -> BTreeSet<String> {
+    let mut groups = GroupRecord::of(svc.status.as_ref());
+    groups.extend(serving_group(svc));
+    groups
 }
 
 /// The settings of the whole load balancer that `spec` asks for, as `(setting, value)`.

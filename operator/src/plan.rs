@@ -17,7 +17,6 @@ use crate::desired::{self, DesiredConfig};
 use crate::events::{EventType, Note};
 use crate::groups::{self, GroupConflict, Member};
 use crate::reconcile::{Context, Error, group_of, has_finalizer, is_ours, spec_digest};
-use crate::status::GroupRecord;
 
 /// The UID a Service gets until the API server gives it its own (`plan -f` of a new Service).
 pub const NEW_SERVICE_UID: &str = "00000000-0000-0000-0000-000000000000";
@@ -255,9 +254,7 @@ impl Planner<'_> {
             // The groups it would leave, as the reconciler finds them: those its status names.
             if let Some(live) = live {
                 let group = spec.group.as_ref().map(|g| format!("{}/{g}", spec.identity.namespace));
-                let mut left = GroupRecord::of(live.status.as_ref());
-                left.extend(groups::serving_group(live));
-                for old in left.iter().filter(|g| Some(*g) != group.as_ref()) {
+                for old in groups::named_in_status(live).iter().filter(|g| Some(*g) != group.as_ref()) {
                     let leaving = provider.plan_leave_group(&spec.identity, old).await?;
                     if !leaving.is_empty() {
                         notes.push(format!("the Service leaves load-balancer group {old}: its part there goes"));

@@ -621,14 +621,10 @@ async fn cleanup(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Act
     // A member leaves its group's load balancer under the group's lock, like every change to it:
     // the locks of every group that may hold a part of it (the one it names, and the ones its
     // record or memory name), taken in order so that two deletions never wait on each other.
-    let mut groups = GroupRecord::of(svc.status.as_ref());
+    let mut groups = groups::named_in_status(svc);
     groups.extend(group_of(svc).map(|g| format!("{}/{g}", identity.namespace)));
-    groups.extend(groups::serving_group(svc));
     groups.extend(ctx.ensured().get(&identity.uid).and_then(|e| e.group.clone()));
-    let mut guards = Vec::with_capacity(groups.len());
-    for group in &groups {
-        guards.push(ctx.groups.lock(group).await);
-    }
+    let guards = ctx.groups.lock_all(groups.iter().map(String::as_str)).await;
     let deleted = ctx.provider.delete(&identity).await;
     drop(guards);
     if let Err(e) = deleted {
