@@ -336,6 +336,24 @@ impl AwsProvider {
         }
     }
 
+    /// The Service's target groups of its part of `group`'s load balancer, found by name and
+    /// tags (attached or left detached): what leaving the group deletes.
+    pub(super) async fn member_parts(
+        &self,
+        id: &ServiceIdentity,
+        group: &str,
+    ) -> Result<Vec<FoundTargetGroup>, ProviderError> {
+        let prefix = naming::member_target_group_prefix(id);
+        Ok(self
+            .detached_target_groups(id)
+            .await?
+            .into_iter()
+            .filter(|t| {
+                t.name.starts_with(&prefix) && t.tags.get(OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
+            })
+            .collect())
+    }
+
     /// The target groups of `id` found by name prefix (its own load balancer's and its parts of
     /// a group's) and confirmed by tags: how the ones a crash left detached from any load
     /// balancer are found.

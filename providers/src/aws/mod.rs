@@ -186,15 +186,7 @@ impl Provider for AwsProvider {
     }
 
     async fn leave_group(&self, identity: &ServiceIdentity, group: &str) -> Result<(), ProviderError> {
-        let found = self.detached_target_groups(identity).await?;
-        let prefix = naming::member_target_group_prefix(identity);
-        let parts: Vec<String> = found
-            .into_iter()
-            .filter(|t| {
-                t.name.starts_with(&prefix) && t.tags.get(crate::OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
-            })
-            .map(|t| t.arn)
-            .collect();
+        let parts: Vec<String> = self.member_parts(identity, group).await?.into_iter().map(|t| t.arn).collect();
         self.leave_group_inner(identity, group, &parts).await
     }
 

@@ -408,15 +408,7 @@ impl AwsProvider {
         id: &ServiceIdentity,
         group: &str,
     ) -> Result<ChangePlan, ProviderError> {
-        let prefix = naming::member_target_group_prefix(id);
-        let found: Vec<FoundTargetGroup> = self
-            .detached_target_groups(id)
-            .await?
-            .into_iter()
-            .filter(|t| {
-                t.name.starts_with(&prefix) && t.tags.get(OWNERSHIP_TAG_GROUP).map(String::as_str) == Some(group)
-            })
-            .collect();
+        let found = self.member_parts(id, group).await?;
         let mut out = ChangePlan::default();
         self.plan_leave_group_with(id, group, &found, &mut out).await?;
         Ok(out)
