@@ -23,10 +23,10 @@ use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites,
 use hawser_dataplane::diff::{FullSync, StepWriter};
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
-use hawser_dataplane::model::{Family, ModelConfig};
+use hawser_dataplane::model::ModelConfig;
 use hawser_dataplane::netlink::{Batch, Netlink};
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, StaleEntry, SyncReport, Writer};
-use hawser_dataplane::render::RenderConfig;
+use hawser_dataplane::render::{RenderConfig, TableId};
 use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -102,9 +102,9 @@ impl NftRunner for Counted {
         Ok(writer)
     }
 
-    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+    fn purge_affinity(&self, table: TableId, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
-        self.inner.purge_affinity(family, stale)
+        self.inner.purge_affinity(table, stale)
     }
 
     fn netlink(&self) -> Option<Arc<Netlink>> {

@@ -34,19 +34,19 @@ use crate::netlink::{
 };
 use crate::nft::NftError;
 use crate::render::{
-    Chain, Collection, ENDPOINT_MAP_PREFIX, MIN_SLOT_CAPACITY, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, TABLE,
-    Table, base_table, family_name,
+    Chain, Collection, ENDPOINT_MAP_PREFIX, MIN_SLOT_CAPACITY, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, Table,
+    TableId, base_table,
 };
 
-/// The wanted ruleset of a full resync that adopts: the chains and declarations of both
-/// tables, and the elements of every collection the encoder knows, encoded as the kernel
+/// The wanted ruleset of a full resync that adopts: the chains and declarations of every
+/// table, and the elements of every collection the encoder knows, encoded as the kernel
 /// lists them (less than half the memory of their text at 10k Services), sorted by key.
 #[derive(Debug, Default)]
 pub struct Desired {
     /// Chains, declarations, and the elements the encoder does not know.
     pub ruleset: Ruleset,
-    /// The other elements, by family and collection, sorted.
-    pub encoded: BTreeMap<(Family, String), Vec<KnownElement>>,
+    /// The other elements, by table and collection, sorted.
+    pub encoded: BTreeMap<(TableId, String), Vec<KnownElement>>,
 }
 
 impl Desired {
@@ -58,7 +58,7 @@ impl Desired {
 }
 
 /// The wanted ruleset gathered from the fragments a full resync renders, rather than rendered
-/// a second time: each family's base table, the fragments' chains and endpoint maps, and the
+/// a second time: each base table, the fragments' chains and endpoint maps, and the
 /// shared collections' elements as their owners decide ([`Gathered::finish`]). Elements are
 /// encoded as they come, their text dropped.
 #[derive(Debug, Default)]
@@ -67,43 +67,43 @@ pub struct Gathered {
 }
 
 impl Gathered {
-    /// Adds `elements` of `family`'s collection `name`: encoded, or as text when the encoder
+    /// Adds `elements` of `table`'s collection `name`: encoded, or as text when the encoder
     /// does not know them.
-    fn elements(&mut self, family: Family, name: &str, elements: impl Iterator<Item = (String, String)>) {
+    fn elements(&mut self, table: TableId, name: &str, elements: impl Iterator<Item = (String, String)>) {
         let mut unknown = Vec::new();
-        let encoded = self.desired.encoded.entry((family, name.to_string())).or_default();
+        let encoded = self.desired.encoded.entry((table, name.to_string())).or_default();
         for (key, value) in elements {
-            match known_element(family, name, &key, &value) {
+            match known_element(table.family, name, &key, &value) {
                 Some(element) => encoded.push(element),
                 None => unknown.push((key, value)),
             }
         }
         if !unknown.is_empty() {
-            let table = self.desired.ruleset.tables.entry(family).or_default();
+            let table = self.desired.ruleset.tables.entry(table).or_default();
             table.collections.entry(name.to_string()).or_default().elements.extend(unknown);
         }
     }
 
-    /// The wanted ruleset, with the shared collections' elements (family, collection, key,
+    /// The wanted ruleset, with the shared collections' elements (table, collection, key,
     /// value).
     pub fn finish<'a>(
         mut self,
         config: &RenderConfig,
-        shared: impl Iterator<Item = (Family, &'a str, &'a str, String)>,
+        shared: impl Iterator<Item = (TableId, &'a str, &'a str, String)>,
     ) -> Desired {
-        for (family, name, key, value) in shared {
-            self.elements(family, name, std::iter::once((key.to_string(), value)));
+        for (id, name, key, value) in shared {
+            self.elements(id, name, std::iter::once((key.to_string(), value)));
         }
         let mut desired = self.desired;
-        for family in FAMILIES {
-            let mut table = base_table(family, config);
-            let fragments = desired.ruleset.tables.remove(&family).unwrap_or_default();
+        for id in TableId::all() {
+            let mut table = base_table(id, config);
+            let fragments = desired.ruleset.tables.remove(&id).unwrap_or_default();
             table.chains.extend(fragments.chains);
             for (name, c) in fragments.collections {
                 let collection = table.collections.entry(name).or_insert_with(|| c.clone_empty());
                 collection.elements.extend(c.elements);
             }
-            desired.ruleset.tables.insert(family, table);
+            desired.ruleset.tables.insert(id, table);
         }
         desired.encoded.retain(|_, elements| !elements.is_empty());
         desired.encoded.values_mut().for_each(|elements| elements.sort_unstable());
@@ -112,12 +112,12 @@ impl Gathered {
 }
 
 impl FragmentSink for Gathered {
-    fn add(&mut self, family: Family, fragment: &Table) {
-        self.add_owned(family, fragment.clone());
+    fn add(&mut self, id: TableId, fragment: &Table) {
+        self.add_owned(id, fragment.clone());
     }
 
-    fn add_owned(&mut self, family: Family, fragment: Table) {
-        let table = self.desired.ruleset.tables.entry(family).or_default();
+    fn add_owned(&mut self, id: TableId, fragment: Table) {
+        let table = self.desired.ruleset.tables.entry(id).or_default();
         for (name, chain) in fragment.chains {
             table.chains.entry(name).or_insert(chain);
         }
@@ -126,19 +126,14 @@ impl FragmentSink for Gathered {
                 continue;
             }
             let Collection { decl, is_map, elements } = c;
-            let table = self.desired.ruleset.tables.entry(family).or_default();
+            let table = self.desired.ruleset.tables.entry(id).or_default();
             table.collections.entry(name.clone()).or_insert(Collection { decl, is_map, elements: BTreeMap::new() });
-            self.elements(family, &name, elements.into_iter());
+            self.elements(id, &name, elements.into_iter());
         }
     }
 }
 
-/// The table nft writes the frame into, to compare ours with (see the module's doc).
-pub const CHECK_TABLE: &str = "hawser-check";
-
-const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
-
-/// One family's table as the kernel lists it.
+/// One of our tables, or a check table, as the kernel lists it.
 #[derive(Debug, Clone, Default)]
 struct LiveTable {
     chains: BTreeMap<String, LiveChain>,
@@ -153,17 +148,20 @@ struct LiveChain {
 }
 
 impl LiveTable {
-    /// Table `table` of `family`; `None` when it does not exist. Anonymous sets are named by
-    /// their content in the rules that use them, so that two tables with the same rules
-    /// compare equal whatever the kernel numbered their anonymous sets.
-    fn list(netlink: &Netlink, family: Family, table: &str) -> Result<Option<Self>, NftError> {
+    /// Our table `id`, or its check table when `check`; `None` when it does not exist.
+    /// Anonymous sets are named by their content in the rules that use them, so that two
+    /// tables with the same rules compare equal whatever the kernel numbered their anonymous
+    /// sets.
+    fn list(netlink: &Netlink, id: TableId, check: bool) -> Result<Option<Self>, NftError> {
         // Base chains are asked for by name, for their hooks; the others are known by their
-        // rules (an empty chain nothing refers to is left as it is).
-        let skeleton = base_table(family, &RenderConfig::default());
-        let base: Vec<&str> = if table == TABLE {
-            skeleton.chains.iter().filter(|(_, c)| c.base.is_some()).map(|(n, _)| n.as_str()).collect()
-        } else {
+        // rules (an empty chain nothing refers to is left as it is). The check table's have
+        // no hooks.
+        let (family, table) = (id.family, if check { id.check_name() } else { id.name() });
+        let skeleton = base_table(id, &RenderConfig::default());
+        let base: Vec<&str> = if check {
             Vec::new()
+        } else {
+            skeleton.chains.iter().filter(|(_, c)| c.base.is_some()).map(|(n, _)| n.as_str()).collect()
         };
         let Some(listed) = netlink.list_table(family, table, &base)? else { return Ok(None) };
         let mut live = LiveTable::default();
@@ -198,40 +196,40 @@ impl LiveTable {
     }
 }
 
-/// Both of our tables as the kernel holds them: chains, rules, set declarations.
+/// All our tables as the kernel holds them: chains, rules, set declarations.
 #[derive(Debug, Clone, Default)]
 pub struct Live {
-    tables: BTreeMap<Family, LiveTable>,
+    tables: BTreeMap<TableId, LiveTable>,
 }
 
-/// The elements of the collections the adoption compares, by family and collection, sorted.
-pub type Elements = BTreeMap<(Family, String), Vec<KnownElement>>;
+/// The elements of the collections the adoption compares, by table and collection, sorted.
+pub type Elements = BTreeMap<(TableId, String), Vec<KnownElement>>;
 
 /// Lists the elements of `sets` ([`Live::element_sets`]).
-pub fn list_elements(netlink: &Netlink, sets: &[(Family, String)]) -> Result<Elements, NftError> {
+pub fn list_elements(netlink: &Netlink, sets: &[(TableId, String)]) -> Result<Elements, NftError> {
     let mut all = Elements::new();
-    for (family, name) in sets {
-        if let Some(mut elements) = netlink.list_known_elements(*family, name)? {
+    for (id, name) in sets {
+        if let Some(mut elements) = netlink.list_known_elements(*id, name)? {
             elements.sort_unstable();
-            all.insert((*family, name.clone()), elements);
+            all.insert((*id, name.clone()), elements);
         }
     }
     Ok(all)
 }
 
 impl Live {
-    /// Lists both tables, without the sets' elements; `None` unless both exist.
+    /// Lists all our tables, without the sets' elements; `None` unless all exist.
     pub fn list(netlink: &Netlink) -> Result<Option<Self>, NftError> {
         let mut live = Live::default();
-        for family in FAMILIES {
-            let Some(table) = LiveTable::list(netlink, family, TABLE)? else { return Ok(None) };
-            live.tables.insert(family, table);
+        for id in TableId::all() {
+            let Some(table) = LiveTable::list(netlink, id, false)? else { return Ok(None) };
+            live.tables.insert(id, table);
         }
         Ok(Some(live))
     }
 
     /// The sets and maps whose elements are compared: those the packet path does not fill.
-    pub fn element_sets(&self) -> Vec<(Family, String)> {
+    pub fn element_sets(&self) -> Vec<(TableId, String)> {
         let sets =
             self.tables.iter().flat_map(|(f, t)| t.sets.values().filter(|s| !s.dynamic).map(|s| (*f, s.name.clone())));
         sets.collect()
@@ -241,7 +239,7 @@ impl Live {
     /// (`NS/NAME/PROTO/PORT`) and slot, its capacity the least a slot for its endpoints has.
     pub fn slots(&self) -> Vec<(Family, String, Slot)> {
         let mut slots = Vec::new();
-        for (family, table) in &self.tables {
+        for (id, table) in &self.tables {
             for (name, chain) in &table.chains {
                 let Some(port) = name.strip_prefix("svc-") else { continue };
                 let Some((map, modulus, offset)) = chain.rules.iter().find_map(endpoint_slot) else {
@@ -252,7 +250,7 @@ impl Live {
                 };
                 let Some(capacity) = modulus.checked_next_power_of_two() else { continue };
                 slots.push((
-                    *family,
+                    id.family,
                     port.to_string(),
                     Slot { bucket, offset, capacity: capacity.max(MIN_SLOT_CAPACITY) },
                 ));
@@ -262,25 +260,25 @@ impl Live {
     }
 }
 
-/// The nft script writing the frame of `desired` (see the module's doc) into [`CHECK_TABLE`],
-/// which must not exist. (A `delete table` in the script would have nft list every table
-/// first, ours with its 10k chains included.)
+/// The nft script writing the frame of each table of `desired` (see the module's doc) into
+/// its check table ([`TableId::check_name`]), which must not exist. (A `delete table` in the
+/// script would have nft list every table first, ours with their 10k chains included.)
 pub fn check_script(desired: &Ruleset) -> String {
     let mut out = String::new();
-    for (family, table) in &desired.tables {
-        let fam = family_name(*family);
-        let _ = writeln!(out, "add table {fam} {CHECK_TABLE}");
+    for (id, table) in &desired.tables {
+        let check = format!("{} {}", id.fam(), id.check_name());
+        let _ = writeln!(out, "add table {check}");
         for (name, c) in checked_collections(table) {
             let kind = if c.is_map { "map" } else { "set" };
-            let _ = writeln!(out, "add {kind} {fam} {CHECK_TABLE} {name} {{ {} }}", c.decl);
+            let _ = writeln!(out, "add {kind} {check} {name} {{ {} }}", c.decl);
         }
         let frame: Vec<(&String, &Chain)> = table.chains.iter().filter(|(n, c)| !encoded(n, c)).collect();
         for (name, _) in &frame {
-            let _ = writeln!(out, "add chain {fam} {CHECK_TABLE} {name}");
+            let _ = writeln!(out, "add chain {check} {name}");
         }
         for (name, chain) in &frame {
             for rule in &chain.rules {
-                let _ = writeln!(out, "add rule {fam} {CHECK_TABLE} {name} {rule}");
+                let _ = writeln!(out, "add rule {check} {name} {rule}");
             }
         }
     }
@@ -304,24 +302,26 @@ fn checked_as<'a>(table: &'a Table, name: &'a String) -> Option<&'a String> {
     checked_collections(table).find(|(n, c)| n.starts_with(ENDPOINT_MAP_PREFIX) && c.decl == *decl).map(|(n, _)| n)
 }
 
-/// Deletes the check table of both families, where there is one (a failed adoption or a
-/// crash may have left it).
+/// Deletes the check tables, where there are some (a failed adoption or a crash may have
+/// left them).
 pub fn delete_check_table(netlink: &Netlink) {
-    for family in FAMILIES {
-        if netlink.has_table(family, CHECK_TABLE).unwrap_or(true) {
-            let mut batch = Batch::new();
-            batch.delete_table(family, CHECK_TABLE);
-            let _ = netlink.commit(&batch);
+    let mut batch = Batch::new();
+    for id in TableId::all() {
+        if netlink.has_table(id.family, id.check_name()).unwrap_or(true) {
+            batch.delete_table(id.family, id.check_name());
         }
+    }
+    if !batch.is_empty() {
+        let _ = netlink.commit(&batch);
     }
 }
 
-/// Lists the check table nft wrote ([`check_script`]); `None` unless both families have one.
-pub fn list_check(netlink: &Netlink) -> Result<Option<BTreeMap<Family, LiveFrame>>, NftError> {
+/// Lists the check tables nft wrote ([`check_script`]); `None` unless every table has one.
+pub fn list_check(netlink: &Netlink) -> Result<Option<BTreeMap<TableId, LiveFrame>>, NftError> {
     let mut frames = BTreeMap::new();
-    for family in FAMILIES {
-        let Some(table) = LiveTable::list(netlink, family, CHECK_TABLE)? else { return Ok(None) };
-        frames.insert(family, LiveFrame(table));
+    for id in TableId::all() {
+        let Some(table) = LiveTable::list(netlink, id, true)? else { return Ok(None) };
+        frames.insert(id, LiveFrame(table));
     }
     Ok(Some(frames))
 }
@@ -355,25 +355,25 @@ pub struct ElementDiff {
     collections: Vec<CollectionDiff>,
 }
 
-/// Family, collection, keys to delete, elements to add.
-type CollectionDiff = (Family, String, Vec<Vec<u8>>, Vec<KnownElement>);
+/// Table, collection, keys to delete, elements to add.
+type CollectionDiff = (TableId, String, Vec<Vec<u8>>, Vec<KnownElement>);
 
 /// Compares the elements the kernel holds (`elements`, of `live`'s collections) with those
 /// `desired` wants; `Err` with the reason when one is not an element the encoder knows.
 pub fn diff_elements(live: &Live, elements: &Elements, desired: &Desired) -> Result<ElementDiff, String> {
     let mut diff = ElementDiff::default();
-    for (family, want) in &desired.ruleset.tables {
-        let fam = family_name(*family);
-        let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
+    for (id, want) in &desired.ruleset.tables {
+        let fam = id.to_string();
+        let have = live.tables.get(id).ok_or_else(|| format!("no table {fam}"))?;
         for (name, collection) in &want.collections {
             if let Some(key) = collection.elements.keys().next() {
                 return Err(format!("{fam}: set {name}: element {key} the encoder does not know"));
             }
-            let wanted = desired.encoded.get(&(*family, name.clone())).map_or(&[][..], Vec::as_slice);
+            let wanted = desired.encoded.get(&(*id, name.clone())).map_or(&[][..], Vec::as_slice);
             if wanted.is_empty() && have.sets.get(name).is_none_or(|s| s.dynamic) {
                 continue;
             }
-            let listed = match (have.sets.get(name), elements.get(&(*family, name.clone()))) {
+            let listed = match (have.sets.get(name), elements.get(&(*id, name.clone()))) {
                 (Some(set), _) if set.dynamic => continue,
                 (Some(_), Some(listed)) => listed.as_slice(),
                 // A set the adoption declares (see `plan`): it starts empty.
@@ -382,7 +382,7 @@ pub fn diff_elements(live: &Live, elements: &Elements, desired: &Desired) -> Res
             };
             let (stale, missing) = walk(listed, wanted);
             if !stale.is_empty() || !missing.is_empty() {
-                diff.collections.push((*family, name.clone(), stale, missing));
+                diff.collections.push((*id, name.clone(), stale, missing));
             }
         }
     }
@@ -428,20 +428,19 @@ fn walk(listed: &[KnownElement], wanted: &[KnownElement]) -> (Vec<Vec<u8>>, Vec<
 pub fn plan(
     live: &Live,
     elements: &ElementDiff,
-    check: &BTreeMap<Family, LiveFrame>,
+    check: &BTreeMap<TableId, LiveFrame>,
     desired: &Ruleset,
 ) -> Result<Adoption, String> {
     let mut adoption = Adoption { batch: Batch::new(), chains_written: 0, elements_changed: 0 };
-    for (family, want) in &desired.tables {
-        let fam = family_name(*family);
-        let have = live.tables.get(family).ok_or_else(|| format!("no {fam} table"))?;
-        let frame = &check.get(family).ok_or_else(|| format!("no {fam} check table"))?.0;
-        let missing = check_frame(have, frame, want).map_err(|why| format!("{fam}: {why}"))?;
+    for (id, want) in &desired.tables {
+        let have = live.tables.get(id).ok_or_else(|| format!("no table {id}"))?;
+        let frame = &check.get(id).ok_or_else(|| format!("no check table for {id}"))?.0;
+        let missing = check_frame(have, frame, want).map_err(|why| format!("{id}: {why}"))?;
         // Sets first: a Service whose endpoint map did not exist yet refers to it.
         for (name, decl) in missing {
-            adoption.batch.new_set(*family, name, decl);
+            adoption.batch.new_set(*id, name, decl);
         }
-        plan_family(&mut adoption, *family, elements, have, want).map_err(|why| format!("{fam}: {why}"))?;
+        plan_table(&mut adoption, *id, elements, have, want).map_err(|why| format!("{id}: {why}"))?;
     }
     Ok(adoption)
 }
@@ -513,9 +512,9 @@ fn parse_hook(base: &str) -> Option<Hook> {
     Some(Hook { kind: value("type")?.to_string(), hook, priority: value("priority")?.parse().ok()?, policy })
 }
 
-fn plan_family(
+fn plan_table(
     adoption: &mut Adoption,
-    family: Family,
+    id: TableId,
     elements: &ElementDiff,
     have: &LiveTable,
     want: &Table,
@@ -526,7 +525,7 @@ fn plan_family(
         let expected: Vec<KernelRule> = chain
             .rules
             .iter()
-            .map(|r| expected_rule(family, r))
+            .map(|r| expected_rule(id.family, r))
             .collect::<Option<_>>()
             .ok_or_else(|| format!("chain {name}: a rule the encoder does not know"))?;
         match have.chains.get(name) {
@@ -534,21 +533,21 @@ fn plan_family(
             Some(live) if live.hook.is_some() => return Err(format!("chain {name} is a base chain")),
             Some(_) => write.push((name, chain)),
             None => {
-                adoption.batch.new_chain(family, name);
+                adoption.batch.new_chain(id, name);
                 write.push((name, chain));
             }
         }
     }
     // Elements that differ go first, then the chains are written, then elements are added.
-    let collections = elements.collections.iter().filter(|(f, ..)| *f == family);
+    let collections = elements.collections.iter().filter(|(t, ..)| *t == id);
     for (_, name, stale, _) in collections.clone().filter(|(.., stale, _)| !stale.is_empty()) {
         adoption.elements_changed += stale.len();
-        adoption.batch.delete_raw_elements(family, name, stale.iter().map(Vec::as_slice));
+        adoption.batch.delete_raw_elements(id, name, stale.iter().map(Vec::as_slice));
     }
     for (name, chain) in write {
-        adoption.batch.flush_chain(family, name);
+        adoption.batch.flush_chain(id, name);
         for rule in &chain.rules {
-            if !adoption.batch.add_rule(family, name, rule) {
+            if !adoption.batch.add_rule(id, name, rule) {
                 return Err(format!("chain {name}: a rule the encoder does not know"));
             }
         }
@@ -556,15 +555,15 @@ fn plan_family(
     }
     for (_, name, _, missing) in collections.filter(|(.., missing)| !missing.is_empty()) {
         adoption.elements_changed += missing.len();
-        adoption.batch.known_elements(family, name, missing);
+        adoption.batch.known_elements(id, name, missing);
     }
     // What nobody wants any more: chains emptied, then deleted; sets after the rules using them.
     for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
-        adoption.batch.flush_chain(family, name);
-        adoption.batch.delete_chain(family, name);
+        adoption.batch.flush_chain(id, name);
+        adoption.batch.delete_chain(id, name);
     }
     for name in have.sets.keys().filter(|n| !want.collections.contains_key(*n)) {
-        adoption.batch.delete_set(family, name);
+        adoption.batch.delete_set(id, name);
     }
     Ok(())
 }
@@ -610,15 +609,16 @@ mod tests {
         let endpoint = known_element(Family::V4, "endpoints-tcp-01", "7", "10.0.0.7 . 8080");
         let dispatch = known_element(Family::V6, "service-addresses", "2001:db8::1 . tcp . 80", "goto svc-ns/a/tcp/80");
         let (endpoint, dispatch) = (endpoint.unwrap_or_else(|| panic!()), dispatch.unwrap_or_else(|| panic!()));
+        let (v4, v6) = (TableId { family: Family::V4, index: 1 }, TableId { family: Family::V6, index: 2 });
         let mut text = Batch::new();
-        assert!(text.elements(Family::V4, "endpoints-tcp-01", true, [("7", "10.0.0.7 . 8080")].into_iter()));
-        batch.known_elements(Family::V4, "endpoints-tcp-01", &[endpoint]);
+        assert!(text.elements(v4, "endpoints-tcp-01", true, [("7", "10.0.0.7 . 8080")].into_iter()));
+        batch.known_elements(v4, "endpoints-tcp-01", &[endpoint]);
         assert_eq!(format!("{batch:?}"), format!("{text:?}"), "the same messages");
         let mut text = Batch::new();
         let element = ("2001:db8::1 . tcp . 80", "goto svc-ns/a/tcp/80");
-        assert!(text.elements(Family::V6, "service-addresses", true, [element].into_iter()));
+        assert!(text.elements(v6, "service-addresses", true, [element].into_iter()));
         let mut batch = Batch::new();
-        batch.known_elements(Family::V6, "service-addresses", &[dispatch]);
+        batch.known_elements(v6, "service-addresses", &[dispatch]);
         assert_eq!(format!("{batch:?}"), format!("{text:?}"), "the same messages");
     }
 

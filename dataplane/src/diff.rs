@@ -18,19 +18,28 @@ use crate::model::{Family, Protocol};
 use crate::netlink::{Attrs, Batch};
 use crate::nft::NftError;
 use crate::render::{
-    Chain, ENDPOINT_MAP_PREFIX, RenderConfig, Ruleset, TABLE, Table, base_table, declared_endpoint_map,
-    endpoint_map_bucket, endpoint_map_protocol, family_name, to_script, write_chain_decl, write_elements, write_rules,
+    Chain, ENDPOINT_MAP_PREFIX, RenderConfig, Ruleset, Table, TableId, base_table, declared_endpoint_map,
+    endpoint_map_bucket, endpoint_map_protocol, to_script, write_chain_decl, write_elements, write_rules,
 };
 
 /// Object that exists in the kernel but is no longer wanted, awaiting deletion.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stale {
     /// A chain.
-    Chain(Family, String),
+    Chain(TableId, String),
     /// A set.
-    Collection(Family, String),
+    Collection(TableId, String),
     /// A map.
-    Map(Family, String),
+    Map(TableId, String),
+}
+
+impl Stale {
+    /// The table it is in.
+    pub fn table(&self) -> TableId {
+        match self {
+            Self::Chain(id, _) | Self::Collection(id, _) | Self::Map(id, _) => *id,
+        }
+    }
 }
 
 /// A transaction to run and what it leaves behind.
@@ -53,16 +62,15 @@ impl Plan {
     }
 }
 
-/// Full resync: replace both tables atomically, whatever the kernel holds now.
+/// Full resync: replace all our tables atomically, whatever the kernel holds now.
 ///
 /// `add table` first makes `delete table` valid when the table does not exist. Dynamic
 /// ClientIP affinity entries are lost on a full resync (at start and after a failure).
 pub fn full_plan(desired: &Ruleset) -> Plan {
     let mut script = String::new();
-    for family in desired.tables.keys() {
-        let fam = family_name(*family);
-        let _ = writeln!(script, "add table {fam} {TABLE}");
-        let _ = writeln!(script, "delete table {fam} {TABLE}");
+    for id in desired.tables.keys() {
+        let _ = writeln!(script, "add table {id}");
+        let _ = writeln!(script, "delete table {id}");
     }
     script.push_str(&to_script(desired));
     Plan {
@@ -129,16 +137,16 @@ pub struct Stepwise<'scope> {
     flush_at: usize,
     /// Endpoint maps declared (by the frame or a batch), with whether an element was added to
     /// them.
-    declared: BTreeMap<(Family, String), bool>,
+    declared: BTreeMap<(TableId, String), bool>,
     /// Declarations of endpoint maps, by family and protocol (see [`Frame::templates`]).
     templates: HashMap<(Family, String), Attrs>,
     /// Endpoint-map elements, written after every rule that refers to their map.
-    elements: BTreeMap<(Family, String), Vec<(String, String)>>,
+    elements: BTreeMap<(TableId, String), Vec<(String, String)>>,
     /// Whether every element written so far is one the encoder knows.
     encodable: bool,
     /// Script of the chains for step 4, and the chains it or the frame holds.
     kept: String,
-    chains: HashSet<(Family, String)>,
+    chains: HashSet<(TableId, String)>,
     written: Written,
 }
 
@@ -166,11 +174,11 @@ pub trait StepWriter: Send + Sync {
     fn script(&self, script: &str) -> Result<(), NftError>;
     /// Commits a netlink batch, one transaction.
     fn batch(&self, batch: &Batch) -> Result<(), NftError>;
-    /// The declaration of set or map `name` of our `family` table as the kernel lists it
+    /// The declaration of set or map `name` of our table `table` as the kernel lists it
     /// ([`crate::netlink::listed_set`]); `None` when there is no such set, or the writer cannot
     /// list (the endpoint maps the frame lacks then go through nft).
-    fn declaration(&self, family: Family, name: &str) -> Result<Option<Attrs>, NftError> {
-        let _ = (family, name);
+    fn declaration(&self, table: TableId, name: &str) -> Result<Option<Attrs>, NftError> {
+        let _ = (table, name);
         Ok(None)
     }
 }
@@ -180,9 +188,9 @@ pub trait StepWriter: Send + Sync {
 /// the kernel lists them.
 #[derive(Debug, Clone, Default)]
 pub struct Frame {
-    chains: HashSet<(Family, String)>,
+    chains: HashSet<(TableId, String)>,
     rules: usize,
-    declared: Vec<(Family, String)>,
+    declared: Vec<(TableId, String)>,
     templates: HashMap<(Family, String), Attrs>,
 }
 
@@ -192,17 +200,20 @@ impl Frame {
         &self.templates
     }
 
-    /// The tables before any Service: both base tables, each with an empty endpoint map (of
-    /// bucket 0) per protocol, the declaration the others are copied from.
+    /// The tables before any Service: every base table, the first NAT table of each family
+    /// with an empty endpoint map (of bucket 0) per protocol, the declaration the others are
+    /// copied from.
     pub fn skeleton(config: &RenderConfig) -> Ruleset {
         let mut skeleton = Ruleset::default();
-        for family in [Family::V4, Family::V6] {
-            let mut table = base_table(family, config);
-            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-                let (name, map) = declared_endpoint_map(family, proto.nft_name(), 0);
-                table.collections.insert(name, map);
+        for id in TableId::all() {
+            let mut table = base_table(id, config);
+            if id.index == 1 {
+                for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    let (name, map) = declared_endpoint_map(id.family, proto.nft_name(), 0);
+                    table.collections.insert(name, map);
+                }
             }
-            skeleton.tables.insert(family, table);
+            skeleton.tables.insert(id, table);
         }
         skeleton
     }
@@ -213,19 +224,19 @@ impl Frame {
     pub fn write(writer: &dyn StepWriter, skeleton: &Ruleset) -> Result<Self, NftError> {
         writer.script(&to_script(skeleton))?;
         let mut frame = Self::default();
-        for (family, table) in &skeleton.tables {
+        for (id, table) in &skeleton.tables {
             for name in table.collections.keys().filter(|name| !activates(name)) {
-                frame.declared.push((*family, name.clone()));
+                frame.declared.push((*id, name.clone()));
                 let Some(proto) = endpoint_map_protocol(name) else { continue };
-                let key = (*family, proto.to_string());
+                let key = (id.family, proto.to_string());
                 if !frame.templates.contains_key(&key)
-                    && let Some(decl) = writer.declaration(*family, name)?
+                    && let Some(decl) = writer.declaration(*id, name)?
                 {
                     frame.templates.insert(key, decl);
                 }
             }
             for (name, chain) in &table.chains {
-                frame.chains.insert((*family, name.clone()));
+                frame.chains.insert((*id, name.clone()));
                 frame.rules += chain.rules.len();
             }
         }
@@ -233,21 +244,21 @@ impl Frame {
     }
 }
 
-/// Takes the fragments a sync renders, one Service and family at a time (see
+/// Takes the fragments a sync renders, one Service and table at a time (see
 /// [`crate::render::render_fragment`]).
 pub trait FragmentSink {
-    /// One Service's fragment of `family`'s table.
-    fn add(&mut self, family: Family, fragment: &Table);
+    /// One Service's fragment of table `table`.
+    fn add(&mut self, table: TableId, fragment: &Table);
 
     /// The same, given the fragment to keep.
-    fn add_owned(&mut self, family: Family, fragment: Table) {
-        self.add(family, &fragment);
+    fn add_owned(&mut self, table: TableId, fragment: Table) {
+        self.add(table, &fragment);
     }
 }
 
 impl FragmentSink for Stepwise<'_> {
-    fn add(&mut self, family: Family, fragment: &Table) {
-        Stepwise::add(self, family, fragment);
+    fn add(&mut self, table: TableId, fragment: &Table) {
+        Stepwise::add(self, table, fragment);
     }
 }
 
@@ -293,20 +304,19 @@ impl<'scope> Stepwise<'scope> {
     /// Adds the chains and endpoint-map elements of `table` (one Service's, or a whole
     /// ruleset's), leaving out what the frame or an earlier call had. Elements of the
     /// dispatch maps and the hairpin set are left to [`Stepwise::finish`].
-    pub fn add(&mut self, family: Family, table: &Table) {
-        let fam = family_name(family);
+    pub fn add(&mut self, id: TableId, table: &Table) {
         // An endpoint map the frame lacks is declared as the frame's of its protocol was. A
         // Service whose map cannot be (no declaration to copy) is written through nft in step
         // 4, map declaration, chains and elements together.
         let mut undeclared = false;
         for name in table.collections.keys().filter(|name| !activates(name)) {
-            let key = (family, name.clone());
+            let key = (id, name.clone());
             if self.declared.contains_key(&key) {
                 continue;
             }
-            match endpoint_map_protocol(name).and_then(|proto| self.templates.get(&(family, proto.to_string()))) {
+            match endpoint_map_protocol(name).and_then(|proto| self.templates.get(&(id.family, proto.to_string()))) {
                 Some(decl) => {
-                    self.batch.new_set(family, name, decl);
+                    self.batch.new_set(id, name, decl);
                     self.declared.insert(key, false);
                 }
                 None => undeclared = true,
@@ -315,29 +325,29 @@ impl<'scope> Stepwise<'scope> {
         if undeclared {
             for (name, c) in table.collections.iter().filter(|(name, _)| !activates(name)) {
                 let kind = if c.is_map { "map" } else { "set" };
-                let _ = writeln!(self.kept, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+                let _ = writeln!(self.kept, "add {kind} {id} {name} {{ {} }}", c.decl);
             }
         }
         for (name, chain) in &table.chains {
-            if !self.chains.insert((family, name.clone())) {
+            if !self.chains.insert((id, name.clone())) {
                 continue;
             }
             self.written.chains += 1;
             self.written.rules += chain.rules.len();
-            if undeclared || !is_service_chain(name, chain) || !self.batch.add_chain(family, name, &chain.rules) {
-                write_chain_decl(&mut self.kept, fam, name, chain);
-                write_rules(&mut self.kept, fam, name, chain);
+            if undeclared || !is_service_chain(name, chain) || !self.batch.add_chain(id, name, &chain.rules) {
+                write_chain_decl(&mut self.kept, id, name, chain);
+                write_rules(&mut self.kept, id, name, chain);
             }
             self.flush(false);
         }
         for (name, c) in table.collections.iter().filter(|(name, c)| !activates(name) && !c.elements.is_empty()) {
             self.written.elements += c.elements.len();
-            let key = (family, name.clone());
+            let key = (id, name.clone());
             if let Some(used) = self.declared.get_mut(&key) {
                 *used = true;
             }
             if undeclared {
-                write_elements(&mut self.kept, "add", fam, name, c.elements.iter());
+                write_elements(&mut self.kept, "add", id, name, c.elements.iter());
             } else {
                 self.elements.entry(key).or_default().extend(c.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
@@ -349,7 +359,7 @@ impl<'scope> Stepwise<'scope> {
     /// the Services in order of the first bucket their ports use), and the kernel takes them
     /// in while the rest is rendered.
     pub fn fill_maps_below(&mut self, bucket: u32) {
-        let filled: Vec<(Family, String)> = self
+        let filled: Vec<(TableId, String)> = self
             .elements
             .keys()
             .filter(|(_, name)| endpoint_map_bucket(name).is_some_and(|b| b < bucket))
@@ -362,21 +372,20 @@ impl<'scope> Stepwise<'scope> {
         }
     }
 
-    fn write_elements(&mut self, (family, name): (Family, String), elements: &[(String, String)]) {
+    fn write_elements(&mut self, (id, name): (TableId, String), elements: &[(String, String)]) {
         for chunk in elements.chunks(ELEMENTS_PER_STEP) {
-            self.encodable &=
-                self.batch.elements(family, &name, true, chunk.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            self.encodable &= self.batch.elements(id, &name, true, chunk.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             self.flush(false);
         }
     }
 
     /// Writes steps 3 to 5, `activating` being the dispatch maps' and the hairpin set's
-    /// elements (family, collection, key, value), and waits for the writes. `Ok(None)` when an
+    /// elements (table, collection, key, value), and waits for the writes. `Ok(None)` when an
     /// element is one the encoder does not know: the tables are then part-written, and match
     /// nothing.
     pub fn finish<'a>(
         mut self,
-        activating: impl Iterator<Item = (Family, &'a str, &'a str, &'a str)>,
+        activating: impl Iterator<Item = (TableId, &'a str, &'a str, &'a str)>,
     ) -> Result<Option<Written>, NftError> {
         for (key, elements) in std::mem::take(&mut self.elements) {
             self.write_elements(key, &elements);
@@ -389,16 +398,16 @@ impl<'scope> Stepwise<'scope> {
         }
         let mut last = Batch::new();
         // The frame's endpoint maps no port used (none of those declared since).
-        for (family, name) in self.declared.iter().filter(|(_, used)| !**used).map(|(k, _)| k) {
-            last.delete_set(*family, name);
+        for (id, name) in self.declared.iter().filter(|(_, used)| !**used).map(|(k, _)| k) {
+            last.delete_set(*id, name);
         }
-        let mut grouped: BTreeMap<(Family, &str), Vec<(&str, &str)>> = BTreeMap::new();
-        for (family, name, key, value) in activating {
-            grouped.entry((family, name)).or_default().push((key, value));
+        let mut grouped: BTreeMap<(TableId, &str), Vec<(&str, &str)>> = BTreeMap::new();
+        for (id, name, key, value) in activating {
+            grouped.entry((id, name)).or_default().push((key, value));
         }
-        for ((family, name), elements) in grouped {
+        for ((id, name), elements) in grouped {
             self.written.elements += elements.len();
-            encodable &= last.elements(family, name, true, elements.into_iter());
+            encodable &= last.elements(id, name, true, elements.into_iter());
         }
         if encodable {
             self.send(Step::Batch(last));
@@ -455,10 +464,9 @@ fn panicked() -> NftError {
 /// Script deleting our tables (`--cleanup`).
 pub fn cleanup_script() -> String {
     let mut script = String::new();
-    for family in [Family::V4, Family::V6] {
-        let fam = family_name(family);
-        let _ = writeln!(script, "add table {fam} {TABLE}");
-        let _ = writeln!(script, "delete table {fam} {TABLE}");
+    for id in TableId::all() {
+        let _ = writeln!(script, "add table {id}");
+        let _ = writeln!(script, "delete table {id}");
     }
     script
 }
@@ -467,15 +475,14 @@ pub fn cleanup_script() -> String {
 pub fn partial_plan(applied: &Ruleset, stale: &BTreeSet<Stale>, desired: &Ruleset) -> Plan {
     let mut plan = Plan::default();
     let empty = Table::default();
-    for (family, want) in &desired.tables {
-        let have = applied.tables.get(family).unwrap_or(&empty);
-        diff_table(&mut plan, *family, have, want, stale);
+    for (id, want) in &desired.tables {
+        let have = applied.tables.get(id).unwrap_or(&empty);
+        diff_table(&mut plan, *id, have, want, stale);
     }
     plan
 }
 
-fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale: &BTreeSet<Stale>) {
-    let fam = family_name(family);
+fn diff_table(plan: &mut Plan, id: TableId, have: &Table, want: &Table, stale: &BTreeSet<Stale>) {
     let out = &mut plan.script;
 
     // 1. New sets/maps (a changed declaration gets a new name by construction: the affinity
@@ -483,13 +490,13 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
     for (name, c) in &want.collections {
         if !have.collections.contains_key(name) {
             let kind = if c.is_map { "map" } else { "set" };
-            let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+            let _ = writeln!(out, "add {kind} {id} {name} {{ {} }}", c.decl);
         }
     }
     // 2. New chains are declared before any rule refers to them.
     for (name, chain) in &want.chains {
         if !have.chains.contains_key(name) {
-            write_chain_decl(out, fam, name, chain);
+            write_chain_decl(out, id, name, chain);
         }
     }
     // 3. Rewrite chains whose rules changed; fill new ones.
@@ -497,12 +504,12 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
         match have.chains.get(name) {
             Some(old) if old == chain => {}
             Some(_) => {
-                let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
-                write_rules(out, fam, name, chain);
+                let _ = writeln!(out, "flush chain {id} {name}");
+                write_rules(out, id, name, chain);
                 plan.chains_written += 1;
             }
             None => {
-                write_rules(out, fam, name, chain);
+                write_rules(out, id, name, chain);
                 plan.chains_written += 1;
             }
         }
@@ -515,26 +522,26 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
         let added: Vec<(&String, &String)> =
             c.elements.iter().filter(|(k, v)| old.and_then(|o| o.elements.get(*k)) != Some(*v)).collect();
         plan.elements_changed += removed.len() + added.len();
-        write_elements(out, "delete", fam, name, removed.into_iter());
-        write_elements(out, "add", fam, name, added.into_iter());
+        write_elements(out, "delete", id, name, removed.into_iter());
+        write_elements(out, "add", id, name, added.into_iter());
     }
     // 5. Empty what is no longer wanted; it is deleted by the next plan.
     for (name, c) in &have.collections {
         if !want.collections.contains_key(name) {
             if c.is_map && !c.elements.is_empty() {
-                let _ = writeln!(out, "flush map {fam} {TABLE} {name}");
+                let _ = writeln!(out, "flush map {id} {name}");
             }
             plan.stale_after.insert(if c.is_map {
-                Stale::Map(family, name.clone())
+                Stale::Map(id, name.clone())
             } else {
-                Stale::Collection(family, name.clone())
+                Stale::Collection(id, name.clone())
             });
         }
     }
     for name in have.chains.keys() {
         if !want.chains.contains_key(name) {
-            let _ = writeln!(out, "flush chain {fam} {TABLE} {name}");
-            plan.stale_after.insert(Stale::Chain(family, name.clone()));
+            let _ = writeln!(out, "flush chain {id} {name}");
+            plan.stale_after.insert(Stale::Chain(id, name.clone()));
         }
     }
     // 6. Delete what earlier plans emptied, unless it is wanted again (then it was re-added,
@@ -542,10 +549,10 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
     //    affinity set is referenced by its endpoint chain's rules until those are gone.
     for s in stale {
         if let Stale::Chain(f, name) = s
-            && *f == family
+            && *f == id
             && !want.chains.contains_key(name)
         {
-            let _ = writeln!(out, "delete chain {fam} {TABLE} {name}");
+            let _ = writeln!(out, "delete chain {id} {name}");
         }
     }
     for s in stale {
@@ -554,8 +561,8 @@ fn diff_table(plan: &mut Plan, family: Family, have: &Table, want: &Table, stale
             Stale::Collection(f, name) => (f, name, "set"),
             Stale::Map(f, name) => (f, name, "map"),
         };
-        if *f == family && !want.collections.contains_key(name) {
-            let _ = writeln!(out, "delete {kind} {fam} {TABLE} {name}");
+        if *f == id && !want.collections.contains_key(name) {
+            let _ = writeln!(out, "delete {kind} {id} {name}");
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::model::{Family, Protocol as L4};
 use crate::nft::NftError;
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_NODEPORTS, SERVICE_ADDRESSES, SERVICE_ADDRESSES_LOCAL,
-    SERVICE_NODEPORTS, SERVICE_NODEPORTS_LOCAL, TABLE,
+    SERVICE_NODEPORTS, SERVICE_NODEPORTS_LOCAL, TableId,
 };
 
 const AF_NETLINK: i32 = 16;
@@ -193,26 +193,26 @@ impl Batch {
         self.buf.len()
     }
 
-    /// Creates a regular chain (`add chain FAM hawser NAME`).
-    pub fn new_chain(&mut self, family: Family, name: &str) {
-        self.named(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
+    /// Creates a regular chain (`add chain FAM TABLE NAME`).
+    pub fn new_chain(&mut self, table: TableId, name: &str) {
+        self.named(NFT_MSG_NEWCHAIN, NLM_F_CREATE, table, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
     }
 
     /// Deletes every rule of a chain (`flush chain`).
-    pub fn flush_chain(&mut self, family: Family, name: &str) {
-        self.named(NFT_MSG_DELRULE, 0, family, (NFTA_RULE_TABLE, NFTA_RULE_CHAIN), name);
+    pub fn flush_chain(&mut self, table: TableId, name: &str) {
+        self.named(NFT_MSG_DELRULE, 0, table, (NFTA_RULE_TABLE, NFTA_RULE_CHAIN), name);
     }
 
     /// Deletes an empty, unreferenced chain.
-    pub fn delete_chain(&mut self, family: Family, name: &str) {
-        self.named(NFT_MSG_DELCHAIN, 0, family, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
+    pub fn delete_chain(&mut self, table: TableId, name: &str) {
+        self.named(NFT_MSG_DELCHAIN, 0, table, (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME), name);
     }
 
     /// Declares set or map `name` with the declaration `decl` another set was listed with
     /// (see [`listed_set`]).
-    pub fn new_set(&mut self, family: Family, name: &str, decl: &Attrs) {
-        let mut m = Message::new(NFT_MSG_NEWSET, NLM_F_CREATE, family);
-        m.str(NFTA_SET_TABLE, TABLE);
+    pub fn new_set(&mut self, table: TableId, name: &str, decl: &Attrs) {
+        let mut m = Message::new(NFT_MSG_NEWSET, NLM_F_CREATE, table.family);
+        m.str(NFTA_SET_TABLE, table.name());
         m.str(NFTA_SET_NAME, name);
         self.sets += 1;
         m.u32(NFTA_SET_ID, self.sets);
@@ -231,29 +231,29 @@ impl Batch {
     }
 
     /// Deletes an unreferenced set or map.
-    pub fn delete_set(&mut self, family: Family, name: &str) {
-        self.named(NFT_MSG_DELSET, 0, family, (NFTA_SET_TABLE, NFTA_SET_NAME), name);
+    pub fn delete_set(&mut self, table: TableId, name: &str) {
+        self.named(NFT_MSG_DELSET, 0, table, (NFTA_SET_TABLE, NFTA_SET_NAME), name);
     }
 
     /// A message naming one object of our table: the table and object attributes of its kind.
-    fn named(&mut self, kind: u16, flags: u16, family: Family, (table, object): (u16, u16), name: &str) {
-        let mut m = Message::new(kind, flags, family);
-        m.str(table, TABLE);
+    fn named(&mut self, kind: u16, flags: u16, table: TableId, (table_attr, object): (u16, u16), name: &str) {
+        let mut m = Message::new(kind, flags, table.family);
+        m.str(table_attr, table.name());
         m.str(object, name);
         self.push(m);
     }
 
     /// Appends the rule `text` (as the renderer writes it) to `chain`; `false` when the text is
     /// not one of the shapes this encoder knows.
-    pub fn add_rule(&mut self, family: Family, chain: &str, text: &str) -> bool {
-        let Some(exprs) = rule_expressions(family, text) else { return false };
-        self.push_rule(family, chain, &exprs);
+    pub fn add_rule(&mut self, table: TableId, chain: &str, text: &str) -> bool {
+        let Some(exprs) = rule_expressions(table.family, text) else { return false };
+        self.push_rule(table, chain, &exprs);
         true
     }
 
-    fn push_rule(&mut self, family: Family, chain: &str, exprs: &[Expr]) {
-        let mut m = Message::new(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, family);
-        m.str(NFTA_RULE_TABLE, TABLE);
+    fn push_rule(&mut self, table: TableId, chain: &str, exprs: &[Expr]) {
+        let mut m = Message::new(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, table.family);
+        m.str(NFTA_RULE_TABLE, table.name());
         m.str(NFTA_RULE_CHAIN, chain);
         let list = m.begin(NFTA_RULE_EXPRESSIONS);
         for e in exprs {
@@ -267,13 +267,13 @@ impl Batch {
 
     /// Creates the regular chain `name` with `rules` (as the renderer writes them); `false`,
     /// with nothing appended, when a rule is not one of the shapes this encoder knows.
-    pub fn add_chain(&mut self, family: Family, name: &str, rules: &[String]) -> bool {
-        let Some(encoded) = rules.iter().map(|r| rule_expressions(family, r)).collect::<Option<Vec<_>>>() else {
+    pub fn add_chain(&mut self, table: TableId, name: &str, rules: &[String]) -> bool {
+        let Some(encoded) = rules.iter().map(|r| rule_expressions(table.family, r)).collect::<Option<Vec<_>>>() else {
             return false;
         };
-        self.new_chain(family, name);
+        self.new_chain(table, name);
         for exprs in &encoded {
-            self.push_rule(family, name, exprs);
+            self.push_rule(table, name, exprs);
         }
         true
     }
@@ -284,7 +284,7 @@ impl Batch {
     /// then.
     pub fn elements<'a>(
         &mut self,
-        family: Family,
+        table: TableId,
         collection: &str,
         add: bool,
         elements: impl Iterator<Item = (&'a str, &'a str)>,
@@ -292,9 +292,9 @@ impl Batch {
         let Some(kind) = CollectionKind::of(collection) else { return false };
         let mut encoded: Vec<(Vec<u8>, Option<Value>)> = Vec::new();
         for (key, value) in elements {
-            let Some(k) = kind.key(family, key) else { return false };
+            let Some(k) = kind.key(table.family, key) else { return false };
             let v = if add && kind.has_value() {
-                match kind.value(family, value) {
+                match kind.value(table.family, value) {
                     Some(v) => Some(v),
                     None => return false,
                 }
@@ -303,21 +303,21 @@ impl Batch {
             };
             encoded.push((k, v));
         }
-        self.push_elements(family, collection, add, &encoded);
+        self.push_elements(table, collection, add, &encoded);
         true
     }
 
     /// Adds elements as [`known_element`] encoded them to one of our collections.
-    pub fn known_elements(&mut self, family: Family, collection: &str, elements: &[KnownElement]) {
+    pub fn known_elements(&mut self, table: TableId, collection: &str, elements: &[KnownElement]) {
         let encoded: Vec<(Vec<u8>, Option<Value>)> = elements.iter().map(|e| (e.key().to_vec(), e.value())).collect();
-        self.push_elements(family, collection, true, &encoded);
+        self.push_elements(table, collection, true, &encoded);
     }
 
-    fn push_elements(&mut self, family: Family, collection: &str, add: bool, encoded: &[(Vec<u8>, Option<Value>)]) {
+    fn push_elements(&mut self, table: TableId, collection: &str, add: bool, encoded: &[(Vec<u8>, Option<Value>)]) {
         let kind_msg = if add { NFT_MSG_NEWSETELEM } else { NFT_MSG_DELSETELEM };
         for chunk in encoded.chunks(ELEMENTS_PER_MESSAGE) {
-            let mut m = Message::new(kind_msg, if add { NLM_F_CREATE } else { 0 }, family);
-            m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            let mut m = Message::new(kind_msg, if add { NLM_F_CREATE } else { 0 }, table.family);
+            m.str(NFTA_SET_ELEM_LIST_TABLE, table.name());
             m.str(NFTA_SET_ELEM_LIST_SET, collection);
             let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
             for (key, value) in chunk {
@@ -350,11 +350,11 @@ impl Batch {
 
     /// Deletes the elements with these keys (as [`Netlink::each_element`] gives them) from
     /// set or map `set`.
-    pub fn delete_raw_elements<'a>(&mut self, family: Family, set: &str, keys: impl Iterator<Item = &'a [u8]>) {
+    pub fn delete_raw_elements<'a>(&mut self, table: TableId, set: &str, keys: impl Iterator<Item = &'a [u8]>) {
         let keys: Vec<&[u8]> = keys.collect();
         for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
-            let mut m = Message::new(NFT_MSG_DELSETELEM, 0, family);
-            m.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            let mut m = Message::new(NFT_MSG_DELSETELEM, 0, table.family);
+            m.str(NFTA_SET_ELEM_LIST_TABLE, table.name());
             m.str(NFTA_SET_ELEM_LIST_SET, set);
             let list = m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
             for key in chunk {
@@ -1258,9 +1258,9 @@ impl Netlink {
         }
     }
 
-    /// Whether our table of `family` exists (`nft list table FAMILY hawser` succeeding).
-    pub fn table_exists(&self, family: Family) -> Result<bool, NftError> {
-        self.has_table(family, TABLE)
+    /// Whether our table `table` exists (`nft list table FAMILY NAME` succeeding).
+    pub fn table_exists(&self, table: TableId) -> Result<bool, NftError> {
+        self.has_table(table.family, table.name())
     }
 
     /// Whether table `table` of `family` exists.
@@ -1279,10 +1279,10 @@ impl Netlink {
     }
 
     /// Calls `each` with the key and data (empty for a set) of every element of set or map
-    /// `set` of our `family` table, as the kernel lays them out in registers; nothing is
+    /// `set` of our table `table`, as the kernel lays them out in registers; nothing is
     /// copied.
-    pub fn each_element(&self, family: Family, set: &str, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), NftError> {
-        self.list_elements_with(family, TABLE, set, |elem| {
+    pub fn each_element(&self, table: TableId, set: &str, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), NftError> {
+        self.list_elements_with(table.family, table.name(), set, |elem| {
             if let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) {
                 each(key, nested_value(elem, NFTA_SET_ELEM_DATA).unwrap_or_default());
             }
@@ -1299,10 +1299,10 @@ impl Netlink {
 
     /// Every element of one of our maps the encoder knows, as key and value, to compare with
     /// [`expected_elements`]. `None` when the collection is not one the encoder knows.
-    pub fn list_known_elements(&self, family: Family, set: &str) -> Result<Option<Vec<KnownElement>>, NftError> {
+    pub fn list_known_elements(&self, table: TableId, set: &str) -> Result<Option<Vec<KnownElement>>, NftError> {
         let Some(kind) = CollectionKind::of(set) else { return Ok(None) };
         let mut elements = Vec::new();
-        self.list_elements_with(family, TABLE, set, |elem| {
+        self.list_elements_with(table.family, table.name(), set, |elem| {
             let Some(key) = nested_value(elem, NFTA_SET_ELEM_KEY) else { return };
             let value = if kind.has_value() {
                 attributes(elem).find(|(t, _)| *t == NFTA_SET_ELEM_DATA).and_then(|(_, data)| decode_value(data))
@@ -1372,11 +1372,11 @@ impl Netlink {
         Ok(Some(listed))
     }
 
-    /// Set or map `set` of our `family` table as the kernel lists it (see [`listed_set`]);
+    /// Set or map `set` of our table `table` as the kernel lists it (see [`listed_set`]);
     /// `None` when there is no such set.
-    pub fn get_set(&self, family: Family, set: &str) -> Result<Option<ListedSet>, NftError> {
-        let mut m = Message::new(NFT_MSG_GETSET, NLM_F_ACK, family);
-        m.str(NFTA_SET_TABLE, TABLE);
+    pub fn get_set(&self, table: TableId, set: &str) -> Result<Option<ListedSet>, NftError> {
+        let mut m = Message::new(NFT_MSG_GETSET, NLM_F_ACK, table.family);
+        m.str(NFTA_SET_TABLE, table.name());
         m.str(NFTA_SET_NAME, set);
         Ok(self.get(m).map_err(|e| e.listing(set))?.as_ref().and_then(listed_set))
     }
@@ -1672,24 +1672,20 @@ mod tests {
         // An IPv6 address in the IPv4 table is declined, not truncated.
         assert_eq!(rule_expressions(Family::V4, "meta l4proto tcp dnat to [fd00::5]:80"), None);
         let mut b = Batch::new();
+        let v4 = crate::render::TableId::frame(Family::V4);
         // The dynamic affinity maps are the kernel's to fill.
-        assert!(!b.elements(
-            Family::V4,
-            "affinity-cluster",
-            true,
-            [("10.0.0.1 . 10.0.0.2 . tcp . 80", "")].into_iter()
-        ));
-        assert!(!b.elements(Family::V4, "affinity-addresses", true, [("10.0.0.1 . tcp . 80", "return")].into_iter()));
-        assert!(!b.elements(Family::V4, "service-addresses", true, [("10.0.0.1 . tcp . 80", "accept")].into_iter()));
-        assert!(!b.elements(Family::V4, "hairpin", true, [("fd00::1 . fd00::1", "")].into_iter()));
+        assert!(!b.elements(v4, "affinity-cluster", true, [("10.0.0.1 . 10.0.0.2 . tcp . 80", "")].into_iter()));
+        assert!(!b.elements(v4, "affinity-addresses", true, [("10.0.0.1 . tcp . 80", "return")].into_iter()));
+        assert!(!b.elements(v4, "service-addresses", true, [("10.0.0.1 . tcp . 80", "accept")].into_iter()));
+        assert!(!b.elements(v4, "hairpin", true, [("fd00::1 . fd00::1", "")].into_iter()));
         assert!(b.is_empty());
     }
 
     #[test]
     fn every_collection_the_renderer_fills_is_written_over_netlink() {
-        use crate::render::{RenderConfig, base_table, declared_endpoint_map};
-        for family in [Family::V4, Family::V6] {
-            let table = base_table(family, &RenderConfig::default());
+        use crate::render::{RenderConfig, TableId, base_table, declared_endpoint_map};
+        for id in TableId::all() {
+            let (family, table) = (id.family, base_table(id, &RenderConfig::default()));
             let endpoints = [declared_endpoint_map(family, "tcp", 1), declared_endpoint_map(family, "sctp", 255)];
             let collections = table.collections.iter().map(|(n, c)| (n.clone(), c.clone())).chain(endpoints);
             for (name, collection) in collections {

@@ -15,9 +15,8 @@ use tracing::debug;
 
 use crate::affinity::{self, AffinityEntry};
 use crate::diff::{FullSync, Plan, Stale, StepWriter, cleanup_script, full_plan, partial_plan};
-use crate::model::Family;
 use crate::netlink::{Attrs, Batch, Netlink};
-use crate::render::{AFFINITY_MAPS, Ruleset, TABLE, family_name};
+use crate::render::{AFFINITY_MAPS, Ruleset, TableId};
 
 /// Failure to run an nft transaction.
 #[derive(Debug, thiserror::Error)]
@@ -61,17 +60,17 @@ pub trait NftRunner: Send + Sync {
     }
 
     /// Where to write a full resync in steps ([`Stepwise`](crate::diff::Stepwise)) while it
-    /// is rendered: only into a kernel that has neither of our tables, and only for runners
+    /// is rendered: only into a kernel that has none of our tables, and only for runners
     /// that write netlink batches. `None` otherwise; the resync then goes through
     /// [`NftRunner::run_full`].
     fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
         Ok(None)
     }
 
-    /// Deletes the ClientIP affinity entries of `family` that `stale` (given the map's name)
+    /// Deletes the ClientIP affinity entries of table `table` that `stale` (given the map's name)
     /// selects; returns how many. Runners that program no kernel have none.
-    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
-        let _ = (family, stale);
+    fn purge_affinity(&self, table: TableId, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        let _ = (table, stale);
         Ok(0)
     }
 
@@ -114,8 +113,8 @@ impl<T: NftRunner + ?Sized> NftRunner for Box<T> {
         (**self).stepwise()
     }
 
-    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
-        (**self).purge_affinity(family, stale)
+    fn purge_affinity(&self, table: TableId, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+        (**self).purge_affinity(table, stale)
     }
 
     fn netlink(&self) -> Option<Arc<Netlink>> {
@@ -192,34 +191,33 @@ impl NftCommand {
     /// One listing of both affinity maps and one transaction deleting what `stale` selects:
     /// over netlink when the runner has a socket, else with nft. Returns the entries deleted
     /// and the longest listing.
-    fn purge_once(&self, family: Family, stale: &StaleEntry<'_>) -> Result<(usize, usize), NftError> {
-        let fam = family_name(family);
+    fn purge_once(&self, table: TableId, stale: &StaleEntry<'_>) -> Result<(usize, usize), NftError> {
         let (mut purged, mut listed) = (0, 0);
         if let Some(netlink) = &self.netlink {
             let mut batch = Batch::new();
             for map in AFFINITY_MAPS.map(|m| m.name) {
                 let (mut count, mut keys) = (0, Vec::new());
-                netlink.each_element(family, map, |key, data| {
+                netlink.each_element(table, map, |key, data| {
                     count += 1;
-                    if AffinityEntry::from_registers(family, key, data).is_some_and(|entry| stale(map, &entry)) {
+                    if AffinityEntry::from_registers(table.family, key, data).is_some_and(|entry| stale(map, &entry)) {
                         keys.push(key.to_vec());
                     }
                 })?;
                 listed = listed.max(count);
                 purged += keys.len();
-                batch.delete_raw_elements(family, map, keys.iter().map(Vec::as_slice));
+                batch.delete_raw_elements(table, map, keys.iter().map(Vec::as_slice));
             }
             netlink.commit(&batch)?;
             return Ok((purged, listed));
         }
         let mut script = String::new();
         for map in AFFINITY_MAPS.map(|m| m.name) {
-            let entries = affinity::parse_listing(&self.output(&["list", "map", fam, TABLE, map])?);
+            let entries = affinity::parse_listing(&self.output(&["list", "map", table.fam(), table.name(), map])?);
             listed = listed.max(entries.len());
             let keys: Vec<String> = entries.into_iter().filter(|e| stale(map, e)).map(|e| e.key_text()).collect();
             purged += keys.len();
             if !keys.is_empty() {
-                let _ = writeln!(script, "delete element {fam} {TABLE} {map} {{ {} }}", keys.join(", "));
+                let _ = writeln!(script, "delete element {table} {map} {{ {} }}", keys.join(", "));
             }
         }
         if !script.is_empty() {
@@ -269,8 +267,8 @@ impl StepWriter for Steps {
         Ok(())
     }
 
-    fn declaration(&self, family: Family, name: &str) -> Result<Option<Attrs>, NftError> {
-        Ok(self.netlink.get_set(family, name)?.map(|set| set.decl))
+    fn declaration(&self, table: TableId, name: &str) -> Result<Option<Attrs>, NftError> {
+        Ok(self.netlink.get_set(table, name)?.map(|set| set.decl))
     }
 }
 
@@ -288,13 +286,13 @@ impl NftRunner for NftCommand {
         }
     }
 
-    /// Into a kernel that has neither of our tables, the frame through nft and the bulk in
+    /// Into a kernel that has none of our tables, the frame through nft and the bulk in
     /// netlink batches (nft spends seconds parsing 10k Services' elements); tables that exist
     /// are replaced atomically by [`NftRunner::run_full`].
     fn stepwise(&self) -> Result<Option<Box<dyn StepWriter>>, NftError> {
         let Some(netlink) = &self.netlink else { return Ok(None) };
-        for family in [Family::V4, Family::V6] {
-            if netlink.table_exists(family)? {
+        for id in TableId::all() {
+            if netlink.table_exists(id)? {
                 return Ok(None);
             }
         }
@@ -305,13 +303,13 @@ impl NftRunner for NftCommand {
         self.netlink.clone()
     }
 
-    fn purge_affinity(&self, family: Family, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
+    fn purge_affinity(&self, table: TableId, stale: &StaleEntry<'_>) -> Result<usize, NftError> {
         let mut purged = 0;
         for pass in 1..=PURGE_PASSES {
             let mut attempt = 0;
             let (deleted, listed) = loop {
                 attempt += 1;
-                match self.purge_once(family, stale) {
+                match self.purge_once(table, stale) {
                     Err(NftError::Rejected { .. }) if attempt < PURGE_ATTEMPTS => {}
                     result => break result?,
                 }

@@ -1,13 +1,16 @@
 //! Turns the model into the nftables ruleset this node must have (pure).
 //!
-//! Shape, per family (`ip` and `ip6`, each a table named `hawser`):
-//! - base chains `filter-prerouting`/`filter-output` (filter, priority -115) jump to
+//! Shape, per family (`ip` and `ip6`): a frame table `hawser`, which every packet passes, and
+//! [`NAT_SHARDS`] NAT tables `hawser-1` … `hawser-8`, which only a connection's first packet
+//! passes and over which the Services are spread by a hash of their namespace and name (see
+//! [`TableId`]):
+//! - in the frame, base chains `filter-prerouting`/`filter-output` (filter, priority -115) jump to
 //!   `filter-dispatch`, which looks up `filter-addresses` (addr . proto . port) and, for this
 //!   node's own non-loopback addresses, `filter-nodeports` (proto . port); the per-port
 //!   `fw-…` chains enforce `loadBalancerSourceRanges` and reject (no endpoints) or drop
 //!   (Local with no local endpoint) new connections;
-//! - base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e. before
-//!   kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
+//! - in each NAT table, base chains `nat-prerouting`/`nat-output` (nat, priority -110, i.e.
+//!   before kube-proxy's dstnat -100) jump to `services`, which dispatches through the verdict maps
 //!   `service-addresses-local` and `service-nodeports-local` (Local policy), then, with the
 //!   masquerade mark set, `service-addresses` and `service-nodeports` (Cluster policy) to the
 //!   per-port `svc-…` chains, and clears the mark when none matched;
@@ -20,7 +23,7 @@
 //!   `affinity-prerouting`/`affinity-output` (priority -99, right after the NAT hook) record the
 //!   endpoint picked for a new connection (see [`AFFINITY_CLUSTER`]); IPv6 ones have two rules
 //!   per endpoint on the `ip6` table's `affinity` set (see [`AFFINITY_SET`]);
-//! - `nat-postrouting` masquerades (fully-random) what carries our mark bit (everything a
+//! - the frame's `nat-postrouting` masquerades (fully-random) what carries our mark bit (everything a
 //!   Cluster-policy Service DNATs), and hairpin traffic of Local-policy Services: a DNATed
 //!   packet whose source is the endpoint it was sent to (`hairpin` set, their endpoints only).
 //!
@@ -32,7 +35,12 @@
 //! named set per affinity endpoint made an affinity load quadratic (1k Services × 10
 //! endpoints: 13 s, nearly all in the kernel), and two rules per endpoint on one shared set
 //! made it 6× a load without affinity (the kernel parses every expression of every rule);
-//! affinity now adds set elements only, and no rule per Service.
+//! affinity now adds set elements only, and no rule per Service. And a transaction that adds a
+//! rule or a `goto` element makes the kernel re-validate every chain reachable from the base
+//! chains of the table it touches, walking every element of its verdict maps: with all 10k
+//! Services in one table that walk was most of a one-endpoint change (38–48 ms of kernel time on
+//! a slow machine), spread over 8 NAT tables it is an eighth. The frame stays one table so that
+//! an established connection's packets pass one filter chain, not one per NAT table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -42,8 +50,89 @@ use ipnet::IpNet;
 
 use crate::model::{ClusterModel, Endpoint, Family, PortModel, Protocol, ServiceModel, TrafficPolicy};
 
-/// Name of our tables in both families.
+/// Name of the table of each family that filters (source ranges, rejects) and masquerades:
+/// the [`TableId::frame`] of the family.
 pub const TABLE: &str = "hawser";
+/// Number of NAT tables per family (`hawser-1` … `hawser-8`) the Services are spread over, by
+/// a hash of their namespace and name. A transaction that adds a rule or a `goto` element makes
+/// the kernel re-validate every chain reachable from the base chains of the table it touches,
+/// a walk of every dispatch element of that table: spread over 8 tables, a one-endpoint
+/// change at 10k Services re-validates 1/8 of them. Only the NAT hook, which sees the first
+/// packet of a connection, passes through all of them; filtering stays in one table.
+pub const NAT_SHARDS: u8 = 8;
+const TABLE_NAMES: [&str; 1 + NAT_SHARDS as usize] =
+    [TABLE, "hawser-1", "hawser-2", "hawser-3", "hawser-4", "hawser-5", "hawser-6", "hawser-7", "hawser-8"];
+const CHECK_TABLE_NAMES: [&str; 1 + NAT_SHARDS as usize] = [
+    "hawser-check",
+    "hawser-check-1",
+    "hawser-check-2",
+    "hawser-check-3",
+    "hawser-check-4",
+    "hawser-check-5",
+    "hawser-check-6",
+    "hawser-check-7",
+    "hawser-check-8",
+];
+
+/// One of our tables: the family's frame (index 0: filtering, masquerading, the hairpin set) or
+/// one of its [`NAT_SHARDS`] NAT tables (1 ..= `NAT_SHARDS`: the Services' DNAT, dispatch maps,
+/// endpoint maps and ClientIP affinity). Displays as nft names it in a command (`ip hawser-3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableId {
+    /// Its family.
+    pub family: Family,
+    /// 0 for the frame, else the NAT shard.
+    pub index: u8,
+}
+
+impl TableId {
+    /// The family's frame table, `hawser`.
+    pub const fn frame(family: Family) -> Self {
+        Self { family, index: 0 }
+    }
+
+    /// The NAT table of `family` that holds the Service `namespace/name`.
+    pub fn nat(family: Family, namespace: &str, name: &str) -> Self {
+        let hash = stable_hash(&format!("{namespace}/{name}"));
+        Self { family, index: 1 + u8::try_from(hash % u32::from(NAT_SHARDS)).unwrap_or(0) }
+    }
+
+    /// Every table of `family`: the frame, then the NAT tables.
+    pub fn of_family(family: Family) -> impl Iterator<Item = Self> {
+        (0..=NAT_SHARDS).map(move |index| Self { family, index })
+    }
+
+    /// Every table of ours, IPv4's first.
+    pub fn all() -> impl Iterator<Item = Self> {
+        [Family::V4, Family::V6].into_iter().flat_map(Self::of_family)
+    }
+
+    /// Whether it is the frame.
+    pub const fn is_frame(self) -> bool {
+        self.index == 0
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        TABLE_NAMES[usize::from(self.index)]
+    }
+
+    /// The name of the table the adoption writes this one's frame into (see [`crate::adopt`]).
+    pub fn check_name(self) -> &'static str {
+        CHECK_TABLE_NAMES[usize::from(self.index)]
+    }
+
+    /// The nft family keyword.
+    pub fn fam(self) -> &'static str {
+        family_name(self.family)
+    }
+}
+
+impl std::fmt::Display for TableId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.fam(), self.name())
+    }
+}
 /// Default packet-mark bit requesting masquerade; distinct from kube-proxy's 0x4000.
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x0040_0000;
 /// Number of shared endpoint maps per family and protocol (`endpoints-tcp-00` … `-ff`). The kernel
@@ -96,7 +185,7 @@ impl Collection {
     }
 }
 
-/// One family's `hawser` table.
+/// One of our tables ([`TableId`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Table {
     /// Chains by name.
@@ -123,8 +212,8 @@ pub struct Slot {
 /// The complete desired ruleset.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ruleset {
-    /// Tables by family.
-    pub tables: BTreeMap<Family, Table>,
+    /// Tables: each family's frame and NAT tables.
+    pub tables: BTreeMap<TableId, Table>,
     /// Endpoint-map slots by family and Service port (`NS/NAME/PROTO/PORT`).
     pub slots: BTreeMap<Family, BTreeMap<String, Slot>>,
 }
@@ -188,16 +277,14 @@ pub fn render(model: &ClusterModel, config: &RenderConfig) -> Ruleset {
 /// ruleset in the kernel) for the Service ports that still fit in them, so that a partial
 /// sync only touches what changed.
 pub fn render_from(model: &ClusterModel, config: &RenderConfig, previous: Option<&Ruleset>) -> Ruleset {
-    let mut ruleset = Ruleset::default();
+    let mut ruleset = skeletons(config);
     for family in [Family::V4, Family::V6] {
-        let mut table = skeleton(family, config);
         let mut slots = SlotAllocator::new(previous.and_then(|p| p.slots.get(&family)));
         for svc in model.services.values() {
             if svc.families.contains(&family) {
-                render_service(&mut table, &mut slots, svc, family);
+                render_service(&mut ruleset.tables, &mut slots, svc, family);
             }
         }
-        ruleset.tables.insert(family, table);
         ruleset.slots.insert(family, slots.assigned);
     }
     ruleset
@@ -210,29 +297,35 @@ pub fn render_with_slots<'a>(
     config: &RenderConfig,
     slots: &BTreeMap<Family, SlotTable>,
 ) -> Ruleset {
-    let mut ruleset = Ruleset::default();
+    let mut ruleset = skeletons(config);
     for family in [Family::V4, Family::V6] {
-        let mut table = skeleton(family, config);
         let empty = SlotTable::default();
         let mut fixed = FixedSlots { table: slots.get(&family).unwrap_or(&empty), used: Vec::new() };
         for svc in services.clone() {
             if svc.families.contains(&family) {
-                render_service(&mut table, &mut fixed, svc, family);
+                render_service(&mut ruleset.tables, &mut fixed, svc, family);
             }
         }
-        ruleset.tables.insert(family, table);
         ruleset.slots.insert(family, fixed.used.into_iter().collect());
     }
     ruleset
 }
 
-/// What one Service renders to in one family: its own chains and sets, and its elements of
-/// the shared maps (only the shared collections it adds to are present, holding only its
-/// elements).
-pub fn render_fragment(svc: &ServiceModel, family: Family, slots: &mut dyn SlotSource) -> Table {
-    let mut table = Table::default();
-    render_service(&mut table, slots, svc, family);
-    table
+/// Every table of ours with nothing of any Service.
+fn skeletons(config: &RenderConfig) -> Ruleset {
+    let tables = TableId::all().map(|id| (id, base_table(id, config))).collect();
+    Ruleset { tables, slots: BTreeMap::new() }
+}
+
+/// What one Service renders to in one family, in its frame table and its NAT table (in that
+/// order): its own chains and sets, and its elements of the shared maps (only the shared
+/// collections it adds to are present, holding only its elements).
+pub fn render_fragment(svc: &ServiceModel, family: Family, slots: &mut dyn SlotSource) -> [(TableId, Table); 2] {
+    let frame = TableId::frame(family);
+    let nat = TableId::nat(family, &svc.key.namespace, &svc.key.name);
+    let mut tables = BTreeMap::from([(frame, Table::default()), (nat, Table::default())]);
+    render_service(&mut tables, slots, svc, family);
+    [(frame, tables.remove(&frame).unwrap_or_default()), (nat, tables.remove(&nat).unwrap_or_default())]
 }
 
 /// Where rendering gets a Service port's endpoint-map slot from.
@@ -380,10 +473,10 @@ impl SlotSource for SlotAllocator<'_> {
     }
 }
 
-/// The part of a family's table that is there whatever the Services: base chains, dispatch
-/// chains, and the shared sets and maps, empty.
-pub fn base_table(family: Family, config: &RenderConfig) -> Table {
-    skeleton(family, config)
+/// The part of a table that is there whatever the Services: base chains, dispatch chains,
+/// and the shared sets and maps, empty.
+pub fn base_table(id: TableId, config: &RenderConfig) -> Table {
+    if id.is_frame() { frame_skeleton(id.family, config) } else { nat_skeleton(id.family, config) }
 }
 
 /// The first (lowest) bucket of the endpoint maps `svc`'s ports would take slots in
@@ -411,21 +504,27 @@ fn endpoint_map(family: Family, proto: &str) -> Collection {
     }
 }
 
-fn skeleton(family: Family, config: &RenderConfig) -> Table {
+fn base_chain(kind: &str, hook: &str, prio: &str, jump: &str) -> Chain {
+    Chain {
+        base: Some(format!("type {kind} hook {hook} priority {prio}; policy accept;")),
+        rules: vec![format!("jump {jump}")],
+    }
+}
+
+/// The collections of the frame tables; all others are in the NAT tables.
+const FRAME_COLLECTIONS: [&str; 3] = ["filter-addresses", "filter-nodeports", "hairpin"];
+
+/// A family's frame table, `hawser`: what every packet passes (filtering: source ranges,
+/// rejects) and masquerading.
+fn frame_skeleton(family: Family, config: &RenderConfig) -> Table {
     let fam = addr_kw(family);
     let mark = config.masquerade_mark;
     let mut t = Table::default();
-    let base = |kind: &str, hook: &str, prio: &str, jump: &str| Chain {
-        base: Some(format!("type {kind} hook {hook} priority {prio}; policy accept;")),
-        rules: vec![format!("jump {jump}")],
-    };
     // Priorities are numeric: nft 1.0.x refuses the `dstnat` keyword on the output hook.
     // Filtering runs before our DNAT (-110) so that source ranges and rejects see the
     // original destination; both run before kube-proxy's dstnat so hawser decides first.
-    t.chains.insert("filter-prerouting".into(), base("filter", "prerouting", "-115", "filter-dispatch"));
-    t.chains.insert("filter-output".into(), base("filter", "output", "-115", "filter-dispatch"));
-    t.chains.insert("nat-prerouting".into(), base("nat", "prerouting", "-110", "services"));
-    t.chains.insert("nat-output".into(), base("nat", "output", "-110", "services"));
+    t.chains.insert("filter-prerouting".into(), base_chain("filter", "prerouting", "-115", "filter-dispatch"));
+    t.chains.insert("filter-output".into(), base_chain("filter", "output", "-115", "filter-dispatch"));
     t.chains.insert(
         "nat-postrouting".into(),
         Chain {
@@ -440,19 +539,49 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
             ],
         },
     );
-    // NodePorts: only this node's own addresses, never loopback (kube-proxy's rule: a
-    // NodePort on 127.0.0.1 would need route_localnet and expose the Service locally).
-    let nodeport_match = format!("fib daddr type local {fam} daddr != {}", loopback(family));
     t.chains.insert(
         "filter-dispatch".into(),
         Chain {
             base: None,
             rules: vec![
                 format!("{fam} daddr . meta l4proto . th dport vmap @filter-addresses"),
-                format!("{nodeport_match} meta l4proto . th dport vmap @filter-nodeports"),
+                format!("{} meta l4proto . th dport vmap @filter-nodeports", nodeport_match(family)),
             ],
         },
     );
+    t.chains.insert(
+        "reject-chain".into(),
+        Chain {
+            base: None,
+            // A TCP reset makes connect() fail with ECONNREFUSED at once; other protocols get
+            // ICMP port unreachable.
+            rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
+        },
+    );
+    t.collections = shared_collections(family)
+        .iter()
+        .filter(|(name, _)| FRAME_COLLECTIONS.contains(&name.as_str()))
+        .map(|(name, c)| (name.clone(), c.clone()))
+        .collect();
+    t
+}
+
+/// NodePorts: only this node's own addresses, never loopback (kube-proxy's rule: a NodePort on
+/// 127.0.0.1 would need route_localnet and expose the Service locally).
+fn nodeport_match(family: Family) -> String {
+    format!("fib daddr type local {} daddr != {}", addr_kw(family), loopback(family))
+}
+
+/// One of a family's NAT tables: the DNAT of its Services, and their ClientIP affinity.
+fn nat_skeleton(family: Family, config: &RenderConfig) -> Table {
+    let fam = addr_kw(family);
+    let mark = config.masquerade_mark;
+    let nodeport_match = nodeport_match(family);
+    let mut t = Table::default();
+    // Every NAT table's chains run at this priority: the kernel's NAT hook stops at the first
+    // chain that DNATs, so a connection's later tables are skipped.
+    t.chains.insert("nat-prerouting".into(), base_chain("nat", "prerouting", "-110", "services"));
+    t.chains.insert("nat-output".into(), base_chain("nat", "output", "-110", "services"));
     // Local policy keeps the client's address. Cluster policy masquerades all it DNATs: the
     // rule sets our mark bit before its lookup, and the last rule clears it again when neither
     // Cluster lookup matched. Marking in the `svc-…` chains instead would cost the kernel three
@@ -493,16 +622,11 @@ fn skeleton(family: Family, config: &RenderConfig) -> Table {
         affinity_recording(&mut t, fam);
     }
     t.chains.insert("services".into(), Chain { base: None, rules: services });
-    t.chains.insert(
-        "reject-chain".into(),
-        Chain {
-            base: None,
-            // A TCP reset makes connect() fail with ECONNREFUSED at once; other protocols get
-            // ICMP port unreachable.
-            rules: vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
-        },
-    );
-    t.collections = shared_collections(family).clone();
+    t.collections = shared_collections(family)
+        .iter()
+        .filter(|(name, _)| !FRAME_COLLECTIONS.contains(&name.as_str()))
+        .map(|(name, c)| (name.clone(), c.clone()))
+        .collect();
     t
 }
 
@@ -665,8 +789,18 @@ pub fn endpoint_map_bucket(name: &str) -> Option<u32> {
     u32::from_str_radix(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.1, 16).ok()
 }
 
-fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceModel, family: Family) {
+/// Renders `svc`'s `family` part into `tables`: its filtering and hairpin elements into the
+/// family's frame, the rest into its NAT table.
+fn render_service(
+    tables: &mut BTreeMap<TableId, Table>,
+    slots: &mut dyn SlotSource,
+    svc: &ServiceModel,
+    family: Family,
+) {
     let fam = addr_kw(family);
+    let nat_id = TableId::nat(family, &svc.key.namespace, &svc.key.name);
+    let mut frame = tables.remove(&TableId::frame(family)).unwrap_or_default();
+    let table = tables.entry(nat_id).or_default();
     let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();
     let allowed: Option<Vec<IpNet>> = svc.source_ranges.as_ref().map(|ranges| {
         // nft rejects overlapping intervals in one anonymous set ("conflicting intervals"),
@@ -710,8 +844,8 @@ fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceMo
         }
         if !fw_rules.is_empty() {
             let fw = format!("fw-{pid}");
-            table.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
-            insert_dispatch(table, family, FILTER_MAPS, &addresses, port, &format!("goto {fw}"));
+            frame.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
+            insert_dispatch(&mut frame, family, FILTER_MAPS, &addresses, port, &format!("goto {fw}"));
         }
 
         if endpoints.is_empty() {
@@ -723,7 +857,7 @@ fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceMo
         // masqueraded.
         let svc_chain = format!("svc-{pid}");
         let local = svc.traffic_policy == TrafficPolicy::Local;
-        if local && let Some(hairpin) = shared(table, family, "hairpin") {
+        if local && let Some(hairpin) = shared(&mut frame, family, "hairpin") {
             for ep in &endpoints {
                 hairpin.elements.insert(format!("{} . {}", ep.ip, ep.ip), String::new());
             }
@@ -742,6 +876,7 @@ fn render_service(table: &mut Table, slots: &mut dyn SlotSource, svc: &ServiceMo
         let maps = if local { SERVICE_MAPS_LOCAL } else { SERVICE_MAPS };
         insert_dispatch(table, family, maps, &addresses, port, &format!("goto {svc_chain}"));
     }
+    tables.insert(TableId::frame(family), frame);
 }
 
 /// `dnat to` the one endpoint, or to a random one of the port's slot in an endpoint map.
@@ -986,40 +1121,39 @@ fn insert_dispatch_to(
 /// and debugging).
 pub fn to_script(ruleset: &Ruleset) -> String {
     let mut out = String::new();
-    for (family, table) in &ruleset.tables {
-        let fam = family_name(*family);
-        let _ = writeln!(out, "add table {fam} {TABLE}");
+    for (id, table) in &ruleset.tables {
+        let _ = writeln!(out, "add table {id}");
         for (name, c) in &table.collections {
             let kind = if c.is_map { "map" } else { "set" };
-            let _ = writeln!(out, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+            let _ = writeln!(out, "add {kind} {id} {name} {{ {} }}", c.decl);
         }
         for (name, chain) in &table.chains {
-            write_chain_decl(&mut out, fam, name, chain);
+            write_chain_decl(&mut out, *id, name, chain);
         }
         for (name, chain) in &table.chains {
-            write_rules(&mut out, fam, name, chain);
+            write_rules(&mut out, *id, name, chain);
         }
         for (name, c) in &table.collections {
-            write_elements(&mut out, "add", fam, name, c.elements.iter());
+            write_elements(&mut out, "add", *id, name, c.elements.iter());
         }
     }
     out
 }
 
-pub(crate) fn write_chain_decl(out: &mut String, fam: &str, name: &str, chain: &Chain) {
+pub(crate) fn write_chain_decl(out: &mut String, id: TableId, name: &str, chain: &Chain) {
     match &chain.base {
         Some(base) => {
-            let _ = writeln!(out, "add chain {fam} {TABLE} {name} {{ {base} }}");
+            let _ = writeln!(out, "add chain {id} {name} {{ {base} }}");
         }
         None => {
-            let _ = writeln!(out, "add chain {fam} {TABLE} {name}");
+            let _ = writeln!(out, "add chain {id} {name}");
         }
     }
 }
 
-pub(crate) fn write_rules(out: &mut String, fam: &str, name: &str, chain: &Chain) {
+pub(crate) fn write_rules(out: &mut String, id: TableId, name: &str, chain: &Chain) {
     for rule in &chain.rules {
-        let _ = writeln!(out, "add rule {fam} {TABLE} {name} {rule}");
+        let _ = writeln!(out, "add rule {id} {name} {rule}");
     }
 }
 
@@ -1028,14 +1162,14 @@ pub(crate) fn write_rules(out: &mut String, fam: &str, name: &str, chain: &Chain
 pub(crate) fn write_elements<'a>(
     out: &mut String,
     verb: &str,
-    fam: &str,
+    id: TableId,
     name: &str,
     elements: impl Iterator<Item = (&'a String, &'a String)>,
 ) {
     let mut batch: Vec<String> = Vec::new();
     let flush = |out: &mut String, batch: &mut Vec<String>| {
         if !batch.is_empty() {
-            let _ = writeln!(out, "{verb} element {fam} {TABLE} {name} {{ {} }}", batch.join(", "));
+            let _ = writeln!(out, "{verb} element {id} {name} {{ {} }}", batch.join(", "));
             batch.clear();
         }
     };
@@ -1056,13 +1190,31 @@ pub(crate) fn write_elements<'a>(
 pub fn service_chain_names(ruleset: &Ruleset, family: Family) -> BTreeSet<String> {
     ruleset
         .tables
-        .get(&family)
-        .map(|t| {
-            t.chains
-                .keys()
-                .filter(|k| k.starts_with("svc-") || k.starts_with("ep-") || k.starts_with("fw-"))
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default()
+        .iter()
+        .filter(|(id, _)| id.family == family)
+        .flat_map(|(_, t)| t.chains.keys())
+        .filter(|k| k.starts_with("svc-") || k.starts_with("ep-") || k.starts_with("fw-"))
+        .cloned()
+        .collect()
+}
+
+impl Ruleset {
+    /// The tables of `family`.
+    pub fn family(&self, family: Family) -> impl Iterator<Item = (&TableId, &Table)> {
+        self.tables.iter().filter(move |(id, _)| id.family == family)
+    }
+
+    /// The tables of `family` as one (for tests and tooling): every chain and collection,
+    /// with the elements of the collections of the same name together.
+    pub fn merged(&self, family: Family) -> Table {
+        let mut merged = Table::default();
+        for (_, table) in self.family(family) {
+            merged.chains.extend(table.chains.iter().map(|(n, c)| (n.clone(), c.clone())));
+            for (name, c) in &table.collections {
+                let into = merged.collections.entry(name.clone()).or_insert_with(|| c.clone_empty());
+                into.elements.extend(c.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        merged
+    }
 }

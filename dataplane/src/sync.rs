@@ -18,8 +18,8 @@ use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use crate::adopt::{
-    Adoption, CHECK_TABLE, Desired, ElementDiff, Gathered, Live, LiveFrame, check_script, delete_check_table,
-    diff_elements, list_check, list_elements, plan,
+    Adoption, Desired, ElementDiff, Gathered, Live, LiveFrame, check_script, delete_check_table, diff_elements,
+    list_check, list_elements, plan,
 };
 use crate::affinity::AffinityEntry;
 use crate::conntrack::{StaleFlow, stale_service_flows};
@@ -32,8 +32,8 @@ use crate::nft::{NftError, NftRunner, SyncReport, Writer};
 use crate::render::{
     AFFINITY_ADDRESSES, AFFINITY_ENDPOINTS, AFFINITY_MAPS, AFFINITY_NODEPORTS, AFFINITY_RECORD_PREFIX, AffinityMap,
     Chain, Collection, ENDPOINT_MAP_BUCKETS, FixedSlots, RenderConfig, Ruleset, SHARED_COLLECTIONS, Slot, SlotSource,
-    SlotTable, TABLE, Table, endpoint_map_protocol, family_name, first_endpoint_bucket, render_fragment,
-    render_with_slots, write_chain_decl, write_elements, write_rules,
+    SlotTable, Table, TableId, endpoint_map_protocol, first_endpoint_bucket, render_fragment, render_with_slots,
+    write_chain_decl, write_elements, write_rules,
 };
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -41,12 +41,12 @@ const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 /// An element's value before the sync and after it (`None`: absent).
 type ElementChange = (Option<String>, Option<String>);
 
-/// An element of a shared collection: family, collection, key.
-type SharedElement = (Family, &'static str, String);
+/// An element of a shared collection: table, collection, key.
+type SharedElement = (TableId, &'static str, String);
 /// The Services wanting a shared element, with the value each wants.
 type Owners = Vec<(Arc<ServiceKey>, String)>;
 
-/// What the changed Services change in one family's table.
+/// What the changed Services change in one table.
 #[derive(Debug, Default)]
 struct Delta {
     /// Chains: as programmed, as wanted.
@@ -68,9 +68,9 @@ pub struct Syncer<R> {
     /// Elements of the dispatch maps and the hairpin set, with the Services wanting them.
     shared: HashMap<SharedElement, Owners>,
     /// Element count of each endpoint map.
-    map_sizes: HashMap<(Family, String), usize>,
+    map_sizes: HashMap<(TableId, String), usize>,
     /// How many Service ports use each affinity recording chain (shared, like the elements).
-    record_chains: HashMap<(Family, String), usize>,
+    record_chains: HashMap<(TableId, String), usize>,
     stale: BTreeSet<Stale>,
     full_next: bool,
     /// While adopting: the Service ports that asked for an endpoint-map slot.
@@ -78,7 +78,7 @@ pub struct Syncer<R> {
     /// The tables' listing [`Syncer::prefetch`] started.
     prefetched: Option<std::thread::JoinHandle<Result<Option<Live>, NftError>>>,
     /// The frame the last adoption checked: its check table's script and listing.
-    frame: Option<(String, BTreeMap<Family, LiveFrame>)>,
+    frame: Option<(String, BTreeMap<TableId, LiveFrame>)>,
     /// The frame [`Syncer::prepare`] wrote into a kernel without our tables, for the first
     /// full sync to write the Services over.
     prepared: Option<(Frame, Box<dyn StepWriter>)>,
@@ -124,7 +124,7 @@ impl<R: NftRunner> Syncer<R> {
         &self.runner
     }
 
-    /// Deletes both `hawser` tables; the next sync is a full resync.
+    /// Deletes our tables; the next sync is a full resync.
     pub fn cleanup(&mut self) -> Result<(), NftError> {
         self.full_next = true;
         self.runner.run(&crate::diff::cleanup_script())
@@ -219,9 +219,7 @@ impl<R: NftRunner> Syncer<R> {
         }
         // Neither steps (a table exists) nor adoption (one is missing): replaced.
         let live = match live {
-            Err(None) if full && self.runner.netlink().is_some() => {
-                Err(Some("one of the two tables is missing".into()))
-            }
+            Err(None) if full && self.runner.netlink().is_some() => Err(Some("one of our tables is missing".into())),
             live => live,
         };
         let mut adopted = Vec::new();
@@ -241,7 +239,7 @@ impl<R: NftRunner> Syncer<R> {
         // Adopting, the whole ruleset is gathered from the fragments as they are rendered.
         let mut gathered = live.is_ok().then(Gathered::default);
         self.asked = live.is_ok().then(HashSet::new);
-        let mut deltas: BTreeMap<Family, Delta> = BTreeMap::new();
+        let mut deltas: BTreeMap<TableId, Delta> = BTreeMap::new();
         let mut changed = Vec::new();
         for (key, model) in changes.take().into_iter().flatten() {
             if self.models.get(&key) == model.as_ref() {
@@ -277,11 +275,14 @@ impl<R: NftRunner> Syncer<R> {
             (String::new(), chains, elements, BTreeSet::new())
         } else {
             let mut plan = PartialScript::default();
-            for family in FAMILIES {
-                let empty = Delta::default();
-                let delta = deltas.get(&family).unwrap_or(&empty);
-                self.copy_declarations(family, delta);
-                plan.family(family, delta, &self.stale, &self.map_sizes, &self.templates);
+            let empty = Delta::default();
+            for id in TableId::all() {
+                let delta = deltas.get(&id).unwrap_or(&empty);
+                if std::ptr::eq(delta, &empty) && !self.stale.iter().any(|s| s.table() == id) {
+                    continue;
+                }
+                self.copy_declarations(id, delta);
+                plan.table(id, delta, &self.stale, &self.map_sizes, &self.templates);
             }
             batch = plan.batch;
             (plan.script, plan.chains_written, plan.elements_changed, plan.stale_after)
@@ -332,21 +333,23 @@ impl<R: NftRunner> Syncer<R> {
         }
         let adopted_tables = full && adopted_ok;
         self.committed(stale_after, counts, &changed, &deltas, health);
-        for (family, delta) in &deltas {
+        for (id, delta) in &deltas {
             if let Some(narrowed) = delta.narrowed_affinity() {
-                report.affinity_purged += self.purge_affinity(*family, &narrowed)?;
+                report.affinity_purged += self.purge_affinity(*id, &narrowed)?;
             }
         }
         if adopted_tables {
             // Clients the previous agent recorded: those the tables no longer allow go. (IPv6
             // entries name their endpoint's rule, which is gone with the endpoint.)
             let every = Narrowed { every: true, ..Narrowed::default() };
-            report.affinity_purged += self.purge_affinity(Family::V4, &every)?;
+            for id in TableId::of_family(Family::V4).filter(|id| !id.is_frame()) {
+                report.affinity_purged += self.purge_affinity(id, &every)?;
+            }
         }
         Ok(report)
     }
 
-    /// Both tables as the kernel holds them, to adopt; `Err(None)` when there is nothing to
+    /// Our tables as the kernel holds them, to adopt; `Err(None)` when there is nothing to
     /// adopt (no netlink socket, or a table missing), `Err(Some(why))` when they cannot be
     /// listed.
     fn list_live(&self) -> Result<Live, Option<String>> {
@@ -417,8 +420,8 @@ impl<R: NftRunner> Syncer<R> {
             };
             let mut adoption = plan(live, &elements, &frames, &desired.ruleset)?;
             if write_check {
-                for family in desired.ruleset.tables.keys() {
-                    adoption.batch.delete_table(*family, CHECK_TABLE);
+                for id in desired.ruleset.tables.keys() {
+                    adoption.batch.delete_table(id.family, id.check_name());
                 }
             }
             netlink.commit(&adoption.batch).map_err(|e| format!("the adopting transaction: {e}"))?;
@@ -495,7 +498,7 @@ impl<R: NftRunner> Syncer<R> {
             self.add_kept(&changed, &mut steps);
             let activating = self.shared_elements();
             rendered = started.elapsed();
-            steps.finish(activating.iter().map(|(family, name, key, value)| (*family, *name, *key, value.as_str())))
+            steps.finish(activating.iter().map(|(id, name, key, value)| (*id, *name, *key, value.as_str())))
         });
         let mut report = SyncReport {
             full: true,
@@ -539,22 +542,22 @@ impl<R: NftRunner> Syncer<R> {
     /// Makes sure a declaration to copy is at hand for each protocol of the endpoint maps
     /// `delta` declares: listed from a map of the same family and protocol that the kernel
     /// has. Without one, the map goes through nft.
-    fn copy_declarations(&mut self, family: Family, delta: &Delta) {
+    fn copy_declarations(&mut self, id: TableId, delta: &Delta) {
         let Some(netlink) = self.runner.netlink() else { return };
         for (name, (before, _)) in &delta.maps {
             let Some(proto) = endpoint_map_protocol(name) else { continue };
-            let key = (family, proto.to_string());
+            let key = (id.family, proto.to_string());
             if *before > 0 || self.templates.contains_key(&key) {
                 continue;
             }
-            // A map the kernel has: not new in this sync.
-            let existing = self.map_sizes.keys().find(|(f, other)| {
-                *f == family
+            // A map the kernel has: not new in this sync (another table's is as good).
+            let existing = self.map_sizes.keys().find(|(t, other)| {
+                t.family == id.family
                     && endpoint_map_protocol(other) == Some(proto)
-                    && delta.maps.get(other).is_none_or(|(before, _)| *before > 0)
+                    && (*t != id || delta.maps.get(other).is_none_or(|(before, _)| *before > 0))
             });
-            if let Some((_, other)) = existing
-                && let Ok(Some(listed)) = netlink.get_set(family, other)
+            if let Some((table, other)) = existing
+                && let Ok(Some(listed)) = netlink.get_set(*table, other)
             {
                 self.templates.insert(key, listed.decl);
             }
@@ -568,17 +571,17 @@ impl<R: NftRunner> Syncer<R> {
             for family in FAMILIES.into_iter().filter(|f| model.families.contains(f)) {
                 let Some(slots) = self.slots.get(&family) else { continue };
                 let mut fixed = FixedSlots { table: slots, used: Vec::new() };
-                sink.add_owned(family, render_fragment(model, family, &mut fixed));
+                for (id, fragment) in render_fragment(model, family, &mut fixed) {
+                    sink.add_owned(id, fragment);
+                }
             }
         }
     }
 
     /// The elements of the dispatch maps and the hairpin set, as their owners decide.
-    fn shared_elements(&self) -> Vec<(Family, &'static str, &str, String)> {
+    fn shared_elements(&self) -> Vec<(TableId, &'static str, &str, String)> {
         let shared = self.shared.iter();
-        shared
-            .filter_map(|((family, name, key), owners)| Some((*family, *name, key.as_str(), effective(owners)?)))
-            .collect()
+        shared.filter_map(|((id, name, key), owners)| Some((*id, *name, key.as_str(), effective(owners)?))).collect()
     }
 
     /// Every kept model rendered, with its number of chains, and of rules and elements.
@@ -596,7 +599,7 @@ impl<R: NftRunner> Syncer<R> {
         stale_after: BTreeSet<Stale>,
         counts: Option<(usize, usize)>,
         changed: &[ServiceKey],
-        deltas: &BTreeMap<Family, Delta>,
+        deltas: &BTreeMap<TableId, Delta>,
         health: &HealthState,
     ) {
         self.full_next = false;
@@ -618,17 +621,17 @@ impl<R: NftRunner> Syncer<R> {
         }
     }
 
-    /// Deletes the affinity entries of `family` that the programmed elements no longer allow:
+    /// Deletes the affinity entries of table `table` that the programmed elements no longer allow:
     /// an entry holds while its endpoint is in `affinity-endpoints` and its frontend (address
     /// in the address maps, NodePort in the NodePort maps) records into its map, exactly what
     /// the kernel checks before recording one. A purge that fails makes the next sync a full
     /// resync, which starts the maps afresh.
-    fn purge_affinity(&mut self, family: Family, narrowed: &Narrowed) -> Result<usize, NftError> {
+    fn purge_affinity(&mut self, table: TableId, narrowed: &Narrowed) -> Result<usize, NftError> {
         let shared = &self.shared;
-        let has = |collection: &'static str, key: String| shared.contains_key(&(family, collection, key));
+        let has = |collection: &'static str, key: String| shared.contains_key(&(table, collection, key));
         let records_into = |collection: &'static str, key: String, map: &AffinityMap| {
             shared
-                .get(&(family, collection, key))
+                .get(&(table, collection, key))
                 .and_then(|owners| effective(owners))
                 .and_then(|v| v.strip_prefix("jump ").map(str::to_string))
                 .is_some_and(|chain| {
@@ -652,7 +655,7 @@ impl<R: NftRunner> Syncer<R> {
                 frontend && has(AFFINITY_ENDPOINTS, format!("{} . {} . {}", e.endpoint, e.protocol, e.endpoint_port));
             !valid
         };
-        self.runner.purge_affinity(family, &stale).inspect_err(|_| self.full_next = true)
+        self.runner.purge_affinity(table, &stale).inspect_err(|_| self.full_next = true)
     }
 
     /// Moves the kept state of `key` to `model`, recording what changes in `deltas`.
@@ -660,7 +663,7 @@ impl<R: NftRunner> Syncer<R> {
         &mut self,
         key: &ServiceKey,
         model: Option<ServiceModel>,
-        mut deltas: Option<&mut BTreeMap<Family, Delta>>,
+        mut deltas: Option<&mut BTreeMap<TableId, Delta>>,
         mut steps: Option<&mut dyn FragmentSink>,
     ) {
         let old = self.models.remove(key);
@@ -674,17 +677,17 @@ impl<R: NftRunner> Syncer<R> {
                 Some(m) => {
                     let mut fixed = FixedSlots { table: &*slots, used: Vec::new() };
                     let t = render_fragment(m, family, &mut fixed);
-                    (Some(t), fixed.used)
+                    (t.into_iter().collect(), fixed.used)
                 }
-                None => (None, Vec::new()),
+                None => (BTreeMap::new(), Vec::new()),
             };
             let (after, asked) = match model.as_ref().filter(|m| m.families.contains(&family)) {
                 Some(m) => {
                     let mut recording = Recording { table: slots, asked: Vec::new() };
                     let t = render_fragment(m, family, &mut recording);
-                    (Some(t), recording.asked)
+                    (t.into_iter().collect::<BTreeMap<_, _>>(), recording.asked)
                 }
-                None => (None, Vec::new()),
+                None => (BTreeMap::new(), Vec::new()),
             };
             if let Some(log) = self.asked.as_mut() {
                 log.extend(asked.iter().map(|port| (family, port.clone())));
@@ -697,13 +700,20 @@ impl<R: NftRunner> Syncer<R> {
                     self.to_release.push((family, slot));
                 }
             }
-            if before.is_none() && after.is_none() {
-                continue;
+            // The tables the Service was in and is in (its NAT table is the same unless it
+            // moves family).
+            let mut before = before;
+            let empty = Table::default();
+            let ids: BTreeSet<TableId> = before.keys().chain(after.keys()).copied().collect();
+            for id in ids {
+                let delta = deltas.as_deref_mut().map(|d| d.entry(id).or_default());
+                let was = before.remove(&id).unwrap_or_default();
+                self.merge(id, &owner, was, after.get(&id).unwrap_or(&empty), delta);
             }
-            let delta = deltas.as_deref_mut().map(|d| d.entry(family).or_default());
-            self.merge(family, &owner, before.unwrap_or_default(), after.as_ref().unwrap_or(&Table::default()), delta);
-            if let (Some(steps), Some(after)) = (steps.as_deref_mut(), after) {
-                steps.add_owned(family, after);
+            if let Some(steps) = steps.as_deref_mut() {
+                for (id, fragment) in after {
+                    steps.add_owned(id, fragment);
+                }
             }
         }
         if let Some(model) = model {
@@ -713,7 +723,7 @@ impl<R: NftRunner> Syncer<R> {
 
     fn merge(
         &mut self,
-        family: Family,
+        id: TableId,
         owner: &Arc<ServiceKey>,
         before: Table,
         after: &Table,
@@ -733,12 +743,12 @@ impl<R: NftRunner> Syncer<R> {
         for name in record {
             let (old, new) = (before_chains.remove(&name), after.chains.get(&name).cloned());
             let chain = new.clone().or_else(|| old.clone()).unwrap_or_default();
-            let users = self.record_chains.entry((family, name.clone())).or_insert(0);
+            let users = self.record_chains.entry((id, name.clone())).or_insert(0);
             let was = *users > 0;
             *users = (*users + usize::from(new.is_some())).saturating_sub(usize::from(old.is_some()));
             let now = *users > 0;
             if !now {
-                self.record_chains.remove(&(family, name.clone()));
+                self.record_chains.remove(&(id, name.clone()));
             }
             if let Some(d) = delta.as_deref_mut() {
                 let entry = d.chains.entry(name).or_insert_with(|| (was.then(|| chain.clone()), None));
@@ -761,9 +771,9 @@ impl<R: NftRunner> Syncer<R> {
             let new = after.collections.get(name);
             let (o, n) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
             if let Some(shared) = SHARED_COLLECTIONS.into_iter().find(|s| *s == name.as_str()) {
-                self.merge_shared(family, shared, owner, o, n, delta.as_deref_mut());
+                self.merge_shared(id, shared, owner, o, n, delta.as_deref_mut());
             } else if name.starts_with("endpoints-") {
-                let size = self.map_sizes.entry((family, name.clone())).or_insert(0);
+                let size = self.map_sizes.entry((id, name.clone())).or_insert(0);
                 if let Some(d) = delta.as_deref_mut() {
                     let decl = old.or(new).map(|c| c.decl.clone()).unwrap_or_default();
                     d.maps.entry(name.clone()).or_insert((*size, decl));
@@ -777,7 +787,7 @@ impl<R: NftRunner> Syncer<R> {
                 }
                 *size = (*size + n.elements.len()).saturating_sub(o.elements.len());
                 if *size == 0 {
-                    self.map_sizes.remove(&(family, name.clone()));
+                    self.map_sizes.remove(&(id, name.clone()));
                 }
             } else if let Some(d) = delta.as_deref_mut() {
                 let decl =
@@ -793,7 +803,7 @@ impl<R: NftRunner> Syncer<R> {
 
     fn merge_shared(
         &mut self,
-        family: Family,
+        id: TableId,
         collection: &'static str,
         owner: &Arc<ServiceKey>,
         before: &Collection,
@@ -803,8 +813,8 @@ impl<R: NftRunner> Syncer<R> {
         let mut keys: BTreeSet<&String> = before.elements.keys().collect();
         keys.extend(after.elements.keys());
         for key in keys {
-            let id = (family, collection, key.clone());
-            let owners = self.shared.entry(id.clone()).or_default();
+            let element = (id, collection, key.clone());
+            let owners = self.shared.entry(element.clone()).or_default();
             let was = effective(owners);
             owners.retain(|(k, _)| k.as_ref() != owner.as_ref());
             if let Some(v) = after.elements.get(key) {
@@ -812,7 +822,7 @@ impl<R: NftRunner> Syncer<R> {
             }
             let now = effective(owners);
             if owners.is_empty() {
-                self.shared.remove(&id);
+                self.shared.remove(&element);
             }
             if let Some(d) = delta.as_deref_mut() {
                 d.elements.entry(collection.to_string()).or_default().entry(key.clone()).or_insert((was, None)).1 = now;
@@ -966,7 +976,7 @@ fn to_isize(n: usize) -> isize {
     isize::try_from(n).unwrap_or(isize::MAX)
 }
 
-/// The partial transaction, family by family, in the order nft needs: declarations, chains,
+/// The partial transaction, table by table, in the order nft needs: declarations, chains,
 /// elements, then emptying what is no longer wanted and deleting what the previous sync emptied.
 /// Written twice: as an nft script, and as a netlink batch while every step is one the netlink
 /// encoder knows (see [`crate::netlink`]); the runner picks.
@@ -1000,29 +1010,28 @@ impl PartialScript {
         }
     }
 
-    fn family(
+    fn table(
         &mut self,
-        family: Family,
+        id: TableId,
         d: &Delta,
         stale: &BTreeSet<Stale>,
-        map_sizes: &HashMap<(Family, String), usize>,
+        map_sizes: &HashMap<(TableId, String), usize>,
         templates: &HashMap<(Family, String), Attrs>,
     ) {
         use std::fmt::Write as _;
-        let fam = family_name(family);
         for (name, (old, new)) in &d.owned {
             if let (None, Some(c)) = (old, new) {
                 let kind = if c.is_map { "map" } else { "set" };
-                let _ = writeln!(self.script, "add {kind} {fam} {TABLE} {name} {{ {} }}", c.decl);
+                let _ = writeln!(self.script, "add {kind} {id} {name} {{ {} }}", c.decl);
                 self.batch = None;
             }
         }
         for (name, (before, decl)) in &d.maps {
-            if *before == 0 && map_sizes.contains_key(&(family, name.clone())) {
-                let _ = writeln!(self.script, "add map {fam} {TABLE} {name} {{ {decl} }}");
-                match endpoint_map_protocol(name).and_then(|proto| templates.get(&(family, proto.to_string()))) {
+            if *before == 0 && map_sizes.contains_key(&(id, name.clone())) {
+                let _ = writeln!(self.script, "add map {id} {name} {{ {decl} }}");
+                match endpoint_map_protocol(name).and_then(|proto| templates.get(&(id.family, proto.to_string()))) {
                     Some(copied) => self.encode(|b| {
-                        b.new_set(family, name, copied);
+                        b.new_set(id, name, copied);
                         true
                     }),
                     None => self.batch = None,
@@ -1031,10 +1040,10 @@ impl PartialScript {
         }
         for (name, (old, new)) in &d.chains {
             if let (None, Some(chain)) = (old, new) {
-                write_chain_decl(&mut self.script, fam, name, chain);
+                write_chain_decl(&mut self.script, id, name, chain);
                 let base = chain.base.is_some();
                 self.encode(|b| {
-                    b.new_chain(family, name);
+                    b.new_chain(id, name);
                     !base
                 });
             }
@@ -1044,16 +1053,16 @@ impl PartialScript {
             match old {
                 Some(o) if o == n => continue,
                 Some(_) => {
-                    let _ = writeln!(self.script, "flush chain {fam} {TABLE} {name}");
+                    let _ = writeln!(self.script, "flush chain {id} {name}");
                     self.encode(|b| {
-                        b.flush_chain(family, name);
+                        b.flush_chain(id, name);
                         true
                     });
                 }
                 None => {}
             }
-            write_rules(&mut self.script, fam, name, n);
-            self.encode(|b| n.rules.iter().all(|r| b.add_rule(family, name, r)));
+            write_rules(&mut self.script, id, name, n);
+            self.encode(|b| n.rules.iter().all(|r| b.add_rule(id, name, r)));
             self.chains_written += 1;
         }
         for (name, elements) in &d.elements {
@@ -1066,39 +1075,39 @@ impl PartialScript {
                 .filter_map(|(k, (o, n))| n.as_ref().filter(|n| Some(*n) != o.as_ref()).map(|n| (k, n)))
                 .collect();
             self.elements_changed += removed.len() + added.len();
-            write_elements(&mut self.script, "delete", fam, name, removed.iter().copied());
-            write_elements(&mut self.script, "add", fam, name, added.iter().copied());
+            write_elements(&mut self.script, "delete", id, name, removed.iter().copied());
+            write_elements(&mut self.script, "add", id, name, added.iter().copied());
             let (removed, added) = (&removed, &added);
             self.encode(|b| {
                 (removed.is_empty()
-                    || b.elements(family, name, false, removed.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+                    || b.elements(id, name, false, removed.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
                     && (added.is_empty()
-                        || b.elements(family, name, true, added.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+                        || b.elements(id, name, true, added.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
             });
         }
         for (name, (old, new)) in &d.chains {
             if old.is_some() && new.is_none() {
-                let _ = writeln!(self.script, "flush chain {fam} {TABLE} {name}");
+                let _ = writeln!(self.script, "flush chain {id} {name}");
                 self.encode(|b| {
-                    b.flush_chain(family, name);
+                    b.flush_chain(id, name);
                     true
                 });
-                self.stale_after.insert(Stale::Chain(family, name.clone()));
+                self.stale_after.insert(Stale::Chain(id, name.clone()));
             }
         }
         for (name, (old, new)) in &d.owned {
             if let (Some(c), None) = (old, new) {
                 // A Service's own collections (none are rendered now) hold no elements we track.
                 self.stale_after.insert(if c.is_map {
-                    Stale::Map(family, name.clone())
+                    Stale::Map(id, name.clone())
                 } else {
-                    Stale::Collection(family, name.clone())
+                    Stale::Collection(id, name.clone())
                 });
             }
         }
         for (name, (before, _)) in &d.maps {
-            if *before > 0 && !map_sizes.contains_key(&(family, name.clone())) {
-                self.stale_after.insert(Stale::Map(family, name.clone()));
+            if *before > 0 && !map_sizes.contains_key(&(id, name.clone())) {
+                self.stale_after.insert(Stale::Map(id, name.clone()));
             }
         }
         // Delete what the previous sync emptied, unless wanted again; chains first, as a set
@@ -1106,12 +1115,12 @@ impl PartialScript {
         let wanted_chain = |name: &String| d.chains.get(name).is_some_and(|(_, n)| n.is_some());
         for s in stale {
             if let Stale::Chain(f, name) = s
-                && *f == family
+                && *f == id
                 && !wanted_chain(name)
             {
-                let _ = writeln!(self.script, "delete chain {fam} {TABLE} {name}");
+                let _ = writeln!(self.script, "delete chain {id} {name}");
                 self.encode(|b| {
-                    b.delete_chain(family, name);
+                    b.delete_chain(id, name);
                     true
                 });
             }
@@ -1123,11 +1132,11 @@ impl PartialScript {
                 Stale::Map(f, name) => (f, name, "map"),
             };
             let wanted =
-                d.owned.get(name).is_some_and(|(_, n)| n.is_some()) || map_sizes.contains_key(&(family, name.clone()));
-            if *f == family && !wanted {
-                let _ = writeln!(self.script, "delete {kind} {fam} {TABLE} {name}");
+                d.owned.get(name).is_some_and(|(_, n)| n.is_some()) || map_sizes.contains_key(&(id, name.clone()));
+            if *f == id && !wanted {
+                let _ = writeln!(self.script, "delete {kind} {id} {name}");
                 self.encode(|b| {
-                    b.delete_set(family, name);
+                    b.delete_set(id, name);
                     true
                 });
             }

@@ -165,9 +165,16 @@ fn source_ranges_allow_and_deny_on_address_and_nodeport() {
     assert_eq!(out.peer().to_string(), "10.0.1.1");
 }
 
-/// The affinity entries of the node's IPv4 map `map`, as nft lists them.
+/// The affinity entries of the node's IPv4 map `map`, in every NAT table, as nft lists them.
 fn affinity_entries(lab: &Lab, map: &str) -> Vec<AffinityEntry> {
-    parse_listing(&sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "map", "ip", "hawser", map]))
+    let nat = hawser_dataplane::render::TableId::of_family(hawser_dataplane::model::Family::V4).skip(1);
+    nat.flat_map(|t| parse_listing(&sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "map", "ip", t.name(), map])))
+        .collect()
+}
+
+/// The name of the NAT tables (of both families) that hold the Service `ns/name`.
+fn nat_of(name: &str) -> &'static str {
+    hawser_dataplane::render::TableId::nat(hawser_dataplane::model::Family::V4, "ns", name).name()
 }
 
 /// A lab with two pods serving `web` with ClientIP affinity of `timeout` seconds, synced.
@@ -219,8 +226,9 @@ fn client_ip_affinity_node_port_entries_act_only_on_this_nodes_addresses() {
     // Entries naming an address that serves nothing: for the load-balancer address in the
     // NodePort map, and for this node's address in it.
     let script = format!(
-        "add element ip hawser affinity-cluster-nodeports {{ {CLIENT_IP} . {LB} . tcp . 80 : 10.0.9.9 . 8080, \
-         {CLIENT_IP} . {NODE_IP} . tcp . {NP} : 10.0.9.9 . 8080 }}\n"
+        "add element ip {} affinity-cluster-nodeports {{ {CLIENT_IP} . {LB} . tcp . 80 : 10.0.9.9 . 8080, \
+         {CLIENT_IP} . {NODE_IP} . tcp . {NP} : 10.0.9.9 . 8080 }}\n",
+        nat_of("web")
     );
     node_nft(&lab.node, false).run(&script).unwrap();
     // The load-balancer address ignores the NodePort map: served, and then sticky as usual.
@@ -286,7 +294,7 @@ fn client_ip_affinity_purge_is_exact_over_many_entries() {
             format!("100.64.{}.{} . {LB} . tcp . 80 : {endpoint} . 8080", i / 250, i % 250 + 1)
         })
         .collect();
-    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
+    let script = format!("add element ip {} affinity-cluster {{ {} }}\n", nat_of("web"), entries.join(", "));
     node_nft(&lab.node, false).run(&script).unwrap();
     assert_eq!(affinity_entries(&lab, "affinity-cluster").len(), 1000);
     let report = lab.sync(&[svc.build()], &eps(&[Ep::ready("10.0.2.2", NODE)])).unwrap();
@@ -542,16 +550,22 @@ fn cli_cleanup_removes_the_tables_and_reads_flags_from_env() {
     assert!(!tables.contains("hawser"), "{tables}");
 }
 
-/// The table as nft lists it, order-insensitive (element order in a listing follows the kernel).
+/// Our tables of `family` as nft lists them, order-insensitive (element order in a listing
+/// follows the kernel), each line prefixed by its table's name.
 fn table_tokens(lab: &Lab, family: &str) -> Vec<String> {
-    let text = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "table", family, "hawser"]);
-    let mut tokens: Vec<String> =
-        text.split(['\n', ',', '{', '}']).map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
+    use hawser_dataplane::model::Family;
+    let of = if family == "ip" { Family::V4 } else { Family::V6 };
+    let mut tokens = Vec::new();
+    for table in hawser_dataplane::render::TableId::of_family(of) {
+        let text = sh(&["ip", "netns", "exec", &lab.node, "nft", "list", "table", family, table.name()]);
+        let listed = text.split(['\n', ',', '{', '}']).map(str::trim).filter(|t| !t.is_empty());
+        tokens.extend(listed.map(|t| format!("{} {t}", table.name())));
+    }
     tokens.sort();
     tokens
 }
 
-/// Both tables' tokens, `ip` then `ip6`.
+/// Our tables' tokens, `ip`'s then `ip6`'s.
 fn both_tables(lab: &Lab) -> Vec<Vec<String>> {
     ["ip", "ip6"].iter().map(|f| table_tokens(lab, f)).collect()
 }
@@ -789,7 +803,7 @@ fn full_sync_into_an_empty_kernel_writes_the_bulk_over_netlink() {
     assert!(lab.syncer.prepare().unwrap(), "no tables: the frame is written");
     assert!(!lab.syncer.prepare().unwrap(), "written once");
     let frame = both_tables(&lab);
-    assert!(frame[0].iter().any(|t| t == "chain services"), "{frame:?}");
+    assert!(frame[0].iter().any(|t| t.ends_with(" chain services")), "{frame:?}");
     assert!(frame.iter().flatten().all(|t| !t.contains("svc-") && !t.contains("203.0.113.")), "{frame:?}");
     assert_eq!(tcp(&lab.client, NODE_IP, 30002), Outcome::Refused, "the frame serves nothing");
     let report = lab.sync(&services, &slices).unwrap();
@@ -877,12 +891,12 @@ fn write_in_steps(
 fn skeleton_of(ruleset: &hawser_dataplane::render::Ruleset) -> hawser_dataplane::render::Ruleset {
     use hawser_dataplane::render::{RenderConfig, Ruleset, base_table};
     let mut skeleton = Ruleset::default();
-    for (family, table) in &ruleset.tables {
-        let mut base = base_table(*family, &RenderConfig::default());
+    for (id, table) in &ruleset.tables {
+        let mut base = base_table(*id, &RenderConfig::default());
         for (name, c) in table.collections.iter().filter(|(n, _)| n.starts_with("endpoints-")) {
             base.collections.insert(name.clone(), c.clone_empty());
         }
-        skeleton.tables.insert(*family, base);
+        skeleton.tables.insert(*id, base);
     }
     skeleton
 }
@@ -913,10 +927,10 @@ impl hawser_dataplane::diff::StepWriter for CountedSteps {
 
     fn declaration(
         &self,
-        family: hawser_dataplane::model::Family,
+        table: hawser_dataplane::render::TableId,
         name: &str,
     ) -> Result<Option<hawser_dataplane::netlink::Attrs>, NftError> {
-        self.inner.declaration(family, name)
+        self.inner.declaration(table, name)
     }
 }
 
@@ -929,7 +943,7 @@ fn stepwise_full_sync_survives_unknown_chains_and_a_refused_batch() {
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
     use hawser_dataplane::netlink::Netlink;
     use hawser_dataplane::nft::Steps;
-    use hawser_dataplane::render::{Chain, RenderConfig, render};
+    use hawser_dataplane::render::{Chain, RenderConfig, TableId, render};
     let lab = lab!(2);
     let services: Vec<_> = (0..300)
         .map(|i| {
@@ -945,7 +959,7 @@ fn stepwise_full_sync_survives_unknown_chains_and_a_refused_batch() {
     let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
     let mut ruleset = render(&build_model(&services, &slices, &config), &RenderConfig::default());
     // A Service chain whose rule the encoder does not know, reached by one address.
-    let table = ruleset.tables.get_mut(&Family::V4).unwrap();
+    let table = ruleset.tables.get_mut(&TableId::nat(Family::V4, "ns", "odd")).unwrap();
     let odd = "svc-ns/odd/tcp/80";
     table
         .chains
@@ -993,9 +1007,15 @@ fn stepwise_write_declares_what_the_frame_lacks_and_drops_what_no_port_used() {
     use hawser_dataplane::model::{Family, ModelConfig, build_model};
     use hawser_dataplane::netlink::Netlink;
     use hawser_dataplane::nft::Steps;
-    use hawser_dataplane::render::{RenderConfig, render};
+    use hawser_dataplane::render::{RenderConfig, TableId, render};
     let lab = lab!(2);
-    let names = ["a", "b", "c"];
+    // Three Services of one NAT table.
+    let first = TableId::nat(Family::V4, "ns", "s0");
+    let names: Vec<&'static str> = (0..100)
+        .map(|i| leak(format!("s{i}")))
+        .filter(|n| TableId::nat(Family::V4, "ns", n) == first)
+        .take(3)
+        .collect();
     let services: Vec<_> = names
         .iter()
         .enumerate()
@@ -1010,19 +1030,23 @@ fn stepwise_write_declares_what_the_frame_lacks_and_drops_what_no_port_used() {
     let slices: Vec<EndpointSlice> = names.iter().map(|name| slice("ns", name, name, PORTS, &pods)).collect();
     let config = ModelConfig { load_balancer_class: "hawser.dev/lb".into(), node_name: NODE.into() };
     let ruleset = render(&build_model(&services, &slices, &config), &RenderConfig::default());
+    let nat = first;
     let used: Vec<String> =
-        ruleset.tables[&Family::V4].collections.keys().filter(|n| n.starts_with("endpoints-")).cloned().collect();
+        ruleset.tables[&nat].collections.keys().filter(|n| n.starts_with("endpoints-")).cloned().collect();
     assert!(!used.is_empty());
     let unused = (0..=255).map(|b| format!("endpoints-tcp-{b:02x}")).find(|n| !used.contains(n)).unwrap();
     // A frame that declares only a map nobody uses: the used ones are copied from it.
     let mut copied = skeleton_of(&ruleset);
-    let declared = copied.tables.get_mut(&Family::V4).unwrap();
-    let decl = declared.collections.get(&used[0]).unwrap().clone_empty();
-    declared.collections.retain(|name, _| !name.starts_with("endpoints-"));
-    declared.collections.insert(unused.clone(), decl);
+    let decl = copied.tables[&nat].collections.get(&used[0]).unwrap().clone_empty();
+    for t in copied.tables.values_mut() {
+        t.collections.retain(|name, _| !name.starts_with("endpoints-"));
+    }
+    copied.tables.get_mut(&nat).unwrap().collections.insert(unused.clone(), decl);
     // A frame that declares no endpoint map: there is none to copy.
     let mut bare = skeleton_of(&ruleset);
-    bare.tables.get_mut(&Family::V4).unwrap().collections.retain(|name, _| !name.starts_with("endpoints-"));
+    for t in bare.tables.values_mut() {
+        t.collections.retain(|name, _| !name.starts_with("endpoints-"));
+    }
 
     let nft = NftCommand::with_argv(exec_in(&lab.node, "nft"));
     nft.run(&FullSync::new(&ruleset).script()).unwrap();
@@ -1057,7 +1081,8 @@ fn a_batch_larger_than_the_send_buffer_is_written_whole() {
     let pairs: Vec<String> =
         (0..150_000u32).map(|i| std::net::Ipv4Addr::from(0x0a80_0000 + i)).map(|a| format!("{a} . {a}")).collect();
     let mut batch = Batch::new();
-    assert!(batch.elements(Family::V4, "hairpin", true, pairs.iter().map(|k| (k.as_str(), ""))));
+    let frame = hawser_dataplane::render::TableId::frame(Family::V4);
+    assert!(batch.elements(frame, "hairpin", true, pairs.iter().map(|k| (k.as_str(), ""))));
     assert!(batch.len() > 2 << 20, "the batch is only {} bytes", batch.len());
     let netlink = common::lab::in_netns(&lab.node, Netlink::open).unwrap();
     netlink.commit(&batch).unwrap();
@@ -1104,7 +1129,10 @@ impl NftRunner for SabotageNetlink {
         match batch {
             Some(b) if self.armed.load(Ordering::SeqCst) => {
                 let mut bad = b.clone();
-                bad.flush_chain(hawser_dataplane::model::Family::V4, "no-such-chain");
+                bad.flush_chain(
+                    hawser_dataplane::render::TableId::frame(hawser_dataplane::model::Family::V4),
+                    "no-such-chain",
+                );
                 self.inner.run_partial(script, Some(&bad))
             }
             _ => self.inner.run_partial(script, batch),
@@ -1206,11 +1234,14 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     // Changed while the agent was away: plain lost an endpoint, sticky lost the one its client
     // was sent to, empty was deleted, grown went from one endpoint to three (its endpoint maps
     // are new); and by hand, a rule and an element of single's went.
-    let maps = |tables: &[Vec<String>]| tables.iter().flatten().filter(|t| t.starts_with("map endpoints-")).count();
+    let maps = |tables: &[Vec<String>]| tables.iter().flatten().filter(|t| t.contains(" map endpoints-")).count();
     let maps_before = maps(&static_tables(&lab));
     let nft = node_nft(&lab.node, false);
-    nft.run("flush chain ip hawser svc-ns/single/tcp/80\ndelete element ip hawser service-nodeports { tcp . 30002 }\n")
-        .unwrap();
+    let single = nat_of("single");
+    nft.run(&format!(
+        "flush chain ip {single} svc-ns/single/tcp/80\ndelete element ip {single} service-nodeports {{ tcp . 30002 }}\n"
+    ))
+    .unwrap();
     let n = |pod: &str| pod.trim_start_matches("pod").parse::<usize>().unwrap();
     let gone = [format!("10.0.{}.2", n(&sticky_pod)), format!("fd00:{}::2", n(&sticky_pod))];
     let mut after = slices(&[("plain", 2), ("single", 1), ("ranged", 2), ("grown", 3)]);
@@ -1250,7 +1281,7 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
 
     // A hand edit of the frame (the dispatch chain emptied): the periodic full resync replaces
     // the tables, and traffic flows again.
-    node_nft(&lab.node, false).run("flush chain ip hawser services\n").unwrap();
+    node_nft(&lab.node, false).run(&format!("flush chain ip {} services\n", nat_of("plain"))).unwrap();
     assert_eq!(tcp(&lab.client, "203.0.113.1", 80), Outcome::Timeout, "nothing is DNATed without the chain");
     lab.syncer.force_full_resync();
     let report = lab.sync(&remaining, &after).unwrap();
@@ -1259,7 +1290,7 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     assert_eq!(static_tables(&lab), replaced);
     assert_eq!(lab.servers("203.0.113.1", 80, 24), set(&["pod1", "pod2"]));
     // A rule added by hand to a base chain: replaced too.
-    node_nft(&lab.node, false).run("insert rule ip hawser nat-prerouting counter\n").unwrap();
+    node_nft(&lab.node, false).run(&format!("insert rule ip {} nat-prerouting counter\n", nat_of("plain"))).unwrap();
     lab.syncer.force_full_resync();
     let report = lab.sync(&remaining, &after).unwrap();
     assert!(report.replaced.as_deref().is_some_and(|r| r.contains("chain nat-prerouting has other rules")));
@@ -1269,7 +1300,7 @@ fn a_restarted_agent_adopts_the_tables_it_finds_and_writes_only_what_differs() {
     node_nft(&lab.node, false).run("delete table ip6 hawser\n").unwrap();
     restart(&mut lab, RenderConfig { masquerade_mark: 0x0080_0000 });
     let report = lab.sync(&remaining, &after).unwrap();
-    assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Nft, Some("one of the two tables is missing")));
+    assert_eq!((report.writer, report.replaced.as_deref()), (Writer::Nft, Some("one of our tables is missing")));
     assert_eq!(static_tables(&lab), replaced);
 }
 

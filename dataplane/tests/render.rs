@@ -13,7 +13,7 @@ use hawser_dataplane::model::{
     ClusterModel, EndpointChoice, Family, ModelConfig, NodeModel, ServiceKey, TrafficPolicy, build_model,
 };
 use hawser_dataplane::nft::{Applier, NftError, NftRunner};
-use hawser_dataplane::render::{RenderConfig, Ruleset, render, render_from, to_script};
+use hawser_dataplane::render::{RenderConfig, Ruleset, TableId, render, render_from, to_script};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -142,8 +142,13 @@ fn node_state_reads_deletion_and_autoscaler_taint() {
     assert!(!NodeModel::from_node("node-a", None).seen);
 }
 
-fn v4(r: &Ruleset) -> &hawser_dataplane::render::Table {
-    &r.tables[&Family::V4]
+/// The NAT table of Service `ns/b`.
+fn nat_b() -> &'static str {
+    TableId::nat(Family::V4, "ns", "b").name()
+}
+
+fn v4(r: &Ruleset) -> hawser_dataplane::render::Table {
+    r.merged(Family::V4)
 }
 
 #[test]
@@ -244,7 +249,7 @@ fn source_ranges_are_enforced_on_address_and_nodeport_and_merged() {
     s6.families = vec!["IPv4", "IPv6"];
     s6.lb_ips = vec!["203.0.113.10", "2001:db8::10"];
     let r = rules(&model(&[s6.build()], &[]));
-    assert_eq!(r.tables[&Family::V6].chains["fw-ns/web/tcp/80"].rules[0], "drop");
+    assert_eq!(r.merged(Family::V6).chains["fw-ns/web/tcp/80"].rules[0], "drop");
 }
 
 /// A full sync into an empty kernel writes every Service's `svc-…` chain (plain or with
@@ -289,12 +294,14 @@ fn stepwise_full_sync_encodes_every_service_chain_and_element() {
         );
         assert!(base.collections.values().all(|c| c.elements.is_empty()));
     }
-    assert!(r.tables[&Family::V4].chains.contains_key("fw-ns/ranged/tcp/80"));
-    let base = base_table(Family::V4, &RenderConfig::default());
+    assert!(r.merged(Family::V4).chains.contains_key("fw-ns/ranged/tcp/80"));
+    let nat = |family| base_table(TableId { family, index: 1 }, &RenderConfig::default());
     for map in ["affinity-cluster", "affinity-cluster-nodeports", "affinity-addresses", "service-addresses"] {
-        assert!(base.collections.contains_key(map), "{map} is not declared");
+        assert!(nat(Family::V4).collections.contains_key(map), "{map} is not declared");
     }
-    assert!(base_table(Family::V6, &RenderConfig::default()).collections.contains_key("affinity"));
+    assert!(nat(Family::V6).collections.contains_key("affinity"));
+    let frame = base_table(TableId::frame(Family::V4), &RenderConfig::default());
+    assert!(frame.collections.contains_key("filter-addresses") && frame.collections.contains_key("hairpin"));
 }
 
 #[test]
@@ -383,7 +390,7 @@ fn ipv6_client_ip_affinity_keeps_two_rules_per_endpoint_on_one_set() {
         &[s.build()],
         &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "n"), Ep::ready("fd00::2", "n")])],
     ));
-    let t = &r.tables[&Family::V6];
+    let t = &r.merged(Family::V6);
     let sets: Vec<&String> = t.collections.keys().filter(|k| k.starts_with("aff")).collect();
     assert_eq!(sets, ["affinity"], "one shared affinity set, no per-endpoint sets");
     assert_eq!(
@@ -413,7 +420,7 @@ fn ipv6_endpoints_render_into_the_ip6_table() {
     s.lb_ips = vec!["2001:db8::10"];
     s.local = true;
     let r = rules(&model(&[s.build()], &[slice("ns", "web", "s1", HTTP, &[Ep::ready("fd00::1", "node-a")])]));
-    let t = &r.tables[&Family::V6];
+    let t = &r.merged(Family::V6);
     assert_eq!(t.chains["svc-ns/web/tcp/80"].rules, ["meta l4proto tcp dnat to [fd00::1]:8080"]);
     assert!(t.collections["hairpin"].elements.contains_key("fd00::1 . fd00::1"));
     assert_eq!(t.collections["hairpin"].decl, "type ipv6_addr . ipv6_addr;");
@@ -516,15 +523,18 @@ fn partial_sync_touches_only_the_changed_service() {
     let map = format!("endpoints-tcp-{:02x}", before.slots[&Family::V4]["ns/b/tcp/80"].bucket);
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
     assert!(!plan.script.contains("ns/a/"), "service a untouched:\n{}", plan.script);
-    assert!(plan.script.contains("flush chain ip hawser svc-ns/b/tcp/80"));
-    assert!(plan.script.contains("add rule ip hawser svc-ns/b/tcp/80 meta l4proto tcp dnat to 10.0.1.1:8080"));
+    assert!(plan.script.contains(&format!("flush chain ip {} svc-ns/b/tcp/80", nat_b())));
+    assert!(
+        plan.script
+            .contains(&format!("add rule ip {} svc-ns/b/tcp/80 meta l4proto tcp dnat to 10.0.1.1:8080", nat_b()))
+    );
     assert!(plan.script.contains("delete element ip hawser hairpin { 10.0.1.2 . 10.0.1.2 }"));
     // b's endpoint map has no other user: emptied now, deleted by the next sync.
-    assert!(plan.script.contains(&format!("flush map ip hawser {map}")), "{}", plan.script);
+    assert!(plan.script.contains(&format!("flush map ip {} {map}", nat_b())), "{}", plan.script);
     assert!(!plan.script.contains("delete map"), "deleted later:\n{}", plan.script);
     assert_eq!(plan.stale_after.len(), 1);
     let next = partial_plan(&after, &plan.stale_after, &after);
-    assert_eq!(next.script.trim(), format!("delete map ip hawser {map}"));
+    assert_eq!(next.script.trim(), format!("delete map ip {} {map}", nat_b()));
     // No change, no transaction.
     assert!(partial_plan(&after, &BTreeSet::new(), &after).is_empty());
 }
@@ -594,7 +604,10 @@ fn changed_map_values_are_replaced_element_wise() {
     let before = rules(&two_services(&[Ep::ready("10.0.1.1", "node-a")]));
     let after = rules(&two_services(&[]));
     let plan = partial_plan(&before, &BTreeSet::new(), &after);
-    assert!(plan.script.contains("delete element ip hawser service-addresses-local { 203.0.113.20 . tcp . 80 }"));
+    assert!(
+        plan.script
+            .contains(&format!("delete element ip {} service-addresses-local {{ 203.0.113.20 . tcp . 80 }}", nat_b()))
+    );
     assert!(
         plan.script
             .contains("add element ip hawser filter-addresses { 203.0.113.20 . tcp . 80 : goto fw-ns/b/tcp/80 }")
@@ -696,14 +709,15 @@ fn a_services_first_endpoint_bucket_is_the_lowest_map_its_rules_use() {
         s.ports = vec![("http", "TCP", 80, Some(30080)), ("dns", "UDP", 53, Some(30053))];
         let m = model(&[s.build()], &[slice("ns", name, "s1", &[("http", "TCP", 8080), ("dns", "UDP", 5353)], &eps)]);
         let r = rules(&m);
-        let maps: Vec<(String, u32)> = r.tables[&Family::V4]
+        let maps: Vec<(String, u32)> = r
+            .merged(Family::V4)
             .collections
             .keys()
             .filter_map(|n| Some((endpoint_map_protocol(n)?.to_string(), endpoint_map_bucket(n)?)))
             .collect();
         assert_eq!(maps.iter().map(|(p, _)| p.as_str()).collect::<BTreeSet<_>>(), BTreeSet::from(["tcp", "udp"]));
-        let used =
-            r.tables[&Family::V4].chains.values().flat_map(|c| &c.rules).filter(|r| r.contains("map @endpoints-"));
+        let merged = r.merged(Family::V4);
+        let used = merged.chains.values().flat_map(|c| &c.rules).filter(|r| r.contains("map @endpoints-"));
         assert_eq!(used.count(), 2, "{r:?}");
         let svc = &m.services[&ServiceKey::new("ns", name)];
         assert_eq!(first_endpoint_bucket(svc), maps.iter().map(|(_, b)| *b).min().unwrap(), "{maps:?}");

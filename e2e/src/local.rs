@@ -541,9 +541,10 @@ impl LocalCluster {
         node.netns.exec(&["curl", "-sf", "http://127.0.0.1:10267/metrics"])
     }
 
-    /// The nft ruleset of node `i` (0-based), for waiting on the dataplane.
+    /// The IPv4 nft ruleset of node `i` (0-based), for waiting on the dataplane: in its own
+    /// namespace, only hawser's tables.
     pub fn node_rules(&self, i: usize) -> String {
-        self.nodes.get(i).and_then(|n| n.netns.exec(&["nft", "list", "table", "ip", "hawser"]).ok()).unwrap_or_default()
+        self.nodes.get(i).and_then(|n| n.netns.exec(&["nft", "list", "ruleset", "ip"]).ok()).unwrap_or_default()
     }
 
     async fn wait_rules(&self, ip: Ipv4Addr, present: bool) -> anyhow::Result<()> {

@@ -12,10 +12,10 @@ use std::time::Duration;
 use hawser_dataplane::conntrack::ConntrackCommand;
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
-use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::model::{Family, ModelConfig};
 use hawser_dataplane::netlink::Netlink;
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, SyncReport};
-use hawser_dataplane::render::RenderConfig;
+use hawser_dataplane::render::{RenderConfig, TableId};
 use hawser_dataplane::sync::Syncer;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -376,9 +376,20 @@ impl Lab {
         Ok(report)
     }
 
-    /// Lists a chain with rule handles, from the node netns.
+    /// Lists a chain with rule handles, from the node netns, from the first of our tables of
+    /// `family` (`ip`, `ip6`) that has it.
     pub fn list_chain(&self, family: &str, chain: &str) -> String {
-        sh(&["ip", "netns", "exec", &self.node, "nft", "-a", "list", "chain", family, "hawser", chain])
+        let family_of = if family == "ip" { Family::V4 } else { Family::V6 };
+        for table in TableId::of_family(family_of) {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &self.node, "nft", "-a", "list", "chain", family, table.name(), chain])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+        }
+        panic!("no table of {family} has chain {chain}")
     }
 
     /// The set of servers answering `n` TCP connections from the client.

@@ -380,8 +380,8 @@ async fn main() -> anyhow::Result<()> {
         latencies.len()
     );
     println!("rss_mib={:.1} target_mib=100", rss_mib(agent.id()));
-    let rules = topology.node().exec(&["nft", "list", "table", "ip", "hawser"]).unwrap_or_default();
-    eprintln!("the node's table: {} lines", rules.lines().count());
+    let rules = topology.node().exec(&["nft", "list", "ruleset", "ip"]).unwrap_or_default();
+    eprintln!("the node's IPv4 tables: {} lines", rules.lines().count());
     let _ = agent.kill();
     let _ = agent.wait();
     server.stop().await;
