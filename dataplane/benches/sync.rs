@@ -23,7 +23,7 @@ use common::lab::{Lab, NODE, NODE_IP, in_netns, node_nft, pod_ip, prerequisites,
 use hawser_dataplane::diff::{FullSync, StepWriter};
 use hawser_dataplane::health::HealthState;
 use hawser_dataplane::inputs::ClusterInputs;
-use hawser_dataplane::model::ModelConfig;
+use hawser_dataplane::model::{Family, ModelConfig};
 use hawser_dataplane::netlink::{Batch, Netlink};
 use hawser_dataplane::nft::{NftCommand, NftError, NftRunner, StaleEntry, SyncReport, Writer};
 use hawser_dataplane::render::{RenderConfig, TableId};
@@ -391,17 +391,22 @@ fn main() {
 /// Records one client per affinity Service but Service 0, then removes the endpoint Service 1's
 /// client was sent to, and prints that sync's figures.
 fn affinity_endpoint_removed(node: &str, sticky: &mut Agent, affinity_n: usize) {
-    let mut entries = Vec::new();
+    // Each in the NAT table of its Service.
+    let mut entries: std::collections::BTreeMap<TableId, Vec<String>> = std::collections::BTreeMap::new();
     for i in 1..affinity_n {
         let (a, b) = (i / 250, i % 250 + 1);
-        entries.push(format!(
+        entries.entry(TableId::nat(Family::V4, "bench", &format!("svc-{i}"))).or_default().push(format!(
             "100.64.{a}.{b} . 198.18.{a}.{b} . tcp . 80 : 10.{}.{}.10 . 8080",
             100 + i / 250,
             i % 250
         ));
     }
-    let script = format!("add element ip hawser affinity-cluster {{ {} }}\n", entries.join(", "));
+    let script: String = entries
+        .iter()
+        .map(|(table, entries)| format!("add element {table} affinity-cluster {{ {} }}\n", entries.join(", ")))
+        .collect();
     node_nft(node, false).run(&script).unwrap();
+    let entries: Vec<String> = entries.into_values().flatten().collect();
     let report = timed_sync(sticky, "affinity_endpoint_removed", |inputs| inputs.apply_slice(&endpoints(1, 9)));
     println!("affinity_entries={} affinity_purged={}", entries.len(), report.affinity_purged);
 }
