@@ -723,3 +723,50 @@ fn a_services_first_endpoint_bucket_is_the_lowest_map_its_rules_use() {
         assert_eq!(first_endpoint_bucket(svc), maps.iter().map(|(_, b)| *b).min().unwrap(), "{maps:?}");
     }
 }
+
+/// The Services are spread over the eight NAT tables of each family by their namespace and
+/// name: each Service's DNAT (its `svc-…` chain, dispatch and endpoint-map elements) is in its
+/// own NAT table only, its filtering in the family's frame; a change to one Service writes only
+/// to its NAT table (and the frame, for its hairpin and filter elements), so the kernel
+/// re-validates only that table.
+#[test]
+fn services_are_spread_over_the_nat_tables_and_a_change_touches_only_its_own() {
+    use hawser_dataplane::render::NAT_SHARDS;
+    let before = rules(&many_services(200, |i| if i == 7 { 3 } else { 2 }));
+    let nat_tables: BTreeSet<TableId> = before.tables.keys().filter(|id| !id.is_frame()).copied().collect();
+    assert_eq!(nat_tables.len(), 2 * usize::from(NAT_SHARDS), "every NAT table exists in both families");
+    let frame = &before.tables[&TableId::frame(Family::V4)];
+    assert!(frame.chains.keys().all(|n| !n.starts_with("svc-") && n != "services"), "no DNAT in the frame");
+    let mut used = BTreeSet::new();
+    for i in 0..200 {
+        let id = TableId::nat(Family::V4, "ns", &format!("svc-{i}"));
+        used.insert(id);
+        let chain = format!("svc-ns/svc-{i}/tcp/80");
+        let holders: Vec<&TableId> =
+            before.tables.iter().filter(|(_, t)| t.chains.contains_key(&chain)).map(|(id, _)| id).collect();
+        assert_eq!(holders, [&id], "{chain} is in its own NAT table only");
+        let key = format!("198.51.{}.{} . tcp . 80", i / 200, i % 200 + 1);
+        assert_eq!(before.tables[&id].collections["service-addresses"].elements[&key], format!("goto {chain}"));
+    }
+    assert_eq!(used.len(), usize::from(NAT_SHARDS), "200 Services use every NAT table");
+    // Every NAT table has the same base chains and dispatch.
+    let base: Vec<(&String, &hawser_dataplane::render::Chain)> = {
+        let t = &before.tables[&TableId { family: Family::V4, index: 1 }];
+        t.chains.iter().filter(|(n, _)| !n.starts_with("svc-")).collect()
+    };
+    for id in nat_tables.iter().filter(|id| id.family == Family::V4) {
+        let t = &before.tables[id];
+        let theirs: Vec<(&String, &hawser_dataplane::render::Chain)> =
+            t.chains.iter().filter(|(n, _)| !n.starts_with("svc-")).collect();
+        assert_eq!(theirs, base, "{id}");
+    }
+
+    // svc-7 loses an endpoint: its rule is rewritten in its NAT table, no other table is named.
+    let after = render_from(&many_services(200, |_| 2), &RenderConfig::default(), Some(&before));
+    let plan = partial_plan(&before, &BTreeSet::new(), &after);
+    let own = TableId::nat(Family::V4, "ns", "svc-7");
+    assert!(plan.script.contains(&format!("flush chain {own} svc-ns/svc-7/tcp/80")), "{}", plan.script);
+    for line in plan.script.lines() {
+        assert!(line.contains(&format!(" {own} ")), "a line outside {own}: {line}");
+    }
+}
