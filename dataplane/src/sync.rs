@@ -277,10 +277,12 @@ impl<R: NftRunner> Syncer<R> {
             let mut plan = PartialScript::default();
             let empty = Delta::default();
             for id in TableId::all() {
-                let delta = deltas.get(&id).unwrap_or(&empty);
-                if std::ptr::eq(delta, &empty) && !self.stale.iter().any(|s| s.table() == id) {
-                    continue;
-                }
+                // A table with nothing changed and nothing to delete has nothing to write.
+                let delta = match deltas.get(&id) {
+                    Some(delta) => delta,
+                    None if self.stale.iter().any(|s| s.table() == id) => &empty,
+                    None => continue,
+                };
                 self.copy_declarations(id, delta);
                 plan.table(id, delta, &self.stale, &self.map_sizes, &self.templates);
             }
@@ -673,7 +675,7 @@ impl<R: NftRunner> Syncer<R> {
         let owner = Arc::new(key.clone());
         for family in FAMILIES {
             let Some(slots) = self.slots.get_mut(&family) else { continue };
-            let (before, had) = match old.as_ref().filter(|m| m.families.contains(&family)) {
+            let (mut before, had) = match old.as_ref().filter(|m| m.families.contains(&family)) {
                 Some(m) => {
                     let mut fixed = FixedSlots { table: &*slots, used: Vec::new() };
                     let t = render_fragment(m, family, &mut fixed);
@@ -702,7 +704,6 @@ impl<R: NftRunner> Syncer<R> {
             }
             // The tables the Service was in and is in (its NAT table is the same unless it
             // moves family).
-            let mut before = before;
             let empty = Table::default();
             let ids: BTreeSet<TableId> = before.keys().chain(after.keys()).copied().collect();
             for id in ids {
