@@ -93,7 +93,7 @@ impl TableId {
 
     /// The NAT table of `family` that holds the Service `namespace/name`.
     pub fn nat(family: Family, namespace: &str, name: &str) -> Self {
-        let hash = stable_hash(&format!("{namespace}/{name}"));
+        let hash = fnv1a(fnv1a(fnv1a(FNV_OFFSET, namespace), "/"), name);
         Self { family, index: 1 + u8::try_from(hash % u32::from(NAT_SHARDS)).unwrap_or(0) }
     }
 
@@ -280,11 +280,7 @@ pub fn render_from(model: &ClusterModel, config: &RenderConfig, previous: Option
     let mut ruleset = skeletons(config);
     for family in [Family::V4, Family::V6] {
         let mut slots = SlotAllocator::new(previous.and_then(|p| p.slots.get(&family)));
-        for svc in model.services.values() {
-            if svc.families.contains(&family) {
-                render_service(&mut ruleset.tables, &mut slots, svc, family);
-            }
-        }
+        render_services(&mut ruleset.tables, &mut slots, model.services.values(), family);
         ruleset.slots.insert(family, slots.assigned);
     }
     ruleset
@@ -301,14 +297,27 @@ pub fn render_with_slots<'a>(
     for family in [Family::V4, Family::V6] {
         let empty = SlotTable::default();
         let mut fixed = FixedSlots { table: slots.get(&family).unwrap_or(&empty), used: Vec::new() };
-        for svc in services.clone() {
-            if svc.families.contains(&family) {
-                render_service(&mut ruleset.tables, &mut fixed, svc, family);
-            }
-        }
+        render_services(&mut ruleset.tables, &mut fixed, services.clone(), family);
         ruleset.slots.insert(family, fixed.used.into_iter().collect());
     }
     ruleset
+}
+
+/// Renders the `family` part of each of `services` into `tables` (which hold every table of
+/// ours).
+fn render_services<'a>(
+    tables: &mut BTreeMap<TableId, Table>,
+    slots: &mut dyn SlotSource,
+    services: impl Iterator<Item = &'a ServiceModel>,
+    family: Family,
+) {
+    let frame_id = TableId::frame(family);
+    let mut frame = tables.remove(&frame_id).unwrap_or_default();
+    for svc in services.filter(|svc| svc.families.contains(&family)) {
+        let nat = tables.entry(TableId::nat(family, &svc.key.namespace, &svc.key.name)).or_default();
+        render_service(&mut frame, nat, slots, svc, family);
+    }
+    tables.insert(frame_id, frame);
 }
 
 /// Every table of ours with nothing of any Service.
@@ -321,11 +330,9 @@ fn skeletons(config: &RenderConfig) -> Ruleset {
 /// order): its own chains and sets, and its elements of the shared maps (only the shared
 /// collections it adds to are present, holding only its elements).
 pub fn render_fragment(svc: &ServiceModel, family: Family, slots: &mut dyn SlotSource) -> [(TableId, Table); 2] {
-    let frame = TableId::frame(family);
-    let nat = TableId::nat(family, &svc.key.namespace, &svc.key.name);
-    let mut tables = BTreeMap::from([(frame, Table::default()), (nat, Table::default())]);
-    render_service(&mut tables, slots, svc, family);
-    [(frame, tables.remove(&frame).unwrap_or_default()), (nat, tables.remove(&nat).unwrap_or_default())]
+    let (mut frame, mut nat) = (Table::default(), Table::default());
+    render_service(&mut frame, &mut nat, slots, svc, family);
+    [(TableId::frame(family), frame), (TableId::nat(family, &svc.key.namespace, &svc.key.name), nat)]
 }
 
 /// Where rendering gets a Service port's endpoint-map slot from.
@@ -431,7 +438,14 @@ fn allocate(ranges: &mut BTreeMap<u64, u64>, bucket: u32, wanted: u32) -> Option
 
 /// FNV-1a: a hash that is the same in every build and process.
 fn stable_hash(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    fnv1a(FNV_OFFSET, text)
+}
+
+const FNV_OFFSET: u32 = 0x811c_9dc5;
+
+/// FNV-1a of `text` continued from `hash` (of what came before it).
+fn fnv1a(hash: u32, text: &str) -> u32 {
+    text.bytes().fold(hash, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
 /// Hands out endpoint-map slots. Slots of the previous ruleset stay reserved for the whole
@@ -789,18 +803,16 @@ pub fn endpoint_map_bucket(name: &str) -> Option<u32> {
     u32::from_str_radix(name.strip_prefix(ENDPOINT_MAP_PREFIX)?.rsplit_once('-')?.1, 16).ok()
 }
 
-/// Renders `svc`'s `family` part into `tables`: its filtering and hairpin elements into the
-/// family's frame, the rest into its NAT table.
+/// Renders `svc`'s `family` part: its filtering and hairpin elements into the family's
+/// `frame`, the rest into `table`, its NAT table.
 fn render_service(
-    tables: &mut BTreeMap<TableId, Table>,
+    frame: &mut Table,
+    table: &mut Table,
     slots: &mut dyn SlotSource,
     svc: &ServiceModel,
     family: Family,
 ) {
     let fam = addr_kw(family);
-    let nat_id = TableId::nat(family, &svc.key.namespace, &svc.key.name);
-    let mut frame = tables.remove(&TableId::frame(family)).unwrap_or_default();
-    let table = tables.entry(nat_id).or_default();
     let addresses: Vec<IpAddr> = svc.lb_addresses.iter().copied().filter(|a| Family::of(a) == family).collect();
     let allowed: Option<Vec<IpNet>> = svc.source_ranges.as_ref().map(|ranges| {
         // nft rejects overlapping intervals in one anonymous set ("conflicting intervals"),
@@ -845,7 +857,7 @@ fn render_service(
         if !fw_rules.is_empty() {
             let fw = format!("fw-{pid}");
             frame.chains.insert(fw.clone(), Chain { base: None, rules: fw_rules });
-            insert_dispatch(&mut frame, family, FILTER_MAPS, &addresses, port, &format!("goto {fw}"));
+            insert_dispatch(frame, family, FILTER_MAPS, &addresses, port, &format!("goto {fw}"));
         }
 
         if endpoints.is_empty() {
@@ -857,7 +869,7 @@ fn render_service(
         // masqueraded.
         let svc_chain = format!("svc-{pid}");
         let local = svc.traffic_policy == TrafficPolicy::Local;
-        if local && let Some(hairpin) = shared(&mut frame, family, "hairpin") {
+        if local && let Some(hairpin) = shared(frame, family, "hairpin") {
             for ep in &endpoints {
                 hairpin.elements.insert(format!("{} . {}", ep.ip, ep.ip), String::new());
             }
@@ -876,7 +888,6 @@ fn render_service(
         let maps = if local { SERVICE_MAPS_LOCAL } else { SERVICE_MAPS };
         insert_dispatch(table, family, maps, &addresses, port, &format!("goto {svc_chain}"));
     }
-    tables.insert(TableId::frame(family), frame);
 }
 
 /// `dnat to` the one endpoint, or to a random one of the port's slot in an endpoint map.
