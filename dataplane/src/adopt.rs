@@ -260,23 +260,43 @@ impl Live {
     }
 }
 
-/// The nft script writing the frame of each table of `desired` (see the module's doc) into
-/// its check table ([`TableId::check_name`]), which must not exist. (A `delete table` in the
-/// script would have nft list every table first, ours with their 10k chains included.)
+/// The frames of `desired`'s tables as their check tables hold them ([`TableId::check`]):
+/// every chain but the encoded ones, every collection's declaration.
+fn frames(desired: &Ruleset) -> BTreeMap<TableId, Table> {
+    let mut frames: BTreeMap<TableId, Table> = BTreeMap::new();
+    for (id, table) in &desired.tables {
+        let frame = frames.entry(id.check()).or_default();
+        for (name, chain) in table.chains.iter().filter(|(n, c)| !encoded(n, c)) {
+            frame.chains.entry(name.clone()).or_insert_with(|| chain.clone());
+        }
+        for (name, c) in &table.collections {
+            frame.collections.entry(name.clone()).or_insert_with(|| c.clone_empty());
+        }
+    }
+    frames
+}
+
+/// The check tables, of both families.
+fn check_tables() -> impl Iterator<Item = TableId> {
+    TableId::all().filter(|id| id.check() == *id)
+}
+
+/// The nft script writing the frames of `desired`'s tables (see the module's doc) into their
+/// check tables ([`TableId::check`]), which must not exist. (A `delete table` in the script
+/// would have nft list every table first, ours with their 10k chains included.)
 pub fn check_script(desired: &Ruleset) -> String {
     let mut out = String::new();
-    for (id, table) in &desired.tables {
+    for (id, table) in &frames(desired) {
         let check = format!("{} {}", id.fam(), id.check_name());
         let _ = writeln!(out, "add table {check}");
         for (name, c) in checked_collections(table) {
             let kind = if c.is_map { "map" } else { "set" };
             let _ = writeln!(out, "add {kind} {check} {name} {{ {} }}", c.decl);
         }
-        let frame: Vec<(&String, &Chain)> = table.chains.iter().filter(|(n, c)| !encoded(n, c)).collect();
-        for (name, _) in &frame {
+        for name in table.chains.keys() {
             let _ = writeln!(out, "add chain {check} {name}");
         }
-        for (name, chain) in &frame {
+        for (name, chain) in &table.chains {
             for rule in &chain.rules {
                 let _ = writeln!(out, "add rule {check} {name} {rule}");
             }
@@ -293,20 +313,20 @@ fn checked_collections(table: &Table) -> impl Iterator<Item = (&String, &Collect
     table.collections.iter().filter(move |(name, c)| !name.starts_with(ENDPOINT_MAP_PREFIX) || seen.insert(&c.decl))
 }
 
-/// The collection of the check table whose declaration `name` (of `table`) must have.
-fn checked_as<'a>(table: &'a Table, name: &'a String) -> Option<&'a String> {
-    let decl = &table.collections.get(name)?.decl;
+/// The collection of the check table (written from `frame`) whose declaration a collection
+/// `name` declared `decl` must have.
+fn checked_as<'a>(frame: &'a Table, decl: &str, name: &'a String) -> Option<&'a String> {
     if !name.starts_with(ENDPOINT_MAP_PREFIX) {
-        return Some(name);
+        return frame.collections.contains_key(name).then_some(name);
     }
-    checked_collections(table).find(|(n, c)| n.starts_with(ENDPOINT_MAP_PREFIX) && c.decl == *decl).map(|(n, _)| n)
+    checked_collections(frame).find(|(n, c)| n.starts_with(ENDPOINT_MAP_PREFIX) && c.decl == decl).map(|(n, _)| n)
 }
 
 /// Deletes the check tables, where there are some (a failed adoption or a crash may have
 /// left them).
 pub fn delete_check_table(netlink: &Netlink) {
     let mut batch = Batch::new();
-    for id in TableId::all() {
+    for id in check_tables() {
         if netlink.has_table(id.family, id.check_name()).unwrap_or(true) {
             batch.delete_table(id.family, id.check_name());
         }
@@ -316,10 +336,11 @@ pub fn delete_check_table(netlink: &Netlink) {
     }
 }
 
-/// Lists the check tables nft wrote ([`check_script`]); `None` unless every table has one.
+/// Lists the check tables nft wrote ([`check_script`]), by [`TableId::check`]; `None` unless
+/// every one is there.
 pub fn list_check(netlink: &Netlink) -> Result<Option<BTreeMap<TableId, LiveFrame>>, NftError> {
     let mut frames = BTreeMap::new();
-    for id in TableId::all() {
+    for id in check_tables() {
         let Some(table) = LiveTable::list(netlink, id, true)? else { return Ok(None) };
         frames.insert(id, LiveFrame(table));
     }
@@ -432,10 +453,12 @@ pub fn plan(
     desired: &Ruleset,
 ) -> Result<Adoption, String> {
     let mut adoption = Adoption { batch: Batch::new(), chains_written: 0, elements_changed: 0 };
+    let written = frames(desired);
     for (id, want) in &desired.tables {
         let have = live.tables.get(id).ok_or_else(|| format!("no table {id}"))?;
-        let frame = &check.get(id).ok_or_else(|| format!("no check table for {id}"))?.0;
-        let missing = check_frame(have, frame, want).map_err(|why| format!("{id}: {why}"))?;
+        let frame = &check.get(&id.check()).ok_or_else(|| format!("no check table for {id}"))?.0;
+        let reference = written.get(&id.check()).ok_or_else(|| format!("no frame for {id}"))?;
+        let missing = check_frame(have, frame, want, reference).map_err(|why| format!("{id}: {why}"))?;
         // Sets first: a Service whose endpoint map did not exist yet refers to it.
         for (name, decl) in missing {
             adoption.batch.new_set(*id, name, decl);
@@ -446,8 +469,13 @@ pub fn plan(
 }
 
 /// The frame of our table is as nft writes it: every frame chain with its hook and rules,
-/// every set's declaration.
-fn check_frame<'a>(have: &LiveTable, frame: &'a LiveTable, want: &'a Table) -> Result<Missing<'a>, String> {
+/// every set's declaration. `written_from` is what the check table was written from.
+fn check_frame<'a>(
+    have: &LiveTable,
+    frame: &'a LiveTable,
+    want: &'a Table,
+    written_from: &'a Table,
+) -> Result<Missing<'a>, String> {
     let empty = LiveChain::default();
     for (name, chain) in want.chains.iter().filter(|(n, c)| !encoded(n, c)) {
         // Chains are known by their rules (base chains by name too): an empty one that is not
@@ -473,7 +501,8 @@ fn check_frame<'a>(have: &LiveTable, frame: &'a LiveTable, want: &'a Table) -> R
         let checked = match reference.get(decl) {
             Some(checked) => *checked,
             None => {
-                let checked = checked_as(want, name).ok_or_else(|| format!("set {name} is not checked"))?;
+                let checked =
+                    checked_as(written_from, decl, name).ok_or_else(|| format!("set {name} is not checked"))?;
                 reference.insert(decl, checked);
                 checked
             }
@@ -633,6 +662,6 @@ mod tests {
         let checked: Vec<&String> = checked_collections(&table).map(|(n, _)| n).collect();
         assert_eq!(checked, ["endpoints-tcp-01", "endpoints-udp-01", "service-addresses"]);
         let name = "endpoints-tcp-02".to_string();
-        assert_eq!(checked_as(&table, &name).map(String::as_str), Some("endpoints-tcp-01"));
+        assert_eq!(checked_as(&table, "tcp", &name).map(String::as_str), Some("endpoints-tcp-01"));
     }
 }

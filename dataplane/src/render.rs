@@ -62,17 +62,6 @@ pub const TABLE: &str = "hawser";
 pub const NAT_SHARDS: u8 = 8;
 const TABLE_NAMES: [&str; 1 + NAT_SHARDS as usize] =
     [TABLE, "hawser-1", "hawser-2", "hawser-3", "hawser-4", "hawser-5", "hawser-6", "hawser-7", "hawser-8"];
-const CHECK_TABLE_NAMES: [&str; 1 + NAT_SHARDS as usize] = [
-    "hawser-check",
-    "hawser-check-1",
-    "hawser-check-2",
-    "hawser-check-3",
-    "hawser-check-4",
-    "hawser-check-5",
-    "hawser-check-6",
-    "hawser-check-7",
-    "hawser-check-8",
-];
 
 /// One of our tables: the family's frame (index 0: filtering, masquerading, the hairpin set) or
 /// one of its [`NAT_SHARDS`] NAT tables (1 ..= `NAT_SHARDS`: the Services' DNAT, dispatch maps,
@@ -117,9 +106,16 @@ impl TableId {
         TABLE_NAMES[usize::from(self.index)]
     }
 
-    /// The name of the table the adoption writes this one's frame into (see [`crate::adopt`]).
+    /// The table the adoption writes this one's frame into (see [`crate::adopt`]): the
+    /// family's frame's own, or the one all its NAT tables share (their frames differ only
+    /// by the affinity recording chains each has, which are the same wherever they are).
+    pub fn check(self) -> Self {
+        Self { family: self.family, index: self.index.min(1) }
+    }
+
+    /// The name of [`TableId::check`]'s table.
     pub fn check_name(self) -> &'static str {
-        CHECK_TABLE_NAMES[usize::from(self.index)]
+        if self.is_frame() { "hawser-check" } else { "hawser-check-nat" }
     }
 
     /// The nft family keyword.

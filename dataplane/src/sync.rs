@@ -422,7 +422,7 @@ impl<R: NftRunner> Syncer<R> {
             };
             let mut adoption = plan(live, &elements, &frames, &desired.ruleset)?;
             if write_check {
-                for id in desired.ruleset.tables.keys() {
+                for id in frames.keys() {
                     adoption.batch.delete_table(id.family, id.check_name());
                 }
             }
