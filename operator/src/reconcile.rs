@@ -361,11 +361,13 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     let group = spec.group.as_ref().map(|g| format!("{}/{g}", spec.identity.namespace));
     // A group's members are admitted and ensured one at a time, each against the others as the
     // cache holds them; admission runs even when nothing of this Service changed, as another
-    // member's change may have taken its place.
-    let _guard = match &group {
-        Some(g) => Some(ctx.groups.lock(g).await),
-        None => None,
-    };
+    // member's change may have taken its place. The locks of the groups this Service may leave
+    // (the ones its status records, the one it served in) are taken too, all in order, so that
+    // a member joining one of those never sees its parts change under it.
+    let before = ctx.ensured().get(&uid).and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
+    let mut locked = GroupRecord::of(svc.status.as_ref());
+    locked.extend(before.iter().chain(&group).cloned());
+    let _guards = ctx.groups.lock_all(locked.iter().map(String::as_str)).await;
     if let Some(group) = &group
         && let Err(conflict) = admit(svc, &spec, group, ctx)
     {
@@ -393,9 +395,7 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
     // before the first cloud write of a join, so that however the operator is stopped, the
     // groups it must leave are known: from memory, or else from the status.
     let recorded = GroupRecord::of(svc.status.as_ref());
-    let mut holding = recorded.clone();
-    let before = previous.as_ref().and_then(|p| p.group.clone()).or_else(|| groups::serving_group(svc));
-    holding.extend(before.iter().chain(&group).cloned());
+    let holding = locked;
     let written;
     let svc = if holding == recorded {
         svc
@@ -422,14 +422,6 @@ async fn apply(svc: &Service, ctx: &Context, api: &Api<Service>) -> Result<Actio
             // of the other groups' goes. Until that succeeds, the status keeps naming them.
             let left: Vec<String> = holding.iter().filter(|g| Some(*g) != group.as_ref()).cloned().collect();
             for old in &left {
-                // One change at a time on the old group's load balancer too (a member joining it
-                // must not see its address released under it). A Service moving from one group
-                // to another holds its new group's lock already and takes no second one, so
-                // that two moving the other way cannot wait on each other.
-                let _left_guard = match &group {
-                    None => Some(ctx.groups.lock(old).await),
-                    Some(_) => None,
-                };
                 ctx.provider.leave_group(&spec.identity, old).await?;
             }
             let change = ready_change(&status, group.as_deref());

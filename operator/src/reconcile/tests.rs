@@ -628,3 +628,56 @@ async fn a_change_cut_short_is_ensured_again_even_when_the_spec_goes_back() {
     assert_eq!(h.cloud.load_balancers()[0].listeners.len(), 1, "the listener added by the lost change is gone");
     h.finish(verifier).await;
 }
+
+#[tokio::test]
+async fn a_service_moving_to_another_group_leaves_the_old_one_only_under_its_lock() {
+    let cloud = cloud();
+    let mut h = harness(cloud.clone());
+    let member = Arc::new(std::sync::Mutex::new(Value::Null));
+    let seen = member.clone();
+    let script = vec![
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |_| {}),
+        event("EnsuringLoadBalancer", "Normal"),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", move |body| {
+            *seen.lock().unwrap() = body.clone();
+        }),
+        event("EnsuredLoadBalancer", "Normal"),
+        event("JoinedLoadBalancerGroup", "Normal"),
+    ];
+    let verifier = h.expect_all(script);
+    let in_group = |g: &str| json!({"metadata": {"annotations": {"hawser.dev/load-balancer-group": g}}});
+    h.reconcile(with_finalizer(in_group("edge"))).await.unwrap();
+    h.finish(verifier).await;
+
+    // It moves to group core while a member joins edge, under edge's lock.
+    let mut h = harness(cloud.clone());
+    let status = crate::status::patched(None, &member.lock().unwrap());
+    // A new operator: it knows the Service (Ready) from its status only.
+    let script = vec![
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            let (reason, message) = group_record(body).expect("the group's record");
+            assert_eq!(reason, "ChangingGroup");
+            assert!(message.ends_with(": shop/core, shop/edge"), "{message}");
+        }),
+        expect(Method::PATCH, "/api/v1/namespaces/shop/services/web/status", |body| {
+            assert_eq!(group_record(body).map(|(reason, _)| reason).as_deref(), Some("Member"), "{body}");
+        }),
+        event("JoinedLoadBalancerGroup", "Normal"),
+        event("LeftLoadBalancerGroup", "Normal"),
+    ];
+    let verifier = h.expect_all(script);
+    let joining = h.ctx.groups.lock("shop/edge").await;
+    let writes = |cloud: &MockCloud| cloud.calls().iter().filter(|c| c.is_mutating()).count();
+    let before = writes(&cloud);
+    let mut moving = with_finalizer(in_group("core"));
+    Arc::make_mut(&mut moving).status = Some(status);
+    let reconciling = tokio::spawn(reconcile(moving, h.ctx.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(writes(&cloud), before, "no cloud write while a member joins the group it leaves");
+    assert!(!reconciling.is_finished());
+    drop(joining);
+    reconciling.await.unwrap().unwrap();
+    h.finish(verifier).await;
+    let groups: Vec<Option<String>> = cloud.load_balancers().iter().map(|l| l.group.clone()).collect();
+    assert_eq!(groups, [Some("shop/core".to_owned())], "out of edge, in core");
+}
